@@ -1,0 +1,309 @@
+//! The SQLite index beside the objects: stage records, what each config last saw per stage name
+//! (for stale reasons), runs, metrics, and the size+mtime fast path for file hashes.
+
+use super::CacheError;
+use crate::hash::{hash_file, Digest};
+use rusqlite::{params, Connection, OptionalExtension};
+use std::path::{Path, PathBuf};
+
+pub struct Index {
+    conn: Connection,
+    path: PathBuf,
+}
+
+/// One stage as recorded when it was built or found fresh: everything its key hashed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StageRecord {
+    pub key: String,
+    pub name: String,
+    pub kind: String,
+    pub version: u32,
+    pub params: serde_json::Value,
+    pub inputs: serde_json::Value,
+    pub upstream: serde_json::Value,
+}
+
+#[derive(Debug, Clone)]
+pub struct RunRecord {
+    pub id: i64,
+    pub config: String,
+    pub started: i64,
+    pub finished: Option<i64>,
+    pub outcome: String,
+    pub built: i64,
+    pub reused: i64,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS stages(
+  key TEXT PRIMARY KEY, name TEXT NOT NULL, kind TEXT NOT NULL, version INTEGER NOT NULL,
+  params TEXT NOT NULL, inputs TEXT NOT NULL, upstream TEXT NOT NULL, digest TEXT NOT NULL,
+  created INTEGER NOT NULL, duration_ms INTEGER NOT NULL, size INTEGER NOT NULL, config TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS seen(
+  config TEXT NOT NULL, name TEXT NOT NULL, key TEXT NOT NULL, kind TEXT NOT NULL,
+  version INTEGER NOT NULL, params TEXT NOT NULL, inputs TEXT NOT NULL, upstream TEXT NOT NULL,
+  at INTEGER NOT NULL, PRIMARY KEY(config, name));
+CREATE TABLE IF NOT EXISTS runs(
+  id INTEGER PRIMARY KEY AUTOINCREMENT, config TEXT NOT NULL, variant TEXT NOT NULL DEFAULT '',
+  started INTEGER NOT NULL, finished INTEGER, outcome TEXT NOT NULL, built INTEGER NOT NULL DEFAULT 0,
+  reused INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS metrics(
+  stage_key TEXT NOT NULL, step INTEGER NOT NULL, name TEXT NOT NULL, value REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS metrics_key ON metrics(stage_key, name, step);
+CREATE TABLE IF NOT EXISTS file_hashes(
+  path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, blake3 TEXT NOT NULL);
+";
+
+pub(crate) fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+impl Index {
+    pub fn open(path: &Path) -> Result<Self, CacheError> {
+        let sql = |source| CacheError::Sql {
+            path: path.to_path_buf(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(sql)?;
+        conn.busy_timeout(std::time::Duration::from_secs(30))
+            .map_err(sql)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(sql)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(sql)?;
+        conn.execute_batch(SCHEMA).map_err(sql)?;
+        Ok(Self {
+            conn,
+            path: path.to_path_buf(),
+        })
+    }
+
+    fn sql(&self) -> impl Fn(rusqlite::Error) -> CacheError + '_ {
+        |source| CacheError::Sql {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    pub fn record_stage(
+        &self,
+        rec: &StageRecord,
+        digest: &str,
+        duration_ms: u64,
+        size: u64,
+        config: &str,
+    ) -> Result<(), CacheError> {
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO stages VALUES(?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12)",
+                params![
+                    rec.key,
+                    rec.name,
+                    rec.kind,
+                    rec.version,
+                    rec.params.to_string(),
+                    rec.inputs.to_string(),
+                    rec.upstream.to_string(),
+                    digest,
+                    now_secs(),
+                    duration_ms as i64,
+                    size as i64,
+                    config
+                ],
+            )
+            .map_err(self.sql())?;
+        Ok(())
+    }
+
+    /// Remembers what `config` last used for stage `name`, so the next plan can say what changed.
+    pub fn record_seen(&self, config: &str, rec: &StageRecord) -> Result<(), CacheError> {
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO seen VALUES(?1,?2,?3,?4,?5,?6,?7,?8,?9)",
+                params![
+                    config,
+                    rec.name,
+                    rec.key,
+                    rec.kind,
+                    rec.version,
+                    rec.params.to_string(),
+                    rec.inputs.to_string(),
+                    rec.upstream.to_string(),
+                    now_secs()
+                ],
+            )
+            .map_err(self.sql())?;
+        Ok(())
+    }
+
+    pub fn last_seen(&self, config: &str, name: &str) -> Result<Option<StageRecord>, CacheError> {
+        self.conn
+            .query_row(
+                "SELECT key, name, kind, version, params, inputs, upstream FROM seen WHERE config=?1 AND name=?2",
+                params![config, name],
+                row_to_record,
+            )
+            .optional()
+            .map_err(self.sql())
+    }
+
+    pub fn stage(&self, key: &str) -> Result<Option<(StageRecord, i64, i64, i64)>, CacheError> {
+        self.conn
+            .query_row(
+                "SELECT key, name, kind, version, params, inputs, upstream, created, duration_ms, size FROM stages WHERE key=?1",
+                params![key],
+                |r| Ok((row_to_record(r)?, r.get(7)?, r.get(8)?, r.get(9)?)),
+            )
+            .optional()
+            .map_err(self.sql())
+    }
+
+    /// Keys that any config's last plan referenced.
+    pub fn seen_keys(&self) -> Result<Vec<(String, String, String)>, CacheError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT config, name, key FROM seen")
+            .map_err(self.sql())?;
+        let rows = st
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .map_err(self.sql())?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(self.sql())
+    }
+
+    pub fn forget_stage(&self, key: &str) -> Result<(), CacheError> {
+        self.conn
+            .execute("DELETE FROM stages WHERE key=?1", params![key])
+            .map_err(self.sql())?;
+        Ok(())
+    }
+
+    pub fn start_run(&self, config: &str, variant: &str) -> Result<i64, CacheError> {
+        self.conn
+            .execute(
+                "INSERT INTO runs(config, variant, started, outcome) VALUES(?1, ?2, ?3, 'running')",
+                params![config, variant, now_secs()],
+            )
+            .map_err(self.sql())?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    pub fn finish_run(
+        &self,
+        id: i64,
+        outcome: &str,
+        built: u64,
+        reused: u64,
+    ) -> Result<(), CacheError> {
+        self.conn
+            .execute(
+                "UPDATE runs SET finished=?2, outcome=?3, built=?4, reused=?5 WHERE id=?1",
+                params![id, now_secs(), outcome, built as i64, reused as i64],
+            )
+            .map_err(self.sql())?;
+        Ok(())
+    }
+
+    pub fn runs(&self, limit: usize) -> Result<Vec<RunRecord>, CacheError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT id, config, started, finished, outcome, built, reused FROM runs ORDER BY id DESC LIMIT ?1")
+            .map_err(self.sql())?;
+        let rows = st
+            .query_map(params![limit as i64], |r| {
+                Ok(RunRecord {
+                    id: r.get(0)?,
+                    config: r.get(1)?,
+                    started: r.get(2)?,
+                    finished: r.get(3)?,
+                    outcome: r.get(4)?,
+                    built: r.get(5)?,
+                    reused: r.get(6)?,
+                })
+            })
+            .map_err(self.sql())?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(self.sql())
+    }
+
+    pub fn add_metric(
+        &self,
+        stage_key: &str,
+        step: i64,
+        name: &str,
+        value: f64,
+    ) -> Result<(), CacheError> {
+        self.conn
+            .execute(
+                "INSERT INTO metrics VALUES(?1, ?2, ?3, ?4)",
+                params![stage_key, step, name, value],
+            )
+            .map_err(self.sql())?;
+        Ok(())
+    }
+}
+
+fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<StageRecord> {
+    let parse = |s: String| serde_json::from_str(&s).unwrap_or(serde_json::Value::Null);
+    Ok(StageRecord {
+        key: r.get(0)?,
+        name: r.get(1)?,
+        kind: r.get(2)?,
+        version: r.get(3)?,
+        params: parse(r.get(4)?),
+        inputs: parse(r.get(5)?),
+        upstream: parse(r.get(6)?),
+    })
+}
+
+/// blake3 of a file with a size+mtime fast path stored in the index. The fast path only skips
+/// re-reading an unchanged file; a changed size or mtime always re-hashes.
+pub struct FileHashCache<'a> {
+    pub index: &'a Index,
+}
+
+impl FileHashCache<'_> {
+    pub fn hash(&self, path: &Path) -> Result<Digest, CacheError> {
+        let md = std::fs::metadata(path).map_err(super::io_err(path))?;
+        let size = md.len() as i64;
+        let mtime_ns = md
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos() as i64)
+            .unwrap_or(0);
+        let key = path.to_string_lossy().to_string();
+        let hit: Option<String> = self
+            .index
+            .conn
+            .query_row(
+                "SELECT blake3 FROM file_hashes WHERE path=?1 AND size=?2 AND mtime_ns=?3",
+                params![key, size, mtime_ns],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(self.index.sql())?;
+        if let Some(h) = hit {
+            return Ok(h);
+        }
+        let h = hash_file(path).map_err(super::io_err(path))?;
+        // A file modified in the last two seconds may change again within the same mtime tick
+        // ("racily clean", as git calls it): do not remember its hash.
+        let now_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i64)
+            .unwrap_or(0);
+        if now_ns - mtime_ns < 2_000_000_000 {
+            return Ok(h);
+        }
+        self.index
+            .conn
+            .execute(
+                "INSERT OR REPLACE INTO file_hashes VALUES(?1, ?2, ?3, ?4)",
+                params![key, size, mtime_ns, h],
+            )
+            .map_err(self.index.sql())?;
+        Ok(h)
+    }
+}

@@ -1,0 +1,899 @@
+//! Raw mapping -> typed [`Settings`]: key classification, lenient scalar reading (explicit
+//! `null` means absent, `2e-5` as a string is a float), and per-key validation.
+
+use super::axolotl_keys;
+use super::locate::Seg;
+use super::{did_you_mean, Ctx};
+use serde::Serialize;
+use serde_yaml::{Mapping, Value};
+use std::path::PathBuf;
+
+/// Where the base model comes from.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub enum ModelSource {
+    /// A directory in Hugging Face layout (config.json, tokenizer.json, *.safetensors).
+    LocalDir(PathBuf),
+    /// A single GGUF file; the tokenizer is rebuilt from its metadata.
+    Gguf(PathBuf),
+    /// A hub repository id, fetched with hf-hub.
+    Hub { repo: String, revision: String },
+}
+
+/// Where a dataset comes from.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub enum DataSource {
+    /// Local files (a file, or every data file of a directory), sorted.
+    Local(Vec<PathBuf>),
+    /// A hub dataset repository; `data_files` narrows which files are used.
+    Hub {
+        repo: String,
+        revision: String,
+        data_files: Vec<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TrainOnEos {
+    All,
+    Turn,
+    Last,
+    None,
+}
+
+/// How records of a dataset become text and trained spans.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum DataFormat {
+    Alpaca {
+        field_instruction: String,
+        field_input: String,
+        field_output: String,
+        field_system: String,
+    },
+    Completion {
+        field: String,
+    },
+    ChatTemplate {
+        field_messages: String,
+        role_field: String,
+        content_field: String,
+        /// Source role name -> canonical role (user, assistant, system, tool).
+        roles: Vec<(String, String)>,
+        roles_to_train: Vec<String>,
+        train_on_eos: TrainOnEos,
+        drop_system_message: bool,
+        /// Template choice for this dataset (overrides the top-level one).
+        template: Option<TemplateChoice>,
+    },
+    InputOutput {
+        field: String,
+    },
+}
+
+/// Which chat template to render with.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub enum TemplateChoice {
+    /// The tokenizer's own template (tokenizer_config.json or GGUF metadata).
+    TokenizerDefault,
+    /// One of kiln's built-in templates, by Axolotl's name (chatml, llama3, ...).
+    Builtin(String),
+    /// Jinja source given in the config.
+    Jinja(String),
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DatasetSpec {
+    /// As written in the config (for messages).
+    pub path: String,
+    pub source: DataSource,
+    pub split: Option<String>,
+    pub name: Option<String>,
+    pub format: DataFormat,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ExcessLength {
+    Drop,
+    Truncate,
+    Raise,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub enum ValSetSize {
+    Fraction(f64),
+    Count(u64),
+}
+
+/// Training settings. Validated now; the train stage reads them.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TrainSettings {
+    pub adapter: Option<String>,
+    pub lora_r: u64,
+    pub lora_alpha: f64,
+    pub lora_dropout: f64,
+    pub lora_target_modules: Vec<String>,
+    pub lora_target_linear: bool,
+    pub micro_batch_size: u64,
+    pub gradient_accumulation_steps: u64,
+    pub eval_batch_size: Option<u64>,
+    pub num_epochs: f64,
+    pub max_steps: Option<u64>,
+    pub learning_rate: f64,
+    pub optimizer: String,
+    pub lr_scheduler: String,
+    pub weight_decay: f64,
+    pub warmup_ratio: Option<f64>,
+    pub warmup_steps: Option<u64>,
+    pub max_grad_norm: f64,
+    pub logging_steps: Option<u64>,
+    pub eval_steps: Option<f64>,
+    pub save_steps: Option<f64>,
+    pub save_total_limit: Option<u64>,
+}
+
+/// A resolved, validated config.
+#[derive(Debug, Clone, Serialize)]
+pub struct Settings {
+    pub config_path: PathBuf,
+    pub base_model: ModelSource,
+    pub datasets: Vec<DatasetSpec>,
+    pub test_datasets: Vec<DatasetSpec>,
+    pub val_set_size: ValSetSize,
+    pub sequence_len: u64,
+    pub sample_packing: bool,
+    pub train_on_inputs: bool,
+    pub seed: u64,
+    pub output_dir: PathBuf,
+    pub excess_length_strategy: ExcessLength,
+    pub min_sample_len: u64,
+    pub chat_template: TemplateChoice,
+    pub default_system_message: Option<String>,
+    pub eot_tokens: Vec<String>,
+    pub shuffle_merged_datasets: bool,
+    pub group_by_length: bool,
+    pub cache_dir: Option<PathBuf>,
+    pub num_threads: Option<u64>,
+    pub train: TrainSettings,
+}
+
+/// How kiln treats each top-level key it recognises.
+enum KeyClass {
+    /// kiln reads it (a stage or the resolver).
+    Handled,
+    /// Has no effect in kiln by design, with the reason; a warning when set, never an error.
+    NoEffect(&'static str),
+}
+
+/// Keys kiln defines beyond Axolotl's.
+const KILN_KEYS: &[&str] = &["cache_dir", "num_threads"];
+
+fn classify(key: &str) -> Option<KeyClass> {
+    use KeyClass::*;
+    Some(match key {
+        "base_model" | "base_model_config" | "revision_of_model" | "model_type"
+        | "tokenizer_type" | "type_of_model" | "datasets" | "test_datasets" | "val_set_size"
+        | "sequence_len" | "sample_packing" | "train_on_inputs" | "seed" | "output_dir"
+        | "excess_length_strategy" | "min_sample_len" | "chat_template"
+        | "chat_template_jinja" | "default_system_message" | "eot_tokens"
+        | "shuffle_merged_datasets" | "group_by_length" | "strict" | "cache_dir"
+        | "num_threads" | "adapter" | "lora_r" | "lora_alpha" | "lora_dropout"
+        | "lora_target_modules" | "lora_target_linear" | "micro_batch_size"
+        | "gradient_accumulation_steps" | "eval_batch_size" | "num_epochs" | "max_steps"
+        | "learning_rate" | "optimizer" | "lr_scheduler" | "weight_decay" | "warmup_ratio"
+        | "warmup_steps" | "max_grad_norm" | "logging_steps" | "eval_steps" | "save_steps"
+        | "save_total_limit" | "is_llama_derived_model" | "is_mistral_derived_model"
+        | "is_qwen_derived_model" | "is_falcon_derived_model" | "pad_to_sequence_len"
+        | "eval_sample_packing" => Handled,
+        "dataset_prepared_path" => NoEffect("kiln keeps prepared data in its content-addressed cache (`cache_dir`)"),
+        "dataset_processes" | "dataset_num_proc" | "dataloader_num_workers"
+        | "dataloader_pin_memory" | "dataloader_prefetch_factor" => {
+            NoEffect("kiln sizes its own worker pool (`num_threads`)")
+        }
+        "flash_attention" | "sdp_attention" | "xformers_attention" | "flash_attn_cross_entropy"
+        | "flash_attn_rms_norm" | "flash_attn_fuse_mlp" | "eager_attention" | "tf32"
+        | "torch_compile" | "attn_implementation" => {
+            NoEffect("a PyTorch kernel choice; kiln uses its own kernels")
+        }
+        "trust_remote_code" => NoEffect("kiln runs no Python model code"),
+        "wandb_project" | "wandb_entity" | "wandb_watch" | "wandb_name" | "wandb_run_id"
+        | "wandb_log_model" | "wandb_mode" | "use_wandb" => {
+            NoEffect("kiln logs metrics to its cache index (see `kiln runs`)")
+        }
+        k if axolotl_keys::TOP_LEVEL.contains(&k) => return None,
+        _ => return None,
+    })
+}
+
+/// Values that mean "not set" for an unsupported key, so real Axolotl configs that spell out
+/// defaults (`fsdp: null`, `flash_attention: false`, `special_tokens: {}`) are not flagged.
+fn is_unset(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::Bool(b) => !b,
+        Value::String(s) => s.is_empty(),
+        Value::Sequence(s) => s.is_empty(),
+        Value::Mapping(m) => m.is_empty() || m.values().all(is_unset),
+        _ => false,
+    }
+}
+
+fn key(k: &str) -> Seg {
+    Seg::Key(k.to_string())
+}
+
+/// Typed reading of scalars with lenient rules; every failure is a located problem.
+struct Reader<'m, 'c, 'a> {
+    map: &'m Mapping,
+    base: Vec<Seg>,
+    ctx: &'c mut Ctx<'a>,
+}
+
+impl Reader<'_, '_, '_> {
+    fn path(&self, k: &str) -> Vec<Seg> {
+        let mut p = self.base.clone();
+        p.push(key(k));
+        p
+    }
+
+    fn get(&self, k: &str) -> Option<&Value> {
+        match self.map.get(k) {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(v),
+        }
+    }
+
+    fn type_error(&mut self, k: &str, expected: &str, got: &Value) {
+        let p = self.path(k);
+        let shown = serde_yaml::to_string(got)
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
+        self.ctx.error(
+            &p,
+            format!("expected {expected}, found `{shown}`"),
+            Some(format!("write `{k}:` as {expected}")),
+        );
+    }
+
+    fn f64(&mut self, k: &str) -> Option<f64> {
+        let v = self.get(k)?.clone();
+        let parsed = match &v {
+            Value::Number(n) => n.as_f64(),
+            Value::String(s) => s.trim().parse::<f64>().ok(),
+            _ => None,
+        };
+        match parsed {
+            Some(x) if x.is_finite() => Some(x),
+            _ => {
+                self.type_error(k, "a number (e.g. 2e-5)", &v);
+                None
+            }
+        }
+    }
+
+    fn u64(&mut self, k: &str) -> Option<u64> {
+        let v = self.get(k)?.clone();
+        let parsed = match &v {
+            Value::Number(n) => n
+                .as_u64()
+                .or_else(|| n.as_f64().filter(|f| f.fract() == 0.0 && *f >= 0.0).map(|f| f as u64)),
+            Value::String(s) => s.trim().parse::<u64>().ok(),
+            _ => None,
+        };
+        if parsed.is_none() {
+            self.type_error(k, "a whole number ≥ 0", &v);
+        }
+        parsed
+    }
+
+    fn bool(&mut self, k: &str) -> Option<bool> {
+        let v = self.get(k)?.clone();
+        match &v {
+            Value::Bool(b) => Some(*b),
+            Value::String(s) if s.eq_ignore_ascii_case("true") => Some(true),
+            Value::String(s) if s.eq_ignore_ascii_case("false") => Some(false),
+            _ => {
+                self.type_error(k, "true or false", &v);
+                None
+            }
+        }
+    }
+
+    fn string(&mut self, k: &str) -> Option<String> {
+        let v = self.get(k)?.clone();
+        match &v {
+            Value::String(s) => Some(s.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            Value::Bool(b) => Some(b.to_string()),
+            _ => {
+                self.type_error(k, "a string", &v);
+                None
+            }
+        }
+    }
+
+    fn str_list(&mut self, k: &str) -> Option<Vec<String>> {
+        let v = self.get(k)?.clone();
+        match &v {
+            Value::String(s) => Some(vec![s.clone()]),
+            Value::Sequence(items) => {
+                let mut out = Vec::new();
+                for it in items {
+                    match it {
+                        Value::String(s) => out.push(s.clone()),
+                        _ => {
+                            self.type_error(k, "a list of strings", &v);
+                            return None;
+                        }
+                    }
+                }
+                Some(out)
+            }
+            _ => {
+                self.type_error(k, "a list of strings", &v);
+                None
+            }
+        }
+    }
+
+    fn positive(&mut self, k: &str, v: Option<u64>, default: u64) -> u64 {
+        match v {
+            Some(0) => {
+                let p = self.path(k);
+                self.ctx.error(
+                    &p,
+                    "must be at least 1",
+                    Some(format!("set `{k}` to a positive number")),
+                );
+                default
+            }
+            Some(x) => x,
+            None => default,
+        }
+    }
+}
+
+pub(super) fn resolve(ctx: &mut Ctx<'_>, map: &Mapping) -> Settings {
+    // 1. Classify every top-level key.
+    let mut known: Vec<&str> = axolotl_keys::TOP_LEVEL.to_vec();
+    known.extend_from_slice(KILN_KEYS);
+    for (k, v) in map {
+        let Some(k) = k.as_str() else {
+            ctx.error(&[], "keys must be strings", None);
+            continue;
+        };
+        match classify(k) {
+            Some(KeyClass::Handled) => {}
+            Some(KeyClass::NoEffect(why)) => {
+                if !is_unset(v) {
+                    ctx.warn(&[key(k)], format!("has no effect in kiln: {why}"), None);
+                }
+            }
+            None if axolotl_keys::TOP_LEVEL.contains(&k) => {
+                if !is_unset(v) {
+                    ctx.unsupported(&[key(k)], k);
+                }
+            }
+            None => {
+                let fix = did_you_mean(k, known.iter().copied())
+                    .map(|s| format!("did you mean `{s}`?"))
+                    .or_else(|| Some("remove it; see docs/config.md for every key".into()));
+                ctx.error(&[key(k)], format!("unknown key `{k}`"), fix);
+            }
+        }
+    }
+
+    let mut r = Reader {
+        map,
+        base: vec![],
+        ctx,
+    };
+
+    // 2. Model.
+    let base_model = match r.string("base_model") {
+        Some(s) => resolve_model(r.ctx, &s, map),
+        None => {
+            r.ctx.error(
+                &[key("base_model")],
+                "missing: every config needs a base model",
+                Some("add `base_model: HuggingFaceTB/SmolLM2-135M-Instruct` (a hub id, a local directory, or a .gguf file)".into()),
+            );
+            ModelSource::LocalDir(PathBuf::new())
+        }
+    };
+
+    // 3. Scalars.
+    let seq = r.u64("sequence_len");
+    let sequence_len = r.positive("sequence_len", seq, 2048);
+    let sample_packing = r.bool("sample_packing").unwrap_or(false);
+    let train_on_inputs = r.bool("train_on_inputs").unwrap_or(false);
+    let seed = r.u64("seed").unwrap_or(42);
+    let output_dir = r
+        .string("output_dir")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("./outputs"));
+    let excess_length_strategy = match r.string("excess_length_strategy").as_deref() {
+        None | Some("drop") => ExcessLength::Drop,
+        Some("truncate") => ExcessLength::Truncate,
+        Some("raise") => ExcessLength::Raise,
+        Some(other) => {
+            let fix = did_you_mean(other, ["drop", "truncate", "raise"])
+                .map(|s| format!("did you mean `{s}`?"))
+                .unwrap_or_else(|| "use one of drop, truncate, raise".into());
+            r.ctx.error(
+                &[key("excess_length_strategy")],
+                format!("unknown strategy `{other}`"),
+                Some(fix),
+            );
+            ExcessLength::Drop
+        }
+    };
+    let min_sample_len = r.u64("min_sample_len").unwrap_or(2);
+    let val_set_size = match r.get("val_set_size").cloned() {
+        None => ValSetSize::Fraction(0.0),
+        Some(_) => match r.f64("val_set_size") {
+            Some(f) if (0.0..1.0).contains(&f) => ValSetSize::Fraction(f),
+            Some(f) if f >= 1.0 && f.fract() == 0.0 => ValSetSize::Count(f as u64),
+            Some(f) => {
+                r.ctx.error(
+                    &[key("val_set_size")],
+                    format!("{f} is neither a fraction in [0, 1) nor a whole count"),
+                    Some("use e.g. 0.05 (5% of samples) or 100 (100 samples)".into()),
+                );
+                ValSetSize::Fraction(0.0)
+            }
+            None => ValSetSize::Fraction(0.0),
+        },
+    };
+    let chat_template = {
+        let jinja = r.string("chat_template_jinja");
+        match r.string("chat_template") {
+            None if jinja.is_some() => TemplateChoice::Jinja(jinja.unwrap_or_default()),
+            None => TemplateChoice::TokenizerDefault,
+            Some(name) => template_choice(r.ctx, &[key("chat_template")], &name, jinja),
+        }
+    };
+    let default_system_message = r.string("default_system_message");
+    let eot_tokens = r.str_list("eot_tokens").unwrap_or_default();
+    let shuffle_merged_datasets = r.bool("shuffle_merged_datasets").unwrap_or(true);
+    let group_by_length = r.bool("group_by_length").unwrap_or(false);
+    let cache_dir = r.string("cache_dir").map(|s| r.ctx.dir.join(s));
+    let num_threads = r.u64("num_threads");
+    let _ = (r.bool("pad_to_sequence_len"), r.bool("eval_sample_packing"));
+
+    // 4. Training keys (validated here, read by the train stage).
+    let mbs = r.u64("micro_batch_size");
+    let gas = r.u64("gradient_accumulation_steps");
+    let train = TrainSettings {
+        adapter: r.string("adapter"),
+        lora_r: r.u64("lora_r").unwrap_or(8),
+        lora_alpha: r.f64("lora_alpha").unwrap_or(16.0),
+        lora_dropout: r.f64("lora_dropout").unwrap_or(0.0),
+        lora_target_modules: r.str_list("lora_target_modules").unwrap_or_default(),
+        lora_target_linear: r.bool("lora_target_linear").unwrap_or(false),
+        micro_batch_size: r.positive("micro_batch_size", mbs, 1),
+        gradient_accumulation_steps: r.positive("gradient_accumulation_steps", gas, 1),
+        eval_batch_size: r.u64("eval_batch_size"),
+        num_epochs: r.f64("num_epochs").unwrap_or(1.0),
+        max_steps: r.u64("max_steps"),
+        learning_rate: r.f64("learning_rate").unwrap_or(2e-4),
+        optimizer: r.string("optimizer").unwrap_or_else(|| "adamw_torch".into()),
+        lr_scheduler: r.string("lr_scheduler").unwrap_or_else(|| "cosine".into()),
+        weight_decay: r.f64("weight_decay").unwrap_or(0.0),
+        warmup_ratio: r.f64("warmup_ratio"),
+        warmup_steps: r.u64("warmup_steps"),
+        max_grad_norm: r.f64("max_grad_norm").unwrap_or(1.0),
+        logging_steps: r.u64("logging_steps"),
+        eval_steps: r.f64("eval_steps"),
+        save_steps: r.f64("save_steps"),
+        save_total_limit: r.u64("save_total_limit"),
+    };
+    if let Some(a) = &train.adapter {
+        if !["lora", "qlora"].contains(&a.as_str()) {
+            r.ctx.error(
+                &[key("adapter")],
+                format!("unknown adapter `{a}`"),
+                Some("use `lora` or `qlora`, or remove the key for full fine-tuning".into()),
+            );
+        }
+    }
+    if train.learning_rate <= 0.0 {
+        r.ctx.error(
+            &[key("learning_rate")],
+            "must be greater than 0",
+            Some("typical LoRA values are 1e-4 to 3e-4".into()),
+        );
+    }
+
+    // 5. Datasets.
+    let datasets = read_datasets(r.ctx, map, "datasets", &chat_template);
+    let test_datasets = read_datasets(r.ctx, map, "test_datasets", &chat_template);
+    if datasets.is_empty() && !r.ctx.errors.iter().any(|e| e.key.starts_with("datasets")) {
+        r.ctx.error(
+            &[key("datasets")],
+            "missing: at least one dataset is needed",
+            Some("add `datasets: [{path: data/train.jsonl, type: alpaca}]`".into()),
+        );
+    }
+
+    Settings {
+        config_path: r.ctx.file.clone(),
+        base_model,
+        datasets,
+        test_datasets,
+        val_set_size,
+        sequence_len,
+        sample_packing,
+        train_on_inputs,
+        seed,
+        output_dir,
+        excess_length_strategy,
+        min_sample_len,
+        chat_template,
+        default_system_message,
+        eot_tokens,
+        shuffle_merged_datasets,
+        group_by_length,
+        cache_dir,
+        num_threads,
+        train,
+    }
+}
+
+/// Built-in templates kiln ships, by Axolotl's names.
+pub const BUILTIN_TEMPLATES: &[&str] = &["chatml", "llama3", "mistral_v1", "gemma", "phi_3"];
+
+fn template_choice(ctx: &mut Ctx<'_>, path: &[Seg], name: &str, jinja: Option<String>) -> TemplateChoice {
+    match name {
+        "tokenizer_default" => TemplateChoice::TokenizerDefault,
+        "jinja" => match jinja {
+            Some(j) => TemplateChoice::Jinja(j),
+            None => {
+                ctx.error(
+                    path,
+                    "`chat_template: jinja` needs the template text",
+                    Some("add `chat_template_jinja: |` with the Jinja source".into()),
+                );
+                TemplateChoice::TokenizerDefault
+            }
+        },
+        n if BUILTIN_TEMPLATES.contains(&n) => TemplateChoice::Builtin(n.to_string()),
+        n if n.contains("{%") || n.contains("{{") => TemplateChoice::Jinja(n.to_string()),
+        other => {
+            let mut all = vec!["tokenizer_default", "jinja"];
+            all.extend_from_slice(BUILTIN_TEMPLATES);
+            let fix = did_you_mean(other, all.iter().copied())
+                .map(|s| format!("did you mean `{s}`?"))
+                .unwrap_or_else(|| format!("use one of: {}", all.join(", ")));
+            if axolotl_template_names().contains(&other) {
+                ctx.unsupported(path, &format!("chat_template `{other}`"));
+            } else {
+                ctx.error(path, format!("unknown chat template `{other}`"), Some(fix));
+            }
+            TemplateChoice::TokenizerDefault
+        }
+    }
+}
+
+fn axolotl_template_names() -> &'static [&'static str] {
+    &[
+        "alpaca", "mistral_v2v3", "mistral_v3_tekken", "mistral_v7_tekken", "gemma3", "cohere",
+        "llama3_2_vision", "llama4", "phi_35", "deepseek_v2", "deepseek_v3", "jamba", "jinja",
+        "qwen_25", "qwen3", "falcon_h1", "tokenizer_default_fallback_chatml", "exaone",
+        "metharme", "pixtral", "llava", "command_a", "aya",
+    ]
+}
+
+fn looks_like_hub_id(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('/').collect();
+    parts.len() == 2
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && !p.starts_with('.')
+                && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        })
+}
+
+/// Resolves a path written in the config: relative to the config's directory first, then to the
+/// working directory.
+fn local_path(ctx: &Ctx<'_>, s: &str) -> Option<PathBuf> {
+    let p = PathBuf::from(s);
+    if p.is_absolute() {
+        return p.exists().then_some(p);
+    }
+    let beside = ctx.dir.join(&p);
+    if beside.exists() {
+        return Some(beside);
+    }
+    p.exists().then_some(p)
+}
+
+fn resolve_model(ctx: &mut Ctx<'_>, s: &str, map: &Mapping) -> ModelSource {
+    if let Some(p) = local_path(ctx, s) {
+        if p.is_dir() {
+            return ModelSource::LocalDir(p);
+        }
+        if p.extension().and_then(|e| e.to_str()) == Some("gguf") {
+            return ModelSource::Gguf(p);
+        }
+        ctx.error(
+            &[key("base_model")],
+            format!("{s} is a file but not a .gguf model"),
+            Some("point base_model at a Hugging Face model directory, a .gguf file, or a hub id".into()),
+        );
+        return ModelSource::LocalDir(p);
+    }
+    if looks_like_hub_id(s) {
+        let revision = map
+            .get("revision_of_model")
+            .and_then(|v| v.as_str())
+            .unwrap_or("main")
+            .to_string();
+        return ModelSource::Hub {
+            repo: s.to_string(),
+            revision,
+        };
+    }
+    ctx.error(
+        &[key("base_model")],
+        format!("{s}: no such file or directory, and not a hub id (org/name)"),
+        Some(format!(
+            "check the path (relative paths are read from {} first)",
+            ctx.dir.display()
+        )),
+    );
+    ModelSource::LocalDir(PathBuf::from(s))
+}
+
+const DATASET_KEYS_HANDLED: &[&str] = &[
+    "path", "type", "split", "name", "data_files", "revision", "ds_type", "field",
+    "field_messages", "message_property_mappings", "message_field_role", "message_field_content",
+    "roles_to_train", "train_on_eos", "roles", "chat_template", "chat_template_jinja",
+    "drop_system_message", "field_instruction", "field_input", "field_output", "field_system",
+    "trust_remote_code",
+];
+
+const DATA_EXTS: &[&str] = &["jsonl", "json", "gz", "parquet"];
+
+fn read_datasets(
+    ctx: &mut Ctx<'_>,
+    map: &Mapping,
+    top: &str,
+    default_template: &TemplateChoice,
+) -> Vec<DatasetSpec> {
+    let Some(v) = map.get(top) else { return vec![] };
+    let items = match v {
+        Value::Null => return vec![],
+        Value::Sequence(s) => s.clone(),
+        _ => {
+            ctx.error(
+                &[key(top)],
+                "expected a list of datasets",
+                Some(format!("write `{top}:` followed by `- path: ...` items")),
+            );
+            return vec![];
+        }
+    };
+    let mut out = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let base = vec![key(top), Seg::Index(i)];
+        let Some(m) = item.as_mapping() else {
+            ctx.error(&base, "each dataset must be a mapping with at least `path`", Some("write `- path: data/train.jsonl` and `type: ...`".into()));
+            continue;
+        };
+        for (k, val) in m {
+            let Some(k) = k.as_str() else { continue };
+            let mut p = base.clone();
+            p.push(key(k));
+            if DATASET_KEYS_HANDLED.contains(&k) {
+                continue;
+            }
+            if axolotl_keys::DATASET.contains(&k) {
+                if !is_unset(val) {
+                    ctx.unsupported(&p, k);
+                }
+            } else {
+                let fix = did_you_mean(k, DATASET_KEYS_HANDLED.iter().copied())
+                    .map(|s| format!("did you mean `{s}`?"));
+                ctx.error(&p, format!("unknown dataset key `{k}`"), fix);
+            }
+        }
+        let mut r = Reader {
+            map: m,
+            base: base.clone(),
+            ctx,
+        };
+        let Some(path) = r.string("path") else {
+            let mut p = base.clone();
+            p.push(key("path"));
+            r.ctx.error(&p, "missing `path`", Some("add `path:` with a file, directory or hub dataset id".into()));
+            continue;
+        };
+        let split = r.string("split");
+        let name = r.string("name");
+        let data_files = r.str_list("data_files").unwrap_or_default();
+        let revision = r.string("revision").unwrap_or_else(|| "main".into());
+        let source = match local_path(r.ctx, &path) {
+            Some(p) if p.is_dir() => {
+                let mut files: Vec<PathBuf> = std::fs::read_dir(&p)
+                    .map(|rd| {
+                        rd.flatten()
+                            .map(|e| e.path())
+                            .filter(|f| {
+                                f.extension()
+                                    .and_then(|e| e.to_str())
+                                    .is_some_and(|e| DATA_EXTS.contains(&e))
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                files.sort();
+                if files.is_empty() {
+                    let mut pp = base.clone();
+                    pp.push(key("path"));
+                    r.ctx.error(&pp, format!("directory {path} holds no .jsonl, .json or .parquet files"), None);
+                }
+                DataSource::Local(files)
+            }
+            Some(p) => DataSource::Local(vec![p]),
+            None if looks_like_hub_id(&path) => DataSource::Hub {
+                repo: path.clone(),
+                revision,
+                data_files,
+            },
+            None => {
+                let mut pp = base.clone();
+                pp.push(key("path"));
+                r.ctx.error(
+                    &pp,
+                    format!("{path}: no such file or directory, and not a hub dataset id (org/name)"),
+                    Some(format!("check the path (relative paths are read from {} first)", r.ctx.dir.display())),
+                );
+                DataSource::Local(vec![])
+            }
+        };
+        let format = read_format(&mut r, default_template);
+        out.push(DatasetSpec {
+            path,
+            source,
+            split,
+            name,
+            format,
+        });
+    }
+    out
+}
+
+pub const DATASET_TYPES: &[&str] = &["alpaca", "completion", "chat_template", "sharegpt", "input_output"];
+
+fn read_format(r: &mut Reader<'_, '_, '_>, default_template: &TemplateChoice) -> DataFormat {
+    let ty = match r.get("type").cloned() {
+        None => "alpaca".to_string(),
+        Some(Value::String(s)) => s,
+        Some(Value::Mapping(_)) => {
+            let p = r.path("type");
+            r.ctx.unsupported(&p, "custom prompt formats (a mapping under `type`)");
+            "alpaca".into()
+        }
+        Some(other) => {
+            r.type_error("type", "a dataset type name", &other);
+            "alpaca".into()
+        }
+    };
+    // Axolotl accepts variants like `alpaca:chat` or `chat_template.default`.
+    let base_ty = ty.split([':', '.']).next().unwrap_or("").to_string();
+    match base_ty.as_str() {
+        "alpaca" => DataFormat::Alpaca {
+            field_instruction: r.string("field_instruction").unwrap_or_else(|| "instruction".into()),
+            field_input: r.string("field_input").unwrap_or_else(|| "input".into()),
+            field_output: r.string("field_output").unwrap_or_else(|| "output".into()),
+            field_system: r.string("field_system").unwrap_or_else(|| "system".into()),
+        },
+        "completion" => DataFormat::Completion {
+            field: r.string("field").unwrap_or_else(|| "text".into()),
+        },
+        "input_output" => DataFormat::InputOutput {
+            field: r.string("field").unwrap_or_else(|| "segments".into()),
+        },
+        "chat_template" | "sharegpt" => {
+            let sharegpt = base_ty == "sharegpt";
+            let mut role_field = if sharegpt { "from" } else { "role" }.to_string();
+            let mut content_field = if sharegpt { "value" } else { "content" }.to_string();
+            if let Some(Value::Mapping(mpm)) = r.get("message_property_mappings").cloned() {
+                if let Some(s) = mpm.get("role").and_then(|v| v.as_str()) {
+                    role_field = s.to_string();
+                }
+                if let Some(s) = mpm.get("content").and_then(|v| v.as_str()) {
+                    content_field = s.to_string();
+                }
+            }
+            if let Some(s) = r.string("message_field_role") {
+                role_field = s;
+            }
+            if let Some(s) = r.string("message_field_content") {
+                content_field = s;
+            }
+            let field_messages = r
+                .string("field_messages")
+                .unwrap_or_else(|| if sharegpt { "conversations" } else { "messages" }.into());
+            let mut roles: Vec<(String, String)> = vec![
+                ("human".into(), "user".into()),
+                ("user".into(), "user".into()),
+                ("gpt".into(), "assistant".into()),
+                ("assistant".into(), "assistant".into()),
+                ("model".into(), "assistant".into()),
+                ("system".into(), "system".into()),
+                ("tool".into(), "tool".into()),
+            ];
+            if let Some(Value::Mapping(rm)) = r.get("roles").cloned() {
+                // Axolotl: `roles: {user: ["human", "user"], assistant: ["gpt"]}`.
+                for (canon, srcs) in rm {
+                    let Some(canon) = canon.as_str() else { continue };
+                    let list: Vec<String> = match srcs {
+                        Value::Sequence(s) => s.iter().filter_map(|x| x.as_str().map(String::from)).collect(),
+                        Value::String(s) => vec![s],
+                        _ => vec![],
+                    };
+                    for s in list {
+                        roles.retain(|(k, _)| k != &s);
+                        roles.push((s, canon.to_string()));
+                    }
+                }
+            }
+            let roles_to_train = r
+                .str_list("roles_to_train")
+                .unwrap_or_else(|| vec!["assistant".into()]);
+            let train_on_eos = match r.string("train_on_eos").as_deref() {
+                None | Some("turn") => TrainOnEos::Turn,
+                Some("all") => TrainOnEos::All,
+                Some("last") => TrainOnEos::Last,
+                Some("none") => TrainOnEos::None,
+                Some(other) => {
+                    let p = r.path("train_on_eos");
+                    r.ctx.error(&p, format!("unknown value `{other}`"), Some("use one of turn, all, last, none".into()));
+                    TrainOnEos::Turn
+                }
+            };
+            let drop_system_message = r.bool("drop_system_message").unwrap_or(false);
+            let jinja = r.string("chat_template_jinja");
+            let template = match r.string("chat_template") {
+                Some(name) => {
+                    let p = r.path("chat_template");
+                    Some(template_choice(r.ctx, &p, &name, jinja))
+                }
+                None => jinja.map(TemplateChoice::Jinja),
+            };
+            let _ = default_template;
+            DataFormat::ChatTemplate {
+                field_messages,
+                role_field,
+                content_field,
+                roles,
+                roles_to_train,
+                train_on_eos,
+                drop_system_message,
+                template,
+            }
+        }
+        _ => {
+            let p = r.path("type");
+            let known_axolotl = [
+                "alpaca_chat", "alpaca_w_system", "explainchoice", "concisechoice", "summarizetldr",
+                "pygmalion", "metharme", "oasst", "gpteacher", "reflection", "stepwise_supervised",
+                "orcamini", "context_qa", "jeopardy", "creative_acr", "pretrain", "bradley_terry",
+            ];
+            if known_axolotl.contains(&base_ty.as_str()) {
+                r.ctx.unsupported(&p, &format!("dataset type `{ty}`"));
+            } else {
+                let fix = did_you_mean(&base_ty, DATASET_TYPES.iter().copied())
+                    .map(|s| format!("did you mean `{s}`?"))
+                    .unwrap_or_else(|| format!("use one of: {}", DATASET_TYPES.join(", ")));
+                r.ctx.error(&p, format!("unknown dataset type `{ty}`"), Some(fix));
+            }
+            DataFormat::Completion { field: "text".into() }
+        }
+    }
+}

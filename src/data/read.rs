@@ -1,0 +1,87 @@
+//! Reads dataset files into JSON records: `.jsonl`, `.json` (an array, or `{"data": [...]}`),
+//! and either gzip-compressed (`.jsonl.gz`, `.json.gz`).
+
+use super::DataError;
+use serde_json::Value;
+use std::io::Read;
+use std::path::Path;
+
+/// A record and where it came from (1-based line for JSONL, 0 otherwise).
+pub struct Record {
+    pub value: Value,
+    pub line: usize,
+}
+
+pub fn read_records(path: &Path) -> Result<Vec<Record>, DataError> {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let io = |source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let (stem, gz) = match name.strip_suffix(".gz") {
+        Some(s) => (s, true),
+        None => (name, false),
+    };
+    if stem.ends_with(".parquet") {
+        return Err(DataError::Unsupported {
+            path: path.to_path_buf(),
+            message: "not supported yet: Parquet datasets; convert to JSONL (e.g. `python -c \"import pandas as pd; pd.read_parquet('f.parquet').to_json('f.jsonl', orient='records', lines=True)\"`)".into(),
+        });
+    }
+    let raw = std::fs::read(path).map_err(io)?;
+    let text = if gz {
+        let mut s = String::new();
+        flate2::read::GzDecoder::new(&raw[..])
+            .read_to_string(&mut s)
+            .map_err(io)?;
+        s
+    } else {
+        String::from_utf8(raw).map_err(|e| DataError::BadJson {
+            path: path.to_path_buf(),
+            message: format!("not UTF-8 text ({e})"),
+        })?
+    };
+    if stem.ends_with(".json") {
+        let trimmed = text.trim_start();
+        // Some ".json" files are really JSON Lines; treat them so when they do not parse whole.
+        if trimmed.starts_with('[') || trimmed.starts_with('{') {
+            match serde_json::from_str::<Value>(&text) {
+                Ok(Value::Array(items)) => {
+                    return Ok(items.into_iter().map(|value| Record { value, line: 0 }).collect())
+                }
+                Ok(Value::Object(mut o)) => {
+                    if let Some(Value::Array(items)) = o.remove("data") {
+                        return Ok(items.into_iter().map(|value| Record { value, line: 0 }).collect());
+                    }
+                    return Ok(vec![Record { value: Value::Object(o), line: 0 }]);
+                }
+                Ok(_) => {
+                    return Err(DataError::BadJson {
+                        path: path.to_path_buf(),
+                        message: "expected an array of records".into(),
+                    })
+                }
+                Err(e) if trimmed.starts_with('[') => {
+                    return Err(DataError::BadJson {
+                        path: path.to_path_buf(),
+                        message: e.to_string(),
+                    })
+                }
+                Err(_) => {}
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let value: Value = serde_json::from_str(line).map_err(|e| DataError::BadJsonLine {
+            path: path.to_path_buf(),
+            line: i + 1,
+            message: e.to_string(),
+        })?;
+        out.push(Record { value, line: i + 1 });
+    }
+    Ok(out)
+}

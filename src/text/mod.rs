@@ -1,0 +1,102 @@
+//! Tokenizer loading (tokenizer.json + tokenizer_config.json, or rebuilt from GGUF metadata) and
+//! chat templates. Needs no model weights; never prints.
+
+pub mod gguf;
+pub mod template;
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TextError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not a usable tokenizer: {message}")]
+    BadTokenizer { path: PathBuf, message: String },
+    #[error("{path}: {message}")]
+    Gguf { path: PathBuf, message: String },
+    #[error("chat template: {0}")]
+    Template(String),
+}
+
+/// A tokenizer with the special tokens and chat template that formats need.
+pub struct TextTokenizer {
+    pub tokenizer: tokenizers::Tokenizer,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    pub chat_template: Option<String>,
+}
+
+impl TextTokenizer {
+    /// Loads `tokenizer.json` and (if present) `tokenizer_config.json` from a directory.
+    pub fn load_dir(dir: &Path) -> Result<Self, TextError> {
+        let tj = dir.join("tokenizer.json");
+        let bytes = std::fs::read(&tj).map_err(|source| TextError::Io {
+            path: tj.clone(),
+            source,
+        })?;
+        let tokenizer = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| {
+            TextError::BadTokenizer {
+                path: tj.clone(),
+                message: e.to_string(),
+            }
+        })?;
+        let cfg_path = dir.join("tokenizer_config.json");
+        let cfg: Value = match std::fs::read(&cfg_path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| TextError::BadTokenizer {
+                path: cfg_path.clone(),
+                message: e.to_string(),
+            })?,
+            Err(_) => Value::Null,
+        };
+        Ok(Self {
+            tokenizer,
+            bos_token: token_field(&cfg, "bos_token"),
+            eos_token: token_field(&cfg, "eos_token"),
+            chat_template: chat_template_field(&cfg),
+        })
+    }
+
+    pub fn token_id(&self, tok: &str) -> Option<u32> {
+        self.tokenizer.token_to_id(tok)
+    }
+
+    pub fn eos_id(&self) -> Option<u32> {
+        self.eos_token.as_deref().and_then(|t| self.token_id(t))
+    }
+}
+
+/// `bos_token` may be a string or an AddedToken object `{content: ...}`.
+fn token_field(cfg: &Value, k: &str) -> Option<String> {
+    match cfg.get(k)? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content")?.as_str().map(String::from),
+        _ => None,
+    }
+}
+
+/// `chat_template` may be a string or a list of `{name, template}` (the `default` one is used).
+fn chat_template_field(cfg: &Value) -> Option<String> {
+    match cfg.get("chat_template")? {
+        Value::String(s) => Some(s.clone()),
+        Value::Array(items) => items
+            .iter()
+            .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+            .or_else(|| items.first())
+            .and_then(|t| t.get("template"))
+            .and_then(|t| t.as_str())
+            .map(String::from),
+        _ => None,
+    }
+}
+
+/// The tokenizer files a model directory may hold; the tokenize stage reads exactly these.
+pub const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+];

@@ -5,3 +5,8 @@ pub mod config;
 pub mod hash;
 pub mod text;
 pub mod data;
+pub mod events;
+pub mod stages;
+pub mod plan;
+pub mod scheduler;
+pub mod workspace;

@@ -1,1 +1,448 @@
-fn main() {}
+//! The `kiln` command line: parse arguments, call the library, print. The only place that prints.
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use kiln::cache::{dir_size, Cache};
+use kiln::events::Event;
+use kiln::scheduler::{RunOptions, SchedError, State};
+use kiln::workspace::{cache_root, KilnError, Workspace};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(name = "kiln", version, about = "Fine-tune Llama-family LLMs from one YAML file, built like a build system")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args, Clone)]
+struct Common {
+    /// The pipeline config (Axolotl-style YAML).
+    config: PathBuf,
+    /// Override a config key without editing the file (repeatable): `--set learning_rate=1e-4`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Check the config: types, unknown keys, unsupported keys. Builds nothing.
+    Validate(Common),
+    /// Show every stage: short key, fresh or stale, and why.
+    Plan {
+        #[command(flatten)]
+        common: Common,
+        /// Print {"stages": [...]} as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the stage graph.
+    Dag {
+        #[command(flatten)]
+        common: Common,
+        /// Graphviz output (the default).
+        #[arg(long, default_value_t = true)]
+        dot: bool,
+    },
+    /// Build every stale stage (or only what --target needs); reuse the rest.
+    Run {
+        #[command(flatten)]
+        common: Common,
+        /// A stage name (`tokenize[0]`) or kind (`pack`); builds it and what it needs.
+        #[arg(long)]
+        target: Vec<String>,
+        /// Rebuild this stage (name or kind) even if fresh.
+        #[arg(long)]
+        force: Vec<String>,
+    },
+    /// Validate, fetch, tokenize and pack, then print dataset statistics.
+    Preprocess {
+        #[command(flatten)]
+        common: Common,
+        /// Show tokenized examples with their trained/masked tokens.
+        #[arg(long)]
+        debug: bool,
+        #[arg(long = "debug-num-examples", default_value_t = 3)]
+        debug_num_examples: usize,
+        /// With --debug: one JSON object per example.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Inspect and maintain the cache.
+    Cache {
+        #[command(subcommand)]
+        cmd: CacheCmd,
+        /// Cache directory (default: $KILN_CACHE or ./cache).
+        #[arg(long, global = true)]
+        dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CacheCmd {
+    /// List entries: key, stage, kind, size, age.
+    Ls,
+    /// Disk usage by stage kind.
+    Du,
+    /// Remove entries no given config references (and/or older than a date).
+    Gc {
+        /// Keep every entry these configs' current plans reference (repeatable).
+        #[arg(long)]
+        keep: Vec<PathBuf>,
+        /// Remove entries created before this date (YYYY-MM-DD) or age (`30d`).
+        #[arg(long)]
+        older_than: Option<String>,
+        /// Show what would be removed without removing it.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Re-hash every entry against its manifest; report corruption (and quarantine with --fix).
+    Verify {
+        #[arg(long)]
+        fix: bool,
+    },
+}
+
+fn init_threads(ws: Option<&Workspace>) {
+    let n = std::env::var("KILN_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .or_else(|| ws.and_then(|w| w.settings.num_threads).map(|n| n as usize));
+    if let Some(n) = n {
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global();
+    }
+}
+
+fn open(c: &Common) -> Result<Workspace, KilnError> {
+    let ws = Workspace::open(&c.config, &c.set)?;
+    for w in &ws.warnings {
+        eprintln!("warning: {}", w.to_string().replace('\n', "\n  "));
+    }
+    init_threads(Some(&ws));
+    Ok(ws)
+}
+
+fn short(k: &Option<String>) -> String {
+    k.as_deref().map(|k| k[..12.min(k.len())].to_string()).unwrap_or_else(|| "-".repeat(12))
+}
+
+fn human_bytes(b: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{b} B") } else { format!("{v:.1} {}", units[u]) }
+}
+
+fn print_event(e: &Event, tty: bool) {
+    match e {
+        Event::StageFresh { name, key } => println!("  fresh  {name:<22} {}", &key[..12]),
+        Event::StageStarted { name, key, reason } => println!("  build  {name:<22} {}  ({reason})", &key[..12]),
+        Event::Progress { name, done, total, unit } => {
+            if tty && done < total {
+                eprintln!("         {name}: {done}/{total} {unit}");
+            }
+        }
+        Event::StageFinished { name, duration_ms, bytes, .. } => {
+            println!("  built  {name:<22} {:.2}s  {}", *duration_ms as f64 / 1000.0, human_bytes(*bytes))
+        }
+        Event::EarlyCutoff { name } => println!("         {name}: output unchanged, downstream stays fresh"),
+        Event::StageFailed { name, .. } => eprintln!("  FAIL   {name}"),
+        Event::Corrupt { name, key, damage } => {
+            eprintln!("  corrupt cache entry for {name} ({}): {}; quarantined, rebuilding", &key[..12], damage.join(", "))
+        }
+        Event::Warning { message } => eprintln!("warning: {message}"),
+    }
+}
+
+fn do_run(ws: &Workspace, opts: &RunOptions) -> Result<kiln::scheduler::RunSummary, KilnError> {
+    let tty = std::io::stderr().is_terminal();
+    let t = Instant::now();
+    let run_id = ws.index.start_run(&ws.config_id, "")?;
+    let res = ws.scheduler().run(opts, &mut |e| print_event(&e, tty));
+    match &res {
+        Ok(s) => {
+            ws.index.finish_run(run_id, "ok", s.built.len() as u64, s.fresh.len() as u64)?;
+            if s.built.is_empty() {
+                println!("nothing to do: all {} stages fresh ({:.0} ms)", s.fresh.len(), t.elapsed().as_secs_f64() * 1000.0);
+            } else {
+                println!("built {}, reused {} in {:.2}s", s.built.len(), s.fresh.len(), t.elapsed().as_secs_f64());
+            }
+        }
+        Err(_) => ws.index.finish_run(run_id, "failed", 0, 0)?,
+    }
+    Ok(res?)
+}
+
+fn print_stats(ws: &Workspace) -> Result<(), KilnError> {
+    let st = ws.pack_stats()?;
+    println!();
+    for (label, d) in &st.datasets {
+        println!("{label}: {} records → {} samples", d.records, d.samples);
+        let dropped = d.dropped_too_long + d.dropped_too_short + d.dropped_untrained;
+        if dropped + d.truncated > 0 {
+            println!(
+                "  dropped {dropped} ({} longer than sequence_len, {} shorter than min_sample_len, {} with no trained tokens); truncated {}",
+                d.dropped_too_long, d.dropped_too_short, d.dropped_untrained, d.truncated
+            );
+        }
+        println!(
+            "  tokens {} · trained {} ({:.1}%) · length min {} / mean {:.1} / p50 {} / p95 {} / max {}",
+            d.tokens,
+            d.trained_tokens,
+            100.0 * d.trained_tokens as f64 / d.tokens.max(1) as f64,
+            d.length.min,
+            d.length.mean,
+            d.length.p50,
+            d.length.p95,
+            d.length.max
+        );
+    }
+    let s = &ws.settings;
+    for (name, h) in [("train", &st.train), ("val", &st.val)] {
+        println!(
+            "{name}: {} samples, {} tokens ({} trained), {} {} of {} tokens, efficiency {:.1}%",
+            h.samples,
+            h.tokens,
+            h.trained_tokens,
+            h.bins,
+            if h.packed { "packed bins" } else { "rows" },
+            if h.packed { h.sequence_len } else { 0 },
+            100.0 * h.efficiency
+        );
+    }
+    let mbs = s.train.micro_batch_size;
+    let batches = st.train.bins.div_ceil(mbs);
+    println!(
+        "batches per epoch: {batches} (micro_batch_size {mbs}); optimizer steps per epoch: {} (gradient_accumulation_steps {})",
+        batches.div_ceil(s.train.gradient_accumulation_steps),
+        s.train.gradient_accumulation_steps
+    );
+    Ok(())
+}
+
+fn print_debug(ws: &Workspace, n: usize, json: bool) -> Result<(), KilnError> {
+    let tty = std::io::stdout().is_terminal();
+    for ex in ws.debug_examples(n)? {
+        if json {
+            println!("{}", serde_json::to_string(&ex).unwrap_or_default());
+            continue;
+        }
+        println!("── {} record {} ({} tokens)", ex.dataset, ex.index, ex.input_ids.len());
+        let mut line = String::new();
+        for ((piece, id), label) in ex.pieces.iter().zip(&ex.input_ids).zip(&ex.labels) {
+            let p = piece.replace('\n', "\\n");
+            if *label == -100 {
+                if tty {
+                    line.push_str(&format!("\x1b[2m{p}({id}, -100)\x1b[0m "));
+                } else {
+                    line.push_str(&format!("{p}({id}, -100) "));
+                }
+            } else if tty {
+                line.push_str(&format!("\x1b[32m{p}({id}, {label})\x1b[0m "));
+            } else {
+                line.push_str(&format!("{p}({id}, {label}) "));
+            }
+        }
+        println!("{}\n", line.trim_end());
+    }
+    Ok(())
+}
+
+fn parse_cutoff(s: &str) -> Result<i64> {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
+    if let Some(d) = s.strip_suffix('d') {
+        let days: i64 = d.parse().context("--older-than: expected e.g. 30d or 2026-01-31")?;
+        return Ok(now - days * 86400);
+    }
+    let parts: Vec<i64> = s.split('-').map(|p| p.parse::<i64>()).collect::<Result<_, _>>().context("--older-than: expected YYYY-MM-DD or 30d")?;
+    let [y, m, d] = parts[..] else { anyhow::bail!("--older-than: expected YYYY-MM-DD or 30d") };
+    // Days from civil (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    Ok((era * 146097 + doe - 719468) * 86400)
+}
+
+fn cache_cmd(cmd: CacheCmd, dir: Option<PathBuf>) -> Result<ExitCode> {
+    let root = dir.unwrap_or_else(|| cache_root(None));
+    let cache = Cache::open(&root)?;
+    let index = cache.index()?;
+    let keys = cache.keys()?;
+    match cmd {
+        CacheCmd::Ls => {
+            println!("{:<14} {:<22} {:<9} {:>10}  created", "key", "stage", "kind", "size");
+            for k in &keys {
+                let m = cache.manifest(k)?;
+                let rec = index.stage(k)?;
+                let (name, kind) = m.as_ref().map(|m| (m.name.clone(), m.kind.clone())).unwrap_or_default();
+                let created = rec.map(|r| r.1).unwrap_or(0);
+                println!("{:<14} {:<22} {:<9} {:>10}  {}", &k[..12.min(k.len())], name, kind, human_bytes(dir_size(&cache.entry_dir(k))), created);
+            }
+            println!("{} entries in {}", keys.len(), root.display());
+        }
+        CacheCmd::Du => {
+            let mut by_kind: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
+            for k in &keys {
+                let kind = cache.manifest(k)?.map(|m| m.kind).unwrap_or_else(|| "?".into());
+                let e = by_kind.entry(kind).or_default();
+                e.0 += 1;
+                e.1 += dir_size(&cache.entry_dir(k));
+            }
+            let mut total = 0;
+            for (kind, (n, b)) in &by_kind {
+                println!("{kind:<10} {n:>5} entries {:>12}", human_bytes(*b));
+                total += b;
+            }
+            println!("{:<10} {:>5} entries {:>12}", "total", keys.len(), human_bytes(total));
+        }
+        CacheCmd::Gc { keep, older_than, dry_run } => {
+            if keep.is_empty() && older_than.is_none() {
+                anyhow::bail!("cache gc: say what to keep (--keep CONFIG, repeatable) and/or --older-than DATE");
+            }
+            let mut live = std::collections::HashSet::new();
+            for c in &keep {
+                let ws = Workspace::open(c, &[]).with_context(|| format!("--keep {}", c.display()))?;
+                for s in ws.scheduler().assess()? {
+                    if let Some(k) = s.key {
+                        live.insert(k);
+                    }
+                }
+            }
+            let cutoff = older_than.as_deref().map(parse_cutoff).transpose()?;
+            let mut removed = 0u64;
+            let mut freed = 0u64;
+            for k in &keys {
+                let referenced = !keep.is_empty() && live.contains(k);
+                let created = index.stage(k)?.map(|r| r.1).unwrap_or(0);
+                let old_enough = cutoff.map(|c| created < c).unwrap_or(true);
+                let unreferenced = keep.is_empty() || !referenced;
+                if unreferenced && old_enough {
+                    let size = dir_size(&cache.entry_dir(k));
+                    let name = cache.manifest(k)?.map(|m| m.name).unwrap_or_default();
+                    println!("{} {:<14} {name:<22} {}", if dry_run { "would remove" } else { "removed" }, &k[..12.min(k.len())], human_bytes(size));
+                    if !dry_run {
+                        cache.remove(k)?;
+                        index.forget_stage(k)?;
+                    }
+                    removed += 1;
+                    freed += size;
+                }
+            }
+            let tmp = if dry_run { 0 } else { cache.clean_tmp()? };
+            println!("{} {removed} entries, {} ({} stale build directories cleaned)", if dry_run { "would remove" } else { "removed" }, human_bytes(freed), tmp);
+        }
+        CacheCmd::Verify { fix } => {
+            let mut bad = 0;
+            for k in &keys {
+                let damage = cache.verify(k);
+                if !damage.is_empty() {
+                    bad += 1;
+                    let name = cache.manifest(k).ok().flatten().map(|m| m.name).unwrap_or_default();
+                    println!("CORRUPT {} {name}: {}", &k[..12.min(k.len())], damage.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "));
+                    if fix {
+                        cache.quarantine(k)?;
+                        index.forget_stage(k)?;
+                        println!("        quarantined; the next run rebuilds it");
+                    }
+                }
+            }
+            println!("verified {} entries: {} ok, {bad} corrupt", keys.len(), keys.len() - bad);
+            if bad > 0 && !fix {
+                return Ok(ExitCode::from(1));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn real_main() -> Result<ExitCode> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Validate(c) => {
+            let loaded = kiln::config::load(&c.config, &c.set)?;
+            for w in &loaded.warnings {
+                eprintln!("warning: {}", w.to_string().replace('\n', "\n  "));
+            }
+            println!("{}: ok ({} datasets, {} warnings)", c.config.display(), loaded.settings.datasets.len(), loaded.warnings.len());
+        }
+        Cmd::Plan { common, json } => {
+            let ws = open(&common)?;
+            let st = ws.scheduler().assess()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "stages": st }))?);
+            } else {
+                for s in &st {
+                    let state = match s.state { State::Fresh => "fresh", State::Stale => "stale" };
+                    match &s.reason {
+                        Some(r) => println!("  {state}  {:<22} {}  {r}", s.name, short(&s.key)),
+                        None => println!("  {state}  {:<22} {}", s.name, short(&s.key)),
+                    }
+                }
+                let stale = st.iter().filter(|s| s.state == State::Stale).count();
+                println!("{} stages: {} fresh, {stale} stale", st.len(), st.len() - stale);
+            }
+        }
+        Cmd::Dag { common, .. } => {
+            let ws = open(&common)?;
+            let st = ws.scheduler().assess()?;
+            let labels: Vec<String> = ws.plan.stages.iter().map(|p| {
+                st.iter().find(|s| s.name == p.name).map(|s| format!("{} {}", short(&s.key), if s.state == State::Fresh { "fresh" } else { "stale" })).unwrap_or_default()
+            }).collect();
+            print!("{}", ws.plan.dot(&labels));
+        }
+        Cmd::Run { common, target, force } => {
+            let ws = open(&common)?;
+            do_run(&ws, &RunOptions { targets: target, force })?;
+        }
+        Cmd::Preprocess { common, debug, debug_num_examples, json } => {
+            let ws = open(&common)?;
+            let quiet_json = debug && json;
+            if quiet_json {
+                ws.scheduler().run(&RunOptions { targets: vec!["pack".into()], force: vec![] }, &mut |_| {})?;
+            } else {
+                do_run(&ws, &RunOptions { targets: vec!["pack".into()], force: vec![] })?;
+                print_stats(&ws)?;
+            }
+            if debug {
+                if !quiet_json {
+                    println!();
+                }
+                print_debug(&ws, debug_num_examples, json)?;
+            }
+        }
+        Cmd::Cache { cmd, dir } => return cache_cmd(cmd, dir),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            let mut src = e.source();
+            while let Some(s) = src {
+                let msg = s.to_string();
+                if !e.to_string().contains(&msg) {
+                    eprintln!("  caused by: {msg}");
+                }
+                src = s.source();
+            }
+            let usage = match e.downcast_ref::<KilnError>() {
+                Some(KilnError::Config(_)) | Some(KilnError::Plan(_)) => true,
+                Some(KilnError::Sched(SchedError::Plan(_))) => true,
+                _ => e.downcast_ref::<kiln::config::ConfigError>().is_some(),
+            };
+            ExitCode::from(if usage { 2 } else { 1 })
+        }
+    }
+}

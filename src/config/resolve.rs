@@ -214,7 +214,8 @@ fn is_unset(v: &Value) -> bool {
     match v {
         Value::Null => true,
         Value::Bool(b) => !b,
-        Value::String(s) => s.is_empty(),
+        // `bf16: auto` means "if the hardware has it": kiln computes in f32 on CPU.
+        Value::String(s) => s.is_empty() || s == "auto",
         Value::Sequence(s) => s.is_empty(),
         Value::Mapping(m) => m.is_empty() || m.values().all(is_unset),
         _ => false,

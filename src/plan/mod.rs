@@ -1,0 +1,243 @@
+//! Config -> DAG of stage specs (petgraph), and stage keys.
+//!
+//! A key hashes the stage kind, its implementation version, the canonical params it reads, its
+//! resolved inputs (file digests, hub commits) and its upstream stages' output digests (or the
+//! digest of just the files it reads from them). Nothing else decides what reruns.
+
+use crate::cache::{FileHashCache, Manifest};
+use crate::config::{DataFormat, Settings, TemplateChoice};
+use crate::hash::KeyHasher;
+use crate::stages::fetch::{self, Inputs, ResolveError};
+use crate::stages::pack::Pack;
+use crate::stages::tokenize::{TemplateSource, Tokenize};
+use crate::stages::{AnyStage, StageKind};
+use crate::text::template::builtin;
+use crate::text::TOKENIZER_FILES;
+use petgraph::graph::{DiGraph, NodeIndex};
+use serde_json::Value;
+
+/// An edge: which upstream stage, and which of its files this stage reads (None = all).
+#[derive(Debug, Clone)]
+pub struct Dep {
+    pub stage: usize,
+    pub files: Option<&'static [&'static str]>,
+}
+
+pub struct PlannedStage {
+    pub name: String,
+    pub stage: AnyStage,
+    pub inputs: Inputs,
+    pub deps: Vec<Dep>,
+}
+
+impl PlannedStage {
+    pub fn kind(&self) -> StageKind {
+        self.stage.kind()
+    }
+}
+
+pub struct Plan {
+    pub stages: Vec<PlannedStage>,
+    pub graph: DiGraph<usize, ()>,
+    /// Stage indices in dependency order.
+    pub order: Vec<usize>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("resolving {stage}: {source}")]
+    Resolve {
+        stage: String,
+        #[source]
+        source: ResolveError,
+    },
+    #[error("the stage graph has a cycle")]
+    Cycle,
+    #[error("no stage or stage kind named `{0}`{1}")]
+    UnknownTarget(String, String),
+}
+
+/// The digest a dependent hashes for `dep`: all files, or only the selected ones.
+pub fn dep_digest(m: &Manifest, dep: &Dep) -> String {
+    match dep.files {
+        None => m.digest.clone(),
+        Some(sel) => m.digest_of_selected(sel),
+    }
+}
+
+/// The key of a stage given its upstream digests (in `deps` order).
+pub fn stage_key(s: &PlannedStage, upstream: &[(String, String)]) -> String {
+    let mut h = KeyHasher::new();
+    h.str("kiln.stage")
+        .str(s.kind().as_str())
+        .u64(s.stage.version() as u64)
+        .json(&s.stage.params());
+    h.u64(s.inputs.len() as u64);
+    for (k, v) in &s.inputs {
+        h.str(k).str(v);
+    }
+    h.u64(upstream.len() as u64);
+    for (n, d) in upstream {
+        h.str(n).str(d);
+    }
+    h.finish()
+}
+
+fn template_source(choice: &TemplateChoice) -> TemplateSource {
+    match choice {
+        TemplateChoice::TokenizerDefault => TemplateSource::FromTokenizer,
+        TemplateChoice::Builtin(n) => TemplateSource::Text(builtin(n).unwrap_or_default().to_string()),
+        TemplateChoice::Jinja(j) => TemplateSource::Text(j.clone()),
+    }
+}
+
+/// Compiles settings into the stage DAG, resolving fetch inputs (hashing local files through the
+/// index's fast path; resolving hub revisions to commits).
+pub fn build(s: &Settings, hashes: &FileHashCache<'_>) -> Result<Plan, PlanError> {
+    let mut stages: Vec<PlannedStage> = Vec::new();
+    let (fm, inputs) = fetch::resolve_model(&s.base_model, hashes).map_err(|source| PlanError::Resolve {
+        stage: "fetch.model".into(),
+        source,
+    })?;
+    stages.push(PlannedStage {
+        name: "fetch.model".into(),
+        stage: AnyStage::FetchModel(fm),
+        inputs,
+        deps: vec![],
+    });
+    let mut tokenize_ids = Vec::new();
+    let mut labels = Vec::new();
+    for (group, list) in [("datasets", &s.datasets), ("test_datasets", &s.test_datasets)] {
+        for (i, d) in list.iter().enumerate() {
+            let suffix = if group == "datasets" { format!("[{i}]") } else { format!(".test[{i}]") };
+            let fetch_name = format!("fetch.data{suffix}");
+            let (fd, inputs) = fetch::resolve_data(&d.source, d.split.as_deref(), hashes).map_err(|source| PlanError::Resolve {
+                stage: fetch_name.clone(),
+                source,
+            })?;
+            stages.push(PlannedStage {
+                name: fetch_name,
+                stage: AnyStage::FetchData(fd),
+                inputs,
+                deps: vec![],
+            });
+            let fetch_idx = stages.len() - 1;
+            let template = match &d.format {
+                DataFormat::ChatTemplate { template, .. } => Some(template_source(template.as_ref().unwrap_or(&s.chat_template))),
+                _ => None,
+            };
+            let label = format!("{group}[{i}]");
+            stages.push(PlannedStage {
+                name: format!("tokenize{suffix}"),
+                stage: AnyStage::Tokenize(Tokenize {
+                    label: label.clone(),
+                    path_display: d.path.clone(),
+                    format: d.format.clone(),
+                    sequence_len: s.sequence_len,
+                    excess: s.excess_length_strategy,
+                    min_sample_len: s.min_sample_len,
+                    train_on_inputs: s.train_on_inputs,
+                    template,
+                    default_system_message: s.default_system_message.clone(),
+                    eot_tokens: s.eot_tokens.clone(),
+                }),
+                inputs: Inputs::new(),
+                deps: vec![
+                    Dep { stage: 0, files: Some(TOKENIZER_FILES) },
+                    Dep { stage: fetch_idx, files: None },
+                ],
+            });
+            tokenize_ids.push(stages.len() - 1);
+            labels.push(label);
+        }
+    }
+    stages.push(PlannedStage {
+        name: "pack".into(),
+        stage: AnyStage::Pack(Pack {
+            sequence_len: s.sequence_len,
+            sample_packing: s.sample_packing,
+            eval_sample_packing: s.sample_packing,
+            val_set_size: s.val_set_size,
+            seed: s.seed,
+            shuffle: s.shuffle_merged_datasets,
+            group_by_length: s.group_by_length,
+            n_train_sets: s.datasets.len(),
+            dataset_labels: labels,
+        }),
+        inputs: Inputs::new(),
+        deps: tokenize_ids.iter().map(|&t| Dep { stage: t, files: None }).collect(),
+    });
+    finish(stages)
+}
+
+fn finish(stages: Vec<PlannedStage>) -> Result<Plan, PlanError> {
+    let mut graph = DiGraph::new();
+    let nodes: Vec<NodeIndex> = (0..stages.len()).map(|i| graph.add_node(i)).collect();
+    for (i, s) in stages.iter().enumerate() {
+        for d in &s.deps {
+            graph.add_edge(nodes[d.stage], nodes[i], ());
+        }
+    }
+    petgraph::algo::toposort(&graph, None).map_err(|_| PlanError::Cycle)?;
+    // Stages are declared upstream-first, so declaration order is a topological order that
+    // reads naturally (model, then each dataset, then pack).
+    let order = (0..stages.len()).collect();
+    Ok(Plan { stages, graph, order })
+}
+
+impl Plan {
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.stages.iter().position(|s| s.name == name)
+    }
+
+    /// Stages a target needs: the named stage (or every stage of a kind) and all their ancestors.
+    pub fn closure(&self, targets: &[String]) -> Result<Vec<bool>, PlanError> {
+        if targets.is_empty() {
+            return Ok(vec![true; self.stages.len()]);
+        }
+        let mut need = vec![false; self.stages.len()];
+        let mut stack = Vec::new();
+        for t in targets {
+            let hits: Vec<usize> = match StageKind::parse(t) {
+                Some(k) => (0..self.stages.len()).filter(|&i| self.stages[i].kind() == k).collect(),
+                None => self.index_of(t).into_iter().collect(),
+            };
+            if hits.is_empty() {
+                let names: Vec<&str> = self.stages.iter().map(|s| s.name.as_str()).collect();
+                let hint = crate::config::did_you_mean(t, names.iter().copied())
+                    .map(|s| format!("; did you mean `{s}`?"))
+                    .unwrap_or_else(|| format!("; stages: {}", names.join(", ")));
+                return Err(PlanError::UnknownTarget(t.clone(), hint));
+            }
+            stack.extend(hits);
+        }
+        while let Some(i) = stack.pop() {
+            if !need[i] {
+                need[i] = true;
+                stack.extend(self.stages[i].deps.iter().map(|d| d.stage));
+            }
+        }
+        Ok(need)
+    }
+
+    /// Graphviz of the DAG.
+    pub fn dot(&self, labels: &[String]) -> String {
+        let mut s = String::from("digraph kiln {\n  rankdir=LR;\n  node [shape=box, fontname=\"monospace\"];\n");
+        for (i, st) in self.stages.iter().enumerate() {
+            let extra = labels.get(i).map(|l| format!("\\n{l}")).unwrap_or_default();
+            s.push_str(&format!("  s{i} [label=\"{}{}\"];\n", st.name, extra));
+        }
+        for (i, st) in self.stages.iter().enumerate() {
+            for d in &st.deps {
+                s.push_str(&format!("  s{} -> s{i};\n", d.stage));
+            }
+        }
+        s.push_str("}\n");
+        s
+    }
+}
+
+/// Parameter record used for stale reasons: params plus resolved inputs.
+pub fn params_value(s: &PlannedStage) -> Value {
+    s.stage.params()
+}

@@ -1,0 +1,343 @@
+//! Decides what is fresh and what is stale (and why), and builds the stale stages in dependency
+//! order: lock the key, build in a staging directory, publish atomically, record. Knows nothing
+//! about what stages compute.
+
+use crate::cache::{Cache, CacheError, Index, StageRecord};
+use crate::events::Event;
+use crate::plan::{dep_digest, stage_key, Plan, PlanError};
+use crate::stages::{RunCx, StageError, Upstream};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SchedError {
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error("stage {name} failed: {source}")]
+    StageFailed {
+        name: String,
+        #[source]
+        source: StageError,
+    },
+    #[error("{0}")]
+    Usage(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    Fresh,
+    Stale,
+}
+
+/// One stage's standing.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StageStatus {
+    pub name: String,
+    pub kind: String,
+    /// None while an upstream stage is not built (the key depends on its output).
+    pub key: Option<String>,
+    pub state: State,
+    pub reason: Option<String>,
+    pub deps: Vec<String>,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct RunOptions {
+    pub targets: Vec<String>,
+    pub force: Vec<String>,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct RunSummary {
+    pub built: Vec<String>,
+    pub fresh: Vec<String>,
+}
+
+pub struct Scheduler<'a> {
+    pub plan: &'a Plan,
+    pub cache: &'a Cache,
+    pub index: &'a Index,
+    /// Identifies the config for "what changed since last time" (its canonical path).
+    pub config_id: String,
+}
+
+fn short(v: &Value) -> Option<String> {
+    let s = match v {
+        Value::Number(n) => match n.as_f64() {
+            Some(f) if n.is_f64() && f != 0.0 && (f.abs() < 1e-3 || f.abs() >= 1e6) => format!("{f:e}"),
+            _ => n.to_string(),
+        },
+        Value::String(s) => s.clone(),
+        Value::Null => "null".into(),
+        other => other.to_string(),
+    };
+    (s.len() <= 48 && !s.contains('\n')).then_some(s)
+}
+
+fn flatten(prefix: &str, v: &Value, out: &mut BTreeMap<String, Value>) {
+    match v {
+        Value::Object(m) => {
+            for (k, x) in m {
+                let p = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                flatten(&p, x, out);
+            }
+        }
+        _ => {
+            out.insert(prefix.to_string(), v.clone());
+        }
+    }
+}
+
+/// Why `now` differs from `before` (the last record of the same stage name for this config).
+pub fn explain(before: &StageRecord, now: &StageRecord) -> String {
+    let mut reasons = Vec::new();
+    if before.version != now.version {
+        reasons.push(format!("stage implementation changed (v{} → v{})", before.version, now.version));
+    }
+    let (mut a, mut b) = (BTreeMap::new(), BTreeMap::new());
+    flatten("", &before.params, &mut a);
+    flatten("", &now.params, &mut b);
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    for k in keys {
+        let (x, y) = (a.get(k), b.get(k));
+        if x != y {
+            let show = |v: Option<&Value>| v.map(short).unwrap_or(Some("unset".into()));
+            match (show(x), show(y)) {
+                (Some(x), Some(y)) => reasons.push(format!("{k} changed {x} → {y}")),
+                _ => reasons.push(format!("{k} changed")),
+            }
+        }
+    }
+    let obj = |v: &Value| v.as_object().cloned().unwrap_or_default();
+    let (ia, ib) = (obj(&before.inputs), obj(&now.inputs));
+    for (k, v) in &ib {
+        let what = if k.starts_with("hub:") { "hub revision" } else { "input file" };
+        match ia.get(k) {
+            None => reasons.push(format!("{what} {k} added")),
+            Some(old) if old != v => {
+                if k.starts_with("hub:") {
+                    reasons.push(format!("{what} {k} moved to commit {}", v.as_str().unwrap_or("?")));
+                } else {
+                    reasons.push(format!("{what} {k} changed"));
+                }
+            }
+            _ => {}
+        }
+    }
+    for k in ia.keys() {
+        if !ib.contains_key(k) {
+            reasons.push(format!("input {k} removed"));
+        }
+    }
+    let (ua, ub) = (obj(&before.upstream), obj(&now.upstream));
+    for (k, v) in &ub {
+        if ua.get(k) != Some(v) {
+            reasons.push(format!("upstream {k} changed"));
+        }
+    }
+    if reasons.is_empty() {
+        "cache entry missing (removed by gc or quarantined)".into()
+    } else {
+        reasons.join("; ")
+    }
+}
+
+enum Outcome {
+    Done(RunSummary),
+    Restart,
+}
+
+impl Scheduler<'_> {
+    fn record(&self, i: usize, key: &str, upstream: &[(String, String)]) -> StageRecord {
+        let s = &self.plan.stages[i];
+        StageRecord {
+            key: key.to_string(),
+            name: s.name.clone(),
+            kind: s.kind().as_str().to_string(),
+            version: s.stage.version(),
+            params: s.stage.params(),
+            inputs: serde_json::to_value(&s.inputs).unwrap_or(Value::Null),
+            upstream: Value::Object(upstream.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect()),
+        }
+    }
+
+    /// The dep-specific digest of stage `j`'s entry, from its manifest.
+    fn selected_digest(&self, key: &str, dep: &crate::plan::Dep) -> Result<Option<String>, CacheError> {
+        Ok(self.cache.manifest(key)?.map(|m| dep_digest(&m, dep)))
+    }
+
+    /// Fresh/stale and the reason for every stage, without building anything.
+    pub fn assess(&self) -> Result<Vec<StageStatus>, SchedError> {
+        let n = self.plan.stages.len();
+        let mut keys: Vec<Option<String>> = vec![None; n];
+        let mut out: Vec<Option<StageStatus>> = vec![None; n];
+        for &i in &self.plan.order {
+            let s = &self.plan.stages[i];
+            let deps: Vec<String> = s.deps.iter().map(|d| self.plan.stages[d.stage].name.clone()).collect();
+            // Upstream digests as this stage reads them (selected files), if upstream is built.
+            let mut upstream = Vec::new();
+            let mut waiting = None;
+            for d in &s.deps {
+                match &keys[d.stage] {
+                    Some(k) if out[d.stage].as_ref().map(|x| x.state) == Some(State::Fresh) => {
+                        match self.selected_digest(k, d)? {
+                            Some(dig) => upstream.push((self.plan.stages[d.stage].name.clone(), dig)),
+                            None => waiting = Some(d.stage),
+                        }
+                    }
+                    _ => {
+                        waiting.get_or_insert(d.stage);
+                    }
+                }
+            }
+            let status = if let Some(w) = waiting {
+                StageStatus {
+                    name: s.name.clone(),
+                    kind: s.kind().as_str().into(),
+                    key: None,
+                    state: State::Stale,
+                    reason: Some(format!("waiting on {}", self.plan.stages[w].name)),
+                    deps,
+                }
+            } else {
+                let key = stage_key(s, &upstream);
+                let fresh = self.cache.manifest(&key)?.is_some();
+                let reason = if fresh {
+                    None
+                } else {
+                    Some(match self.index.last_seen(&self.config_id, &s.name)? {
+                        None => "never built".to_string(),
+                        Some(before) => explain(&before, &self.record(i, &key, &upstream)),
+                    })
+                };
+                keys[i] = Some(key.clone());
+                StageStatus {
+                    name: s.name.clone(),
+                    kind: s.kind().as_str().into(),
+                    key: Some(key),
+                    state: if fresh { State::Fresh } else { State::Stale },
+                    reason,
+                    deps,
+                }
+            };
+            out[i] = Some(status);
+        }
+        Ok(out.into_iter().flatten().collect())
+    }
+
+    /// Builds every stale stage the targets need, in dependency order.
+    pub fn run(&self, opts: &RunOptions, emit: &mut dyn FnMut(Event)) -> Result<RunSummary, SchedError> {
+        self.cache.clean_tmp()?;
+        for f in &opts.force {
+            if self.plan.index_of(f).is_none() && crate::stages::StageKind::parse(f).is_none() {
+                return Err(SchedError::Plan(PlanError::UnknownTarget(f.clone(), String::new())));
+            }
+        }
+        // A corrupt upstream entry is quarantined and the run starts over, at most once per stage.
+        for _ in 0..=self.plan.stages.len() {
+            match self.run_once(opts, emit)? {
+                Outcome::Done(s) => return Ok(s),
+                Outcome::Restart => continue,
+            }
+        }
+        Err(SchedError::Usage("cache entries keep failing verification; check the disk".into()))
+    }
+
+    fn run_once(&self, opts: &RunOptions, emit: &mut dyn FnMut(Event)) -> Result<Outcome, SchedError> {
+        let need = self.plan.closure(&opts.targets)?;
+        let forced: Vec<bool> = self
+            .plan
+            .stages
+            .iter()
+            .map(|s| opts.force.iter().any(|f| f == &s.name || f == s.kind().as_str()))
+            .collect();
+        let n = self.plan.stages.len();
+        let mut keys: Vec<Option<String>> = vec![None; n];
+        let mut summary = RunSummary::default();
+        for &i in &self.plan.order {
+            if !need[i] {
+                continue;
+            }
+            let s = &self.plan.stages[i];
+            let mut upstream = Vec::new();
+            let mut ups = Vec::new();
+            for d in &s.deps {
+                let k = keys[d.stage].clone().ok_or_else(|| SchedError::Usage(format!("internal: {} ran before {}", s.name, self.plan.stages[d.stage].name)))?;
+                let m = self.cache.manifest(&k)?.ok_or_else(|| SchedError::Usage(format!("internal: entry of {} vanished", self.plan.stages[d.stage].name)))?;
+                upstream.push((self.plan.stages[d.stage].name.clone(), dep_digest(&m, d)));
+                ups.push((d, k, m));
+            }
+            let key = stage_key(s, &upstream);
+            let rec = self.record(i, &key, &upstream);
+            if !forced[i] && self.cache.manifest(&key)?.is_some() {
+                emit(Event::StageFresh { name: s.name.clone(), key: key.clone() });
+                self.index.record_seen(&self.config_id, &rec)?;
+                summary.fresh.push(s.name.clone());
+                keys[i] = Some(key);
+                continue;
+            }
+            // Verify exactly what this stage will read from upstream.
+            for (d, k, m) in &ups {
+                let damage = self.cache.verify_files(k, m, d.files);
+                if !damage.is_empty() {
+                    let name = self.plan.stages[d.stage].name.clone();
+                    emit(Event::Corrupt { name, key: k.clone(), damage: damage.iter().map(|x| x.to_string()).collect() });
+                    self.cache.quarantine(k)?;
+                    self.index.forget_stage(k)?;
+                    return Ok(Outcome::Restart);
+                }
+            }
+            let _lock = self.cache.lock(&key)?;
+            if !forced[i] && self.cache.manifest(&key)?.is_some() {
+                // Another kiln process built it while we waited for the lock.
+                emit(Event::StageFresh { name: s.name.clone(), key: key.clone() });
+                self.index.record_seen(&self.config_id, &rec)?;
+                summary.fresh.push(s.name.clone());
+                keys[i] = Some(key);
+                continue;
+            }
+            let reason = if forced[i] {
+                "forced (--force)".to_string()
+            } else {
+                match self.index.last_seen(&self.config_id, &s.name)? {
+                    None => "never built".into(),
+                    Some(before) => explain(&before, &rec),
+                }
+            };
+            let previous_digest = match self.index.last_seen(&self.config_id, &s.name)? {
+                Some(b) => self.cache.manifest(&b.key).ok().flatten().map(|m| m.digest),
+                None => None,
+            };
+            emit(Event::StageStarted { name: s.name.clone(), key: key.clone(), reason });
+            let started = Instant::now();
+            let staging = self.cache.staging(&key)?;
+            let upstream_dirs: Vec<Upstream> = ups
+                .into_iter()
+                .map(|(d, k, m)| Upstream { name: self.plan.stages[d.stage].name.clone(), dir: self.cache.entry_dir(&k), manifest: m })
+                .collect();
+            let result = {
+                let mut cx = RunCx { name: &s.name, out: staging.dir(), upstream: &upstream_dirs, emit: &mut *emit };
+                s.stage.run(&mut cx)
+            };
+            if let Err(source) = result {
+                emit(Event::StageFailed { name: s.name.clone(), error: source.to_string() });
+                return Err(SchedError::StageFailed { name: s.name.clone(), source });
+            }
+            let manifest = self.cache.publish(staging, &s.name, s.kind().as_str())?;
+            let ms = started.elapsed().as_millis() as u64;
+            self.index.record_stage(&rec, &manifest.digest, ms, manifest.total_size(), &self.config_id)?;
+            self.index.record_seen(&self.config_id, &rec)?;
+            emit(Event::StageFinished { name: s.name.clone(), key: key.clone(), duration_ms: ms, bytes: manifest.total_size() });
+            if previous_digest.as_deref() == Some(manifest.digest.as_str()) {
+                emit(Event::EarlyCutoff { name: s.name.clone() });
+            }
+            summary.built.push(s.name.clone());
+            keys[i] = Some(key);
+        }
+        Ok(Outcome::Done(summary))
+    }
+}

@@ -1,0 +1,284 @@
+//! `fetch`: brings the base model's files and each dataset's files into the cache. Keys hash
+//! content, not names: a local file by its bytes (size+mtime fast path), a hub file by its
+//! resolved commit. A GGUF model also gets a `tokenizer.json` and `tokenizer_config.json` rebuilt
+//! from its metadata, so tokenization never needs the weights.
+
+use super::hub::{self, Kind};
+use super::{io_err, write_json, RunCx, Stage, StageError, StageKind};
+use crate::cache::FileHashCache;
+use crate::config::{DataSource, ModelSource};
+use crate::hash::hash_file;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Where one fetched file comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FileSource {
+    Local { path: PathBuf, digest: String },
+    Hub { repo: String, commit: String, kind: Kind, file: String },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct FetchFile {
+    /// Name inside the stage's output.
+    pub dest: String,
+    pub src: FileSource,
+}
+
+/// Resolved inputs: what the key hashes besides params (label -> digest or commit).
+pub type Inputs = BTreeMap<String, String>;
+
+pub struct FetchModel {
+    pub files: Vec<FetchFile>,
+    pub gguf: bool,
+}
+
+pub struct FetchData {
+    pub files: Vec<FetchFile>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error("{path}: {message}")]
+    Local { path: PathBuf, message: String },
+    #[error(transparent)]
+    Hub(#[from] hub::HubError),
+    #[error(transparent)]
+    Cache(#[from] crate::cache::CacheError),
+}
+
+/// Model files kiln reads from an HF-layout directory or repo.
+fn is_model_file(name: &str) -> bool {
+    matches!(
+        name,
+        "config.json"
+            | "generation_config.json"
+            | "tokenizer.json"
+            | "tokenizer_config.json"
+            | "special_tokens_map.json"
+            | "model.safetensors.index.json"
+    ) || (name.ends_with(".safetensors") && !name.contains('/'))
+}
+
+fn local_file(path: &Path, dest: String, hashes: &FileHashCache<'_>, inputs: &mut Inputs) -> Result<FetchFile, ResolveError> {
+    let digest = hashes.hash(path)?;
+    inputs.insert(path.display().to_string(), digest.clone());
+    Ok(FetchFile {
+        dest,
+        src: FileSource::Local {
+            path: path.to_path_buf(),
+            digest,
+        },
+    })
+}
+
+pub fn resolve_model(src: &ModelSource, hashes: &FileHashCache<'_>) -> Result<(FetchModel, Inputs), ResolveError> {
+    let mut inputs = Inputs::new();
+    match src {
+        ModelSource::Gguf(p) => {
+            let f = local_file(p, "model.gguf".into(), hashes, &mut inputs)?;
+            Ok((FetchModel { files: vec![f], gguf: true }, inputs))
+        }
+        ModelSource::LocalDir(dir) => {
+            let rd = std::fs::read_dir(dir).map_err(|e| ResolveError::Local {
+                path: dir.clone(),
+                message: e.to_string(),
+            })?;
+            let mut names: Vec<String> = rd
+                .flatten()
+                .filter_map(|e| e.file_name().to_str().map(String::from))
+                .filter(|n| is_model_file(n))
+                .collect();
+            names.sort();
+            if !names.iter().any(|n| n == "tokenizer.json") {
+                return Err(ResolveError::Local {
+                    path: dir.clone(),
+                    message: "no tokenizer.json: kiln needs the model's fast-tokenizer file".into(),
+                });
+            }
+            let mut files = Vec::new();
+            for n in names {
+                files.push(local_file(&dir.join(&n), n, hashes, &mut inputs)?);
+            }
+            Ok((FetchModel { files, gguf: false }, inputs))
+        }
+        ModelSource::Hub { repo, revision } => {
+            let r = hub::resolve(repo, revision, Kind::Model)?;
+            let names: Vec<&String> = r.files.iter().filter(|n| is_model_file(n)).collect();
+            if !names.iter().any(|n| n.as_str() == "tokenizer.json") {
+                return Err(ResolveError::Hub(hub::HubError::Api {
+                    repo: repo.clone(),
+                    revision: revision.clone(),
+                    message: "the repo has no tokenizer.json".into(),
+                }));
+            }
+            inputs.insert(format!("hub:{repo}@{revision}"), r.commit.clone());
+            let files = names
+                .into_iter()
+                .map(|n| FetchFile {
+                    dest: n.clone(),
+                    src: FileSource::Hub {
+                        repo: repo.clone(),
+                        commit: r.commit.clone(),
+                        kind: Kind::Model,
+                        file: n.clone(),
+                    },
+                })
+                .collect();
+            Ok((FetchModel { files, gguf: false }, inputs))
+        }
+    }
+}
+
+const DATA_EXTS: &[&str] = &[".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet"];
+
+/// `data_files` patterns: exact paths, or one `*` wildcard (`train-*.jsonl`).
+fn pattern_match(pat: &str, name: &str) -> bool {
+    match pat.split_once('*') {
+        Some((a, b)) => name.len() >= a.len() + b.len() && name.starts_with(a) && name.ends_with(b),
+        None => pat == name,
+    }
+}
+
+pub fn resolve_data(
+    src: &DataSource,
+    split: Option<&str>,
+    hashes: &FileHashCache<'_>,
+) -> Result<(FetchData, Inputs), ResolveError> {
+    let mut inputs = Inputs::new();
+    match src {
+        DataSource::Local(paths) => {
+            let mut files = Vec::new();
+            for (i, p) in paths.iter().enumerate() {
+                let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("data.jsonl");
+                files.push(local_file(p, format!("{i:04}-{name}"), hashes, &mut inputs)?);
+            }
+            Ok((FetchData { files }, inputs))
+        }
+        DataSource::Hub { repo, revision, data_files } => {
+            let r = hub::resolve(repo, revision, Kind::Dataset)?;
+            let is_data = |n: &str| DATA_EXTS.iter().any(|e| n.ends_with(e));
+            let mut chosen: Vec<String> = if !data_files.is_empty() {
+                r.files
+                    .iter()
+                    .filter(|n| data_files.iter().any(|p| pattern_match(p, n)))
+                    .cloned()
+                    .collect()
+            } else {
+                let all: Vec<String> = r.files.iter().filter(|n| is_data(n)).cloned().collect();
+                match split {
+                    Some(s) => {
+                        let sel: Vec<String> = all
+                            .iter()
+                            .filter(|n| {
+                                let base = n.rsplit('/').next().unwrap_or(n);
+                                base.starts_with(s) || n.contains(&format!("/{s}")) || n.starts_with(&format!("{s}/"))
+                            })
+                            .cloned()
+                            .collect();
+                        if sel.is_empty() { all } else { sel }
+                    }
+                    None => all,
+                }
+            };
+            chosen.sort();
+            if chosen.is_empty() {
+                return Err(ResolveError::Hub(hub::HubError::Api {
+                    repo: repo.clone(),
+                    revision: revision.clone(),
+                    message: format!(
+                        "no data files matched (repo has: {}); set `data_files:`",
+                        r.files.join(", ")
+                    ),
+                }));
+            }
+            inputs.insert(format!("hub:datasets/{repo}@{revision}"), r.commit.clone());
+            let files = chosen
+                .into_iter()
+                .enumerate()
+                .map(|(i, n)| FetchFile {
+                    dest: format!("{i:04}-{}", n.rsplit('/').next().unwrap_or(&n)),
+                    src: FileSource::Hub {
+                        repo: repo.clone(),
+                        commit: r.commit.clone(),
+                        kind: Kind::Dataset,
+                        file: n,
+                    },
+                })
+                .collect();
+            Ok((FetchData { files }, inputs))
+        }
+    }
+}
+
+/// Copies (or downloads then copies) one file into the output, checking a local file still has
+/// the bytes its key was computed from.
+fn materialize(f: &FetchFile, out: &Path) -> Result<(), StageError> {
+    let dest = out.join(&f.dest);
+    match &f.src {
+        FileSource::Local { path, digest } => {
+            std::fs::copy(path, &dest).map_err(io_err(path))?;
+            let got = hash_file(&dest).map_err(io_err(&dest))?;
+            if &got != digest {
+                return Err(StageError::InputChanged { path: path.clone() });
+            }
+        }
+        FileSource::Hub { repo, commit, kind, file } => {
+            let p = hub::download(repo, commit, *kind, file)?;
+            std::fs::copy(&p, &dest).map_err(io_err(&p))?;
+        }
+    }
+    Ok(())
+}
+
+fn describe(files: &[FetchFile]) -> Value {
+    Value::Array(
+        files
+            .iter()
+            .map(|f| match &f.src {
+                FileSource::Local { .. } => json!({"dest": f.dest}),
+                FileSource::Hub { repo, file, .. } => json!({"dest": f.dest, "hub": repo, "file": file}),
+            })
+            .collect(),
+    )
+}
+
+impl Stage for FetchModel {
+    const KIND: StageKind = StageKind::Fetch;
+    const VERSION: u32 = 1;
+
+    fn params(&self) -> Value {
+        json!({"what": "model", "gguf": self.gguf, "files": describe(&self.files)})
+    }
+
+    fn run(&self, cx: &mut RunCx<'_>) -> Result<(), StageError> {
+        for f in &self.files {
+            materialize(f, cx.out)?;
+        }
+        if self.gguf {
+            let t = crate::text::gguf::tokenizer_files(&cx.out.join("model.gguf"))?;
+            write_json(&cx.out.join("tokenizer.json"), &t.tokenizer_json)?;
+            write_json(&cx.out.join("tokenizer_config.json"), &t.tokenizer_config)?;
+        }
+        // Fail here, not in tokenize, when the tokenizer is unusable.
+        crate::text::TextTokenizer::load_dir(cx.out)?;
+        Ok(())
+    }
+}
+
+impl Stage for FetchData {
+    const KIND: StageKind = StageKind::Fetch;
+    const VERSION: u32 = 1;
+
+    fn params(&self) -> Value {
+        json!({"what": "data", "files": describe(&self.files)})
+    }
+
+    fn run(&self, cx: &mut RunCx<'_>) -> Result<(), StageError> {
+        for f in &self.files {
+            materialize(f, cx.out)?;
+        }
+        Ok(())
+    }
+}

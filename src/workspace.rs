@@ -1,0 +1,138 @@
+//! Opens everything one command needs: the config, the cache and its index, the plan. The CLI
+//! and the tests both go through here.
+
+use crate::cache::{Cache, CacheError, FileHashCache, Index};
+use crate::config::{self, ConfigError, Problem, Settings};
+use crate::data::binfmt::TokenSet;
+use crate::plan::{self, Plan, PlanError};
+use crate::scheduler::{SchedError, Scheduler, State};
+use crate::stages::pack::PackStats;
+use crate::stages::AnyStage;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum KilnError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Sched(#[from] SchedError),
+    #[error(transparent)]
+    Stage(#[from] crate::stages::StageError),
+    #[error("{0}")]
+    NotBuilt(String),
+}
+
+pub struct Workspace {
+    pub settings: Settings,
+    pub warnings: Vec<Problem>,
+    pub cache: Cache,
+    pub index: Index,
+    pub plan: Plan,
+    pub config_id: String,
+}
+
+/// Cache location: `KILN_CACHE`, else the config's `cache_dir`, else `./cache`.
+pub fn cache_root(settings: Option<&Settings>) -> PathBuf {
+    if let Ok(p) = std::env::var("KILN_CACHE") {
+        if !p.is_empty() {
+            return PathBuf::from(p);
+        }
+    }
+    settings
+        .and_then(|s| s.cache_dir.clone())
+        .unwrap_or_else(|| PathBuf::from("cache"))
+}
+
+impl Workspace {
+    pub fn open(config_path: &Path, overrides: &[String]) -> Result<Self, KilnError> {
+        let loaded = config::load(config_path, overrides)?;
+        let cache = Cache::open(&cache_root(Some(&loaded.settings)))?;
+        let index = cache.index()?;
+        let plan = plan::build(&loaded.settings, &FileHashCache { index: &index })?;
+        let config_id = std::fs::canonicalize(config_path)
+            .unwrap_or_else(|_| config_path.to_path_buf())
+            .display()
+            .to_string();
+        Ok(Self {
+            settings: loaded.settings,
+            warnings: loaded.warnings,
+            cache,
+            index,
+            plan,
+            config_id,
+        })
+    }
+
+    pub fn scheduler(&self) -> Scheduler<'_> {
+        Scheduler {
+            plan: &self.plan,
+            cache: &self.cache,
+            index: &self.index,
+            config_id: self.config_id.clone(),
+        }
+    }
+
+    /// The published entry directory of a stage, if it is fresh.
+    pub fn entry_of(&self, name: &str) -> Result<PathBuf, KilnError> {
+        let st = self.scheduler().assess()?;
+        let s = st
+            .iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| KilnError::NotBuilt(format!("no stage {name}")))?;
+        match (&s.key, s.state) {
+            (Some(k), State::Fresh) => Ok(self.cache.entry_dir(k)),
+            _ => Err(KilnError::NotBuilt(format!("{name} is not built; run `kiln preprocess` first"))),
+        }
+    }
+
+    pub fn pack_stats(&self) -> Result<PackStats, KilnError> {
+        let dir = self.entry_of("pack")?;
+        let p = dir.join("stats.json");
+        let bytes = std::fs::read(&p).map_err(|e| KilnError::NotBuilt(format!("{}: {e}", p.display())))?;
+        serde_json::from_slice(&bytes).map_err(|e| KilnError::NotBuilt(format!("{}: {e}", p.display())))
+    }
+
+    /// The first `n` tokenized samples of each dataset, for the debug view.
+    pub fn debug_examples(&self, n: usize) -> Result<Vec<DebugExample>, KilnError> {
+        let model_dir = self.entry_of("fetch.model")?;
+        let tok = crate::text::TextTokenizer::load_dir(&model_dir).map_err(crate::stages::StageError::from)?;
+        let mut out = Vec::new();
+        for st in &self.plan.stages {
+            let AnyStage::Tokenize(t) = &st.stage else { continue };
+            let dir = self.entry_of(&st.name)?;
+            let set = TokenSet::read(&dir.join("tokens")).map_err(crate::stages::StageError::from)?;
+            for i in 0..set.len().min(n) {
+                let (ids, trained) = set.sample(i);
+                let text = tok.tokenizer.decode(ids, false).unwrap_or_default();
+                let pieces = ids
+                    .iter()
+                    .map(|&id| tok.tokenizer.decode(&[id], false).unwrap_or_default())
+                    .collect();
+                out.push(DebugExample {
+                    dataset: t.label.clone(),
+                    index: set.sources[i].1 as usize,
+                    text,
+                    input_ids: ids.to_vec(),
+                    labels: ids.iter().zip(trained).map(|(&id, &t)| if t == 1 { id as i64 } else { -100 }).collect(),
+                    pieces,
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DebugExample {
+    pub dataset: String,
+    pub index: usize,
+    pub text: String,
+    pub input_ids: Vec<u32>,
+    pub labels: Vec<i64>,
+    #[serde(skip)]
+    pub pieces: Vec<String>,
+}

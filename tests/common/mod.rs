@@ -1,0 +1,155 @@
+//! Fixtures the tests build themselves: a tiny byte-level BPE tokenizer with a ChatML template,
+//! small datasets in every format, and a helper to run pipelines and collect events.
+#![allow(dead_code)]
+
+use kiln::events::Event;
+use kiln::scheduler::{RunOptions, RunSummary, StageStatus};
+use kiln::workspace::Workspace;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+
+pub const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+/// GPT-2's byte-to-unicode map: the alphabet of byte-level BPE.
+fn byte_alphabet() -> Vec<char> {
+    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut cs = bs.clone();
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !bs.contains(&b) {
+            bs.push(b);
+            cs.push(256 + n);
+            n += 1;
+        }
+    }
+    let mut pairs: Vec<(u32, u32)> = bs.into_iter().zip(cs).collect();
+    pairs.sort();
+    pairs.into_iter().map(|(_, c)| char::from_u32(c).unwrap()).collect()
+}
+
+/// A tiny byte-level BPE: specials 0..3, the 256 byte symbols, and a few merges.
+pub fn tiny_tokenizer_json() -> Value {
+    let mut vocab = serde_json::Map::new();
+    let specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+    for (i, s) in specials.iter().enumerate() {
+        vocab.insert(s.to_string(), json!(i));
+    }
+    let alpha = byte_alphabet();
+    for c in &alpha {
+        let id = vocab.len();
+        vocab.insert(c.to_string(), json!(id));
+    }
+    let merges = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "e r", "o n", "Ġ s"];
+    for m in merges {
+        let tok = m.replace(' ', "");
+        let id = vocab.len();
+        vocab.entry(tok).or_insert(json!(id));
+    }
+    let added: Vec<Value> = specials
+        .iter()
+        .enumerate()
+        .map(|(i, s)| json!({"id": i, "content": s, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
+        .collect();
+    json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "post_processor": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": true},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": vocab, "merges": merges}
+    })
+}
+
+pub fn write_model_dir(dir: &Path, template: Option<&str>) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("tokenizer.json"), serde_json::to_vec_pretty(&tiny_tokenizer_json()).unwrap()).unwrap();
+    let mut cfg = json!({"bos_token": null, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"});
+    if let Some(t) = template {
+        cfg["chat_template"] = json!(t);
+    }
+    std::fs::write(dir.join("tokenizer_config.json"), serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
+    std::fs::write(dir.join("config.json"), br#"{"architectures":["LlamaForCausalLM"],"model_type":"llama","hidden_size":16,"num_hidden_layers":2,"vocab_size":270}"#).unwrap();
+}
+
+pub fn alpaca_rows(n: usize) -> String {
+    (0..n)
+        .map(|i| {
+            let input = if i % 2 == 0 { String::new() } else { format!("the number {i}") };
+            json!({"instruction": format!("Say the word number {i} twice."), "input": input, "output": format!("word{i} word{i}")}).to_string() + "\n"
+        })
+        .collect()
+}
+
+pub fn chat_rows(n: usize) -> String {
+    (0..n)
+        .map(|i| {
+            json!({"messages": [
+                {"role": "user", "content": format!("What is {i} plus one?")},
+                {"role": "assistant", "content": format!("It is {}.", i + 1)}
+            ]})
+            .to_string()
+                + "\n"
+        })
+        .collect()
+}
+
+/// A project directory with a model, two datasets and a config.
+pub struct Project {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+}
+
+impl Project {
+    pub fn new(extra_yaml: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        write_model_dir(&dir.path().join("model"), Some(CHATML));
+        std::fs::create_dir_all(dir.path().join("data")).unwrap();
+        std::fs::write(dir.path().join("data/alpaca.jsonl"), alpaca_rows(40)).unwrap();
+        std::fs::write(dir.path().join("data/chat.jsonl"), chat_rows(30)).unwrap();
+        let config = dir.path().join("kiln.yml");
+        let yaml = format!(
+            "base_model: ./model\ndatasets:\n  - path: data/alpaca.jsonl\n    type: alpaca\n  - path: data/chat.jsonl\n    type: chat_template\nsequence_len: 512\nsample_packing: true\nval_set_size: 0.1\nlearning_rate: 2e-4\nmicro_batch_size: 2\ncache_dir: cache\n{extra_yaml}"
+        );
+        std::fs::write(&config, yaml).unwrap();
+        Project { dir, config }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn ws(&self, sets: &[&str]) -> Workspace {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        Workspace::open(&self.config, &sets).unwrap()
+    }
+
+    pub fn plan(&self, sets: &[&str]) -> Vec<StageStatus> {
+        self.ws(sets).scheduler().assess().unwrap()
+    }
+
+    pub fn run(&self, sets: &[&str]) -> (RunSummary, Vec<Event>) {
+        self.run_opts(sets, RunOptions::default())
+    }
+
+    pub fn run_opts(&self, sets: &[&str], opts: RunOptions) -> (RunSummary, Vec<Event>) {
+        let ws = self.ws(sets);
+        let mut events = Vec::new();
+        let s = ws.scheduler().run(&opts, &mut |e| events.push(e)).unwrap();
+        (s, events)
+    }
+}
+
+pub fn status<'a>(plan: &'a [StageStatus], name: &str) -> &'a StageStatus {
+    plan.iter().find(|s| s.name == name).unwrap_or_else(|| panic!("no stage {name}"))
+}
+
+pub fn stale_names(plan: &[StageStatus]) -> Vec<String> {
+    plan.iter().filter(|s| s.state == kiln::scheduler::State::Stale).map(|s| s.name.clone()).collect()
+}
+
+/// Pin compute to one thread: candle's and rayon's pools spin-wait when cores are contended.
+pub fn one_thread() {
+    let _ = rayon::ThreadPoolBuilder::new().num_threads(1).build_global();
+}

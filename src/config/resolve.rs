@@ -382,7 +382,7 @@ pub(super) fn resolve(ctx: &mut Ctx<'_>, map: &Mapping) -> Settings {
                 let fix = did_you_mean(k, known.iter().copied())
                     .map(|s| format!("did you mean `{s}`?"))
                     .or_else(|| Some("remove it; see docs/config.md for every key".into()));
-                ctx.error(&[key(k)], format!("unknown key `{k}`"), fix);
+                ctx.error(&[key(k)], "unknown key".to_string(), fix);
             }
         }
     }
@@ -699,7 +699,7 @@ fn read_datasets(
             } else {
                 let fix = did_you_mean(k, DATASET_KEYS_HANDLED.iter().copied())
                     .map(|s| format!("did you mean `{s}`?"));
-                ctx.error(&p, format!("unknown dataset key `{k}`"), fix);
+                ctx.error(&p, "unknown dataset key".to_string(), fix);
             }
         }
         let mut r = Reader {

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone, PartialEq)]
 pub enum FileSource {
     Local { path: PathBuf, digest: String },
-    Hub { repo: String, commit: String, kind: Kind, file: String },
+    Hub { repo: String, revision: String, commit: String, kind: Kind, file: String },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -120,6 +120,7 @@ pub fn resolve_model(src: &ModelSource, hashes: &FileHashCache<'_>) -> Result<(F
                     dest: n.clone(),
                     src: FileSource::Hub {
                         repo: repo.clone(),
+                        revision: revision.clone(),
                         commit: r.commit.clone(),
                         kind: Kind::Model,
                         file: n.clone(),
@@ -201,6 +202,7 @@ pub fn resolve_data(
                     dest: format!("{i:04}-{}", n.rsplit('/').next().unwrap_or(&n)),
                     src: FileSource::Hub {
                         repo: repo.clone(),
+                        revision: revision.clone(),
                         commit: r.commit.clone(),
                         kind: Kind::Dataset,
                         file: n,
@@ -224,9 +226,10 @@ fn materialize(f: &FetchFile, out: &Path) -> Result<(), StageError> {
                 return Err(StageError::InputChanged { path: path.clone() });
             }
         }
-        FileSource::Hub { repo, commit, kind, file } => {
+        FileSource::Hub { repo, revision, commit, kind, file } => {
             let p = hub::download(repo, commit, *kind, file)?;
             std::fs::copy(&p, &dest).map_err(io_err(&p))?;
+            hub::pin_ref(repo, revision, commit, *kind);
         }
     }
     Ok(())

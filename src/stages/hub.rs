@@ -118,6 +118,20 @@ fn list_rel(base: &std::path::Path, dir: &std::path::Path, out: &mut Vec<String>
     }
 }
 
+/// Records `revision -> commit` in the HF cache (`refs/<revision>`), as huggingface_hub does, so
+/// offline mode can resolve the revision later.
+pub fn pin_ref(id: &str, revision: &str, commit: &str, kind: Kind) {
+    if revision == commit {
+        return;
+    }
+    let r = repo(id, revision, kind);
+    let refp = Cache::from_env().path().join(r.folder_name()).join("refs").join(revision);
+    if let Some(parent) = refp.parent() {
+        let _ = std::fs::create_dir_all(parent);
+    }
+    let _ = std::fs::write(refp, commit);
+}
+
 /// Downloads (or finds in the HF cache) one file of a pinned commit; returns its local path.
 pub fn download(id: &str, commit: &str, kind: Kind, file: &str) -> Result<PathBuf, HubError> {
     let r = repo(id, commit, kind);

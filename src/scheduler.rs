@@ -114,23 +114,25 @@ pub fn explain(before: &StageRecord, now: &StageRecord) -> String {
     }
     let obj = |v: &Value| v.as_object().cloned().unwrap_or_default();
     let (ia, ib) = (obj(&before.inputs), obj(&now.inputs));
-    for (k, v) in &ib {
-        let what = if k.starts_with("hub:") { "hub revision" } else { "input file" };
-        match ia.get(k) {
-            None => reasons.push(format!("{what} {k} added")),
-            Some(old) if old != v => {
-                if k.starts_with("hub:") {
-                    reasons.push(format!("{what} {k} moved to commit {}", v.as_str().unwrap_or("?")));
+    let field = |v: &Value, f: &str| v.get(f).and_then(|x| x.as_str()).unwrap_or("").to_string();
+    for (id, v) in &ib {
+        let label = field(v, "label");
+        let what = if id.starts_with("hub:") { "hub revision" } else { "input file" };
+        match ia.get(id) {
+            None => reasons.push(format!("{what} {label} added")),
+            Some(old) if field(old, "digest") != field(v, "digest") => {
+                if id.starts_with("hub:") {
+                    reasons.push(format!("{what} {label} moved to commit {}", field(v, "digest")));
                 } else {
-                    reasons.push(format!("{what} {k} changed"));
+                    reasons.push(format!("{what} {label} changed"));
                 }
             }
             _ => {}
         }
     }
-    for k in ia.keys() {
-        if !ib.contains_key(k) {
-            reasons.push(format!("input {k} removed"));
+    for (id, v) in &ia {
+        if !ib.contains_key(id) {
+            reasons.push(format!("input {} removed", field(v, "label")));
         }
     }
     let (ua, ub) = (obj(&before.upstream), obj(&now.upstream));

@@ -144,7 +144,7 @@ fn hub_model_and_dataset_fetch_pin_commits_and_work_offline() {
     let plan = ws.scheduler().assess().unwrap();
     let key = status(&plan, "fetch.model").key.clone().unwrap();
     let (rec, ..) = ws.index.stage(&key).unwrap().unwrap();
-    assert_eq!(rec.inputs["hub:kiln-test/tiny@main"], "a".repeat(40));
+    assert_eq!(rec.inputs["hub:kiln-test/tiny@main"]["digest"], "a".repeat(40));
     let m = ws.cache.manifest(&key).unwrap().unwrap();
     let names: Vec<&str> = m.files.iter().map(|f| f.path.as_str()).collect();
     assert_eq!(names, vec!["config.json", "tokenizer.json", "tokenizer_config.json"], "README is not a model file");

@@ -13,9 +13,14 @@ pub struct Record {
 }
 
 pub fn read_records(path: &Path) -> Result<Vec<Record>, DataError> {
+    read_records_as(path, path)
+}
+
+/// Reads `path`, naming it `shown` in errors (the user's file, not the cache copy).
+pub fn read_records_as(path: &Path, shown: &Path) -> Result<Vec<Record>, DataError> {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
     let io = |source| DataError::Io {
-        path: path.to_path_buf(),
+        path: shown.to_path_buf(),
         source,
     };
     let (stem, gz) = match name.strip_suffix(".gz") {
@@ -24,7 +29,7 @@ pub fn read_records(path: &Path) -> Result<Vec<Record>, DataError> {
     };
     if stem.ends_with(".parquet") {
         return Err(DataError::Unsupported {
-            path: path.to_path_buf(),
+            path: shown.to_path_buf(),
             message: "not supported yet: Parquet datasets; convert to JSONL (e.g. `python -c \"import pandas as pd; pd.read_parquet('f.parquet').to_json('f.jsonl', orient='records', lines=True)\"`)".into(),
         });
     }
@@ -37,7 +42,7 @@ pub fn read_records(path: &Path) -> Result<Vec<Record>, DataError> {
         s
     } else {
         String::from_utf8(raw).map_err(|e| DataError::BadJson {
-            path: path.to_path_buf(),
+            path: shown.to_path_buf(),
             message: format!("not UTF-8 text ({e})"),
         })?
     };
@@ -57,13 +62,13 @@ pub fn read_records(path: &Path) -> Result<Vec<Record>, DataError> {
                 }
                 Ok(_) => {
                     return Err(DataError::BadJson {
-                        path: path.to_path_buf(),
+                        path: shown.to_path_buf(),
                         message: "expected an array of records".into(),
                     })
                 }
                 Err(e) if trimmed.starts_with('[') => {
                     return Err(DataError::BadJson {
-                        path: path.to_path_buf(),
+                        path: shown.to_path_buf(),
                         message: e.to_string(),
                     })
                 }
@@ -77,7 +82,7 @@ pub fn read_records(path: &Path) -> Result<Vec<Record>, DataError> {
             continue;
         }
         let value: Value = serde_json::from_str(line).map_err(|e| DataError::BadJsonLine {
-            path: path.to_path_buf(),
+            path: shown.to_path_buf(),
             line: i + 1,
             message: e.to_string(),
         })?;

@@ -73,8 +73,8 @@ pub fn stage_key(s: &PlannedStage, upstream: &[(String, String)]) -> String {
         .u64(s.stage.version() as u64)
         .json(&s.stage.params());
     h.u64(s.inputs.len() as u64);
-    for (k, v) in &s.inputs {
-        h.str(k).str(v);
+    for (id, input) in &s.inputs {
+        h.str(id).str(&input.digest);
     }
     h.u64(upstream.len() as u64);
     for (n, d) in upstream {
@@ -111,10 +111,11 @@ pub fn build(s: &Settings, hashes: &FileHashCache<'_>) -> Result<Plan, PlanError
         for (i, d) in list.iter().enumerate() {
             let suffix = if group == "datasets" { format!("[{i}]") } else { format!(".test[{i}]") };
             let fetch_name = format!("fetch.data{suffix}");
-            let (fd, inputs) = fetch::resolve_data(&d.source, d.split.as_deref(), hashes).map_err(|source| PlanError::Resolve {
+            let (fd, inputs): (_, Inputs) = fetch::resolve_data(&d.source, d.split.as_deref(), hashes).map_err(|source| PlanError::Resolve {
                 stage: fetch_name.clone(),
                 source,
             })?;
+            let file_labels = inputs.iter().map(|(id, i)| (id.clone(), i.label.clone())).collect();
             stages.push(PlannedStage {
                 name: fetch_name,
                 stage: AnyStage::FetchData(fd),
@@ -140,6 +141,7 @@ pub fn build(s: &Settings, hashes: &FileHashCache<'_>) -> Result<Plan, PlanError
                     template,
                     default_system_message: s.default_system_message.clone(),
                     eot_tokens: s.eot_tokens.clone(),
+                    file_labels,
                 }),
                 inputs: Inputs::new(),
                 deps: vec![

@@ -26,8 +26,16 @@ pub struct FetchFile {
     pub src: FileSource,
 }
 
-/// Resolved inputs: what the key hashes besides params (label -> digest or commit).
-pub type Inputs = BTreeMap<String, String>;
+/// One resolved input: its digest (file blake3, or hub commit) and what to call it in messages.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Input {
+    pub digest: String,
+    pub label: String,
+}
+
+/// Resolved inputs by stable id (the file's name inside the output, or `hub:<repo>@<rev>`). Keys
+/// hash ids and digests, never local paths, so moving a project keeps its cache.
+pub type Inputs = BTreeMap<String, Input>;
 
 pub struct FetchModel {
     pub files: Vec<FetchFile>,
@@ -63,7 +71,13 @@ fn is_model_file(name: &str) -> bool {
 
 fn local_file(path: &Path, dest: String, hashes: &FileHashCache<'_>, inputs: &mut Inputs) -> Result<FetchFile, ResolveError> {
     let digest = hashes.hash(path)?;
-    inputs.insert(path.display().to_string(), digest.clone());
+    inputs.insert(
+        dest.clone(),
+        Input {
+            digest: digest.clone(),
+            label: path.display().to_string(),
+        },
+    );
     Ok(FetchFile {
         dest,
         src: FileSource::Local {
@@ -113,7 +127,8 @@ pub fn resolve_model(src: &ModelSource, hashes: &FileHashCache<'_>) -> Result<(F
                     message: "the repo has no tokenizer.json".into(),
                 }));
             }
-            inputs.insert(format!("hub:{repo}@{revision}"), r.commit.clone());
+            let id = format!("hub:{repo}@{revision}");
+            inputs.insert(id.clone(), Input { digest: r.commit.clone(), label: id });
             let files = names
                 .into_iter()
                 .map(|n| FetchFile {
@@ -134,6 +149,13 @@ pub fn resolve_model(src: &ModelSource, hashes: &FileHashCache<'_>) -> Result<(F
 
 const DATA_EXTS: &[&str] = &[".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet"];
 
+/// A dataset file's name inside the fetch output: its position and its format's extension, not
+/// its name, so renaming a file keeps its key.
+fn data_dest(i: usize, name: &str) -> String {
+    let ext = DATA_EXTS.iter().find(|e| name.ends_with(*e)).copied().unwrap_or(".jsonl");
+    format!("{i:04}{ext}")
+}
+
 /// `data_files` patterns: exact paths, or one `*` wildcard (`train-*.jsonl`).
 fn pattern_match(pat: &str, name: &str) -> bool {
     match pat.split_once('*') {
@@ -152,8 +174,7 @@ pub fn resolve_data(
         DataSource::Local(paths) => {
             let mut files = Vec::new();
             for (i, p) in paths.iter().enumerate() {
-                let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("data.jsonl");
-                files.push(local_file(p, format!("{i:04}-{name}"), hashes, &mut inputs)?);
+                files.push(local_file(p, data_dest(i, p.to_str().unwrap_or("")), hashes, &mut inputs)?);
             }
             Ok((FetchData { files }, inputs))
         }
@@ -194,12 +215,13 @@ pub fn resolve_data(
                     ),
                 }));
             }
-            inputs.insert(format!("hub:datasets/{repo}@{revision}"), r.commit.clone());
+            let id = format!("hub:datasets/{repo}@{revision}");
+            inputs.insert(id.clone(), Input { digest: r.commit.clone(), label: id });
             let files = chosen
                 .into_iter()
                 .enumerate()
                 .map(|(i, n)| FetchFile {
-                    dest: format!("{i:04}-{}", n.rsplit('/').next().unwrap_or(&n)),
+                    dest: data_dest(i, &n),
                     src: FileSource::Hub {
                         repo: repo.clone(),
                         revision: revision.clone(),

@@ -5,7 +5,8 @@
 use super::{write_json, RunCx, Stage, StageError, StageKind};
 use crate::config::{DataFormat, ExcessLength};
 use crate::data::format::FormatCtx;
-use crate::data::read::read_records;
+use crate::data::read::read_records_as;
+use std::collections::BTreeMap;
 use crate::data::tokenize::{tokenize_records, TokenizeOpts};
 use crate::text::template::ChatTemplate;
 use crate::text::{TextError, TextTokenizer};
@@ -32,6 +33,8 @@ pub struct Tokenize {
     pub template: Option<TemplateSource>,
     pub default_system_message: Option<String>,
     pub eot_tokens: Vec<String>,
+    /// Fetched file name -> the user's path, for error messages only (not part of the key).
+    pub file_labels: BTreeMap<String, String>,
 }
 
 /// End-of-turn markers of common templates, used when `eot_tokens` is not set and the
@@ -98,7 +101,8 @@ impl Stage for Tokenize {
         let (tok, template, eot) = self.load_text(&model.dir)?;
         let mut records = Vec::new();
         for f in &data.manifest.files {
-            records.extend(read_records(&data.dir.join(&f.path))?);
+            let shown = self.file_labels.get(&f.path).cloned().unwrap_or_else(|| f.path.clone());
+            records.extend(read_records_as(&data.dir.join(&f.path), std::path::Path::new(&shown))?);
         }
         if records.is_empty() {
             return Err(StageError::Data(crate::data::DataError::Dataset {

@@ -6,17 +6,35 @@ pub enum Event {
     /// A stage is fresh: its key has a finished cache entry.
     StageFresh { name: String, key: String },
     /// A stale stage starts building, with the reason it is stale.
-    StageStarted { name: String, key: String, reason: String },
+    StageStarted {
+        name: String,
+        key: String,
+        reason: String,
+    },
     /// Progress inside a stage.
-    Progress { name: String, done: u64, total: u64, unit: &'static str },
+    Progress {
+        name: String,
+        done: u64,
+        total: u64,
+        unit: &'static str,
+    },
     /// A stage finished and its entry is published.
-    StageFinished { name: String, key: String, duration_ms: u64, bytes: u64 },
+    StageFinished {
+        name: String,
+        key: String,
+        duration_ms: u64,
+        bytes: u64,
+    },
     /// A rebuilt stage produced the same output digest as before: downstream stays fresh.
     EarlyCutoff { name: String },
     /// A stage failed; nothing was published.
     StageFailed { name: String, error: String },
     /// A cache entry failed verification and was moved to quarantine; it will be rebuilt.
-    Corrupt { name: String, key: String, damage: Vec<String> },
+    Corrupt {
+        name: String,
+        key: String,
+        damage: Vec<String>,
+    },
     /// Something the user should know that does not stop the run.
     Warning { message: String },
 }

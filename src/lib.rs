@@ -1,12 +1,13 @@
 //! kiln: fine-tuning as an incremental build. See ARCHITECTURE.md for the code map.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod cache;
 pub mod config;
-pub mod hash;
-pub mod text;
 pub mod data;
 pub mod events;
-pub mod stages;
+pub mod hash;
 pub mod plan;
 pub mod scheduler;
+pub mod stages;
+pub mod text;
 pub mod workspace;

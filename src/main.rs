@@ -1,4 +1,5 @@
 //! The `kiln` command line: parse arguments, call the library, print. The only place that prints.
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -12,7 +13,11 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 #[derive(Parser)]
-#[command(name = "kiln", version, about = "Fine-tune Llama-family LLMs from one YAML file, built like a build system")]
+#[command(
+    name = "kiln",
+    version,
+    about = "Fine-tune Llama-family LLMs from one YAML file, built like a build system"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -112,7 +117,9 @@ fn init_threads(ws: Option<&Workspace>) {
         .and_then(|v| v.parse::<usize>().ok())
         .or_else(|| ws.and_then(|w| w.settings.num_threads).map(|n| n as usize));
     if let Some(n) = n {
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global();
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(n.max(1))
+            .build_global();
     }
 }
 
@@ -126,7 +133,9 @@ fn open(c: &Common) -> Result<Workspace, KilnError> {
 }
 
 fn short(k: &Option<String>) -> String {
-    k.as_deref().map(|k| k[..12.min(k.len())].to_string()).unwrap_or_else(|| "-".repeat(12))
+    k.as_deref()
+        .map(|k| k[..12.min(k.len())].to_string())
+        .unwrap_or_else(|| "-".repeat(12))
 }
 
 fn human_bytes(b: u64) -> String {
@@ -137,25 +146,51 @@ fn human_bytes(b: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{b} B") } else { format!("{v:.1} {}", units[u]) }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", units[u])
+    }
 }
 
 fn print_event(e: &Event, tty: bool) {
     match e {
         Event::StageFresh { name, key } => println!("  fresh  {name:<22} {}", &key[..12]),
-        Event::StageStarted { name, key, reason } => println!("  build  {name:<22} {}  ({reason})", &key[..12]),
-        Event::Progress { name, done, total, unit } => {
+        Event::StageStarted { name, key, reason } => {
+            println!("  build  {name:<22} {}  ({reason})", &key[..12])
+        }
+        Event::Progress {
+            name,
+            done,
+            total,
+            unit,
+        } => {
             if tty && done < total {
                 eprintln!("         {name}: {done}/{total} {unit}");
             }
         }
-        Event::StageFinished { name, duration_ms, bytes, .. } => {
-            println!("  built  {name:<22} {:.2}s  {}", *duration_ms as f64 / 1000.0, human_bytes(*bytes))
+        Event::StageFinished {
+            name,
+            duration_ms,
+            bytes,
+            ..
+        } => {
+            println!(
+                "  built  {name:<22} {:.2}s  {}",
+                *duration_ms as f64 / 1000.0,
+                human_bytes(*bytes)
+            )
         }
-        Event::EarlyCutoff { name } => println!("         {name}: output unchanged, downstream stays fresh"),
+        Event::EarlyCutoff { name } => {
+            println!("         {name}: output unchanged, downstream stays fresh")
+        }
         Event::StageFailed { name, .. } => eprintln!("  FAIL   {name}"),
         Event::Corrupt { name, key, damage } => {
-            eprintln!("  corrupt cache entry for {name} ({}): {}; quarantined, rebuilding", &key[..12], damage.join(", "))
+            eprintln!(
+                "  corrupt cache entry for {name} ({}): {}; quarantined, rebuilding",
+                &key[..12],
+                damage.join(", ")
+            )
         }
         Event::Warning { message } => eprintln!("warning: {message}"),
     }
@@ -168,11 +203,21 @@ fn do_run(ws: &Workspace, opts: &RunOptions) -> Result<kiln::scheduler::RunSumma
     let res = ws.scheduler().run(opts, &mut |e| print_event(&e, tty));
     match &res {
         Ok(s) => {
-            ws.index.finish_run(run_id, "ok", s.built.len() as u64, s.fresh.len() as u64)?;
+            ws.index
+                .finish_run(run_id, "ok", s.built.len() as u64, s.fresh.len() as u64)?;
             if s.built.is_empty() {
-                println!("nothing to do: all {} stages fresh ({:.0} ms)", s.fresh.len(), t.elapsed().as_secs_f64() * 1000.0);
+                println!(
+                    "nothing to do: all {} stages fresh ({:.0} ms)",
+                    s.fresh.len(),
+                    t.elapsed().as_secs_f64() * 1000.0
+                );
             } else {
-                println!("built {}, reused {} in {:.2}s", s.built.len(), s.fresh.len(), t.elapsed().as_secs_f64());
+                println!(
+                    "built {}, reused {} in {:.2}s",
+                    s.built.len(),
+                    s.fresh.len(),
+                    t.elapsed().as_secs_f64()
+                );
             }
         }
         Err(_) => ws.index.finish_run(run_id, "failed", 0, 0)?,
@@ -234,7 +279,12 @@ fn print_debug(ws: &Workspace, n: usize, json: bool) -> Result<(), KilnError> {
             println!("{}", serde_json::to_string(&ex).unwrap_or_default());
             continue;
         }
-        println!("── {} record {} ({} tokens)", ex.dataset, ex.index, ex.input_ids.len());
+        println!(
+            "── {} record {} ({} tokens)",
+            ex.dataset,
+            ex.index,
+            ex.input_ids.len()
+        );
         let mut line = String::new();
         for ((piece, id), label) in ex.pieces.iter().zip(&ex.input_ids).zip(&ex.labels) {
             let p = piece.replace('\n', "\\n");
@@ -256,13 +306,23 @@ fn print_debug(ws: &Workspace, n: usize, json: bool) -> Result<(), KilnError> {
 }
 
 fn parse_cutoff(s: &str) -> Result<i64> {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs() as i64;
     if let Some(d) = s.strip_suffix('d') {
-        let days: i64 = d.parse().context("--older-than: expected e.g. 30d or 2026-01-31")?;
+        let days: i64 = d
+            .parse()
+            .context("--older-than: expected e.g. 30d or 2026-01-31")?;
         return Ok(now - days * 86400);
     }
-    let parts: Vec<i64> = s.split('-').map(|p| p.parse::<i64>()).collect::<Result<_, _>>().context("--older-than: expected YYYY-MM-DD or 30d")?;
-    let [y, m, d] = parts[..] else { anyhow::bail!("--older-than: expected YYYY-MM-DD or 30d") };
+    let parts: Vec<i64> = s
+        .split('-')
+        .map(|p| p.parse::<i64>())
+        .collect::<Result<_, _>>()
+        .context("--older-than: expected YYYY-MM-DD or 30d")?;
+    let [y, m, d] = parts[..] else {
+        anyhow::bail!("--older-than: expected YYYY-MM-DD or 30d")
+    };
     // Days from civil (Howard Hinnant's algorithm).
     let y = if m <= 2 { y - 1 } else { y };
     let era = y.div_euclid(400);
@@ -279,20 +339,36 @@ fn cache_cmd(cmd: CacheCmd, dir: Option<PathBuf>) -> Result<ExitCode> {
     let keys = cache.keys()?;
     match cmd {
         CacheCmd::Ls => {
-            println!("{:<14} {:<22} {:<9} {:>10}  created", "key", "stage", "kind", "size");
+            println!(
+                "{:<14} {:<22} {:<9} {:>10}  created",
+                "key", "stage", "kind", "size"
+            );
             for k in &keys {
                 let m = cache.manifest(k)?;
                 let rec = index.stage(k)?;
-                let (name, kind) = m.as_ref().map(|m| (m.name.clone(), m.kind.clone())).unwrap_or_default();
+                let (name, kind) = m
+                    .as_ref()
+                    .map(|m| (m.name.clone(), m.kind.clone()))
+                    .unwrap_or_default();
                 let created = rec.map(|r| r.1).unwrap_or(0);
-                println!("{:<14} {:<22} {:<9} {:>10}  {}", &k[..12.min(k.len())], name, kind, human_bytes(dir_size(&cache.entry_dir(k))), created);
+                println!(
+                    "{:<14} {:<22} {:<9} {:>10}  {}",
+                    &k[..12.min(k.len())],
+                    name,
+                    kind,
+                    human_bytes(dir_size(&cache.entry_dir(k))),
+                    created
+                );
             }
             println!("{} entries in {}", keys.len(), root.display());
         }
         CacheCmd::Du => {
             let mut by_kind: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
             for k in &keys {
-                let kind = cache.manifest(k)?.map(|m| m.kind).unwrap_or_else(|| "?".into());
+                let kind = cache
+                    .manifest(k)?
+                    .map(|m| m.kind)
+                    .unwrap_or_else(|| "?".into());
                 let e = by_kind.entry(kind).or_default();
                 e.0 += 1;
                 e.1 += dir_size(&cache.entry_dir(k));
@@ -302,15 +378,25 @@ fn cache_cmd(cmd: CacheCmd, dir: Option<PathBuf>) -> Result<ExitCode> {
                 println!("{kind:<10} {n:>5} entries {:>12}", human_bytes(*b));
                 total += b;
             }
-            println!("{:<10} {:>5} entries {:>12}", "total", keys.len(), human_bytes(total));
+            println!(
+                "{:<10} {:>5} entries {:>12}",
+                "total",
+                keys.len(),
+                human_bytes(total)
+            );
         }
-        CacheCmd::Gc { keep, older_than, dry_run } => {
+        CacheCmd::Gc {
+            keep,
+            older_than,
+            dry_run,
+        } => {
             if keep.is_empty() && older_than.is_none() {
                 anyhow::bail!("cache gc: say what to keep (--keep CONFIG, repeatable) and/or --older-than DATE");
             }
             let mut live = std::collections::HashSet::new();
             for c in &keep {
-                let ws = Workspace::open(c, &[]).with_context(|| format!("--keep {}", c.display()))?;
+                let ws =
+                    Workspace::open(c, &[]).with_context(|| format!("--keep {}", c.display()))?;
                 for s in ws.scheduler().assess()? {
                     if let Some(k) = s.key {
                         live.insert(k);
@@ -328,7 +414,12 @@ fn cache_cmd(cmd: CacheCmd, dir: Option<PathBuf>) -> Result<ExitCode> {
                 if unreferenced && old_enough {
                     let size = dir_size(&cache.entry_dir(k));
                     let name = cache.manifest(k)?.map(|m| m.name).unwrap_or_default();
-                    println!("{} {:<14} {name:<22} {}", if dry_run { "would remove" } else { "removed" }, &k[..12.min(k.len())], human_bytes(size));
+                    println!(
+                        "{} {:<14} {name:<22} {}",
+                        if dry_run { "would remove" } else { "removed" },
+                        &k[..12.min(k.len())],
+                        human_bytes(size)
+                    );
                     if !dry_run {
                         cache.remove(k)?;
                         index.forget_stage(k)?;
@@ -338,7 +429,12 @@ fn cache_cmd(cmd: CacheCmd, dir: Option<PathBuf>) -> Result<ExitCode> {
                 }
             }
             let tmp = if dry_run { 0 } else { cache.clean_tmp()? };
-            println!("{} {removed} entries, {} ({} stale build directories cleaned)", if dry_run { "would remove" } else { "removed" }, human_bytes(freed), tmp);
+            println!(
+                "{} {removed} entries, {} ({} stale build directories cleaned)",
+                if dry_run { "would remove" } else { "removed" },
+                human_bytes(freed),
+                tmp
+            );
         }
         CacheCmd::Verify { fix } => {
             let mut bad = 0;
@@ -346,8 +442,21 @@ fn cache_cmd(cmd: CacheCmd, dir: Option<PathBuf>) -> Result<ExitCode> {
                 let damage = cache.verify(k);
                 if !damage.is_empty() {
                     bad += 1;
-                    let name = cache.manifest(k).ok().flatten().map(|m| m.name).unwrap_or_default();
-                    println!("CORRUPT {} {name}: {}", &k[..12.min(k.len())], damage.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "));
+                    let name = cache
+                        .manifest(k)
+                        .ok()
+                        .flatten()
+                        .map(|m| m.name)
+                        .unwrap_or_default();
+                    println!(
+                        "CORRUPT {} {name}: {}",
+                        &k[..12.min(k.len())],
+                        damage
+                            .iter()
+                            .map(|d| d.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
                     if fix {
                         cache.quarantine(k)?;
                         index.forget_stage(k)?;
@@ -355,7 +464,11 @@ fn cache_cmd(cmd: CacheCmd, dir: Option<PathBuf>) -> Result<ExitCode> {
                     }
                 }
             }
-            println!("verified {} entries: {} ok, {bad} corrupt", keys.len(), keys.len() - bad);
+            println!(
+                "verified {} entries: {} ok, {bad} corrupt",
+                keys.len(),
+                keys.len() - bad
+            );
             if bad > 0 && !fix {
                 return Ok(ExitCode::from(1));
             }
@@ -372,44 +485,104 @@ fn real_main() -> Result<ExitCode> {
             for w in &loaded.warnings {
                 eprintln!("warning: {}", w.to_string().replace('\n', "\n  "));
             }
-            println!("{}: ok ({} datasets, {} warnings)", c.config.display(), loaded.settings.datasets.len(), loaded.warnings.len());
+            println!(
+                "{}: ok ({} datasets, {} warnings)",
+                c.config.display(),
+                loaded.settings.datasets.len(),
+                loaded.warnings.len()
+            );
         }
         Cmd::Plan { common, json } => {
             let ws = open(&common)?;
             let st = ws.scheduler().assess()?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "stages": st }))?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({ "stages": st }))?
+                );
             } else {
                 for s in &st {
-                    let state = match s.state { State::Fresh => "fresh", State::Stale => "stale" };
+                    let state = match s.state {
+                        State::Fresh => "fresh",
+                        State::Stale => "stale",
+                    };
                     match &s.reason {
                         Some(r) => println!("  {state}  {:<22} {}  {r}", s.name, short(&s.key)),
                         None => println!("  {state}  {:<22} {}", s.name, short(&s.key)),
                     }
                 }
                 let stale = st.iter().filter(|s| s.state == State::Stale).count();
-                println!("{} stages: {} fresh, {stale} stale", st.len(), st.len() - stale);
+                println!(
+                    "{} stages: {} fresh, {stale} stale",
+                    st.len(),
+                    st.len() - stale
+                );
             }
         }
         Cmd::Dag { common, .. } => {
             let ws = open(&common)?;
             let st = ws.scheduler().assess()?;
-            let labels: Vec<String> = ws.plan.stages.iter().map(|p| {
-                st.iter().find(|s| s.name == p.name).map(|s| format!("{} {}", short(&s.key), if s.state == State::Fresh { "fresh" } else { "stale" })).unwrap_or_default()
-            }).collect();
+            let labels: Vec<String> = ws
+                .plan
+                .stages
+                .iter()
+                .map(|p| {
+                    st.iter()
+                        .find(|s| s.name == p.name)
+                        .map(|s| {
+                            format!(
+                                "{} {}",
+                                short(&s.key),
+                                if s.state == State::Fresh {
+                                    "fresh"
+                                } else {
+                                    "stale"
+                                }
+                            )
+                        })
+                        .unwrap_or_default()
+                })
+                .collect();
             print!("{}", ws.plan.dot(&labels));
         }
-        Cmd::Run { common, target, force } => {
+        Cmd::Run {
+            common,
+            target,
+            force,
+        } => {
             let ws = open(&common)?;
-            do_run(&ws, &RunOptions { targets: target, force })?;
+            do_run(
+                &ws,
+                &RunOptions {
+                    targets: target,
+                    force,
+                },
+            )?;
         }
-        Cmd::Preprocess { common, debug, debug_num_examples, json } => {
+        Cmd::Preprocess {
+            common,
+            debug,
+            debug_num_examples,
+            json,
+        } => {
             let ws = open(&common)?;
             let quiet_json = debug && json;
             if quiet_json {
-                ws.scheduler().run(&RunOptions { targets: vec!["pack".into()], force: vec![] }, &mut |_| {})?;
+                ws.scheduler().run(
+                    &RunOptions {
+                        targets: vec!["pack".into()],
+                        force: vec![],
+                    },
+                    &mut |_| {},
+                )?;
             } else {
-                do_run(&ws, &RunOptions { targets: vec!["pack".into()], force: vec![] })?;
+                do_run(
+                    &ws,
+                    &RunOptions {
+                        targets: vec!["pack".into()],
+                        force: vec![],
+                    },
+                )?;
                 print_stats(&ws)?;
             }
             if debug {

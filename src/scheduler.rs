@@ -68,7 +68,9 @@ pub struct Scheduler<'a> {
 fn short(v: &Value) -> Option<String> {
     let s = match v {
         Value::Number(n) => match n.as_f64() {
-            Some(f) if n.is_f64() && f != 0.0 && (f.abs() < 1e-3 || f.abs() >= 1e6) => format!("{f:e}"),
+            Some(f) if n.is_f64() && f != 0.0 && (f.abs() < 1e-3 || f.abs() >= 1e6) => {
+                format!("{f:e}")
+            }
             _ => n.to_string(),
         },
         Value::String(s) => s.clone(),
@@ -82,7 +84,11 @@ fn flatten(prefix: &str, v: &Value, out: &mut BTreeMap<String, Value>) {
     match v {
         Value::Object(m) => {
             for (k, x) in m {
-                let p = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                let p = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
                 flatten(&p, x, out);
             }
         }
@@ -96,7 +102,10 @@ fn flatten(prefix: &str, v: &Value, out: &mut BTreeMap<String, Value>) {
 pub fn explain(before: &StageRecord, now: &StageRecord) -> String {
     let mut reasons = Vec::new();
     if before.version != now.version {
-        reasons.push(format!("stage implementation changed (v{} → v{})", before.version, now.version));
+        reasons.push(format!(
+            "stage implementation changed (v{} → v{})",
+            before.version, now.version
+        ));
     }
     let (mut a, mut b) = (BTreeMap::new(), BTreeMap::new());
     flatten("", &before.params, &mut a);
@@ -117,12 +126,19 @@ pub fn explain(before: &StageRecord, now: &StageRecord) -> String {
     let field = |v: &Value, f: &str| v.get(f).and_then(|x| x.as_str()).unwrap_or("").to_string();
     for (id, v) in &ib {
         let label = field(v, "label");
-        let what = if id.starts_with("hub:") { "hub revision" } else { "input file" };
+        let what = if id.starts_with("hub:") {
+            "hub revision"
+        } else {
+            "input file"
+        };
         match ia.get(id) {
             None => reasons.push(format!("{what} {label} added")),
             Some(old) if field(old, "digest") != field(v, "digest") => {
                 if id.starts_with("hub:") {
-                    reasons.push(format!("{what} {label} moved to commit {}", field(v, "digest")));
+                    reasons.push(format!(
+                        "{what} {label} moved to commit {}",
+                        field(v, "digest")
+                    ));
                 } else {
                     reasons.push(format!("{what} {label} changed"));
                 }
@@ -163,12 +179,21 @@ impl Scheduler<'_> {
             version: s.stage.version(),
             params: s.stage.params(),
             inputs: serde_json::to_value(&s.inputs).unwrap_or(Value::Null),
-            upstream: Value::Object(upstream.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect()),
+            upstream: Value::Object(
+                upstream
+                    .iter()
+                    .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                    .collect(),
+            ),
         }
     }
 
     /// The dep-specific digest of stage `j`'s entry, from its manifest.
-    fn selected_digest(&self, key: &str, dep: &crate::plan::Dep) -> Result<Option<String>, CacheError> {
+    fn selected_digest(
+        &self,
+        key: &str,
+        dep: &crate::plan::Dep,
+    ) -> Result<Option<String>, CacheError> {
         Ok(self.cache.manifest(key)?.map(|m| dep_digest(&m, dep)))
     }
 
@@ -179,7 +204,11 @@ impl Scheduler<'_> {
         let mut out: Vec<Option<StageStatus>> = vec![None; n];
         for &i in &self.plan.order {
             let s = &self.plan.stages[i];
-            let deps: Vec<String> = s.deps.iter().map(|d| self.plan.stages[d.stage].name.clone()).collect();
+            let deps: Vec<String> = s
+                .deps
+                .iter()
+                .map(|d| self.plan.stages[d.stage].name.clone())
+                .collect();
             // Upstream digests as this stage reads them (selected files), if upstream is built.
             let mut upstream = Vec::new();
             let mut waiting = None;
@@ -187,7 +216,9 @@ impl Scheduler<'_> {
                 match &keys[d.stage] {
                     Some(k) if out[d.stage].as_ref().map(|x| x.state) == Some(State::Fresh) => {
                         match self.selected_digest(k, d)? {
-                            Some(dig) => upstream.push((self.plan.stages[d.stage].name.clone(), dig)),
+                            Some(dig) => {
+                                upstream.push((self.plan.stages[d.stage].name.clone(), dig))
+                            }
                             None => waiting = Some(d.stage),
                         }
                     }
@@ -232,11 +263,18 @@ impl Scheduler<'_> {
     }
 
     /// Builds every stale stage the targets need, in dependency order.
-    pub fn run(&self, opts: &RunOptions, emit: &mut dyn FnMut(Event)) -> Result<RunSummary, SchedError> {
+    pub fn run(
+        &self,
+        opts: &RunOptions,
+        emit: &mut dyn FnMut(Event),
+    ) -> Result<RunSummary, SchedError> {
         self.cache.clean_tmp()?;
         for f in &opts.force {
             if self.plan.index_of(f).is_none() && crate::stages::StageKind::parse(f).is_none() {
-                return Err(SchedError::Plan(PlanError::UnknownTarget(f.clone(), String::new())));
+                return Err(SchedError::Plan(PlanError::UnknownTarget(
+                    f.clone(),
+                    String::new(),
+                )));
             }
         }
         // A corrupt upstream entry is quarantined and the run starts over, at most once per stage.
@@ -246,16 +284,26 @@ impl Scheduler<'_> {
                 Outcome::Restart => continue,
             }
         }
-        Err(SchedError::Usage("cache entries keep failing verification; check the disk".into()))
+        Err(SchedError::Usage(
+            "cache entries keep failing verification; check the disk".into(),
+        ))
     }
 
-    fn run_once(&self, opts: &RunOptions, emit: &mut dyn FnMut(Event)) -> Result<Outcome, SchedError> {
+    fn run_once(
+        &self,
+        opts: &RunOptions,
+        emit: &mut dyn FnMut(Event),
+    ) -> Result<Outcome, SchedError> {
         let need = self.plan.closure(&opts.targets)?;
         let forced: Vec<bool> = self
             .plan
             .stages
             .iter()
-            .map(|s| opts.force.iter().any(|f| f == &s.name || f == s.kind().as_str()))
+            .map(|s| {
+                opts.force
+                    .iter()
+                    .any(|f| f == &s.name || f == s.kind().as_str())
+            })
             .collect();
         let n = self.plan.stages.len();
         let mut keys: Vec<Option<String>> = vec![None; n];
@@ -268,15 +316,28 @@ impl Scheduler<'_> {
             let mut upstream = Vec::new();
             let mut ups = Vec::new();
             for d in &s.deps {
-                let k = keys[d.stage].clone().ok_or_else(|| SchedError::Usage(format!("internal: {} ran before {}", s.name, self.plan.stages[d.stage].name)))?;
-                let m = self.cache.manifest(&k)?.ok_or_else(|| SchedError::Usage(format!("internal: entry of {} vanished", self.plan.stages[d.stage].name)))?;
+                let k = keys[d.stage].clone().ok_or_else(|| {
+                    SchedError::Usage(format!(
+                        "internal: {} ran before {}",
+                        s.name, self.plan.stages[d.stage].name
+                    ))
+                })?;
+                let m = self.cache.manifest(&k)?.ok_or_else(|| {
+                    SchedError::Usage(format!(
+                        "internal: entry of {} vanished",
+                        self.plan.stages[d.stage].name
+                    ))
+                })?;
                 upstream.push((self.plan.stages[d.stage].name.clone(), dep_digest(&m, d)));
                 ups.push((d, k, m));
             }
             let key = stage_key(s, &upstream);
             let rec = self.record(i, &key, &upstream);
             if !forced[i] && self.cache.manifest(&key)?.is_some() {
-                emit(Event::StageFresh { name: s.name.clone(), key: key.clone() });
+                emit(Event::StageFresh {
+                    name: s.name.clone(),
+                    key: key.clone(),
+                });
                 self.index.record_seen(&self.config_id, &rec)?;
                 summary.fresh.push(s.name.clone());
                 keys[i] = Some(key);
@@ -287,7 +348,11 @@ impl Scheduler<'_> {
                 let damage = self.cache.verify_files(k, m, d.files);
                 if !damage.is_empty() {
                     let name = self.plan.stages[d.stage].name.clone();
-                    emit(Event::Corrupt { name, key: k.clone(), damage: damage.iter().map(|x| x.to_string()).collect() });
+                    emit(Event::Corrupt {
+                        name,
+                        key: k.clone(),
+                        damage: damage.iter().map(|x| x.to_string()).collect(),
+                    });
                     self.cache.quarantine(k)?;
                     self.index.forget_stage(k)?;
                     return Ok(Outcome::Restart);
@@ -296,7 +361,10 @@ impl Scheduler<'_> {
             let _lock = self.cache.lock(&key)?;
             if !forced[i] && self.cache.manifest(&key)?.is_some() {
                 // Another kiln process built it while we waited for the lock.
-                emit(Event::StageFresh { name: s.name.clone(), key: key.clone() });
+                emit(Event::StageFresh {
+                    name: s.name.clone(),
+                    key: key.clone(),
+                });
                 self.index.record_seen(&self.config_id, &rec)?;
                 summary.fresh.push(s.name.clone());
                 keys[i] = Some(key);
@@ -314,28 +382,60 @@ impl Scheduler<'_> {
                 Some(b) => self.cache.manifest(&b.key).ok().flatten().map(|m| m.digest),
                 None => None,
             };
-            emit(Event::StageStarted { name: s.name.clone(), key: key.clone(), reason });
+            emit(Event::StageStarted {
+                name: s.name.clone(),
+                key: key.clone(),
+                reason,
+            });
             let started = Instant::now();
             let staging = self.cache.staging(&key)?;
             let upstream_dirs: Vec<Upstream> = ups
                 .into_iter()
-                .map(|(d, k, m)| Upstream { name: self.plan.stages[d.stage].name.clone(), dir: self.cache.entry_dir(&k), manifest: m })
+                .map(|(d, k, m)| Upstream {
+                    name: self.plan.stages[d.stage].name.clone(),
+                    dir: self.cache.entry_dir(&k),
+                    manifest: m,
+                })
                 .collect();
             let result = {
-                let mut cx = RunCx { name: &s.name, out: staging.dir(), upstream: &upstream_dirs, emit: &mut *emit };
+                let mut cx = RunCx {
+                    name: &s.name,
+                    out: staging.dir(),
+                    upstream: &upstream_dirs,
+                    emit: &mut *emit,
+                };
                 s.stage.run(&mut cx)
             };
             if let Err(source) = result {
-                emit(Event::StageFailed { name: s.name.clone(), error: source.to_string() });
-                return Err(SchedError::StageFailed { name: s.name.clone(), source });
+                emit(Event::StageFailed {
+                    name: s.name.clone(),
+                    error: source.to_string(),
+                });
+                return Err(SchedError::StageFailed {
+                    name: s.name.clone(),
+                    source,
+                });
             }
             let manifest = self.cache.publish(staging, &s.name, s.kind().as_str())?;
             let ms = started.elapsed().as_millis() as u64;
-            self.index.record_stage(&rec, &manifest.digest, ms, manifest.total_size(), &self.config_id)?;
+            self.index.record_stage(
+                &rec,
+                &manifest.digest,
+                ms,
+                manifest.total_size(),
+                &self.config_id,
+            )?;
             self.index.record_seen(&self.config_id, &rec)?;
-            emit(Event::StageFinished { name: s.name.clone(), key: key.clone(), duration_ms: ms, bytes: manifest.total_size() });
+            emit(Event::StageFinished {
+                name: s.name.clone(),
+                key: key.clone(),
+                duration_ms: ms,
+                bytes: manifest.total_size(),
+            });
             if previous_digest.as_deref() == Some(manifest.digest.as_str()) {
-                emit(Event::EarlyCutoff { name: s.name.clone() });
+                emit(Event::EarlyCutoff {
+                    name: s.name.clone(),
+                });
             }
             summary.built.push(s.name.clone());
             keys[i] = Some(key);

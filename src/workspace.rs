@@ -85,26 +85,34 @@ impl Workspace {
             .ok_or_else(|| KilnError::NotBuilt(format!("no stage {name}")))?;
         match (&s.key, s.state) {
             (Some(k), State::Fresh) => Ok(self.cache.entry_dir(k)),
-            _ => Err(KilnError::NotBuilt(format!("{name} is not built; run `kiln preprocess` first"))),
+            _ => Err(KilnError::NotBuilt(format!(
+                "{name} is not built; run `kiln preprocess` first"
+            ))),
         }
     }
 
     pub fn pack_stats(&self) -> Result<PackStats, KilnError> {
         let dir = self.entry_of("pack")?;
         let p = dir.join("stats.json");
-        let bytes = std::fs::read(&p).map_err(|e| KilnError::NotBuilt(format!("{}: {e}", p.display())))?;
-        serde_json::from_slice(&bytes).map_err(|e| KilnError::NotBuilt(format!("{}: {e}", p.display())))
+        let bytes =
+            std::fs::read(&p).map_err(|e| KilnError::NotBuilt(format!("{}: {e}", p.display())))?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| KilnError::NotBuilt(format!("{}: {e}", p.display())))
     }
 
     /// The first `n` tokenized samples of each dataset, for the debug view.
     pub fn debug_examples(&self, n: usize) -> Result<Vec<DebugExample>, KilnError> {
         let model_dir = self.entry_of("fetch.model")?;
-        let tok = crate::text::TextTokenizer::load_dir(&model_dir).map_err(crate::stages::StageError::from)?;
+        let tok = crate::text::TextTokenizer::load_dir(&model_dir)
+            .map_err(crate::stages::StageError::from)?;
         let mut out = Vec::new();
         for st in &self.plan.stages {
-            let AnyStage::Tokenize(t) = &st.stage else { continue };
+            let AnyStage::Tokenize(t) = &st.stage else {
+                continue;
+            };
             let dir = self.entry_of(&st.name)?;
-            let set = TokenSet::read(&dir.join("tokens")).map_err(crate::stages::StageError::from)?;
+            let set =
+                TokenSet::read(&dir.join("tokens")).map_err(crate::stages::StageError::from)?;
             for i in 0..set.len().min(n) {
                 let (ids, trained) = set.sample(i);
                 let text = tok.tokenizer.decode(ids, false).unwrap_or_default();
@@ -117,7 +125,11 @@ impl Workspace {
                     index: set.sources[i].1 as usize,
                     text,
                     input_ids: ids.to_vec(),
-                    labels: ids.iter().zip(trained).map(|(&id, &t)| if t == 1 { id as i64 } else { -100 }).collect(),
+                    labels: ids
+                        .iter()
+                        .zip(trained)
+                        .map(|(&id, &t)| if t == 1 { id as i64 } else { -100 })
+                        .collect(),
                     pieces,
                 });
             }

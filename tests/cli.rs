@@ -12,7 +12,11 @@ fn kiln(p: &Project, args: &[&str]) -> (i32, String, String) {
         .env_remove("KILN_CACHE")
         .output()
         .unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
 #[test]
@@ -40,12 +44,32 @@ fn plan_json_run_and_noop() {
     let (code, out, _) = kiln(&p, &["dag", "kiln.yml", "--dot"]);
     assert_eq!(code, 0);
     assert!(out.starts_with("digraph kiln") && out.contains("->"));
-    let (code, out, _) = kiln(&p, &["preprocess", "kiln.yml", "--debug", "--json", "--debug-num-examples", "1"]);
+    let (code, out, _) = kiln(
+        &p,
+        &[
+            "preprocess",
+            "kiln.yml",
+            "--debug",
+            "--json",
+            "--debug-num-examples",
+            "1",
+        ],
+    );
     assert_eq!(code, 0);
-    let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 2, "one example per dataset");
-    assert!(lines[0]["labels"].as_array().unwrap().iter().any(|l| l == -100));
-    assert_eq!(lines[0]["input_ids"].as_array().unwrap().len(), lines[0]["labels"].as_array().unwrap().len());
+    assert!(lines[0]["labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|l| l == -100));
+    assert_eq!(
+        lines[0]["input_ids"].as_array().unwrap().len(),
+        lines[0]["labels"].as_array().unwrap().len()
+    );
     let (code, out, _) = kiln(&p, &["cache", "verify", "--dir", "cache"]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("6 ok, 0 corrupt"));
@@ -56,7 +80,10 @@ fn config_errors_exit_2_with_location() {
     let p = Project::new("learning_rat: 1\n");
     let (code, _, err) = kiln(&p, &["validate", "kiln.yml"]);
     assert_eq!(code, 2);
-    assert!(err.contains("kiln.yml:13:1: `learning_rat`: unknown key"), "{err}");
+    assert!(
+        err.contains("kiln.yml:13:1: `learning_rat`: unknown key"),
+        "{err}"
+    );
     assert!(err.contains("did you mean `learning_rate`?"));
     let p = Project::new("");
     let (code, _, err) = kiln(&p, &["run", "kiln.yml", "--target", "tokenise"]);
@@ -76,8 +103,16 @@ fn malformed_jsonl_reports_file_line_and_leaves_no_entry() {
     // Nothing half-built: no tokenize[0] or pack entry, no staging leftovers.
     let ws = p.ws(&[]);
     let plan = ws.scheduler().assess().unwrap();
-    assert_eq!(status(&plan, "tokenize[0]").state, kiln::scheduler::State::Stale);
-    assert_eq!(std::fs::read_dir(ws.cache.root().join("tmp")).unwrap().count(), 0);
+    assert_eq!(
+        status(&plan, "tokenize[0]").state,
+        kiln::scheduler::State::Stale
+    );
+    assert_eq!(
+        std::fs::read_dir(ws.cache.root().join("tmp"))
+            .unwrap()
+            .count(),
+        0
+    );
     for k in ws.cache.keys().unwrap() {
         assert!(ws.cache.verify(&k).is_empty());
     }
@@ -89,7 +124,10 @@ fn empty_dataset_and_bad_template_are_clear_errors() {
     std::fs::write(p.path("data/alpaca.jsonl"), "").unwrap();
     let (code, _, err) = kiln(&p, &["run", "kiln.yml"]);
     assert_eq!(code, 1);
-    assert!(err.contains("datasets[0] (data/alpaca.jsonl): is empty"), "{err}");
+    assert!(
+        err.contains("datasets[0] (data/alpaca.jsonl): is empty"),
+        "{err}"
+    );
     let p = Project::new("chat_template: jinja\nchat_template_jinja: \"{% for m in messages %}{{ raise_exception('no system role allowed') }}{% endfor %}\"\n");
     let (code, _, err) = kiln(&p, &["run", "kiln.yml"]);
     assert_eq!(code, 1);
@@ -103,7 +141,10 @@ fn cache_gc_keeps_referenced_entries() {
     kiln(&p, &["run", "kiln.yml", "--set", "seed=9"]);
     let (code, out, _) = kiln(&p, &["cache", "gc", "--dir", "cache", "--keep", "kiln.yml"]);
     assert_eq!(code, 0, "{out}");
-    assert!(out.contains("removed 1 entries"), "the seed=9 pack entry goes: {out}");
+    assert!(
+        out.contains("removed 1 entries"),
+        "the seed=9 pack entry goes: {out}"
+    );
     let (_, out, _) = kiln(&p, &["run", "kiln.yml"]);
     assert!(out.contains("nothing to do"), "{out}");
 }

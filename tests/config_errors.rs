@@ -30,7 +30,16 @@ fn unknown_key_gets_did_you_mean_with_line() {
 fn every_problem_is_reported_at_once() {
     let p = problems("base_model: m\nsequence_len: 0\nlearning_rate: fast\ndatasets:\n  - path: d.jsonl\n    type: alpacca\n  - path: nope.jsonl\n    type: alpaca\n");
     let keys: Vec<&str> = p.iter().map(|x| x.key.as_str()).collect();
-    assert_eq!(keys, vec!["sequence_len", "learning_rate", "datasets[0].type", "datasets[1].path"], "{p:#?}");
+    assert_eq!(
+        keys,
+        vec![
+            "sequence_len",
+            "learning_rate",
+            "datasets[0].type",
+            "datasets[1].path"
+        ],
+        "{p:#?}"
+    );
     assert_eq!(p[1].line, Some(3));
     assert!(p[1].message.contains("expected a number"));
     assert_eq!(p[2].line, Some(6));
@@ -56,20 +65,31 @@ fn axolotl_keys_are_never_unknown() {
             Err(ConfigError::Invalid(p)) => p,
             Err(e) => panic!("{k}: {e}"),
         };
-        assert!(all.iter().all(|p| !p.message.contains("unknown key")), "{k} reported unknown: {all:?}");
+        assert!(
+            all.iter().all(|p| !p.message.contains("unknown key")),
+            "{k} reported unknown: {all:?}"
+        );
     }
 }
 
 #[test]
 fn unsupported_keys_warn_or_fail_under_strict_and_nulls_are_absent() {
-    let p = problems(&format!("{BASE}deepspeed: ds.json\nfsdp: null\nxformers_attention: false\nbf16: auto\n"));
+    let p = problems(&format!(
+        "{BASE}deepspeed: ds.json\nfsdp: null\nxformers_attention: false\nbf16: auto\n"
+    ));
     assert_eq!(p.len(), 1, "{p:?}");
     assert_eq!(p[0].message, "not supported yet: deepspeed");
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("d.jsonl"), "{}\n").unwrap();
     std::fs::create_dir_all(dir.path().join("m")).unwrap();
-    let r = load_str(&dir.path().join("c.yml"), &format!("{BASE}strict: true\ndeepspeed: ds.json\n"), &[]);
-    assert!(matches!(r, Err(ConfigError::Invalid(p)) if p[0].message == "not supported yet: deepspeed"));
+    let r = load_str(
+        &dir.path().join("c.yml"),
+        &format!("{BASE}strict: true\ndeepspeed: ds.json\n"),
+        &[],
+    );
+    assert!(
+        matches!(r, Err(ConfigError::Invalid(p)) if p[0].message == "not supported yet: deepspeed")
+    );
 }
 
 #[test]
@@ -78,10 +98,21 @@ fn lenient_scalars_and_overrides() {
     std::fs::write(dir.path().join("d.jsonl"), "{}\n").unwrap();
     std::fs::create_dir_all(dir.path().join("m")).unwrap();
     let yaml = format!("{BASE}learning_rate: 2e-5\nval_set_size: 100\nwandb_project: null\n");
-    let l = load_str(&dir.path().join("c.yml"), &yaml, &["datasets[0].type=completion".into(), "seed=7".into()]).unwrap();
+    let l = load_str(
+        &dir.path().join("c.yml"),
+        &yaml,
+        &["datasets[0].type=completion".into(), "seed=7".into()],
+    )
+    .unwrap();
     assert_eq!(l.settings.train.learning_rate, 2e-5);
-    assert_eq!(l.settings.val_set_size, kiln::config::ValSetSize::Count(100));
+    assert_eq!(
+        l.settings.val_set_size,
+        kiln::config::ValSetSize::Count(100)
+    );
     assert_eq!(l.settings.seed, 7);
-    assert!(matches!(l.settings.datasets[0].format, kiln::config::DataFormat::Completion { .. }));
+    assert!(matches!(
+        l.settings.datasets[0].format,
+        kiln::config::DataFormat::Completion { .. }
+    ));
     let _ = Path::new("");
 }

@@ -19,10 +19,21 @@ fn tok() -> (tempfile::TempDir, TextTokenizer) {
 
 fn chat_format(roles_to_train: &[&str], eos: TrainOnEos, sharegpt: bool) -> DataFormat {
     DataFormat::ChatTemplate {
-        field_messages: if sharegpt { "conversations" } else { "messages" }.into(),
+        field_messages: if sharegpt {
+            "conversations"
+        } else {
+            "messages"
+        }
+        .into(),
         role_field: if sharegpt { "from" } else { "role" }.into(),
         content_field: if sharegpt { "value" } else { "content" }.into(),
-        roles: vec![("human".into(), "user".into()), ("gpt".into(), "assistant".into()), ("user".into(), "user".into()), ("assistant".into(), "assistant".into()), ("system".into(), "system".into())],
+        roles: vec![
+            ("human".into(), "user".into()),
+            ("gpt".into(), "assistant".into()),
+            ("user".into(), "user".into()),
+            ("assistant".into(), "assistant".into()),
+            ("system".into(), "system".into()),
+        ],
         roles_to_train: roles_to_train.iter().map(|s| s.to_string()).collect(),
         train_on_eos: eos,
         drop_system_message: false,
@@ -31,26 +42,56 @@ fn chat_format(roles_to_train: &[&str], eos: TrainOnEos, sharegpt: bool) -> Data
 }
 
 fn opts(seq: usize, excess: ExcessLength, train_on_inputs: bool) -> TokenizeOpts<'static> {
-    TokenizeOpts { dataset_index: 0, dataset_name: "datasets[0]", dataset_path: "x.jsonl", sequence_len: seq, excess, min_sample_len: 2, train_on_inputs }
+    TokenizeOpts {
+        dataset_index: 0,
+        dataset_name: "datasets[0]",
+        dataset_path: "x.jsonl",
+        sequence_len: seq,
+        excess,
+        min_sample_len: 2,
+        train_on_inputs,
+    }
 }
 
 /// The trained text of a sample: decode exactly the tokens whose mask is 1.
 fn trained_text(t: &TextTokenizer, ids: &[u32], mask: &[u8]) -> String {
-    let kept: Vec<u32> = ids.iter().zip(mask).filter(|(_, m)| **m == 1).map(|(i, _)| *i).collect();
+    let kept: Vec<u32> = ids
+        .iter()
+        .zip(mask)
+        .filter(|(_, m)| **m == 1)
+        .map(|(i, _)| *i)
+        .collect();
     t.tokenizer.decode(&kept, false).unwrap()
 }
 
 fn recs(v: Vec<serde_json::Value>) -> Vec<Record> {
-    v.into_iter().enumerate().map(|(i, value)| Record { value, line: i + 1 }).collect()
+    v.into_iter()
+        .enumerate()
+        .map(|(i, value)| Record { value, line: i + 1 })
+        .collect()
 }
 
 #[test]
 fn alpaca_trains_only_the_response_and_eos() {
     let (_d, t) = tok();
-    let fmt = DataFormat::Alpaca { field_instruction: "instruction".into(), field_input: "input".into(), field_output: "output".into(), field_system: "system".into() };
-    let ctx = FormatCtx { template: None, eos_token: Some("<|im_end|>"), eot_tokens: &[], default_system_message: None };
-    let r = recs(vec![json!({"instruction": "Name a color", "input": "", "output": "blue"}), json!({"instruction": "Echo", "input": "hi there", "output": "hi there"})]);
-    let (set, stats) = tokenize_records(&t, &fmt, &r, &ctx, &opts(4096, ExcessLength::Drop, false)).unwrap();
+    let fmt = DataFormat::Alpaca {
+        field_instruction: "instruction".into(),
+        field_input: "input".into(),
+        field_output: "output".into(),
+        field_system: "system".into(),
+    };
+    let ctx = FormatCtx {
+        template: None,
+        eos_token: Some("<|im_end|>"),
+        eot_tokens: &[],
+        default_system_message: None,
+    };
+    let r = recs(vec![
+        json!({"instruction": "Name a color", "input": "", "output": "blue"}),
+        json!({"instruction": "Echo", "input": "hi there", "output": "hi there"}),
+    ]);
+    let (set, stats) =
+        tokenize_records(&t, &fmt, &r, &ctx, &opts(4096, ExcessLength::Drop, false)).unwrap();
     assert_eq!(stats.samples, 2);
     let (ids, mask) = set.sample(0);
     assert_eq!(trained_text(&t, ids, mask), "blue<|im_end|>");
@@ -58,10 +99,15 @@ fn alpaca_trains_only_the_response_and_eos() {
     assert!(full.contains("### Instruction:\nName a color\n\n### Response:\nblue"));
     assert!(!full.contains("### Input:"), "no-input variant");
     let (ids, mask) = set.sample(1);
-    assert!(t.tokenizer.decode(ids, false).unwrap().contains("### Input:\nhi there"));
+    assert!(t
+        .tokenizer
+        .decode(ids, false)
+        .unwrap()
+        .contains("### Input:\nhi there"));
     assert_eq!(trained_text(&t, ids, mask), "hi there<|im_end|>");
     // train_on_inputs: every token carries loss.
-    let (set, _) = tokenize_records(&t, &fmt, &r, &ctx, &opts(4096, ExcessLength::Drop, true)).unwrap();
+    let (set, _) =
+        tokenize_records(&t, &fmt, &r, &ctx, &opts(4096, ExcessLength::Drop, true)).unwrap();
     assert!(set.trained.iter().all(|&m| m == 1));
 }
 
@@ -70,7 +116,12 @@ fn chat_template_masks_assistant_turns_with_their_eot() {
     let (_d, t) = tok();
     let tmpl = ChatTemplate::new(CHATML, None, Some("<|im_end|>")).unwrap();
     let eot = vec!["<|im_end|>".to_string()];
-    let ctx = FormatCtx { template: Some(&tmpl), eos_token: Some("<|im_end|>"), eot_tokens: &eot, default_system_message: None };
+    let ctx = FormatCtx {
+        template: Some(&tmpl),
+        eos_token: Some("<|im_end|>"),
+        eot_tokens: &eot,
+        default_system_message: None,
+    };
     let rec = json!({"messages": [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Capital of France?"},
@@ -78,34 +129,77 @@ fn chat_template_masks_assistant_turns_with_their_eot() {
         {"role": "user", "content": "And Italy?"},
         {"role": "assistant", "content": "Rome."}
     ]});
-    let f = format_record(&chat_format(&["assistant"], TrainOnEos::Turn, false), &rec, &ctx).unwrap();
+    let f = format_record(
+        &chat_format(&["assistant"], TrainOnEos::Turn, false),
+        &rec,
+        &ctx,
+    )
+    .unwrap();
     let spans: Vec<&str> = f.trained.iter().map(|&(a, b)| &f.text[a..b]).collect();
     assert_eq!(spans, vec!["Paris.<|im_end|>", "Rome.<|im_end|>"]);
-    let f = format_record(&chat_format(&["assistant"], TrainOnEos::Last, false), &rec, &ctx).unwrap();
+    let f = format_record(
+        &chat_format(&["assistant"], TrainOnEos::Last, false),
+        &rec,
+        &ctx,
+    )
+    .unwrap();
     let spans: Vec<&str> = f.trained.iter().map(|&(a, b)| &f.text[a..b]).collect();
     assert_eq!(spans, vec!["Paris.", "Rome.<|im_end|>"]);
-    let f = format_record(&chat_format(&["assistant", "user"], TrainOnEos::None, false), &rec, &ctx).unwrap();
+    let f = format_record(
+        &chat_format(&["assistant", "user"], TrainOnEos::None, false),
+        &rec,
+        &ctx,
+    )
+    .unwrap();
     let spans: Vec<&str> = f.trained.iter().map(|&(a, b)| &f.text[a..b]).collect();
-    assert_eq!(spans, vec!["Capital of France?", "Paris.", "And Italy?", "Rome."]);
+    assert_eq!(
+        spans,
+        vec!["Capital of France?", "Paris.", "And Italy?", "Rome."]
+    );
     // Through the tokenizer: the trained tokens decode to exactly the assistant turns.
     let r = recs(vec![rec]);
-    let (set, _) = tokenize_records(&t, &chat_format(&["assistant"], TrainOnEos::Turn, false), &r, &ctx, &opts(4096, ExcessLength::Drop, false)).unwrap();
+    let (set, _) = tokenize_records(
+        &t,
+        &chat_format(&["assistant"], TrainOnEos::Turn, false),
+        &r,
+        &ctx,
+        &opts(4096, ExcessLength::Drop, false),
+    )
+    .unwrap();
     let (ids, mask) = set.sample(0);
-    assert_eq!(trained_text(&t, ids, mask), "Paris.<|im_end|>Rome.<|im_end|>");
+    assert_eq!(
+        trained_text(&t, ids, mask),
+        "Paris.<|im_end|>Rome.<|im_end|>"
+    );
 }
 
 #[test]
 fn sharegpt_conversations_map_roles() {
     let (_d, t) = tok();
     let tmpl = ChatTemplate::new(CHATML, None, Some("<|im_end|>")).unwrap();
-    let ctx = FormatCtx { template: Some(&tmpl), eos_token: Some("<|im_end|>"), eot_tokens: &[], default_system_message: Some("You are kiln.") };
+    let ctx = FormatCtx {
+        template: Some(&tmpl),
+        eos_token: Some("<|im_end|>"),
+        eot_tokens: &[],
+        default_system_message: Some("You are kiln."),
+    };
     let rec = json!({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]});
-    let f = format_record(&chat_format(&["assistant"], TrainOnEos::Turn, true), &rec, &ctx).unwrap();
+    let f = format_record(
+        &chat_format(&["assistant"], TrainOnEos::Turn, true),
+        &rec,
+        &ctx,
+    )
+    .unwrap();
     assert_eq!(f.text, "<|im_start|>system\nYou are kiln.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>\n");
     let spans: Vec<&str> = f.trained.iter().map(|&(a, b)| &f.text[a..b]).collect();
     assert_eq!(spans, vec!["hello<|im_end|>"]);
     let bad = json!({"conversations": [{"from": "robot", "value": "beep"}]});
-    let e = format_record(&chat_format(&["assistant"], TrainOnEos::Turn, true), &bad, &ctx).unwrap_err();
+    let e = format_record(
+        &chat_format(&["assistant"], TrainOnEos::Turn, true),
+        &bad,
+        &ctx,
+    )
+    .unwrap_err();
     assert!(e.contains("unknown role `robot`"), "{e}");
     drop(t);
 }
@@ -113,43 +207,109 @@ fn sharegpt_conversations_map_roles() {
 #[test]
 fn completion_and_input_output() {
     let (_d, t) = tok();
-    let ctx = FormatCtx { template: None, eos_token: Some("<|im_end|>"), eot_tokens: &[], default_system_message: None };
+    let ctx = FormatCtx {
+        template: None,
+        eos_token: Some("<|im_end|>"),
+        eot_tokens: &[],
+        default_system_message: None,
+    };
     let r = recs(vec![json!({"text": "the cat sat on the mat"})]);
-    let (set, _) = tokenize_records(&t, &DataFormat::Completion { field: "text".into() }, &r, &ctx, &opts(4096, ExcessLength::Drop, false)).unwrap();
+    let (set, _) = tokenize_records(
+        &t,
+        &DataFormat::Completion {
+            field: "text".into(),
+        },
+        &r,
+        &ctx,
+        &opts(4096, ExcessLength::Drop, false),
+    )
+    .unwrap();
     let (ids, mask) = set.sample(0);
     assert!(mask.iter().all(|&m| m == 1));
-    assert_eq!(t.tokenizer.decode(ids, false).unwrap(), "the cat sat on the mat<|im_end|>");
+    assert_eq!(
+        t.tokenizer.decode(ids, false).unwrap(),
+        "the cat sat on the mat<|im_end|>"
+    );
 
-    let r = recs(vec![json!({"segments": [{"text": "Q: 2+2?\n", "label": false}, {"text": "A: 4", "label": true}, {"text": "<|im_end|>", "label": true}]})]);
-    let (set, _) = tokenize_records(&t, &DataFormat::InputOutput { field: "segments".into() }, &r, &ctx, &opts(4096, ExcessLength::Drop, false)).unwrap();
+    let r = recs(vec![
+        json!({"segments": [{"text": "Q: 2+2?\n", "label": false}, {"text": "A: 4", "label": true}, {"text": "<|im_end|>", "label": true}]}),
+    ]);
+    let (set, _) = tokenize_records(
+        &t,
+        &DataFormat::InputOutput {
+            field: "segments".into(),
+        },
+        &r,
+        &ctx,
+        &opts(4096, ExcessLength::Drop, false),
+    )
+    .unwrap();
     let (ids, mask) = set.sample(0);
     assert_eq!(trained_text(&t, ids, mask), "A: 4<|im_end|>");
-    assert_eq!(t.tokenizer.decode(ids, false).unwrap(), "Q: 2+2?\nA: 4<|im_end|>");
+    assert_eq!(
+        t.tokenizer.decode(ids, false).unwrap(),
+        "Q: 2+2?\nA: 4<|im_end|>"
+    );
 }
 
 #[test]
 fn excess_length_drop_truncate_raise() {
     let (_d, t) = tok();
-    let ctx = FormatCtx { template: None, eos_token: Some("<|im_end|>"), eot_tokens: &[], default_system_message: None };
-    let fmt = DataFormat::Completion { field: "text".into() };
-    let r = recs(vec![json!({"text": "short"}), json!({"text": "a much longer text that will not fit in twelve tokens"})]);
-    let (set, st) = tokenize_records(&t, &fmt, &r, &ctx, &opts(12, ExcessLength::Drop, false)).unwrap();
+    let ctx = FormatCtx {
+        template: None,
+        eos_token: Some("<|im_end|>"),
+        eot_tokens: &[],
+        default_system_message: None,
+    };
+    let fmt = DataFormat::Completion {
+        field: "text".into(),
+    };
+    let r = recs(vec![
+        json!({"text": "short"}),
+        json!({"text": "a much longer text that will not fit in twelve tokens"}),
+    ]);
+    let (set, st) =
+        tokenize_records(&t, &fmt, &r, &ctx, &opts(12, ExcessLength::Drop, false)).unwrap();
     assert_eq!((set.len(), st.dropped_too_long, st.truncated), (1, 1, 0));
-    let (set, st) = tokenize_records(&t, &fmt, &r, &ctx, &opts(12, ExcessLength::Truncate, false)).unwrap();
+    let (set, st) =
+        tokenize_records(&t, &fmt, &r, &ctx, &opts(12, ExcessLength::Truncate, false)).unwrap();
     assert_eq!((set.len(), st.dropped_too_long, st.truncated), (2, 0, 1));
     assert_eq!(set.sample_len(1), 12);
-    let e = tokenize_records(&t, &fmt, &r, &ctx, &opts(12, ExcessLength::Raise, false)).unwrap_err().to_string();
-    assert!(e.contains("record 1") && e.contains("longer than sequence_len 12") && e.contains("line 2"), "{e}");
+    let e = tokenize_records(&t, &fmt, &r, &ctx, &opts(12, ExcessLength::Raise, false))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("record 1") && e.contains("longer than sequence_len 12") && e.contains("line 2"),
+        "{e}"
+    );
 }
 
 #[test]
 fn missing_field_names_record_and_field() {
     let (_d, t) = tok();
-    let ctx = FormatCtx { template: None, eos_token: Some("<|im_end|>"), eot_tokens: &[], default_system_message: None };
-    let fmt = DataFormat::Alpaca { field_instruction: "instruction".into(), field_input: "input".into(), field_output: "output".into(), field_system: "system".into() };
-    let r = recs(vec![json!({"instruction": "a", "output": "b"}), json!({"instruction": "a", "answer": "b"})]);
-    let e = tokenize_records(&t, &fmt, &r, &ctx, &opts(4096, ExcessLength::Drop, false)).unwrap_err().to_string();
-    assert!(e.contains("record 1") && e.contains("missing field `output`") && e.contains("answer"), "{e}");
+    let ctx = FormatCtx {
+        template: None,
+        eos_token: Some("<|im_end|>"),
+        eot_tokens: &[],
+        default_system_message: None,
+    };
+    let fmt = DataFormat::Alpaca {
+        field_instruction: "instruction".into(),
+        field_input: "input".into(),
+        field_output: "output".into(),
+        field_system: "system".into(),
+    };
+    let r = recs(vec![
+        json!({"instruction": "a", "output": "b"}),
+        json!({"instruction": "a", "answer": "b"}),
+    ]);
+    let e = tokenize_records(&t, &fmt, &r, &ctx, &opts(4096, ExcessLength::Drop, false))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("record 1") && e.contains("missing field `output`") && e.contains("answer"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -167,7 +327,11 @@ fn packed_bins_respect_sequence_len_and_restart_positions() {
         let pos = train.position_ids(b);
         assert!(pos.len() <= 512);
         let starts = pos.iter().filter(|&&p| p == 0).count();
-        assert_eq!(starts as u64, train.bins[b + 1] - train.bins[b], "one restart per sample");
+        assert_eq!(
+            starts as u64,
+            train.bins[b + 1] - train.bins[b],
+            "one restart per sample"
+        );
     }
     assert!(train.header.efficiency > 0.8, "{}", train.header.efficiency);
     // Without packing every sample is its own row.
@@ -177,4 +341,15 @@ fn packed_bins_respect_sequence_len_and_restart_positions() {
     let dir = ws.entry_of("pack").unwrap();
     let train = kiln::data::pack::PackedSplit::read(&dir.join("train")).unwrap();
     assert_eq!(train.header.bins, train.header.samples);
+}
+
+#[test]
+fn masks_follow_bytes_in_non_ascii_text() {
+    let (_d, t) = tok();
+    let fmt = DataFormat::Alpaca { field_instruction: "instruction".into(), field_input: "input".into(), field_output: "output".into(), field_system: "system".into() };
+    let ctx = FormatCtx { template: None, eos_token: Some("<|im_end|>"), eot_tokens: &[], default_system_message: None };
+    let r = recs(vec![json!({"instruction": "Écris « café » en 日本語", "input": "ünïcödé", "output": "カフェ — naïve"})]);
+    let (set, _) = tokenize_records(&t, &fmt, &r, &ctx, &opts(4096, ExcessLength::Drop, false)).unwrap();
+    let (ids, mask) = set.sample(0);
+    assert_eq!(trained_text(&t, ids, mask), "カフェ — naïve<|im_end|>");
 }

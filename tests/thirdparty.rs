@@ -8,10 +8,16 @@ use kiln::text::TextTokenizer;
 use std::path::PathBuf;
 
 fn testdata() -> PathBuf {
-    let d = std::env::var("KILN_TESTDATA").map(PathBuf::from).unwrap_or_else(|_| {
-        PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/kiln-testdata")
-    });
-    assert!(d.join("SmolLM2-135M-Instruct.Q4_1.gguf").exists(), "run scripts/fetch-test-data.sh first ({})", d.display());
+    let d = std::env::var("KILN_TESTDATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/kiln-testdata")
+        });
+    assert!(
+        d.join("SmolLM2-135M-Instruct.Q4_1.gguf").exists(),
+        "run scripts/fetch-test-data.sh first ({})",
+        d.display()
+    );
     d
 }
 
@@ -25,7 +31,9 @@ fn project(yaml: &str) -> (tempfile::TempDir, PathBuf) {
 fn run(cfg: &std::path::Path) -> kiln::workspace::Workspace {
     one_thread();
     let ws = kiln::workspace::Workspace::open(cfg, &[]).unwrap();
-    ws.scheduler().run(&Default::default(), &mut |_| {}).unwrap();
+    ws.scheduler()
+        .run(&Default::default(), &mut |_| {})
+        .unwrap();
     ws
 }
 
@@ -35,16 +43,33 @@ fn smollm2_gguf_tokenizer_matches_reference_ids() {
     let files = kiln::text::gguf::tokenizer_files(&gguf).unwrap();
     assert_eq!(files.architecture, "llama");
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("tokenizer.json"), files.tokenizer_json.to_string()).unwrap();
-    std::fs::write(dir.path().join("tokenizer_config.json"), files.tokenizer_config.to_string()).unwrap();
+    std::fs::write(
+        dir.path().join("tokenizer.json"),
+        files.tokenizer_json.to_string(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("tokenizer_config.json"),
+        files.tokenizer_config.to_string(),
+    )
+    .unwrap();
     let t = TextTokenizer::load_dir(dir.path()).unwrap();
     // Reference ids from the HF tokenizer of SmolLM2-135M-Instruct.
-    let enc = t.tokenizer.encode("Hello, world! What is the capital of France?", false).unwrap();
-    assert_eq!(enc.get_ids(), &[19556, 28, 905, 17, 1812, 314, 260, 3575, 282, 4649, 47]);
+    let enc = t
+        .tokenizer
+        .encode("Hello, world! What is the capital of France?", false)
+        .unwrap();
+    assert_eq!(
+        enc.get_ids(),
+        &[19556, 28, 905, 17, 1812, 314, 260, 3575, 282, 4649, 47]
+    );
     assert_eq!(t.eos_token.as_deref(), Some("<|im_end|>"));
     assert!(t.chat_template.as_deref().unwrap().contains("<|im_start|>"));
     // Digits split one by one (SmolLM's pre-tokenizer).
-    assert_eq!(t.tokenizer.encode("2024", false).unwrap().get_ids().len(), 4);
+    assert_eq!(
+        t.tokenizer.encode("2024", false).unwrap().get_ids().len(),
+        4
+    );
 }
 
 #[test]
@@ -62,13 +87,25 @@ fn humaneval_gz_as_alpaca_with_smollm2() {
     assert_eq!(st.train.samples + st.val.samples, 164);
     assert!(st.train.efficiency > 0.9, "{}", st.train.efficiency);
     let ex = ws.debug_examples(1).unwrap();
-    let trained: Vec<u32> = ex[0].labels.iter().filter(|&&l| l >= 0).map(|&l| l as u32).collect();
-    assert!(ex[0].text.contains("def has_close_elements"), "record 0 is HumanEval/0");
+    let trained: Vec<u32> = ex[0]
+        .labels
+        .iter()
+        .filter(|&&l| l >= 0)
+        .map(|&l| l as u32)
+        .collect();
+    assert!(
+        ex[0].text.contains("def has_close_elements"),
+        "record 0 is HumanEval/0"
+    );
     let tok = TextTokenizer::load_dir(&ws.entry_of("fetch.model").unwrap()).unwrap();
     let out = tok.tokenizer.decode(&trained, false).unwrap();
     // The response starts with indentation; the byte-level pre-tokenizer joins the prompt's last
     // newline with it into one token, which the overlap rule trains.
-    assert!(out.trim_start().starts_with("for idx, elem in enumerate(numbers):"), "{out}");
+    assert!(
+        out.trim_start()
+            .starts_with("for idx, elem in enumerate(numbers):"),
+        "{out}"
+    );
     assert!(!out.contains("### Response"), "{out}");
     assert!(out.ends_with("<|im_end|>"));
 }
@@ -80,7 +117,11 @@ fn moby_dick_as_completion_with_qwen3_tokenizer() {
     let text = std::fs::read_to_string(td.join("moby-dick.txt")).unwrap();
     let mut rows = String::new();
     let mut n = 0;
-    for para in text.split("\n\n").map(|p| p.trim()).filter(|p| p.len() > 200) {
+    for para in text
+        .split("\n\n")
+        .map(|p| p.trim())
+        .filter(|p| p.len() > 200)
+    {
         rows.push_str(&serde_json::json!({ "text": para }).to_string());
         rows.push('\n');
         n += 1;
@@ -96,10 +137,20 @@ fn moby_dick_as_completion_with_qwen3_tokenizer() {
     let s = &st.datasets[0].1;
     assert_eq!(s.records, n as u64);
     assert!(s.truncated > 0 && s.length.max == 256, "{s:?}");
-    assert_eq!(s.trained_tokens, s.tokens, "completion trains on everything");
+    assert_eq!(
+        s.trained_tokens, s.tokens,
+        "completion trains on everything"
+    );
     let ex = ws.debug_examples(50).unwrap();
-    let whole = ex.iter().find(|e| e.input_ids.len() < 256).expect("some paragraph fits");
-    assert!(whole.text.ends_with("<|im_end|>"), "Qwen3's eos is appended: {}", whole.text);
+    let whole = ex
+        .iter()
+        .find(|e| e.input_ids.len() < 256)
+        .expect("some paragraph fits");
+    assert!(
+        whole.text.ends_with("<|im_end|>"),
+        "Qwen3's eos is appended: {}",
+        whole.text
+    );
 }
 
 #[test]
@@ -117,27 +168,68 @@ fn qwen3_real_chat_template_masks_assistant_content() {
     // The second record uses ShareGPT fields: expect a clear error naming it.
     one_thread();
     let ws = kiln::workspace::Workspace::open(&cfg, &[]).unwrap();
-    let err = ws.scheduler().run(&Default::default(), &mut |_| {}).unwrap_err().to_string();
-    assert!(err.contains("record 1") && err.contains("missing field `messages`"), "{err}");
+    let err = ws
+        .scheduler()
+        .run(&Default::default(), &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("record 1") && err.contains("missing field `messages`"),
+        "{err}"
+    );
     // Fix the data: only OpenAI-style messages.
-    let good: String = std::fs::read_to_string(d.path().join("chat.jsonl")).unwrap().lines().next().unwrap().to_string() + "\n";
+    let good: String = std::fs::read_to_string(d.path().join("chat.jsonl"))
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .to_string()
+        + "\n";
     std::fs::write(d.path().join("chat.jsonl"), good).unwrap();
     let ws = run(&cfg);
     let ex = ws.debug_examples(1).unwrap();
     // Qwen3 adds an empty think block to the final assistant turn; the mask still finds content.
-    assert!(ex[0].text.contains("<|im_start|>assistant\n<think>\n\n</think>\n\nRome.<|im_end|>"), "{}", ex[0].text);
+    assert!(
+        ex[0]
+            .text
+            .contains("<|im_start|>assistant\n<think>\n\n</think>\n\nRome.<|im_end|>"),
+        "{}",
+        ex[0].text
+    );
     let tok = TextTokenizer::load_dir(&ws.entry_of("fetch.model").unwrap()).unwrap();
-    let trained: Vec<u32> = ex[0].labels.iter().filter(|&&l| l >= 0).map(|&l| l as u32).collect();
-    assert_eq!(tok.tokenizer.decode(&trained, false).unwrap(), "Paris.<|im_end|>Rome.<|im_end|>");
+    let trained: Vec<u32> = ex[0]
+        .labels
+        .iter()
+        .filter(|&&l| l >= 0)
+        .map(|&l| l as u32)
+        .collect();
+    assert_eq!(
+        tok.tokenizer.decode(&trained, false).unwrap(),
+        "Paris.<|im_end|>Rome.<|im_end|>"
+    );
 }
 
 #[test]
 fn quickstart_preprocesses_with_the_real_model() {
     let td = testdata();
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let (_d, cfg) = project(&std::fs::read_to_string(repo.join("pipelines/quickstart.yml")).unwrap()
-        .replace("../cache/models/SmolLM2-135M-Instruct.Q4_1.gguf", &td.join("SmolLM2-135M-Instruct.Q4_1.gguf").display().to_string())
-        .replace("path: data/kiln-qa.jsonl", &format!("path: {}", repo.join("pipelines/data/kiln-qa.jsonl").display())));
+    let (_d, cfg) = project(
+        &std::fs::read_to_string(repo.join("pipelines/quickstart.yml"))
+            .unwrap()
+            .replace(
+                "../cache/models/SmolLM2-135M-Instruct.Q4_1.gguf",
+                &td.join("SmolLM2-135M-Instruct.Q4_1.gguf")
+                    .display()
+                    .to_string(),
+            )
+            .replace(
+                "path: data/kiln-qa.jsonl",
+                &format!(
+                    "path: {}",
+                    repo.join("pipelines/data/kiln-qa.jsonl").display()
+                ),
+            ),
+    );
     let ws = run(&cfg);
     let st = ws.pack_stats().unwrap();
     assert_eq!(st.datasets[0].1.records, st.datasets[0].1.samples);

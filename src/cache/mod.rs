@@ -165,12 +165,14 @@ impl Cache {
     pub fn manifest(&self, key: &str) -> Result<Option<Manifest>, CacheError> {
         let path = self.entry_dir(key).join(MANIFEST);
         match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| CacheError::BadManifest {
-                    path,
-                    message: e.to_string(),
-                }),
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|e| CacheError::BadManifest {
+                        path,
+                        message: e.to_string(),
+                    })
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(CacheError::Io { path, source: e }),
         }
@@ -243,10 +245,10 @@ impl Cache {
         let dest = self.entry_dir(&staging.key);
         let mut displaced = None;
         if dest.exists() {
-            let aside = self
-                .root
-                .join("tmp")
-                .join(format!("{}.old.{}", staging.key, std::process::id()));
+            let aside =
+                self.root
+                    .join("tmp")
+                    .join(format!("{}.old.{}", staging.key, std::process::id()));
             fs::rename(&dest, &aside).map_err(io_err(&dest))?;
             displaced = Some(aside);
         }
@@ -399,7 +401,10 @@ mod tests {
         assert_eq!(m.files.len(), 1);
         assert!(cache.verify("k1").is_empty());
         fs::write(cache.entry_dir("k1").join("a.bin"), b"hellp").unwrap();
-        assert_eq!(cache.verify("k1"), vec![Damage::HashChanged("a.bin".into())]);
+        assert_eq!(
+            cache.verify("k1"),
+            vec![Damage::HashChanged("a.bin".into())]
+        );
     }
 
     #[test]

@@ -96,19 +96,16 @@ impl<'a> Locator<'a> {
                 Seg::Index(n) => {
                     let mut items: Vec<usize> = Vec::new();
                     for i in start..end {
-                        if let Some(l) = &self.lines[i] {
-                            if let Some(dc) = l.dash_col {
-                                if dc >= min_col.saturating_sub(1) {
-                                    if items.is_empty()
-                                        || self.lines[items[0]]
-                                            .as_ref()
-                                            .and_then(|x| x.dash_col)
-                                            == Some(dc)
-                                    {
-                                        items.push(i);
-                                    }
-                                }
-                            }
+                        let Some(dc) = self.lines[i].as_ref().and_then(|l| l.dash_col) else {
+                            continue;
+                        };
+                        let first = items
+                            .first()
+                            .and_then(|&f| self.lines[f].as_ref())
+                            .and_then(|x| x.dash_col);
+                        if dc >= min_col.saturating_sub(1) && (first.is_none() || first == Some(dc))
+                        {
+                            items.push(i);
                         }
                     }
                     let i = *items.get(*n)?;
@@ -163,11 +160,19 @@ mod tests {
         let loc = Locator::new(text);
         assert_eq!(loc.find(&[Seg::Key("sequence_len".into())]), Some((7, 1)));
         assert_eq!(
-            loc.find(&[Seg::Key("datasets".into()), Seg::Index(1), Seg::Key("type".into())]),
+            loc.find(&[
+                Seg::Key("datasets".into()),
+                Seg::Index(1),
+                Seg::Key("type".into())
+            ]),
             Some((6, 5))
         );
         assert_eq!(
-            loc.find(&[Seg::Key("datasets".into()), Seg::Index(0), Seg::Key("path".into())]),
+            loc.find(&[
+                Seg::Key("datasets".into()),
+                Seg::Index(0),
+                Seg::Key("path".into())
+            ]),
             Some((3, 5))
         );
     }

@@ -261,9 +261,9 @@ fn apply_override(root: &mut Value, arg: &str) -> Result<(), ConfigError> {
                     .ok_or_else(|| bad("internal: key vanished"))?;
             }
             Seg::Index(n) => {
-                let s = cur
-                    .as_sequence_mut()
-                    .ok_or_else(|| bad(&format!("[{n}] applied to something that is not a list")))?;
+                let s = cur.as_sequence_mut().ok_or_else(|| {
+                    bad(&format!("[{n}] applied to something that is not a list"))
+                })?;
                 let len = s.len();
                 let slot = s
                     .get_mut(*n)
@@ -280,7 +280,10 @@ fn apply_override(root: &mut Value, arg: &str) -> Result<(), ConfigError> {
 }
 
 /// Closest candidate by Jaro-Winkler similarity, if close enough to be a plausible typo.
-pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+pub fn did_you_mean<'a>(
+    word: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
     let mut best: Option<(&str, f64)> = None;
     for c in candidates {
         let s = strsim::jaro_winkler(word, c);

@@ -174,30 +174,79 @@ const KILN_KEYS: &[&str] = &["cache_dir", "num_threads"];
 fn classify(key: &str) -> Option<KeyClass> {
     use KeyClass::*;
     Some(match key {
-        "base_model" | "base_model_config" | "revision_of_model" | "model_type"
-        | "tokenizer_type" | "type_of_model" | "datasets" | "test_datasets" | "val_set_size"
-        | "sequence_len" | "sample_packing" | "train_on_inputs" | "seed" | "output_dir"
-        | "excess_length_strategy" | "min_sample_len" | "chat_template"
-        | "chat_template_jinja" | "default_system_message" | "eot_tokens"
-        | "shuffle_merged_datasets" | "group_by_length" | "strict" | "cache_dir"
-        | "num_threads" | "adapter" | "lora_r" | "lora_alpha" | "lora_dropout"
-        | "lora_target_modules" | "lora_target_linear" | "micro_batch_size"
-        | "gradient_accumulation_steps" | "eval_batch_size" | "num_epochs" | "max_steps"
-        | "learning_rate" | "optimizer" | "lr_scheduler" | "weight_decay" | "warmup_ratio"
-        | "warmup_steps" | "max_grad_norm" | "logging_steps" | "eval_steps" | "save_steps"
-        | "save_total_limit" | "is_llama_derived_model" | "is_mistral_derived_model"
-        | "is_qwen_derived_model" | "is_falcon_derived_model" | "pad_to_sequence_len"
+        "base_model"
+        | "base_model_config"
+        | "revision_of_model"
+        | "model_type"
+        | "tokenizer_type"
+        | "type_of_model"
+        | "datasets"
+        | "test_datasets"
+        | "val_set_size"
+        | "sequence_len"
+        | "sample_packing"
+        | "train_on_inputs"
+        | "seed"
+        | "output_dir"
+        | "excess_length_strategy"
+        | "min_sample_len"
+        | "chat_template"
+        | "chat_template_jinja"
+        | "default_system_message"
+        | "eot_tokens"
+        | "shuffle_merged_datasets"
+        | "group_by_length"
+        | "strict"
+        | "cache_dir"
+        | "num_threads"
+        | "adapter"
+        | "lora_r"
+        | "lora_alpha"
+        | "lora_dropout"
+        | "lora_target_modules"
+        | "lora_target_linear"
+        | "micro_batch_size"
+        | "gradient_accumulation_steps"
+        | "eval_batch_size"
+        | "num_epochs"
+        | "max_steps"
+        | "learning_rate"
+        | "optimizer"
+        | "lr_scheduler"
+        | "weight_decay"
+        | "warmup_ratio"
+        | "warmup_steps"
+        | "max_grad_norm"
+        | "logging_steps"
+        | "eval_steps"
+        | "save_steps"
+        | "save_total_limit"
+        | "is_llama_derived_model"
+        | "is_mistral_derived_model"
+        | "is_qwen_derived_model"
+        | "is_falcon_derived_model"
+        | "pad_to_sequence_len"
         | "eval_sample_packing" => Handled,
-        "dataset_prepared_path" => NoEffect("kiln keeps prepared data in its content-addressed cache (`cache_dir`)"),
-        "dataset_processes" | "dataset_num_proc" | "dataloader_num_workers"
-        | "dataloader_pin_memory" | "dataloader_prefetch_factor" => {
+        "dataset_prepared_path" => {
+            NoEffect("kiln keeps prepared data in its content-addressed cache (`cache_dir`)")
+        }
+        "dataset_processes"
+        | "dataset_num_proc"
+        | "dataloader_num_workers"
+        | "dataloader_pin_memory"
+        | "dataloader_prefetch_factor" => {
             NoEffect("kiln sizes its own worker pool (`num_threads`)")
         }
-        "flash_attention" | "sdp_attention" | "xformers_attention" | "flash_attn_cross_entropy"
-        | "flash_attn_rms_norm" | "flash_attn_fuse_mlp" | "eager_attention" | "tf32"
-        | "torch_compile" | "attn_implementation" => {
-            NoEffect("a PyTorch kernel choice; kiln uses its own kernels")
-        }
+        "flash_attention"
+        | "sdp_attention"
+        | "xformers_attention"
+        | "flash_attn_cross_entropy"
+        | "flash_attn_rms_norm"
+        | "flash_attn_fuse_mlp"
+        | "eager_attention"
+        | "tf32"
+        | "torch_compile"
+        | "attn_implementation" => NoEffect("a PyTorch kernel choice; kiln uses its own kernels"),
         "trust_remote_code" => NoEffect("kiln runs no Python model code"),
         "wandb_project" | "wandb_entity" | "wandb_watch" | "wandb_name" | "wandb_run_id"
         | "wandb_log_model" | "wandb_mode" | "use_wandb" => {
@@ -278,9 +327,11 @@ impl Reader<'_, '_, '_> {
     fn u64(&mut self, k: &str) -> Option<u64> {
         let v = self.get(k)?.clone();
         let parsed = match &v {
-            Value::Number(n) => n
-                .as_u64()
-                .or_else(|| n.as_f64().filter(|f| f.fract() == 0.0 && *f >= 0.0).map(|f| f as u64)),
+            Value::Number(n) => n.as_u64().or_else(|| {
+                n.as_f64()
+                    .filter(|f| f.fract() == 0.0 && *f >= 0.0)
+                    .map(|f| f as u64)
+            }),
             Value::String(s) => s.trim().parse::<u64>().ok(),
             _ => None,
         };
@@ -481,7 +532,9 @@ pub(super) fn resolve(ctx: &mut Ctx<'_>, map: &Mapping) -> Settings {
         num_epochs: r.f64("num_epochs").unwrap_or(1.0),
         max_steps: r.u64("max_steps"),
         learning_rate: r.f64("learning_rate").unwrap_or(2e-4),
-        optimizer: r.string("optimizer").unwrap_or_else(|| "adamw_torch".into()),
+        optimizer: r
+            .string("optimizer")
+            .unwrap_or_else(|| "adamw_torch".into()),
         lr_scheduler: r.string("lr_scheduler").unwrap_or_else(|| "cosine".into()),
         weight_decay: r.f64("weight_decay").unwrap_or(0.0),
         warmup_ratio: r.f64("warmup_ratio"),
@@ -547,7 +600,12 @@ pub(super) fn resolve(ctx: &mut Ctx<'_>, map: &Mapping) -> Settings {
 /// Built-in templates kiln ships, by Axolotl's names.
 pub const BUILTIN_TEMPLATES: &[&str] = &["chatml", "llama3", "mistral_v1", "gemma", "phi_3"];
 
-fn template_choice(ctx: &mut Ctx<'_>, path: &[Seg], name: &str, jinja: Option<String>) -> TemplateChoice {
+fn template_choice(
+    ctx: &mut Ctx<'_>,
+    path: &[Seg],
+    name: &str,
+    jinja: Option<String>,
+) -> TemplateChoice {
     match name {
         "tokenizer_default" => TemplateChoice::TokenizerDefault,
         "jinja" => match jinja {
@@ -581,10 +639,29 @@ fn template_choice(ctx: &mut Ctx<'_>, path: &[Seg], name: &str, jinja: Option<St
 
 fn axolotl_template_names() -> &'static [&'static str] {
     &[
-        "alpaca", "mistral_v2v3", "mistral_v3_tekken", "mistral_v7_tekken", "gemma3", "cohere",
-        "llama3_2_vision", "llama4", "phi_35", "deepseek_v2", "deepseek_v3", "jamba", "jinja",
-        "qwen_25", "qwen3", "falcon_h1", "tokenizer_default_fallback_chatml", "exaone",
-        "metharme", "pixtral", "llava", "command_a", "aya",
+        "alpaca",
+        "mistral_v2v3",
+        "mistral_v3_tekken",
+        "mistral_v7_tekken",
+        "gemma3",
+        "cohere",
+        "llama3_2_vision",
+        "llama4",
+        "phi_35",
+        "deepseek_v2",
+        "deepseek_v3",
+        "jamba",
+        "jinja",
+        "qwen_25",
+        "qwen3",
+        "falcon_h1",
+        "tokenizer_default_fallback_chatml",
+        "exaone",
+        "metharme",
+        "pixtral",
+        "llava",
+        "command_a",
+        "aya",
     ]
 }
 
@@ -594,7 +671,8 @@ fn looks_like_hub_id(s: &str) -> bool {
         && parts.iter().all(|p| {
             !p.is_empty()
                 && !p.starts_with('.')
-                && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         })
 }
 
@@ -623,7 +701,10 @@ fn resolve_model(ctx: &mut Ctx<'_>, s: &str, map: &Mapping) -> ModelSource {
         ctx.error(
             &[key("base_model")],
             format!("{s} is a file but not a .gguf model"),
-            Some("point base_model at a Hugging Face model directory, a .gguf file, or a hub id".into()),
+            Some(
+                "point base_model at a Hugging Face model directory, a .gguf file, or a hub id"
+                    .into(),
+            ),
         );
         return ModelSource::LocalDir(p);
     }
@@ -650,10 +731,28 @@ fn resolve_model(ctx: &mut Ctx<'_>, s: &str, map: &Mapping) -> ModelSource {
 }
 
 const DATASET_KEYS_HANDLED: &[&str] = &[
-    "path", "type", "split", "name", "data_files", "revision", "ds_type", "field",
-    "field_messages", "message_property_mappings", "message_field_role", "message_field_content",
-    "roles_to_train", "train_on_eos", "roles", "chat_template", "chat_template_jinja",
-    "drop_system_message", "field_instruction", "field_input", "field_output", "field_system",
+    "path",
+    "type",
+    "split",
+    "name",
+    "data_files",
+    "revision",
+    "ds_type",
+    "field",
+    "field_messages",
+    "message_property_mappings",
+    "message_field_role",
+    "message_field_content",
+    "roles_to_train",
+    "train_on_eos",
+    "roles",
+    "chat_template",
+    "chat_template_jinja",
+    "drop_system_message",
+    "field_instruction",
+    "field_input",
+    "field_output",
+    "field_system",
     "trust_remote_code",
 ];
 
@@ -682,7 +781,11 @@ fn read_datasets(
     for (i, item) in items.iter().enumerate() {
         let base = vec![key(top), Seg::Index(i)];
         let Some(m) = item.as_mapping() else {
-            ctx.error(&base, "each dataset must be a mapping with at least `path`", Some("write `- path: data/train.jsonl` and `type: ...`".into()));
+            ctx.error(
+                &base,
+                "each dataset must be a mapping with at least `path`",
+                Some("write `- path: data/train.jsonl` and `type: ...`".into()),
+            );
             continue;
         };
         for (k, val) in m {
@@ -710,7 +813,11 @@ fn read_datasets(
         let Some(path) = r.string("path") else {
             let mut p = base.clone();
             p.push(key("path"));
-            r.ctx.error(&p, "missing `path`", Some("add `path:` with a file, directory or hub dataset id".into()));
+            r.ctx.error(
+                &p,
+                "missing `path`",
+                Some("add `path:` with a file, directory or hub dataset id".into()),
+            );
             continue;
         };
         let split = r.string("split");
@@ -735,7 +842,11 @@ fn read_datasets(
                 if files.is_empty() {
                     let mut pp = base.clone();
                     pp.push(key("path"));
-                    r.ctx.error(&pp, format!("directory {path} holds no .jsonl, .json or .parquet files"), None);
+                    r.ctx.error(
+                        &pp,
+                        format!("directory {path} holds no .jsonl, .json or .parquet files"),
+                        None,
+                    );
                 }
                 DataSource::Local(files)
             }
@@ -750,8 +861,13 @@ fn read_datasets(
                 pp.push(key("path"));
                 r.ctx.error(
                     &pp,
-                    format!("{path}: no such file or directory, and not a hub dataset id (org/name)"),
-                    Some(format!("check the path (relative paths are read from {} first)", r.ctx.dir.display())),
+                    format!(
+                        "{path}: no such file or directory, and not a hub dataset id (org/name)"
+                    ),
+                    Some(format!(
+                        "check the path (relative paths are read from {} first)",
+                        r.ctx.dir.display()
+                    )),
                 );
                 DataSource::Local(vec![])
             }
@@ -768,7 +884,13 @@ fn read_datasets(
     out
 }
 
-pub const DATASET_TYPES: &[&str] = &["alpaca", "completion", "chat_template", "sharegpt", "input_output"];
+pub const DATASET_TYPES: &[&str] = &[
+    "alpaca",
+    "completion",
+    "chat_template",
+    "sharegpt",
+    "input_output",
+];
 
 fn read_format(r: &mut Reader<'_, '_, '_>, default_template: &TemplateChoice) -> DataFormat {
     let ty = match r.get("type").cloned() {
@@ -776,7 +898,8 @@ fn read_format(r: &mut Reader<'_, '_, '_>, default_template: &TemplateChoice) ->
         Some(Value::String(s)) => s,
         Some(Value::Mapping(_)) => {
             let p = r.path("type");
-            r.ctx.unsupported(&p, "custom prompt formats (a mapping under `type`)");
+            r.ctx
+                .unsupported(&p, "custom prompt formats (a mapping under `type`)");
             "alpaca".into()
         }
         Some(other) => {
@@ -788,7 +911,9 @@ fn read_format(r: &mut Reader<'_, '_, '_>, default_template: &TemplateChoice) ->
     let base_ty = ty.split([':', '.']).next().unwrap_or("").to_string();
     match base_ty.as_str() {
         "alpaca" => DataFormat::Alpaca {
-            field_instruction: r.string("field_instruction").unwrap_or_else(|| "instruction".into()),
+            field_instruction: r
+                .string("field_instruction")
+                .unwrap_or_else(|| "instruction".into()),
             field_input: r.string("field_input").unwrap_or_else(|| "input".into()),
             field_output: r.string("field_output").unwrap_or_else(|| "output".into()),
             field_system: r.string("field_system").unwrap_or_else(|| "system".into()),
@@ -817,9 +942,14 @@ fn read_format(r: &mut Reader<'_, '_, '_>, default_template: &TemplateChoice) ->
             if let Some(s) = r.string("message_field_content") {
                 content_field = s;
             }
-            let field_messages = r
-                .string("field_messages")
-                .unwrap_or_else(|| if sharegpt { "conversations" } else { "messages" }.into());
+            let field_messages = r.string("field_messages").unwrap_or_else(|| {
+                if sharegpt {
+                    "conversations"
+                } else {
+                    "messages"
+                }
+                .into()
+            });
             let mut roles: Vec<(String, String)> = vec![
                 ("human".into(), "user".into()),
                 ("user".into(), "user".into()),
@@ -832,9 +962,14 @@ fn read_format(r: &mut Reader<'_, '_, '_>, default_template: &TemplateChoice) ->
             if let Some(Value::Mapping(rm)) = r.get("roles").cloned() {
                 // Axolotl: `roles: {user: ["human", "user"], assistant: ["gpt"]}`.
                 for (canon, srcs) in rm {
-                    let Some(canon) = canon.as_str() else { continue };
+                    let Some(canon) = canon.as_str() else {
+                        continue;
+                    };
                     let list: Vec<String> = match srcs {
-                        Value::Sequence(s) => s.iter().filter_map(|x| x.as_str().map(String::from)).collect(),
+                        Value::Sequence(s) => s
+                            .iter()
+                            .filter_map(|x| x.as_str().map(String::from))
+                            .collect(),
                         Value::String(s) => vec![s],
                         _ => vec![],
                     };
@@ -854,7 +989,11 @@ fn read_format(r: &mut Reader<'_, '_, '_>, default_template: &TemplateChoice) ->
                 Some("none") => TrainOnEos::None,
                 Some(other) => {
                     let p = r.path("train_on_eos");
-                    r.ctx.error(&p, format!("unknown value `{other}`"), Some("use one of turn, all, last, none".into()));
+                    r.ctx.error(
+                        &p,
+                        format!("unknown value `{other}`"),
+                        Some("use one of turn, all, last, none".into()),
+                    );
                     TrainOnEos::Turn
                 }
             };
@@ -882,9 +1021,23 @@ fn read_format(r: &mut Reader<'_, '_, '_>, default_template: &TemplateChoice) ->
         _ => {
             let p = r.path("type");
             let known_axolotl = [
-                "alpaca_chat", "alpaca_w_system", "explainchoice", "concisechoice", "summarizetldr",
-                "pygmalion", "metharme", "oasst", "gpteacher", "reflection", "stepwise_supervised",
-                "orcamini", "context_qa", "jeopardy", "creative_acr", "pretrain", "bradley_terry",
+                "alpaca_chat",
+                "alpaca_w_system",
+                "explainchoice",
+                "concisechoice",
+                "summarizetldr",
+                "pygmalion",
+                "metharme",
+                "oasst",
+                "gpteacher",
+                "reflection",
+                "stepwise_supervised",
+                "orcamini",
+                "context_qa",
+                "jeopardy",
+                "creative_acr",
+                "pretrain",
+                "bradley_terry",
             ];
             if known_axolotl.contains(&base_ty.as_str()) {
                 r.ctx.unsupported(&p, &format!("dataset type `{ty}`"));
@@ -892,9 +1045,12 @@ fn read_format(r: &mut Reader<'_, '_, '_>, default_template: &TemplateChoice) ->
                 let fix = did_you_mean(&base_ty, DATASET_TYPES.iter().copied())
                     .map(|s| format!("did you mean `{s}`?"))
                     .unwrap_or_else(|| format!("use one of: {}", DATASET_TYPES.join(", ")));
-                r.ctx.error(&p, format!("unknown dataset type `{ty}`"), Some(fix));
+                r.ctx
+                    .error(&p, format!("unknown dataset type `{ty}`"), Some(fix));
             }
-            DataFormat::Completion { field: "text".into() }
+            DataFormat::Completion {
+                field: "text".into(),
+            }
         }
     }
 }

@@ -79,9 +79,15 @@ impl TokenSet {
 
     pub fn write(&self, dir: &Path) -> Result<(), DataError> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
-        write_le(&dir.join("tokens.u32"), self.tokens.iter().flat_map(|v| v.to_le_bytes()))?;
+        write_le(
+            &dir.join("tokens.u32"),
+            self.tokens.iter().flat_map(|v| v.to_le_bytes()),
+        )?;
         write_bytes(&dir.join("trained.u8"), &self.trained)?;
-        write_le(&dir.join("offsets.u64"), self.offsets.iter().flat_map(|v| v.to_le_bytes()))?;
+        write_le(
+            &dir.join("offsets.u64"),
+            self.offsets.iter().flat_map(|v| v.to_le_bytes()),
+        )?;
         write_le(
             &dir.join("sources.u32"),
             self.sources
@@ -100,13 +106,22 @@ impl TokenSet {
         let h: Header = serde_json::from_slice(&std::fs::read(&hp).map_err(io(&hp))?)
             .map_err(|e| corrupt(&hp, e.to_string()))?;
         if h.format != FORMAT || h.version != VERSION {
-            return Err(corrupt(&hp, format!("expected {FORMAT} v{VERSION}, found {} v{}", h.format, h.version)));
+            return Err(corrupt(
+                &hp,
+                format!(
+                    "expected {FORMAT} v{VERSION}, found {} v{}",
+                    h.format, h.version
+                ),
+            ));
         }
         let tokens = read_u32s(&dir.join("tokens.u32"))?;
         let trained = std::fs::read(dir.join("trained.u8")).map_err(io(&dir.join("trained.u8")))?;
         let offsets = read_u64s(&dir.join("offsets.u64"))?;
         let src = read_u32s(&dir.join("sources.u32"))?;
-        let sources = src.chunks_exact(2).map(|c| (c[0], c[1])).collect::<Vec<_>>();
+        let sources = src
+            .chunks_exact(2)
+            .map(|c| (c[0], c[1]))
+            .collect::<Vec<_>>();
         let ok = tokens.len() as u64 == h.tokens
             && trained.len() == tokens.len()
             && offsets.len() as u64 == h.samples + 1
@@ -114,7 +129,10 @@ impl TokenSet {
             && offsets.last().copied() == Some(h.tokens)
             && offsets.windows(2).all(|w| w[0] <= w[1]);
         if !ok {
-            return Err(corrupt(dir, "array lengths disagree with header.json".into()));
+            return Err(corrupt(
+                dir,
+                "array lengths disagree with header.json".into(),
+            ));
         }
         Ok(Self {
             tokens,
@@ -155,7 +173,9 @@ pub fn read_u32s(path: &Path) -> Result<Vec<u32>, DataError> {
     if b.len() % 4 != 0 {
         return Err(corrupt(path, "length is not a multiple of 4".into()));
     }
-    Ok(b.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    Ok(b.chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
 }
 
 pub fn read_u64s(path: &Path) -> Result<Vec<u64>, DataError> {
@@ -163,8 +183,7 @@ pub fn read_u64s(path: &Path) -> Result<Vec<u64>, DataError> {
     if b.len() % 8 != 0 {
         return Err(corrupt(path, "length is not a multiple of 8".into()));
     }
-    Ok(b
-        .chunks_exact(8)
+    Ok(b.chunks_exact(8)
         .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
         .collect())
 }

@@ -48,12 +48,20 @@ fn required(rec: &Value, field: &str) -> Result<String, String> {
             .unwrap_or_default();
         format!(
             "missing field `{field}` (the record has: {})",
-            if have.is_empty() { "no fields".to_string() } else { have.join(", ") }
+            if have.is_empty() {
+                "no fields".to_string()
+            } else {
+                have.join(", ")
+            }
         )
     })
 }
 
-pub fn format_record(fmt: &DataFormat, rec: &Value, ctx: &FormatCtx<'_>) -> Result<Formatted, String> {
+pub fn format_record(
+    fmt: &DataFormat,
+    rec: &Value,
+    ctx: &FormatCtx<'_>,
+) -> Result<Formatted, String> {
     if !rec.is_object() {
         return Err("expected a JSON object".into());
     }
@@ -105,10 +113,9 @@ pub fn format_record(fmt: &DataFormat, rec: &Value, ctx: &FormatCtx<'_>) -> Resu
             })
         }
         DataFormat::InputOutput { field } => {
-            let segs = rec
-                .get(field)
-                .and_then(|v| v.as_array())
-                .ok_or_else(|| format!("missing field `{field}` (a list of {{text, label}} segments)"))?;
+            let segs = rec.get(field).and_then(|v| v.as_array()).ok_or_else(|| {
+                format!("missing field `{field}` (a list of {{text, label}} segments)")
+            })?;
             let mut text = String::new();
             let mut trained = Vec::new();
             for (i, s) in segs.iter().enumerate() {
@@ -153,10 +160,9 @@ pub fn format_record(fmt: &DataFormat, rec: &Value, ctx: &FormatCtx<'_>) -> Resu
                 .ok_or_else(|| format!("missing field `{field_messages}` (a list of messages)"))?;
             let mut messages = Vec::new();
             for (i, m) in raw.iter().enumerate() {
-                let role_src = m
-                    .get(role_field)
-                    .and_then(|v| v.as_str())
-                    .ok_or_else(|| format!("`{field_messages}[{i}]` has no string `{role_field}`"))?;
+                let role_src = m.get(role_field).and_then(|v| v.as_str()).ok_or_else(|| {
+                    format!("`{field_messages}[{i}]` has no string `{role_field}`")
+                })?;
                 let role = roles
                     .iter()
                     .find(|(k, _)| k == role_src)
@@ -165,7 +171,11 @@ pub fn format_record(fmt: &DataFormat, rec: &Value, ctx: &FormatCtx<'_>) -> Resu
                 let content = match m.get(content_field) {
                     Some(Value::String(s)) => s.clone(),
                     Some(Value::Null) | None => String::new(),
-                    Some(_) => return Err(format!("`{field_messages}[{i}].{content_field}` must be a string")),
+                    Some(_) => {
+                        return Err(format!(
+                            "`{field_messages}[{i}].{content_field}` must be a string"
+                        ))
+                    }
                 };
                 if *drop_system_message && role == "system" {
                     continue;
@@ -177,7 +187,13 @@ pub fn format_record(fmt: &DataFormat, rec: &Value, ctx: &FormatCtx<'_>) -> Resu
             }
             if let Some(sys) = ctx.default_system_message {
                 if messages[0].role != "system" {
-                    messages.insert(0, Message { role: "system".into(), content: sys.to_string() });
+                    messages.insert(
+                        0,
+                        Message {
+                            role: "system".into(),
+                            content: sys.to_string(),
+                        },
+                    );
                 }
             }
             render_chat(template, &messages, roles_to_train, *train_on_eos, ctx)
@@ -195,14 +211,20 @@ fn render_chat(
     train_on_eos: TrainOnEos,
     ctx: &FormatCtx<'_>,
 ) -> Result<Formatted, String> {
-    let full = template.render(messages, false).map_err(|e| e.to_string())?;
+    let full = template
+        .render(messages, false)
+        .map_err(|e| e.to_string())?;
     let mut trained = Vec::new();
     let mut cursor = 0usize;
     let mut prev_len = 0usize;
-    let last_trainable = messages.iter().rposition(|m| roles_to_train.contains(&m.role));
+    let last_trainable = messages
+        .iter()
+        .rposition(|m| roles_to_train.contains(&m.role));
     for (i, m) in messages.iter().enumerate() {
         // Where this turn starts: after the previous turn when the template is prefix-stable.
-        let prefix = template.render(&messages[..=i], false).map_err(|e| e.to_string())?;
+        let prefix = template
+            .render(&messages[..=i], false)
+            .map_err(|e| e.to_string())?;
         let turn_start = if full.starts_with(&prefix) && prefix.len() >= prev_len {
             let s = prev_len.max(cursor);
             prev_len = prefix.len();

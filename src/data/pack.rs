@@ -62,7 +62,10 @@ pub struct PackedSplit {
 impl PackedSplit {
     pub fn write(&self, dir: &Path) -> Result<(), DataError> {
         self.set.write(dir)?;
-        write_le(&dir.join("bins.u64"), self.bins.iter().flat_map(|v| v.to_le_bytes()))?;
+        write_le(
+            &dir.join("bins.u64"),
+            self.bins.iter().flat_map(|v| v.to_le_bytes()),
+        )?;
         let h = serde_json::to_vec_pretty(&self.header).map_err(|e| DataError::Corrupt {
             path: dir.to_path_buf(),
             message: e.to_string(),
@@ -74,14 +77,15 @@ impl PackedSplit {
         let set = TokenSet::read(dir)?;
         let bins = read_u64s(&dir.join("bins.u64"))?;
         let hp = dir.join("pack.json");
-        let header: PackHeader = serde_json::from_slice(&std::fs::read(&hp).map_err(|source| DataError::Io {
-            path: hp.clone(),
-            source,
-        })?)
-        .map_err(|e| DataError::Corrupt {
-            path: hp.clone(),
-            message: e.to_string(),
-        })?;
+        let header: PackHeader =
+            serde_json::from_slice(&std::fs::read(&hp).map_err(|source| DataError::Io {
+                path: hp.clone(),
+                source,
+            })?)
+            .map_err(|e| DataError::Corrupt {
+                path: hp.clone(),
+                message: e.to_string(),
+            })?;
         if bins.len() as u64 != header.bins + 1 || bins.last().copied() != Some(set.len() as u64) {
             return Err(DataError::Corrupt {
                 path: dir.to_path_buf(),
@@ -221,7 +225,11 @@ pub fn build_split(
             bins: bins.len() as u64,
             tokens: h.tokens,
             trained_tokens: h.trained_tokens,
-            efficiency: if denom == 0 { 0.0 } else { h.tokens as f64 / denom as f64 },
+            efficiency: if denom == 0 {
+                0.0
+            } else {
+                h.tokens as f64 / denom as f64
+            },
         },
         set,
         bins: offsets,

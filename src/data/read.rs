@@ -52,13 +52,22 @@ pub fn read_records_as(path: &Path, shown: &Path) -> Result<Vec<Record>, DataErr
         if trimmed.starts_with('[') || trimmed.starts_with('{') {
             match serde_json::from_str::<Value>(&text) {
                 Ok(Value::Array(items)) => {
-                    return Ok(items.into_iter().map(|value| Record { value, line: 0 }).collect())
+                    return Ok(items
+                        .into_iter()
+                        .map(|value| Record { value, line: 0 })
+                        .collect())
                 }
                 Ok(Value::Object(mut o)) => {
                     if let Some(Value::Array(items)) = o.remove("data") {
-                        return Ok(items.into_iter().map(|value| Record { value, line: 0 }).collect());
+                        return Ok(items
+                            .into_iter()
+                            .map(|value| Record { value, line: 0 })
+                            .collect());
                     }
-                    return Ok(vec![Record { value: Value::Object(o), line: 0 }]);
+                    return Ok(vec![Record {
+                        value: Value::Object(o),
+                        line: 0,
+                    }]);
                 }
                 Ok(_) => {
                     return Err(DataError::BadJson {

@@ -69,7 +69,11 @@ pub struct Encoded {
 /// Tokenizes one formatted sample and derives its mask from the trained byte spans: a token
 /// carries loss when its byte range overlaps a trained span. Tokens the tokenizer inserts
 /// (bos) have empty ranges and are never trained.
-pub fn encode(tok: &TextTokenizer, f: &Formatted, train_on_inputs: bool) -> Result<Encoded, String> {
+pub fn encode(
+    tok: &TextTokenizer,
+    f: &Formatted,
+    train_on_inputs: bool,
+) -> Result<Encoded, String> {
     let enc = tok
         .tokenizer
         .encode(f.text.as_str(), f.add_special_tokens)
@@ -87,9 +91,9 @@ pub fn encode(tok: &TextTokenizer, f: &Formatted, train_on_inputs: bool) -> Resu
         })
         .collect();
     if let Some(t) = f.append_eos {
-        let eos = tok
-            .eos_id()
-            .ok_or_else(|| "the format appends eos but the tokenizer has no eos_token".to_string())?;
+        let eos = tok.eos_id().ok_or_else(|| {
+            "the format appends eos but the tokenizer has no eos_token".to_string()
+        })?;
         ids.push(eos);
         trained.push(t as u8);
     }
@@ -155,7 +159,7 @@ pub fn tokenize_records(
             stats.dropped_too_short += 1;
             continue;
         }
-        if !e.trained.iter().any(|&t| t == 1) {
+        if !e.trained.contains(&1) {
             stats.dropped_untrained += 1;
             continue;
         }

@@ -86,7 +86,9 @@ pub fn stage_key(s: &PlannedStage, upstream: &[(String, String)]) -> String {
 fn template_source(choice: &TemplateChoice) -> TemplateSource {
     match choice {
         TemplateChoice::TokenizerDefault => TemplateSource::FromTokenizer,
-        TemplateChoice::Builtin(n) => TemplateSource::Text(builtin(n).unwrap_or_default().to_string()),
+        TemplateChoice::Builtin(n) => {
+            TemplateSource::Text(builtin(n).unwrap_or_default().to_string())
+        }
         TemplateChoice::Jinja(j) => TemplateSource::Text(j.clone()),
     }
 }
@@ -95,10 +97,11 @@ fn template_source(choice: &TemplateChoice) -> TemplateSource {
 /// index's fast path; resolving hub revisions to commits).
 pub fn build(s: &Settings, hashes: &FileHashCache<'_>) -> Result<Plan, PlanError> {
     let mut stages: Vec<PlannedStage> = Vec::new();
-    let (fm, inputs) = fetch::resolve_model(&s.base_model, hashes).map_err(|source| PlanError::Resolve {
-        stage: "fetch.model".into(),
-        source,
-    })?;
+    let (fm, inputs) =
+        fetch::resolve_model(&s.base_model, hashes).map_err(|source| PlanError::Resolve {
+            stage: "fetch.model".into(),
+            source,
+        })?;
     stages.push(PlannedStage {
         name: "fetch.model".into(),
         stage: AnyStage::FetchModel(fm),
@@ -107,15 +110,28 @@ pub fn build(s: &Settings, hashes: &FileHashCache<'_>) -> Result<Plan, PlanError
     });
     let mut tokenize_ids = Vec::new();
     let mut labels = Vec::new();
-    for (group, list) in [("datasets", &s.datasets), ("test_datasets", &s.test_datasets)] {
+    for (group, list) in [
+        ("datasets", &s.datasets),
+        ("test_datasets", &s.test_datasets),
+    ] {
         for (i, d) in list.iter().enumerate() {
-            let suffix = if group == "datasets" { format!("[{i}]") } else { format!(".test[{i}]") };
+            let suffix = if group == "datasets" {
+                format!("[{i}]")
+            } else {
+                format!(".test[{i}]")
+            };
             let fetch_name = format!("fetch.data{suffix}");
-            let (fd, inputs): (_, Inputs) = fetch::resolve_data(&d.source, d.split.as_deref(), hashes).map_err(|source| PlanError::Resolve {
-                stage: fetch_name.clone(),
-                source,
-            })?;
-            let file_labels = inputs.iter().map(|(id, i)| (id.clone(), i.label.clone())).collect();
+            let (fd, inputs): (_, Inputs) =
+                fetch::resolve_data(&d.source, d.split.as_deref(), hashes).map_err(|source| {
+                    PlanError::Resolve {
+                        stage: fetch_name.clone(),
+                        source,
+                    }
+                })?;
+            let file_labels = inputs
+                .iter()
+                .map(|(id, i)| (id.clone(), i.label.clone()))
+                .collect();
             stages.push(PlannedStage {
                 name: fetch_name,
                 stage: AnyStage::FetchData(fd),
@@ -124,13 +140,15 @@ pub fn build(s: &Settings, hashes: &FileHashCache<'_>) -> Result<Plan, PlanError
             });
             let fetch_idx = stages.len() - 1;
             let template = match &d.format {
-                DataFormat::ChatTemplate { template, .. } => Some(template_source(template.as_ref().unwrap_or(&s.chat_template))),
+                DataFormat::ChatTemplate { template, .. } => Some(template_source(
+                    template.as_ref().unwrap_or(&s.chat_template),
+                )),
                 _ => None,
             };
             let label = format!("{group}[{i}]");
             stages.push(PlannedStage {
                 name: format!("tokenize{suffix}"),
-                stage: AnyStage::Tokenize(Tokenize {
+                stage: AnyStage::Tokenize(Box::new(Tokenize {
                     label: label.clone(),
                     path_display: d.path.clone(),
                     format: d.format.clone(),
@@ -142,11 +160,17 @@ pub fn build(s: &Settings, hashes: &FileHashCache<'_>) -> Result<Plan, PlanError
                     default_system_message: s.default_system_message.clone(),
                     eot_tokens: s.eot_tokens.clone(),
                     file_labels,
-                }),
+                })),
                 inputs: Inputs::new(),
                 deps: vec![
-                    Dep { stage: 0, files: Some(TOKENIZER_FILES) },
-                    Dep { stage: fetch_idx, files: None },
+                    Dep {
+                        stage: 0,
+                        files: Some(TOKENIZER_FILES),
+                    },
+                    Dep {
+                        stage: fetch_idx,
+                        files: None,
+                    },
                 ],
             });
             tokenize_ids.push(stages.len() - 1);
@@ -167,7 +191,13 @@ pub fn build(s: &Settings, hashes: &FileHashCache<'_>) -> Result<Plan, PlanError
             dataset_labels: labels,
         }),
         inputs: Inputs::new(),
-        deps: tokenize_ids.iter().map(|&t| Dep { stage: t, files: None }).collect(),
+        deps: tokenize_ids
+            .iter()
+            .map(|&t| Dep {
+                stage: t,
+                files: None,
+            })
+            .collect(),
     });
     finish(stages)
 }
@@ -184,7 +214,11 @@ fn finish(stages: Vec<PlannedStage>) -> Result<Plan, PlanError> {
     // Stages are declared upstream-first, so declaration order is a topological order that
     // reads naturally (model, then each dataset, then pack).
     let order = (0..stages.len()).collect();
-    Ok(Plan { stages, graph, order })
+    Ok(Plan {
+        stages,
+        graph,
+        order,
+    })
 }
 
 impl Plan {
@@ -201,7 +235,9 @@ impl Plan {
         let mut stack = Vec::new();
         for t in targets {
             let hits: Vec<usize> = match StageKind::parse(t) {
-                Some(k) => (0..self.stages.len()).filter(|&i| self.stages[i].kind() == k).collect(),
+                Some(k) => (0..self.stages.len())
+                    .filter(|&i| self.stages[i].kind() == k)
+                    .collect(),
                 None => self.index_of(t).into_iter().collect(),
             };
             if hits.is_empty() {
@@ -224,7 +260,9 @@ impl Plan {
 
     /// Graphviz of the DAG.
     pub fn dot(&self, labels: &[String]) -> String {
-        let mut s = String::from("digraph kiln {\n  rankdir=LR;\n  node [shape=box, fontname=\"monospace\"];\n");
+        let mut s = String::from(
+            "digraph kiln {\n  rankdir=LR;\n  node [shape=box, fontname=\"monospace\"];\n",
+        );
         for (i, st) in self.stages.iter().enumerate() {
             let extra = labels.get(i).map(|l| format!("\\n{l}")).unwrap_or_default();
             s.push_str(&format!("  s{i} [label=\"{}{}\"];\n", st.name, extra));

@@ -15,8 +15,17 @@ use std::path::{Path, PathBuf};
 /// Where one fetched file comes from.
 #[derive(Debug, Clone, PartialEq)]
 pub enum FileSource {
-    Local { path: PathBuf, digest: String },
-    Hub { repo: String, revision: String, commit: String, kind: Kind, file: String },
+    Local {
+        path: PathBuf,
+        digest: String,
+    },
+    Hub {
+        repo: String,
+        revision: String,
+        commit: String,
+        kind: Kind,
+        file: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -69,7 +78,12 @@ fn is_model_file(name: &str) -> bool {
     ) || (name.ends_with(".safetensors") && !name.contains('/'))
 }
 
-fn local_file(path: &Path, dest: String, hashes: &FileHashCache<'_>, inputs: &mut Inputs) -> Result<FetchFile, ResolveError> {
+fn local_file(
+    path: &Path,
+    dest: String,
+    hashes: &FileHashCache<'_>,
+    inputs: &mut Inputs,
+) -> Result<FetchFile, ResolveError> {
     let digest = hashes.hash(path)?;
     inputs.insert(
         dest.clone(),
@@ -87,12 +101,21 @@ fn local_file(path: &Path, dest: String, hashes: &FileHashCache<'_>, inputs: &mu
     })
 }
 
-pub fn resolve_model(src: &ModelSource, hashes: &FileHashCache<'_>) -> Result<(FetchModel, Inputs), ResolveError> {
+pub fn resolve_model(
+    src: &ModelSource,
+    hashes: &FileHashCache<'_>,
+) -> Result<(FetchModel, Inputs), ResolveError> {
     let mut inputs = Inputs::new();
     match src {
         ModelSource::Gguf(p) => {
             let f = local_file(p, "model.gguf".into(), hashes, &mut inputs)?;
-            Ok((FetchModel { files: vec![f], gguf: true }, inputs))
+            Ok((
+                FetchModel {
+                    files: vec![f],
+                    gguf: true,
+                },
+                inputs,
+            ))
         }
         ModelSource::LocalDir(dir) => {
             let rd = std::fs::read_dir(dir).map_err(|e| ResolveError::Local {
@@ -128,7 +151,13 @@ pub fn resolve_model(src: &ModelSource, hashes: &FileHashCache<'_>) -> Result<(F
                 }));
             }
             let id = format!("hub:{repo}@{revision}");
-            inputs.insert(id.clone(), Input { digest: r.commit.clone(), label: id });
+            inputs.insert(
+                id.clone(),
+                Input {
+                    digest: r.commit.clone(),
+                    label: id,
+                },
+            );
             let files = names
                 .into_iter()
                 .map(|n| FetchFile {
@@ -152,7 +181,11 @@ const DATA_EXTS: &[&str] = &[".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parqu
 /// A dataset file's name inside the fetch output: its position and its format's extension, not
 /// its name, so renaming a file keeps its key.
 fn data_dest(i: usize, name: &str) -> String {
-    let ext = DATA_EXTS.iter().find(|e| name.ends_with(*e)).copied().unwrap_or(".jsonl");
+    let ext = DATA_EXTS
+        .iter()
+        .find(|e| name.ends_with(*e))
+        .copied()
+        .unwrap_or(".jsonl");
     format!("{i:04}{ext}")
 }
 
@@ -174,11 +207,20 @@ pub fn resolve_data(
         DataSource::Local(paths) => {
             let mut files = Vec::new();
             for (i, p) in paths.iter().enumerate() {
-                files.push(local_file(p, data_dest(i, p.to_str().unwrap_or("")), hashes, &mut inputs)?);
+                files.push(local_file(
+                    p,
+                    data_dest(i, p.to_str().unwrap_or("")),
+                    hashes,
+                    &mut inputs,
+                )?);
             }
             Ok((FetchData { files }, inputs))
         }
-        DataSource::Hub { repo, revision, data_files } => {
+        DataSource::Hub {
+            repo,
+            revision,
+            data_files,
+        } => {
             let r = hub::resolve(repo, revision, Kind::Dataset)?;
             let is_data = |n: &str| DATA_EXTS.iter().any(|e| n.ends_with(e));
             let mut chosen: Vec<String> = if !data_files.is_empty() {
@@ -195,11 +237,17 @@ pub fn resolve_data(
                             .iter()
                             .filter(|n| {
                                 let base = n.rsplit('/').next().unwrap_or(n);
-                                base.starts_with(s) || n.contains(&format!("/{s}")) || n.starts_with(&format!("{s}/"))
+                                base.starts_with(s)
+                                    || n.contains(&format!("/{s}"))
+                                    || n.starts_with(&format!("{s}/"))
                             })
                             .cloned()
                             .collect();
-                        if sel.is_empty() { all } else { sel }
+                        if sel.is_empty() {
+                            all
+                        } else {
+                            sel
+                        }
                     }
                     None => all,
                 }
@@ -216,7 +264,13 @@ pub fn resolve_data(
                 }));
             }
             let id = format!("hub:datasets/{repo}@{revision}");
-            inputs.insert(id.clone(), Input { digest: r.commit.clone(), label: id });
+            inputs.insert(
+                id.clone(),
+                Input {
+                    digest: r.commit.clone(),
+                    label: id,
+                },
+            );
             let files = chosen
                 .into_iter()
                 .enumerate()
@@ -248,7 +302,13 @@ fn materialize(f: &FetchFile, out: &Path) -> Result<(), StageError> {
                 return Err(StageError::InputChanged { path: path.clone() });
             }
         }
-        FileSource::Hub { repo, revision, commit, kind, file } => {
+        FileSource::Hub {
+            repo,
+            revision,
+            commit,
+            kind,
+            file,
+        } => {
             let p = hub::download(repo, commit, *kind, file)?;
             std::fs::copy(&p, &dest).map_err(io_err(&p))?;
             hub::pin_ref(repo, revision, commit, *kind);
@@ -263,7 +323,9 @@ fn describe(files: &[FetchFile]) -> Value {
             .iter()
             .map(|f| match &f.src {
                 FileSource::Local { .. } => json!({"dest": f.dest}),
-                FileSource::Hub { repo, file, .. } => json!({"dest": f.dest, "hub": repo, "file": file}),
+                FileSource::Hub { repo, file, .. } => {
+                    json!({"dest": f.dest, "hub": repo, "file": file})
+                }
             })
             .collect(),
     )

@@ -125,7 +125,11 @@ pub fn pin_ref(id: &str, revision: &str, commit: &str, kind: Kind) {
         return;
     }
     let r = repo(id, revision, kind);
-    let refp = Cache::from_env().path().join(r.folder_name()).join("refs").join(revision);
+    let refp = Cache::from_env()
+        .path()
+        .join(r.folder_name())
+        .join("refs")
+        .join(revision);
     if let Some(parent) = refp.parent() {
         let _ = std::fs::create_dir_all(parent);
     }

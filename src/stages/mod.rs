@@ -107,7 +107,7 @@ pub trait Stage {
 pub enum AnyStage {
     FetchModel(fetch::FetchModel),
     FetchData(fetch::FetchData),
-    Tokenize(tokenize::Tokenize),
+    Tokenize(Box<tokenize::Tokenize>),
     Pack(pack::Pack),
 }
 

@@ -59,23 +59,54 @@ impl Stage for Pack {
             }
             sets.push(set);
             let sp = up.dir.join("stats.json");
-            let st: TokenizeStats = serde_json::from_slice(&std::fs::read(&sp).map_err(super::io_err(&sp))?)
-                .map_err(|e| StageError::Invalid(format!("{}: {e}", sp.display())))?;
+            let st: TokenizeStats =
+                serde_json::from_slice(&std::fs::read(&sp).map_err(super::io_err(&sp))?)
+                    .map_err(|e| StageError::Invalid(format!("{}: {e}", sp.display())))?;
             stats.push((self.dataset_labels.get(d).cloned().unwrap_or_default(), st));
         }
         let (train_sets, test_sets) = sets.split_at(self.n_train_sets.min(sets.len()));
         let seq = self.sequence_len as usize;
-        let (train_refs, mut val_refs) = merge_and_split(train_sets, self.shuffle, self.seed, if test_sets.is_empty() { self.val_set_size } else { ValSetSize::Fraction(0.0) });
-        let train = build_split(train_sets, &train_refs, seq, self.sample_packing, self.group_by_length, self.seed);
+        let (train_refs, mut val_refs) = merge_and_split(
+            train_sets,
+            self.shuffle,
+            self.seed,
+            if test_sets.is_empty() {
+                self.val_set_size
+            } else {
+                ValSetSize::Fraction(0.0)
+            },
+        );
+        let train = build_split(
+            train_sets,
+            &train_refs,
+            seq,
+            self.sample_packing,
+            self.group_by_length,
+            self.seed,
+        );
         let val = if test_sets.is_empty() {
-            build_split(train_sets, &val_refs, seq, self.eval_sample_packing, false, self.seed)
+            build_split(
+                train_sets,
+                &val_refs,
+                seq,
+                self.eval_sample_packing,
+                false,
+                self.seed,
+            )
         } else {
             val_refs = test_sets
                 .iter()
                 .enumerate()
                 .flat_map(|(d, s)| (0..s.len()).map(move |i| (d, i)))
                 .collect();
-            build_split(test_sets, &val_refs, seq, self.eval_sample_packing, false, self.seed)
+            build_split(
+                test_sets,
+                &val_refs,
+                seq,
+                self.eval_sample_packing,
+                false,
+                self.seed,
+            )
         };
         if train.set.is_empty() {
             return Err(StageError::Invalid(

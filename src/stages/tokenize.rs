@@ -6,11 +6,11 @@ use super::{write_json, RunCx, Stage, StageError, StageKind};
 use crate::config::{DataFormat, ExcessLength};
 use crate::data::format::FormatCtx;
 use crate::data::read::read_records_as;
-use std::collections::BTreeMap;
 use crate::data::tokenize::{tokenize_records, TokenizeOpts};
 use crate::text::template::ChatTemplate;
 use crate::text::{TextError, TextTokenizer};
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
 
 /// Which template text a chat dataset renders with.
 #[derive(Debug, Clone, PartialEq)]
@@ -39,11 +39,20 @@ pub struct Tokenize {
 
 /// End-of-turn markers of common templates, used when `eot_tokens` is not set and the
 /// tokenizer knows the token.
-const KNOWN_EOT: &[&str] = &["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>"];
+const KNOWN_EOT: &[&str] = &[
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "</s>",
+];
 
 impl Tokenize {
     /// Loads the tokenizer and template from the fetched model entry.
-    pub fn load_text(&self, model_dir: &std::path::Path) -> Result<(TextTokenizer, Option<ChatTemplate>, Vec<String>), StageError> {
+    pub fn load_text(
+        &self,
+        model_dir: &std::path::Path,
+    ) -> Result<(TextTokenizer, Option<ChatTemplate>, Vec<String>), StageError> {
         let tok = TextTokenizer::load_dir(model_dir)?;
         let template = match &self.template {
             None => None,
@@ -96,13 +105,22 @@ impl Stage for Tokenize {
 
     fn run(&self, cx: &mut RunCx<'_>) -> Result<(), StageError> {
         let [model, data] = cx.upstream else {
-            return Err(StageError::Invalid("tokenize needs the model and one dataset upstream".into()));
+            return Err(StageError::Invalid(
+                "tokenize needs the model and one dataset upstream".into(),
+            ));
         };
         let (tok, template, eot) = self.load_text(&model.dir)?;
         let mut records = Vec::new();
         for f in &data.manifest.files {
-            let shown = self.file_labels.get(&f.path).cloned().unwrap_or_else(|| f.path.clone());
-            records.extend(read_records_as(&data.dir.join(&f.path), std::path::Path::new(&shown))?);
+            let shown = self
+                .file_labels
+                .get(&f.path)
+                .cloned()
+                .unwrap_or_else(|| f.path.clone());
+            records.extend(read_records_as(
+                &data.dir.join(&f.path),
+                std::path::Path::new(&shown),
+            )?);
         }
         if records.is_empty() {
             return Err(StageError::Data(crate::data::DataError::Dataset {

@@ -38,8 +38,12 @@ pub fn tokenizer_files(path: &Path) -> Result<GgufTokenizerFiles, TextError> {
     let get_str = |k: &str| md.get(k).and_then(|v| v.to_string().ok()).cloned();
     let get_u32 = |k: &str| md.get(k).and_then(|v| v.to_u32().ok());
     let architecture = get_str("general.architecture").unwrap_or_else(|| "llama".into());
-    let model = get_str("tokenizer.ggml.model")
-        .ok_or_else(|| err(path, "no tokenizer.ggml.model metadata: this GGUF carries no tokenizer"))?;
+    let model = get_str("tokenizer.ggml.model").ok_or_else(|| {
+        err(
+            path,
+            "no tokenizer.ggml.model metadata: this GGUF carries no tokenizer",
+        )
+    })?;
     if model != "gpt2" {
         return Err(err(
             path,
@@ -80,9 +84,7 @@ pub fn tokenizer_files(path: &Path) -> Result<GgufTokenizerFiles, TextError> {
         }
     }
     let pre = get_str("tokenizer.ggml.pre").unwrap_or_else(|| "default".into());
-    let byte_level = |use_regex: bool| {
-        json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex})
-    };
+    let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
     let pre_tokenizer = match pre.as_str() {
         "smollm" => json!({"type": "Sequence", "pretokenizers": [
             {"type": "Digits", "individual_digits": true}, byte_level(true)]}),

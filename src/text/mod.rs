@@ -39,12 +39,11 @@ impl TextTokenizer {
             path: tj.clone(),
             source,
         })?;
-        let tokenizer = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| {
-            TextError::BadTokenizer {
+        let tokenizer =
+            tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| TextError::BadTokenizer {
                 path: tj.clone(),
                 message: e.to_string(),
-            }
-        })?;
+            })?;
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: Value = match std::fs::read(&cfg_path) {
             Ok(b) => serde_json::from_slice(&b).map_err(|e| TextError::BadTokenizer {

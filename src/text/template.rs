@@ -43,7 +43,11 @@ fn strftime_now(fmt: String) -> String {
 }
 
 impl ChatTemplate {
-    pub fn new(source: &str, bos_token: Option<&str>, eos_token: Option<&str>) -> Result<Self, TextError> {
+    pub fn new(
+        source: &str,
+        bos_token: Option<&str>,
+        eos_token: Option<&str>,
+    ) -> Result<Self, TextError> {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
@@ -59,7 +63,11 @@ impl ChatTemplate {
         })
     }
 
-    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, TextError> {
+    pub fn render(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<String, TextError> {
         let tmpl = self
             .env
             .get_template("chat")
@@ -83,20 +91,40 @@ mod tests {
         let t = ChatTemplate::new(builtin("chatml").unwrap(), None, None).unwrap();
         let out = t
             .render(
-                &[Message { role: "user".into(), content: "Hi".into() }],
+                &[Message {
+                    role: "user".into(),
+                    content: "Hi".into(),
+                }],
                 true,
             )
             .unwrap();
-        assert_eq!(out, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
+        assert_eq!(
+            out,
+            "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        );
     }
 
     #[test]
     fn python_methods_and_raise_work() {
         let src = "{% for m in messages %}{% if m.role not in ['user', 'assistant'] %}{{ raise_exception('bad role') }}{% endif %}{{ m.content.strip().upper() }}{% endfor %}";
         let t = ChatTemplate::new(src, None, None).unwrap();
-        let ok = t.render(&[Message { role: "user".into(), content: " hi ".into() }], false).unwrap();
+        let ok = t
+            .render(
+                &[Message {
+                    role: "user".into(),
+                    content: " hi ".into(),
+                }],
+                false,
+            )
+            .unwrap();
         assert_eq!(ok, "HI");
-        let bad = t.render(&[Message { role: "robot".into(), content: "x".into() }], false);
+        let bad = t.render(
+            &[Message {
+                role: "robot".into(),
+                content: "x".into(),
+            }],
+            false,
+        );
         assert!(bad.unwrap_err().to_string().contains("bad role"));
     }
 }

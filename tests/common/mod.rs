@@ -12,7 +12,10 @@ pub const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + messa
 
 /// GPT-2's byte-to-unicode map: the alphabet of byte-level BPE.
 fn byte_alphabet() -> Vec<char> {
-    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
     let mut cs = bs.clone();
     let mut n = 0;
     for b in 0..256u32 {
@@ -24,7 +27,10 @@ fn byte_alphabet() -> Vec<char> {
     }
     let mut pairs: Vec<(u32, u32)> = bs.into_iter().zip(cs).collect();
     pairs.sort();
-    pairs.into_iter().map(|(_, c)| char::from_u32(c).unwrap()).collect()
+    pairs
+        .into_iter()
+        .map(|(_, c)| char::from_u32(c).unwrap())
+        .collect()
 }
 
 /// A tiny byte-level BPE: specials 0..3, the 256 byte symbols, and a few merges.
@@ -64,12 +70,21 @@ pub fn tiny_tokenizer_json() -> Value {
 
 pub fn write_model_dir(dir: &Path, template: Option<&str>) {
     std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("tokenizer.json"), serde_json::to_vec_pretty(&tiny_tokenizer_json()).unwrap()).unwrap();
-    let mut cfg = json!({"bos_token": null, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"});
+    std::fs::write(
+        dir.join("tokenizer.json"),
+        serde_json::to_vec_pretty(&tiny_tokenizer_json()).unwrap(),
+    )
+    .unwrap();
+    let mut cfg =
+        json!({"bos_token": null, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"});
     if let Some(t) = template {
         cfg["chat_template"] = json!(t);
     }
-    std::fs::write(dir.join("tokenizer_config.json"), serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        serde_json::to_vec_pretty(&cfg).unwrap(),
+    )
+    .unwrap();
     std::fs::write(dir.join("config.json"), br#"{"architectures":["LlamaForCausalLM"],"model_type":"llama","hidden_size":16,"num_hidden_layers":2,"vocab_size":270}"#).unwrap();
 }
 
@@ -142,14 +157,21 @@ impl Project {
 }
 
 pub fn status<'a>(plan: &'a [StageStatus], name: &str) -> &'a StageStatus {
-    plan.iter().find(|s| s.name == name).unwrap_or_else(|| panic!("no stage {name}"))
+    plan.iter()
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("no stage {name}"))
 }
 
 pub fn stale_names(plan: &[StageStatus]) -> Vec<String> {
-    plan.iter().filter(|s| s.state == kiln::scheduler::State::Stale).map(|s| s.name.clone()).collect()
+    plan.iter()
+        .filter(|s| s.state == kiln::scheduler::State::Stale)
+        .map(|s| s.name.clone())
+        .collect()
 }
 
 /// Pin compute to one thread: candle's and rayon's pools spin-wait when cores are contended.
 pub fn one_thread() {
-    let _ = rayon::ThreadPoolBuilder::new().num_threads(1).build_global();
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build_global();
 }

@@ -11,3 +11,4 @@ pub mod scheduler;
 pub mod stages;
 pub mod text;
 pub mod workspace;
+pub mod bench;

@@ -76,6 +76,18 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Print benchmark figures (preprocess: cold/again/no-op/throughput) on generated data.
+    Bench {
+        /// What to measure: `preprocess`.
+        #[arg(default_value = "preprocess")]
+        what: String,
+        /// The model whose tokenizer to use (.gguf or HF directory).
+        #[arg(long, default_value = "cache/models/SmolLM2-135M-Instruct.Q4_1.gguf")]
+        model: PathBuf,
+        /// Scratch directory for generated data and caches.
+        #[arg(long, default_value = "cache/bench")]
+        work: PathBuf,
+    },
     /// Inspect and maintain the cache.
     Cache {
         #[command(subcommand)]
@@ -593,6 +605,21 @@ fn real_main() -> Result<ExitCode> {
             }
         }
         Cmd::Cache { cmd, dir } => return cache_cmd(cmd, dir),
+        Cmd::Bench { what, model, work } => {
+            if what != "preprocess" {
+                anyhow::bail!("kiln bench: unknown benchmark `{what}` (available: preprocess)");
+            }
+            init_threads(None);
+            if !model.exists() {
+                anyhow::bail!("kiln bench: {} not found; run scripts/fetch-smollm2.sh or pass --model", model.display());
+            }
+            let exe = std::env::current_exe().ok();
+            println!("kiln bench preprocess ({} threads)", rayon::current_num_threads());
+            for f in kiln::bench::preprocess(&work, &model, exe.as_deref())? {
+                let v = if f.value >= 1e5 { format!("{:.0}", f.value) } else if f.value >= 100.0 { format!("{:.1}", f.value) } else { format!("{:.3}", f.value) };
+                println!("  {:<42} {:>12} {:<9} {}", f.name, v, f.unit, f.note);
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -12,6 +12,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
+// Tokenization allocates many small buffers per record; mimalloc's thread-local free lists cut
+// allocator time (about 40% of the tokenize stage under glibc malloc, measured with perf).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "kiln",

@@ -353,3 +353,41 @@ fn masks_follow_bytes_in_non_ascii_text() {
     let (ids, mask) = set.sample(0);
     assert_eq!(trained_text(&t, ids, mask), "カフェ — naïve<|im_end|>");
 }
+
+/// Writes an alpaca Parquet file (snappy) with the parquet crate's low-level writer.
+fn write_parquet(path: &std::path::Path, rows: &[(&str, &str, &str)]) {
+    use parquet::basic::Compression;
+    use parquet::data_type::{ByteArray, ByteArrayType};
+    use parquet::file::properties::WriterProperties;
+    use parquet::file::writer::SerializedFileWriter;
+    use parquet::schema::parser::parse_message_type;
+    use std::sync::Arc;
+    let schema = Arc::new(parse_message_type("message schema { REQUIRED BYTE_ARRAY instruction (UTF8); REQUIRED BYTE_ARRAY input (UTF8); REQUIRED BYTE_ARRAY output (UTF8); }").unwrap());
+    let props = Arc::new(WriterProperties::builder().set_compression(Compression::SNAPPY).build());
+    let mut w = SerializedFileWriter::new(std::fs::File::create(path).unwrap(), schema, props).unwrap();
+    let mut rg = w.next_row_group().unwrap();
+    let mut c = 0;
+    while let Some(mut col) = rg.next_column().unwrap() {
+        let vals: Vec<ByteArray> = rows.iter().map(|r| ByteArray::from([r.0, r.1, r.2][c])).collect();
+        col.typed::<ByteArrayType>().write_batch(&vals, None, None).unwrap();
+        col.close().unwrap();
+        c += 1;
+    }
+    rg.close().unwrap();
+    w.close().unwrap();
+}
+
+#[test]
+fn parquet_datasets_are_read() {
+    one_thread();
+    let p = Project::new("");
+    write_parquet(&p.path("data/extra.parquet"), &[("Name a color", "", "blue"), ("Echo", "hi", "hi"), ("Count", "1 2", "3")]);
+    let cfg = std::fs::read_to_string(&p.config).unwrap().replace("datasets:\n", "datasets:\n  - path: data/extra.parquet\n    type: alpaca\n");
+    std::fs::write(&p.config, cfg).unwrap();
+    p.run(&[]);
+    let st = p.ws(&[]).pack_stats().unwrap();
+    assert_eq!(st.datasets[0].1.records, 3);
+    assert_eq!(st.datasets[0].1.samples, 3);
+    let ex = p.ws(&[]).debug_examples(1).unwrap();
+    assert!(ex[0].text.contains("### Instruction:\nName a color\n\n### Response:\nblue"), "{}", ex[0].text);
+}

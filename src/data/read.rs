@@ -1,5 +1,6 @@
 //! Reads dataset files into JSON records: `.jsonl`, `.json` (an array, or `{"data": [...]}`),
-//! and either gzip-compressed (`.jsonl.gz`, `.json.gz`).
+//! either gzip-compressed (`.jsonl.gz`, `.json.gz`), and Parquet (rows become JSON objects;
+//! nested lists and structs, e.g. `messages`, become arrays and objects).
 
 use super::DataError;
 use serde_json::Value;
@@ -28,10 +29,13 @@ pub fn read_records_as(path: &Path, shown: &Path) -> Result<Vec<Record>, DataErr
         None => (name, false),
     };
     if stem.ends_with(".parquet") {
-        return Err(DataError::Unsupported {
-            path: shown.to_path_buf(),
-            message: "not supported yet: Parquet datasets; convert to JSONL (e.g. `python -c \"import pandas as pd; pd.read_parquet('f.parquet').to_json('f.jsonl', orient='records', lines=True)\"`)".into(),
-        });
+        if gz {
+            return Err(DataError::Unsupported {
+                path: shown.to_path_buf(),
+                message: "a gzip-compressed Parquet file; Parquet compresses internally, decompress it".into(),
+            });
+        }
+        return read_parquet(path, shown);
     }
     let raw = std::fs::read(path).map_err(io)?;
     let text = if gz {
@@ -96,6 +100,28 @@ pub fn read_records_as(path: &Path, shown: &Path) -> Result<Vec<Record>, DataErr
             message: e.to_string(),
         })?;
         out.push(Record { value, line: i + 1 });
+    }
+    Ok(out)
+}
+
+fn read_parquet(path: &Path, shown: &Path) -> Result<Vec<Record>, DataError> {
+    use parquet::file::reader::SerializedFileReader;
+    let bad = |message: String| DataError::BadJson {
+        path: shown.to_path_buf(),
+        message: format!("not a readable Parquet file: {message}"),
+    };
+    let file = std::fs::File::open(path).map_err(|source| DataError::Io {
+        path: shown.to_path_buf(),
+        source,
+    })?;
+    let reader = SerializedFileReader::try_from(file).map_err(|e| bad(e.to_string()))?;
+    let mut out = Vec::new();
+    for row in reader {
+        let row = row.map_err(|e| bad(e.to_string()))?;
+        out.push(Record {
+            value: row.to_json_value(),
+            line: 0,
+        });
     }
     Ok(out)
 }

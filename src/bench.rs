@@ -9,16 +9,20 @@ use std::path::Path;
 use std::time::Instant;
 
 const WORDS: &[&str] = &[
-    "model", "data", "river", "system", "quickly", "market", "energy", "history", "network", "garden",
-    "value", "process", "light", "student", "planet", "memory", "signal", "policy", "kitchen", "engine",
-    "ocean", "theory", "window", "language", "pattern", "budget", "mountain", "record", "balance", "village",
-    "the", "of", "and", "to", "in", "is", "that", "for", "with", "as", "on", "by", "it", "an", "be", "this",
+    "model", "data", "river", "system", "quickly", "market", "energy", "history", "network",
+    "garden", "value", "process", "light", "student", "planet", "memory", "signal", "policy",
+    "kitchen", "engine", "ocean", "theory", "window", "language", "pattern", "budget", "mountain",
+    "record", "balance", "village", "the", "of", "and", "to", "in", "is", "that", "for", "with",
+    "as", "on", "by", "it", "an", "be", "this",
 ];
 
 const FAMILIES: &[(&str, bool)] = &[
     ("Summarize the following paragraph in one sentence.", true),
     ("Translate the text into French.", true),
-    ("Classify the sentiment of this review as positive or negative.", true),
+    (
+        "Classify the sentiment of this review as positive or negative.",
+        true,
+    ),
     ("Write a short poem about the topic.", true),
     ("Extract every person's name from the passage.", true),
     ("Give three tips for staying healthy.", false),
@@ -56,10 +60,17 @@ pub fn alpaca_rows(n: usize, seed: u64) -> String {
     for i in 0..n {
         let (instr, has_input) = FAMILIES[i % FAMILIES.len()];
         let n_in = 5 + rng.below(120) as usize;
-        let input = if has_input { words(&mut rng, n_in) } else { String::new() };
+        let input = if has_input {
+            words(&mut rng, n_in)
+        } else {
+            String::new()
+        };
         let n_out = 3 + rng.below(110) as usize;
         let output = words(&mut rng, n_out);
-        out.push_str(&serde_json::json!({"instruction": instr, "input": input, "output": output}).to_string());
+        out.push_str(
+            &serde_json::json!({"instruction": instr, "input": input, "output": output})
+                .to_string(),
+        );
         out.push('\n');
     }
     out
@@ -74,7 +85,12 @@ pub struct Figure {
 }
 
 fn fig(name: &str, value: f64, unit: &'static str, note: &str) -> Figure {
-    Figure { name: name.into(), value, unit, note: note.into() }
+    Figure {
+        name: name.into(),
+        value,
+        unit,
+        note: note.into(),
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -84,7 +100,11 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Runs the preprocess benchmark in `work` with the model at `model` (a .gguf or HF directory).
 /// `kiln_exe` is the binary to time for no-op commands (process start included).
-pub fn preprocess(work: &Path, model: &Path, kiln_exe: Option<&Path>) -> Result<Vec<Figure>, KilnError> {
+pub fn preprocess(
+    work: &Path,
+    model: &Path,
+    kiln_exe: Option<&Path>,
+) -> Result<Vec<Figure>, KilnError> {
     let io = |e: std::io::Error| KilnError::NotBuilt(format!("bench: {e}"));
     std::fs::create_dir_all(work).map_err(io)?;
     let work = &std::fs::canonicalize(work).map_err(io)?;
@@ -107,9 +127,23 @@ pub fn preprocess(work: &Path, model: &Path, kiln_exe: Option<&Path>) -> Result<
     let ws = Workspace::open(&cfg, &[])?;
     ws.scheduler().run(&RunOptions::default(), &mut |_| {})?;
     let cold = t.elapsed().as_secs_f64();
-    let tok_ms = ws.index.stage(&stage_key(&ws, "tokenize[0]")?)?.map(|r| r.2).unwrap_or(0);
-    figs.push(fig("preprocess 2k rows, cold", cold, "s", "Axolotl 0.19: 33.5 s; target < 2 s"));
-    figs.push(fig("  of which tokenize stage", tok_ms as f64 / 1000.0, "s", ""));
+    let tok_ms = ws
+        .index
+        .stage(&stage_key(&ws, "tokenize[0]")?)?
+        .map(|r| r.2)
+        .unwrap_or(0);
+    figs.push(fig(
+        "preprocess 2k rows, cold",
+        cold,
+        "s",
+        "Axolotl 0.19: 33.5 s; target < 2 s",
+    ));
+    figs.push(fig(
+        "  of which tokenize stage",
+        tok_ms as f64 / 1000.0,
+        "s",
+        "",
+    ));
     let mut again = Vec::new();
     for _ in 0..5 {
         let t = Instant::now();
@@ -117,19 +151,40 @@ pub fn preprocess(work: &Path, model: &Path, kiln_exe: Option<&Path>) -> Result<
         ws.scheduler().run(&RunOptions::default(), &mut |_| {})?;
         again.push(t.elapsed().as_secs_f64() * 1000.0);
     }
-    figs.push(fig("preprocess 2k rows, again (in-process)", median(again), "ms", "Axolotl 0.19: 31.5 s; target < 30 ms"));
+    figs.push(fig(
+        "preprocess 2k rows, again (in-process)",
+        median(again),
+        "ms",
+        "Axolotl 0.19: 31.5 s; target < 30 ms",
+    ));
     if let Some(exe) = kiln_exe {
-        for (what, args) in [("no-op `kiln run` (process)", "run"), ("`kiln plan` (process)", "plan")] {
+        for (what, args) in [
+            ("no-op `kiln run` (process)", "run"),
+            ("`kiln plan` (process)", "plan"),
+        ] {
             let mut v = Vec::new();
             for _ in 0..5 {
                 let t = Instant::now();
-                let out = std::process::Command::new(exe).arg(args).arg(&cfg).current_dir(work).output().map_err(io)?;
+                let out = std::process::Command::new(exe)
+                    .arg(args)
+                    .arg(&cfg)
+                    .current_dir(work)
+                    .output()
+                    .map_err(io)?;
                 if !out.status.success() {
-                    return Err(KilnError::NotBuilt(format!("bench: kiln {args} failed: {}", String::from_utf8_lossy(&out.stderr))));
+                    return Err(KilnError::NotBuilt(format!(
+                        "bench: kiln {args} failed: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    )));
                 }
                 v.push(t.elapsed().as_secs_f64() * 1000.0);
             }
-            figs.push(fig(what, median(v), "ms", "DVC 3.67: 770 ms repro / 620 ms status; target < 30 ms"));
+            figs.push(fig(
+                what,
+                median(v),
+                "ms",
+                "DVC 3.67: 770 ms repro / 620 ms status; target < 30 ms",
+            ));
         }
     }
 
@@ -146,14 +201,25 @@ pub fn preprocess(work: &Path, model: &Path, kiln_exe: Option<&Path>) -> Result<
     .map_err(io)?;
     let _ = std::fs::remove_dir_all(work.join("cache20k"));
     let ws = Workspace::open(&cfg, &[])?;
-    ws.scheduler().run(&RunOptions { targets: vec!["tokenize[0]".into()], force: vec![] }, &mut |_| {})?;
+    ws.scheduler().run(
+        &RunOptions {
+            targets: vec!["tokenize[0]".into()],
+            force: vec![],
+        },
+        &mut |_| {},
+    )?;
     let key = stage_key(&ws, "tokenize[0]")?;
     let ms = ws.index.stage(&key)?.map(|r| r.2).unwrap_or(0) as f64;
     let stats: crate::data::tokenize::TokenizeStats = serde_json::from_slice(
         &std::fs::read(ws.cache.entry_dir(&key).join("stats.json")).map_err(io)?,
     )
     .map_err(|e| KilnError::NotBuilt(e.to_string()))?;
-    figs.push(fig("tokenize 20k alpaca rows", ms / 1000.0, "s", &format!("{} tokens", stats.tokens)));
+    figs.push(fig(
+        "tokenize 20k alpaca rows",
+        ms / 1000.0,
+        "s",
+        &format!("{} tokens", stats.tokens),
+    ));
     figs.push(fig(
         "  throughput",
         stats.tokens as f64 / (ms / 1000.0),

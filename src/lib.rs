@@ -1,6 +1,10 @@
 //! kiln: fine-tuning as an incremental build. See ARCHITECTURE.md for the code map.
-#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 
+pub mod bench;
 pub mod cache;
 pub mod config;
 pub mod data;
@@ -11,4 +15,3 @@ pub mod scheduler;
 pub mod stages;
 pub mod text;
 pub mod workspace;
-pub mod bench;

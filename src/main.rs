@@ -616,12 +616,24 @@ fn real_main() -> Result<ExitCode> {
             }
             init_threads(None);
             if !model.exists() {
-                anyhow::bail!("kiln bench: {} not found; run scripts/fetch-smollm2.sh or pass --model", model.display());
+                anyhow::bail!(
+                    "kiln bench: {} not found; run scripts/fetch-smollm2.sh or pass --model",
+                    model.display()
+                );
             }
             let exe = std::env::current_exe().ok();
-            println!("kiln bench preprocess ({} threads)", rayon::current_num_threads());
+            println!(
+                "kiln bench preprocess ({} threads)",
+                rayon::current_num_threads()
+            );
             for f in kiln::bench::preprocess(&work, &model, exe.as_deref())? {
-                let v = if f.value >= 1e5 { format!("{:.0}", f.value) } else if f.value >= 100.0 { format!("{:.1}", f.value) } else { format!("{:.3}", f.value) };
+                let v = if f.value >= 1e5 {
+                    format!("{:.0}", f.value)
+                } else if f.value >= 100.0 {
+                    format!("{:.1}", f.value)
+                } else {
+                    format!("{:.3}", f.value)
+                };
                 println!("  {:<42} {:>12} {:<9} {}", f.name, v, f.unit, f.note);
             }
         }

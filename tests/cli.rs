@@ -148,3 +148,48 @@ fn cache_gc_keeps_referenced_entries() {
     let (_, out, _) = kiln(&p, &["run", "kiln.yml"]);
     assert!(out.contains("nothing to do"), "{out}");
 }
+
+#[test]
+fn kill_dash_nine_mid_run_never_leaves_a_finished_looking_entry() {
+    let p = Project::new("");
+    // Big enough that tokenize takes a while.
+    std::fs::write(p.path("data/alpaca.jsonl"), alpaca_rows(30000)).unwrap();
+    for delay_ms in [30u64, 120, 300, 600] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["run", "kiln.yml"])
+            .current_dir(p.dir.path())
+            .env("KILN_NUM_THREADS", "1")
+            .env_remove("KILN_CACHE")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        let _ = child.kill(); // SIGKILL: no destructors, no cleanup
+        let _ = child.wait();
+        let ws = p.ws(&[]);
+        for k in ws.cache.keys().unwrap() {
+            assert!(
+                ws.cache.manifest(&k).unwrap().is_some(),
+                "entry {k} without manifest after kill at {delay_ms} ms"
+            );
+            assert!(
+                ws.cache.verify(&k).is_empty(),
+                "entry {k} damaged after kill at {delay_ms} ms"
+            );
+        }
+    }
+    // The next run finishes the job, and cleans the dead staging directories.
+    let (code, out, err) = kiln(&p, &["run", "kiln.yml"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let ws = p.ws(&[]);
+    assert!(
+        kiln::scheduler::State::Fresh == status(&ws.scheduler().assess().unwrap(), "pack").state
+    );
+    assert_eq!(
+        std::fs::read_dir(ws.cache.root().join("tmp"))
+            .unwrap()
+            .count(),
+        0
+    );
+}

@@ -346,10 +346,23 @@ fn packed_bins_respect_sequence_len_and_restart_positions() {
 #[test]
 fn masks_follow_bytes_in_non_ascii_text() {
     let (_d, t) = tok();
-    let fmt = DataFormat::Alpaca { field_instruction: "instruction".into(), field_input: "input".into(), field_output: "output".into(), field_system: "system".into() };
-    let ctx = FormatCtx { template: None, eos_token: Some("<|im_end|>"), eot_tokens: &[], default_system_message: None };
-    let r = recs(vec![json!({"instruction": "Écris « café » en 日本語", "input": "ünïcödé", "output": "カフェ — naïve"})]);
-    let (set, _) = tokenize_records(&t, &fmt, &r, &ctx, &opts(4096, ExcessLength::Drop, false)).unwrap();
+    let fmt = DataFormat::Alpaca {
+        field_instruction: "instruction".into(),
+        field_input: "input".into(),
+        field_output: "output".into(),
+        field_system: "system".into(),
+    };
+    let ctx = FormatCtx {
+        template: None,
+        eos_token: Some("<|im_end|>"),
+        eot_tokens: &[],
+        default_system_message: None,
+    };
+    let r = recs(vec![
+        json!({"instruction": "Écris « café » en 日本語", "input": "ünïcödé", "output": "カフェ — naïve"}),
+    ]);
+    let (set, _) =
+        tokenize_records(&t, &fmt, &r, &ctx, &opts(4096, ExcessLength::Drop, false)).unwrap();
     let (ids, mask) = set.sample(0);
     assert_eq!(trained_text(&t, ids, mask), "カフェ — naïve<|im_end|>");
 }
@@ -363,13 +376,23 @@ fn write_parquet(path: &std::path::Path, rows: &[(&str, &str, &str)]) {
     use parquet::schema::parser::parse_message_type;
     use std::sync::Arc;
     let schema = Arc::new(parse_message_type("message schema { REQUIRED BYTE_ARRAY instruction (UTF8); REQUIRED BYTE_ARRAY input (UTF8); REQUIRED BYTE_ARRAY output (UTF8); }").unwrap());
-    let props = Arc::new(WriterProperties::builder().set_compression(Compression::SNAPPY).build());
-    let mut w = SerializedFileWriter::new(std::fs::File::create(path).unwrap(), schema, props).unwrap();
+    let props = Arc::new(
+        WriterProperties::builder()
+            .set_compression(Compression::SNAPPY)
+            .build(),
+    );
+    let mut w =
+        SerializedFileWriter::new(std::fs::File::create(path).unwrap(), schema, props).unwrap();
     let mut rg = w.next_row_group().unwrap();
     let mut c = 0;
     while let Some(mut col) = rg.next_column().unwrap() {
-        let vals: Vec<ByteArray> = rows.iter().map(|r| ByteArray::from([r.0, r.1, r.2][c])).collect();
-        col.typed::<ByteArrayType>().write_batch(&vals, None, None).unwrap();
+        let vals: Vec<ByteArray> = rows
+            .iter()
+            .map(|r| ByteArray::from([r.0, r.1, r.2][c]))
+            .collect();
+        col.typed::<ByteArrayType>()
+            .write_batch(&vals, None, None)
+            .unwrap();
         col.close().unwrap();
         c += 1;
     }
@@ -381,13 +404,29 @@ fn write_parquet(path: &std::path::Path, rows: &[(&str, &str, &str)]) {
 fn parquet_datasets_are_read() {
     one_thread();
     let p = Project::new("");
-    write_parquet(&p.path("data/extra.parquet"), &[("Name a color", "", "blue"), ("Echo", "hi", "hi"), ("Count", "1 2", "3")]);
-    let cfg = std::fs::read_to_string(&p.config).unwrap().replace("datasets:\n", "datasets:\n  - path: data/extra.parquet\n    type: alpaca\n");
+    write_parquet(
+        &p.path("data/extra.parquet"),
+        &[
+            ("Name a color", "", "blue"),
+            ("Echo", "hi", "hi"),
+            ("Count", "1 2", "3"),
+        ],
+    );
+    let cfg = std::fs::read_to_string(&p.config).unwrap().replace(
+        "datasets:\n",
+        "datasets:\n  - path: data/extra.parquet\n    type: alpaca\n",
+    );
     std::fs::write(&p.config, cfg).unwrap();
     p.run(&[]);
     let st = p.ws(&[]).pack_stats().unwrap();
     assert_eq!(st.datasets[0].1.records, 3);
     assert_eq!(st.datasets[0].1.samples, 3);
     let ex = p.ws(&[]).debug_examples(1).unwrap();
-    assert!(ex[0].text.contains("### Instruction:\nName a color\n\n### Response:\nblue"), "{}", ex[0].text);
+    assert!(
+        ex[0]
+            .text
+            .contains("### Instruction:\nName a color\n\n### Response:\nblue"),
+        "{}",
+        ex[0].text
+    );
 }

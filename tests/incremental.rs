@@ -267,3 +267,20 @@ fn leftover_staging_from_a_killed_build_is_not_an_entry() {
         "the next run cleans dead staging directories"
     );
 }
+
+#[test]
+fn two_concurrent_runs_build_each_key_once() {
+    one_thread();
+    let p = Project::new("");
+    std::fs::write(p.path("data/alpaca.jsonl"), alpaca_rows(3000)).unwrap();
+    let built: Vec<Vec<String>> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..2).map(|_| s.spawn(|| p.run(&[]).0.built)).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut all: Vec<String> = built.concat();
+    all.sort();
+    let mut uniq = all.clone();
+    uniq.dedup();
+    assert_eq!(all, uniq, "a stage was built twice: {built:?}");
+    assert_eq!(all.len(), 6);
+}

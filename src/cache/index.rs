@@ -70,11 +70,25 @@ impl Index {
         let conn = Connection::open(path).map_err(sql)?;
         conn.busy_timeout(std::time::Duration::from_secs(30))
             .map_err(sql)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(sql)?;
-        conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(sql)?;
-        conn.execute_batch(SCHEMA).map_err(sql)?;
+        // Switching to WAL and creating the schema take locks for which SQLite does not always
+        // call the busy handler (two kiln processes opening a new cache at once): retry those.
+        let mut attempt = 0;
+        loop {
+            let setup = conn
+                .pragma_update(None, "journal_mode", "WAL")
+                .and_then(|_| conn.pragma_update(None, "synchronous", "NORMAL"))
+                .and_then(|_| conn.execute_batch(SCHEMA));
+            match setup {
+                Ok(()) => break,
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if e.code == rusqlite::ErrorCode::DatabaseBusy && attempt < 300 =>
+                {
+                    attempt += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(10 + attempt % 20));
+                }
+                Err(e) => return Err(sql(e)),
+            }
+        }
         Ok(Self {
             conn,
             path: path.to_path_buf(),

@@ -32,7 +32,9 @@ pub fn read_records_as(path: &Path, shown: &Path) -> Result<Vec<Record>, DataErr
         if gz {
             return Err(DataError::Unsupported {
                 path: shown.to_path_buf(),
-                message: "a gzip-compressed Parquet file; Parquet compresses internally, decompress it".into(),
+                message:
+                    "a gzip-compressed Parquet file; Parquet compresses internally, decompress it"
+                        .into(),
             });
         }
         return read_parquet(path, shown);

@@ -116,3 +116,39 @@ fn lenient_scalars_and_overrides() {
     ));
     let _ = Path::new("");
 }
+
+#[test]
+fn a_messy_axolotl_example_config_validates_with_warnings() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/axolotl-style-lora.yml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let l = load_str(&path, &text, &[]).unwrap();
+    let s = &l.settings;
+    assert_eq!(s.train.learning_rate, 2e-4);
+    assert_eq!(s.train.lora_target_modules.len(), 7);
+    assert_eq!(
+        s.special_tokens.get("pad_token").map(String::as_str),
+        Some("<|end_of_text|>")
+    );
+    assert!(
+        matches!(&s.base_model, kiln::config::ModelSource::Hub { repo, .. } if repo == "NousResearch/Llama-3.2-1B")
+    );
+    let mut warned: Vec<String> = l
+        .warnings
+        .iter()
+        .map(|w| format!("{}: {}", w.key, w.message))
+        .collect();
+    warned.sort();
+    assert_eq!(
+        warned,
+        vec![
+            "debug: unknown key (ignored: it has no value)",
+            "eval_max_new_tokens: not supported yet: eval_max_new_tokens",
+            "flash_attention: has no effect in kiln: a PyTorch kernel choice; kiln uses its own kernels",
+            "gradient_checkpointing: not supported yet: gradient_checkpointing",
+            "load_in_8bit: not supported yet: load_in_8bit",
+            "loss_watchdog_patience: not supported yet: loss_watchdog_patience",
+            "loss_watchdog_threshold: not supported yet: loss_watchdog_threshold",
+            "optimizer: not supported yet: optimizer `adamw_8bit` (kiln trains with adamw_torch)",
+        ]
+    );
+}

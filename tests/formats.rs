@@ -430,3 +430,30 @@ fn parquet_datasets_are_read() {
         ex[0].text
     );
 }
+
+#[test]
+fn special_tokens_override_the_appended_eos() {
+    one_thread();
+    let p = Project::new("");
+    p.run(&[]);
+    let set = ["special_tokens.eos_token=<|endoftext|>"];
+    let plan = p.plan(&set);
+    assert_eq!(
+        status(&plan, "tokenize[0]").reason.as_deref(),
+        Some("special_tokens.eos_token changed unset → <|endoftext|>")
+    );
+    p.run(&set);
+    let ex = p.ws(&set).debug_examples(1).unwrap();
+    assert!(ex[0].text.ends_with("<|endoftext|>"), "{}", ex[0].text);
+    // A token the tokenizer does not have is a clear error, not a silent new id.
+    let ws = p.ws(&["special_tokens.eos_token=<eos>"]);
+    let err = ws
+        .scheduler()
+        .run(&Default::default(), &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("special_tokens.eos_token: `<eos>` is not in the tokenizer's vocabulary"),
+        "{err}"
+    );
+}

@@ -133,6 +133,8 @@ pub struct TrainSettings {
     pub eval_steps: Option<f64>,
     pub save_steps: Option<f64>,
     pub save_total_limit: Option<u64>,
+    pub evals_per_epoch: Option<u64>,
+    pub saves_per_epoch: Option<u64>,
 }
 
 /// A resolved, validated config.
@@ -157,6 +159,8 @@ pub struct Settings {
     pub group_by_length: bool,
     pub cache_dir: Option<PathBuf>,
     pub num_threads: Option<u64>,
+    /// `special_tokens:` overrides (bos_token, eos_token, pad_token, unk_token).
+    pub special_tokens: std::collections::BTreeMap<String, String>,
     pub train: TrainSettings,
 }
 
@@ -221,6 +225,9 @@ fn classify(key: &str) -> Option<KeyClass> {
         | "eval_steps"
         | "save_steps"
         | "save_total_limit"
+        | "evals_per_epoch"
+        | "saves_per_epoch"
+        | "special_tokens"
         | "is_llama_derived_model"
         | "is_mistral_derived_model"
         | "is_qwen_derived_model"
@@ -433,7 +440,17 @@ pub(super) fn resolve(ctx: &mut Ctx<'_>, map: &Mapping) -> Settings {
                 let fix = did_you_mean(k, known.iter().copied())
                     .map(|s| format!("did you mean `{s}`?"))
                     .or_else(|| Some("remove it; see docs/config.md for every key".into()));
-                ctx.error(&[key(k)], "unknown key".to_string(), fix);
+                if is_unset(v) {
+                    // Old Axolotl examples carry keys the schema has since dropped (`debug:`);
+                    // with no value they change nothing.
+                    ctx.warn(
+                        &[key(k)],
+                        "unknown key (ignored: it has no value)".to_string(),
+                        fix,
+                    );
+                } else {
+                    ctx.error(&[key(k)], "unknown key".to_string(), fix);
+                }
             }
         }
     }
@@ -544,6 +561,8 @@ pub(super) fn resolve(ctx: &mut Ctx<'_>, map: &Mapping) -> Settings {
         eval_steps: r.f64("eval_steps"),
         save_steps: r.f64("save_steps"),
         save_total_limit: r.u64("save_total_limit"),
+        evals_per_epoch: r.u64("evals_per_epoch"),
+        saves_per_epoch: r.u64("saves_per_epoch"),
     };
     if let Some(a) = &train.adapter {
         if !["lora", "qlora"].contains(&a.as_str()) {
@@ -554,12 +573,68 @@ pub(super) fn resolve(ctx: &mut Ctx<'_>, map: &Mapping) -> Settings {
             );
         }
     }
+    const OPTIMIZERS: &[&str] = &["adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw"];
+    if !OPTIMIZERS.contains(&train.optimizer.as_str()) {
+        let what = format!(
+            "optimizer `{}` (kiln trains with adamw_torch)",
+            train.optimizer
+        );
+        r.ctx.unsupported(&[key("optimizer")], &what);
+    }
+    const SCHEDULERS: &[&str] = &["cosine", "linear", "constant", "constant_with_warmup"];
+    if !SCHEDULERS.contains(&train.lr_scheduler.as_str()) {
+        let what = format!(
+            "lr_scheduler `{}` (kiln has {})",
+            train.lr_scheduler,
+            SCHEDULERS.join(", ")
+        );
+        r.ctx.unsupported(&[key("lr_scheduler")], &what);
+    }
     if train.learning_rate <= 0.0 {
         r.ctx.error(
             &[key("learning_rate")],
             "must be greater than 0",
             Some("typical LoRA values are 1e-4 to 3e-4".into()),
         );
+    }
+
+    let mut special_tokens = std::collections::BTreeMap::new();
+    match r.get("special_tokens").cloned() {
+        None => {}
+        Some(Value::Mapping(m)) => {
+            for (k, v) in m {
+                let Some(k) = k.as_str() else { continue };
+                let path = [key("special_tokens"), key(k)];
+                match (k, v) {
+                    (_, Value::Null) => {}
+                    ("bos_token" | "eos_token" | "pad_token" | "unk_token", Value::String(t)) => {
+                        special_tokens.insert(k.to_string(), t);
+                    }
+                    ("additional_special_tokens", v) if is_unset(&v) => {}
+                    ("additional_special_tokens", _) => r.ctx.unsupported(
+                        &path,
+                        "adding tokens (special_tokens.additional_special_tokens)",
+                    ),
+                    ("bos_token" | "eos_token" | "pad_token" | "unk_token", _) => {
+                        r.ctx.error(
+                            &path,
+                            "expected a token string",
+                            Some(format!("write e.g. `{k}: \"<|im_end|>\"`")),
+                        );
+                    }
+                    _ => r.ctx.error(
+                        &path,
+                        "unknown special token",
+                        Some("use bos_token, eos_token, pad_token or unk_token".into()),
+                    ),
+                }
+            }
+        }
+        Some(other) => r.type_error(
+            "special_tokens",
+            "a mapping like {eos_token: \"</s>\"}",
+            &other,
+        ),
     }
 
     // 5. Datasets.
@@ -593,6 +668,7 @@ pub(super) fn resolve(ctx: &mut Ctx<'_>, map: &Mapping) -> Settings {
         group_by_length,
         cache_dir,
         num_threads,
+        special_tokens,
         train,
     }
 }

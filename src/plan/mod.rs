@@ -159,6 +159,7 @@ pub fn build(s: &Settings, hashes: &FileHashCache<'_>) -> Result<Plan, PlanError
                     template,
                     default_system_message: s.default_system_message.clone(),
                     eot_tokens: s.eot_tokens.clone(),
+                    special_tokens: s.special_tokens.clone(),
                     file_labels,
                 })),
                 inputs: Inputs::new(),

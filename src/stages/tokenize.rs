@@ -33,6 +33,8 @@ pub struct Tokenize {
     pub template: Option<TemplateSource>,
     pub default_system_message: Option<String>,
     pub eot_tokens: Vec<String>,
+    /// `special_tokens:` overrides of the tokenizer's bos/eos (must be in its vocabulary).
+    pub special_tokens: BTreeMap<String, String>,
     /// Fetched file name -> the user's path, for error messages only (not part of the key).
     pub file_labels: BTreeMap<String, String>,
 }
@@ -53,7 +55,19 @@ impl Tokenize {
         &self,
         model_dir: &std::path::Path,
     ) -> Result<(TextTokenizer, Option<ChatTemplate>, Vec<String>), StageError> {
-        let tok = TextTokenizer::load_dir(model_dir)?;
+        let mut tok = TextTokenizer::load_dir(model_dir)?;
+        for (k, t) in &self.special_tokens {
+            if tok.token_id(t).is_none() {
+                return Err(StageError::Invalid(format!(
+                    "special_tokens.{k}: `{t}` is not in the tokenizer's vocabulary (adding tokens is not supported yet); use a token the tokenizer has"
+                )));
+            }
+            match k.as_str() {
+                "bos_token" => tok.bos_token = Some(t.clone()),
+                "eos_token" => tok.eos_token = Some(t.clone()),
+                _ => {}
+            }
+        }
         let template = match &self.template {
             None => None,
             Some(TemplateSource::Text(t)) => Some(ChatTemplate::new(t, tok.bos_token.as_deref(), tok.eos_token.as_deref())?),
@@ -92,6 +106,9 @@ impl Stage for Tokenize {
             "min_sample_len": self.min_sample_len,
             "train_on_inputs": self.train_on_inputs,
         });
+        if !self.special_tokens.is_empty() {
+            p["special_tokens"] = json!(self.special_tokens);
+        }
         if let Some(t) = &self.template {
             p["chat_template"] = match t {
                 TemplateSource::FromTokenizer => json!("tokenizer_default"),

@@ -199,6 +199,10 @@ fn hub_model_and_dataset_fetch_pin_commits_and_work_offline() {
     };
     data.files
         .insert("data/train.jsonl".into(), alpaca_rows(12).into_bytes());
+    data.files
+        .insert("data/test.jsonl".into(), alpaca_rows(5).into_bytes());
+    data.files
+        .insert("extra/train.jsonl".into(), alpaca_rows(3).into_bytes());
     data.files.insert("README.md".into(), b"# qa".to_vec());
     let hub = Hub::default();
     hub.repos
@@ -242,7 +246,20 @@ fn hub_model_and_dataset_fetch_pin_commits_and_work_offline() {
         vec!["config.json", "tokenizer.json", "tokenizer_config.json"],
         "README is not a model file"
     );
-    assert_eq!(ws.pack_stats().unwrap().datasets[0].1.records, 12);
+    // `split: train` picks the train files only (12 + 3 rows), not data/test.jsonl.
+    assert_eq!(ws.pack_stats().unwrap().datasets[0].1.records, 15);
+    let by_name =
+        kiln::workspace::Workspace::open(&cfg, &["datasets[0].name=extra".into()]).unwrap();
+    by_name
+        .scheduler()
+        .run(&Default::default(), &mut |_| {})
+        .unwrap();
+    assert_eq!(
+        by_name.pack_stats().unwrap().datasets[0].1.records,
+        3,
+        "`name: extra` picks extra/"
+    );
+    drop(by_name);
     drop(ws);
 
     // Offline: resolution comes from the HF cache, no request reaches the server.

@@ -122,12 +122,11 @@ pub fn build(s: &Settings, hashes: &FileHashCache<'_>) -> Result<Plan, PlanError
             };
             let fetch_name = format!("fetch.data{suffix}");
             let (fd, inputs): (_, Inputs) =
-                fetch::resolve_data(&d.source, d.split.as_deref(), hashes).map_err(|source| {
-                    PlanError::Resolve {
+                fetch::resolve_data(&d.source, d.split.as_deref(), d.name.as_deref(), hashes)
+                    .map_err(|source| PlanError::Resolve {
                         stage: fetch_name.clone(),
                         source,
-                    }
-                })?;
+                    })?;
             let file_labels = inputs
                 .iter()
                 .map(|(id, i)| (id.clone(), i.label.clone()))

@@ -200,6 +200,7 @@ fn pattern_match(pat: &str, name: &str) -> bool {
 pub fn resolve_data(
     src: &DataSource,
     split: Option<&str>,
+    name: Option<&str>,
     hashes: &FileHashCache<'_>,
 ) -> Result<(FetchData, Inputs), ResolveError> {
     let mut inputs = Inputs::new();
@@ -230,7 +231,12 @@ pub fn resolve_data(
                     .cloned()
                     .collect()
             } else {
-                let all: Vec<String> = r.files.iter().filter(|n| is_data(n)).cloned().collect();
+                let mut all: Vec<String> = r.files.iter().filter(|n| is_data(n)).cloned().collect();
+                // A dataset config (`name:`) lives in a directory of that name.
+                if let Some(cfg) = name {
+                    let prefix = format!("{cfg}/");
+                    all.retain(|n| n.starts_with(&prefix) || n.contains(&format!("/{prefix}")));
+                }
                 match split {
                     Some(s) => {
                         let sel: Vec<String> = all

@@ -235,3 +235,139 @@ fn quickstart_preprocesses_with_the_real_model() {
     assert_eq!(st.datasets[0].1.records, st.datasets[0].1.samples);
     assert!(st.train.efficiency > 0.9);
 }
+
+#[test]
+fn smollm2_logits_match_candle_quantized_reference_and_greedy_answers() {
+    use candle_core::{Device, Tensor};
+    one_thread();
+    let gguf = testdata().join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let dev = Device::Cpu;
+    let files = kiln::text::gguf::tokenizer_files(&gguf).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("tokenizer.json"),
+        files.tokenizer_json.to_string(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("tokenizer_config.json"),
+        files.tokenizer_config.to_string(),
+    )
+    .unwrap();
+    let tok = TextTokenizer::load_dir(dir.path()).unwrap();
+    let prompt =
+        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n";
+    let ids: Vec<u32> = tok
+        .tokenizer
+        .encode(prompt, false)
+        .unwrap()
+        .get_ids()
+        .to_vec();
+
+    let (cfg, w) = kiln::model::weights::load_gguf(&gguf, &dev).unwrap();
+    assert_eq!(
+        (
+            cfg.num_hidden_layers,
+            cfg.hidden_size,
+            cfg.num_key_value_heads,
+            cfg.tie_word_embeddings
+        ),
+        (30, 576, 3, true)
+    );
+    let exact_cfg = candle_transformers::models::llama::Config {
+        hidden_size: cfg.hidden_size,
+        intermediate_size: cfg.intermediate_size,
+        vocab_size: cfg.vocab_size,
+        num_hidden_layers: cfg.num_hidden_layers,
+        num_attention_heads: cfg.num_attention_heads,
+        num_key_value_heads: cfg.num_key_value_heads,
+        use_flash_attn: false,
+        rms_norm_eps: cfg.rms_norm_eps,
+        rope_theta: cfg.rope_theta as f32,
+        bos_token_id: None,
+        eos_token_id: None,
+        rope_scaling: None,
+        max_position_embeddings: cfg.max_position_embeddings,
+        tie_word_embeddings: true,
+    };
+    let vb = candle_nn::VarBuilder::from_tensors(w.clone(), candle_core::DType::F32, &dev);
+    let exact = candle_transformers::models::llama::Llama::load(vb, &exact_cfg).unwrap();
+    let model = kiln::model::Llama::from_weights(cfg, w, &dev).unwrap();
+    let ours = model
+        .forward_one(&ids, &dev)
+        .unwrap()
+        .get(ids.len() - 1)
+        .unwrap();
+
+    // Oracle 1 (exact): candle-transformers' f32 llama (HF layout, rotate-half RoPE) on the same
+    // dequantized, un-permuted weights. Same math, other code: tolerance 1e-3 for f32 order.
+    let mut cache = candle_transformers::models::llama::Cache::new(
+        false,
+        candle_core::DType::F32,
+        &exact_cfg,
+        &dev,
+    )
+    .unwrap();
+    let exact_logits = exact
+        .forward(
+            &Tensor::from_vec(ids.clone(), (1, ids.len()), &dev).unwrap(),
+            0,
+            &mut cache,
+        )
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let d_exact = (&ours - &exact_logits)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    eprintln!("vs f32 llama: max abs diff {d_exact}");
+    assert!(d_exact < 1e-3, "max abs diff vs f32 reference {d_exact}");
+
+    // Oracle 2 (the GGUF as llama.cpp reads it, interleaved RoPE and all): candle-transformers'
+    // quantized llama on the same file. It multiplies Q4_1 weights
+    // with activations quantized to Q8_1, so its logits carry quantization noise of its own;
+    // kiln dequantizes the weights to f32 exactly. Tolerance: same argmax, max abs diff < 1.0
+    // on logits whose spread is ~30.
+    let mut f = std::fs::File::open(&gguf).unwrap();
+    let content = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
+    let mut reference = candle_transformers::models::quantized_llama::ModelWeights::from_gguf(
+        content, &mut f, &dev,
+    )
+    .unwrap();
+    let theirs = reference
+        .forward(
+            &Tensor::from_vec(ids.clone(), (1, ids.len()), &dev).unwrap(),
+            0,
+        )
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let diff = (&ours - &theirs)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let spread = (ours.max_all().unwrap() - ours.min_all().unwrap())
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let (a, b) = (
+        ours.argmax(0).unwrap().to_scalar::<u32>().unwrap(),
+        theirs.argmax(0).unwrap().to_scalar::<u32>().unwrap(),
+    );
+    eprintln!("logits max abs diff {diff} (spread {spread}), argmax {a} vs {b}");
+    assert_eq!(a, b);
+    assert!(diff < 1.0, "max abs diff {diff}");
+
+    let out = model.greedy(&ids, 12, tok.eos_id(), &dev).unwrap();
+    let text = tok.tokenizer.decode(&out, true).unwrap();
+    assert!(text.contains("Paris"), "{text}");
+}

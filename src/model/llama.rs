@@ -1,0 +1,279 @@
+//! The Llama-family forward pass from differentiable candle ops (no fused kernels without a
+//! backward): RMSNorm, rotate-half RoPE with per-token position ids, grouped-query attention with
+//! an additive mask (causal, or block-diagonal causal for packed rows), SwiGLU MLP.
+
+use super::weights::Weights;
+use super::{LlamaConfig, ModelError};
+use candle_core::{DType, Device, Tensor, D};
+
+/// A linear layer `y = x Wᵀ (+ b)`.
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+        let y = x.broadcast_matmul(&self.weight.t()?)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+}
+
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+pub struct Layer {
+    pub input_layernorm: Tensor,
+    pub post_attention_layernorm: Tensor,
+    pub attn: Attention,
+    pub mlp: Mlp,
+}
+
+pub struct Llama {
+    pub cfg: LlamaConfig,
+    pub embed_tokens: Tensor,
+    pub layers: Vec<Layer>,
+    pub norm: Tensor,
+    /// None when tied to the embeddings.
+    pub lm_head: Option<Tensor>,
+    cos: Tensor,
+    sin: Tensor,
+}
+
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor, ModelError> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let x = x.broadcast_div(&(ms + eps)?.sqrt()?)?;
+    Ok(x.broadcast_mul(w)?)
+}
+
+/// HF's rotate-half RoPE: (x1, x2) -> (x1·cos − x2·sin, x2·cos + x1·sin) on the two halves.
+fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor, ModelError> {
+    let hd = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
+    let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
+    let a = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
+    let b = (x2.broadcast_mul(cos)? + x1.broadcast_mul(sin)?)?;
+    Ok(Tensor::cat(&[a, b], D::Minus1)?)
+}
+
+fn repeat_kv(x: Tensor, n: usize) -> Result<Tensor, ModelError> {
+    if n == 1 {
+        return Ok(x);
+    }
+    let (b, kvh, t, d) = x.dims4()?;
+    Ok(x.unsqueeze(2)?
+        .expand((b, kvh, n, t, d))?
+        .reshape((b, kvh * n, t, d))?)
+}
+
+/// Additive attention mask (batch, 1, t, t): 0 where token i may attend to j, −1e9 elsewhere.
+/// Causal within each packed sample: a new sample starts wherever a position id is 0.
+pub fn packed_causal_mask(
+    position_ids: &[Vec<u32>],
+    device: &Device,
+) -> Result<Tensor, ModelError> {
+    let b = position_ids.len();
+    let t = position_ids.first().map(|p| p.len()).unwrap_or(0);
+    let mut m = vec![-1e9f32; b * t * t];
+    for (bi, pos) in position_ids.iter().enumerate() {
+        let mut seg = Vec::with_capacity(t);
+        let mut s = 0u32;
+        for (i, &p) in pos.iter().enumerate() {
+            if p == 0 && i > 0 {
+                s += 1;
+            }
+            seg.push(s);
+        }
+        for i in 0..t {
+            for j in 0..=i {
+                if seg[i] == seg[j] {
+                    m[bi * t * t + i * t + j] = 0.0;
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(m, (b, 1, t, t), device)?)
+}
+
+impl Llama {
+    pub fn from_weights(
+        cfg: LlamaConfig,
+        mut w: Weights,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let mut take = |k: &str| {
+            w.remove(k)
+                .ok_or_else(|| ModelError::MissingWeight(k.to_string()))
+        };
+        let embed_tokens = take("model.embed_tokens.weight")?;
+        let norm = take("model.norm.weight")?;
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(take("lm_head.weight")?)
+        };
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let mut lin = |n: &str, bias: bool| -> Result<Linear, ModelError> {
+                Ok(Linear {
+                    weight: take(&format!("{p}.{n}.weight"))?,
+                    bias: if bias {
+                        Some(take(&format!("{p}.{n}.bias"))?)
+                    } else {
+                        None
+                    },
+                })
+            };
+            let ab = cfg.attention_bias;
+            let attn = Attention {
+                q_proj: lin("self_attn.q_proj", ab)?,
+                k_proj: lin("self_attn.k_proj", ab)?,
+                v_proj: lin("self_attn.v_proj", ab)?,
+                o_proj: lin("self_attn.o_proj", false)?,
+            };
+            let mlp = Mlp {
+                gate_proj: lin("mlp.gate_proj", false)?,
+                up_proj: lin("mlp.up_proj", false)?,
+                down_proj: lin("mlp.down_proj", false)?,
+            };
+            layers.push(Layer {
+                input_layernorm: take(&format!("{p}.input_layernorm.weight"))?,
+                post_attention_layernorm: take(&format!("{p}.post_attention_layernorm.weight"))?,
+                attn,
+                mlp,
+            });
+        }
+        let hd = cfg.head_dim();
+        let max = cfg.max_position_embeddings.max(1);
+        let inv: Vec<f32> = (0..hd / 2)
+            .map(|i| 1.0 / (cfg.rope_theta as f32).powf(2.0 * i as f32 / hd as f32))
+            .collect();
+        let inv = Tensor::from_vec(inv, (1, hd / 2), device)?;
+        let pos = Tensor::arange(0u32, max as u32, device)?
+            .to_dtype(DType::F32)?
+            .reshape((max, 1))?;
+        let freqs = pos.matmul(&inv)?;
+        Ok(Self {
+            cos: freqs.cos()?,
+            sin: freqs.sin()?,
+            cfg,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+        })
+    }
+
+    /// Logits (batch, t, vocab) for token ids (batch, t) at the given position ids, under an
+    /// additive mask (batch, 1, t, t); see [`packed_causal_mask`].
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        mask: &Tensor,
+    ) -> Result<Tensor, ModelError> {
+        let (b, t) = ids.dims2()?;
+        let cfg = &self.cfg;
+        let (nh, nkv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim(),
+        );
+        let flat = positions.flatten_all()?;
+        let cos = self
+            .cos
+            .index_select(&flat, 0)?
+            .reshape((b, 1, t, hd / 2))?;
+        let sin = self
+            .sin
+            .index_select(&flat, 0)?
+            .reshape((b, 1, t, hd / 2))?;
+        let mut x = self
+            .embed_tokens
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, cfg.hidden_size))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        for l in &self.layers {
+            let h = rms_norm(&x, &l.input_layernorm, cfg.rms_norm_eps)?;
+            let q = l
+                .attn
+                .q_proj
+                .forward(&h)?
+                .reshape((b, t, nh, hd))?
+                .transpose(1, 2)?;
+            let k = l
+                .attn
+                .k_proj
+                .forward(&h)?
+                .reshape((b, t, nkv, hd))?
+                .transpose(1, 2)?;
+            let v = l
+                .attn
+                .v_proj
+                .forward(&h)?
+                .reshape((b, t, nkv, hd))?
+                .transpose(1, 2)?;
+            let q = rope(&q.contiguous()?, &cos, &sin)?;
+            let k = repeat_kv(rope(&k.contiguous()?, &cos, &sin)?, nh / nkv)?;
+            let v = repeat_kv(v.contiguous()?, nh / nkv)?;
+            let att = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
+            let att = candle_nn::ops::softmax(&att, D::Minus1)?;
+            let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+            x = (x + l.attn.o_proj.forward(&y)?)?;
+            let h = rms_norm(&x, &l.post_attention_layernorm, cfg.rms_norm_eps)?;
+            let g = l.mlp.gate_proj.forward(&h)?;
+            let u = l.mlp.up_proj.forward(&h)?;
+            x = (x + l.mlp.down_proj.forward(&(candle_nn::ops::silu(&g)? * u)?)?)?;
+        }
+        let x = rms_norm(&x, &self.norm, cfg.rms_norm_eps)?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        Ok(x.broadcast_matmul(&head.t()?)?)
+    }
+
+    /// Convenience: logits for one unpacked sequence.
+    pub fn forward_one(&self, ids: &[u32], device: &Device) -> Result<Tensor, ModelError> {
+        let t = ids.len();
+        let pos: Vec<u32> = (0..t as u32).collect();
+        let mask = packed_causal_mask(std::slice::from_ref(&pos), device)?;
+        let ids = Tensor::from_vec(ids.to_vec(), (1, t), device)?;
+        let pos = Tensor::from_vec(pos, (1, t), device)?;
+        Ok(self.forward(&ids, &pos, &mask)?.squeeze(0)?)
+    }
+
+    /// Greedy decoding without a KV cache (recomputes the prefix; for tests and checks).
+    pub fn greedy(
+        &self,
+        prompt: &[u32],
+        max_new: usize,
+        stop: Option<u32>,
+        device: &Device,
+    ) -> Result<Vec<u32>, ModelError> {
+        let mut ids = prompt.to_vec();
+        let mut out = Vec::new();
+        for _ in 0..max_new {
+            let logits = self.forward_one(&ids, device)?;
+            let last = logits.get(ids.len() - 1)?;
+            let next = last.argmax(0)?.to_scalar::<u32>()?;
+            if Some(next) == stop {
+                break;
+            }
+            ids.push(next);
+            out.push(next);
+        }
+        Ok(out)
+    }
+}

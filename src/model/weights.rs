@@ -1,0 +1,106 @@
+//! Loads weights under Hugging Face names (`model.layers.0.self_attn.q_proj.weight`, …) from
+//! safetensors files or from a GGUF file (dequantized to f32, tensors renamed, and Q/K rows
+//! un-permuted back from llama.cpp's interleaved-RoPE layout to HF's half-split layout).
+
+use super::{LlamaConfig, ModelError};
+use candle_core::quantized::gguf_file::Content;
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::Path;
+
+pub type Weights = HashMap<String, Tensor>;
+
+fn load_err(path: &Path, e: impl std::fmt::Display) -> ModelError {
+    ModelError::Load {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
+}
+
+/// Every `*.safetensors` file of a directory, as f32.
+pub fn load_safetensors_dir(dir: &Path, device: &Device) -> Result<Weights, ModelError> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .map_err(|e| load_err(dir, e))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().and_then(|e| e.to_str()) == Some("safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(load_err(dir, "no .safetensors files"));
+    }
+    let mut out = Weights::new();
+    for f in files {
+        for (k, t) in candle_core::safetensors::load(&f, device).map_err(|e| load_err(&f, e))? {
+            out.insert(k, t.to_dtype(DType::F32)?);
+        }
+    }
+    Ok(out)
+}
+
+fn hf_name(gguf: &str) -> Option<String> {
+    Some(match gguf {
+        "token_embd.weight" => "model.embed_tokens.weight".into(),
+        "output_norm.weight" => "model.norm.weight".into(),
+        "output.weight" => "lm_head.weight".into(),
+        _ => {
+            let rest = gguf.strip_prefix("blk.")?;
+            let (layer, name) = rest.split_once('.')?;
+            let mapped = match name {
+                "attn_norm.weight" => "input_layernorm.weight",
+                "ffn_norm.weight" => "post_attention_layernorm.weight",
+                "attn_q.weight" => "self_attn.q_proj.weight",
+                "attn_k.weight" => "self_attn.k_proj.weight",
+                "attn_v.weight" => "self_attn.v_proj.weight",
+                "attn_q.bias" => "self_attn.q_proj.bias",
+                "attn_k.bias" => "self_attn.k_proj.bias",
+                "attn_v.bias" => "self_attn.v_proj.bias",
+                "attn_output.weight" => "self_attn.o_proj.weight",
+                "ffn_gate.weight" => "mlp.gate_proj.weight",
+                "ffn_up.weight" => "mlp.up_proj.weight",
+                "ffn_down.weight" => "mlp.down_proj.weight",
+                _ => return None,
+            };
+            format!("model.layers.{layer}.{mapped}")
+        }
+    })
+}
+
+/// Inverse of llama.cpp's Q/K permutation: GGUF rows are ordered (head, pair, 2); HF's are
+/// (head, 2, pair). Works for weights (rows × in) and biases (rows).
+fn unpermute(t: &Tensor, n_head: usize) -> Result<Tensor, ModelError> {
+    let dims = t.dims().to_vec();
+    let rows = dims[0];
+    let hd = rows / n_head;
+    let rest: Vec<usize> = dims[1..].to_vec();
+    let mut shape = vec![n_head, hd / 2, 2];
+    shape.extend(&rest);
+    let x = t.reshape(shape)?.transpose(1, 2)?.contiguous()?;
+    Ok(x.reshape(dims)?)
+}
+
+/// Reads a GGUF model: config from metadata, tensors dequantized under HF names.
+pub fn load_gguf(path: &Path, device: &Device) -> Result<(LlamaConfig, Weights), ModelError> {
+    let mut f = std::fs::File::open(path).map_err(|e| load_err(path, e))?;
+    let c = Content::read(&mut f).map_err(|e| load_err(path, e))?;
+    let cfg = LlamaConfig::from_gguf(&c, c.tensor_infos.contains_key("output.weight"))?;
+    let mut out = Weights::new();
+    let mut names: Vec<String> = c.tensor_infos.keys().cloned().collect();
+    names.sort();
+    for name in names {
+        let Some(hf) = hf_name(&name) else { continue };
+        let q = c
+            .tensor(&mut f, &name, device)
+            .map_err(|e| load_err(path, e))?;
+        let mut t = q.dequantize(device)?;
+        if cfg.architecture != "qwen2" {
+            if name.contains("attn_q.") {
+                t = unpermute(&t, cfg.num_attention_heads)?;
+            } else if name.contains("attn_k.") {
+                t = unpermute(&t, cfg.num_key_value_heads)?;
+            }
+        }
+        out.insert(hf, t);
+    }
+    Ok((cfg, out))
+}

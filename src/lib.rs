@@ -15,4 +15,5 @@ pub mod plan;
 pub mod scheduler;
 pub mod stages;
 pub mod text;
+pub mod train;
 pub mod workspace;

@@ -6,15 +6,30 @@ use super::weights::Weights;
 use super::{LlamaConfig, ModelError};
 use candle_core::{DType, Device, Tensor, D};
 
-/// A linear layer `y = x Wᵀ (+ b)`.
+/// A low-rank delta on a frozen linear layer: `scale · x Aᵀ Bᵀ` (PEFT's LoRA; `scale` is
+/// alpha/r, or alpha/√r with rsLoRA).
+pub struct LoraDelta {
+    pub a: candle_core::Var,
+    pub b: candle_core::Var,
+    pub scale: f64,
+}
+
+/// A linear layer `y = x Wᵀ (+ b)`, the base weight frozen, optionally with a LoRA delta.
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    pub lora: Option<LoraDelta>,
 }
 
 impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
-        let y = x.broadcast_matmul(&self.weight.t()?)?;
+        let mut y = x.broadcast_matmul(&self.weight.t()?)?;
+        if let Some(l) = &self.lora {
+            let d = x
+                .broadcast_matmul(&l.a.as_tensor().t()?)?
+                .broadcast_matmul(&l.b.as_tensor().t()?)?;
+            y = (y + (d * l.scale)?)?;
+        }
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -109,6 +124,22 @@ pub fn packed_causal_mask(
 }
 
 impl Llama {
+    /// Every linear layer with its HF module path (`model.layers.0.self_attn.q_proj`).
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.push((format!("{p}.self_attn.q_proj"), &mut l.attn.q_proj));
+            out.push((format!("{p}.self_attn.k_proj"), &mut l.attn.k_proj));
+            out.push((format!("{p}.self_attn.v_proj"), &mut l.attn.v_proj));
+            out.push((format!("{p}.self_attn.o_proj"), &mut l.attn.o_proj));
+            out.push((format!("{p}.mlp.gate_proj"), &mut l.mlp.gate_proj));
+            out.push((format!("{p}.mlp.up_proj"), &mut l.mlp.up_proj));
+            out.push((format!("{p}.mlp.down_proj"), &mut l.mlp.down_proj));
+        }
+        out
+    }
+
     pub fn from_weights(
         cfg: LlamaConfig,
         mut w: Weights,
@@ -136,6 +167,7 @@ impl Llama {
                     } else {
                         None
                     },
+                    lora: None,
                 })
             };
             let ab = cfg.attention_bias;

@@ -175,3 +175,77 @@ pub fn one_thread() {
         .num_threads(1)
         .build_global();
 }
+
+use candle_core::{Device as CDevice, Tensor};
+use kiln::data::pack::SplitMix64;
+use kiln::model::{Llama, LlamaConfig};
+use std::collections::HashMap;
+
+pub fn tiny_config() -> LlamaConfig {
+    LlamaConfig {
+        architecture: "llama".into(),
+        vocab_size: 64,
+        hidden_size: 32,
+        intermediate_size: 48,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        rms_norm_eps: 1e-6,
+        rope_theta: 10000.0,
+        max_position_embeddings: 128,
+        tie_word_embeddings: true,
+        attention_bias: false,
+        sliding_window: None,
+    }
+}
+
+/// Random weights from kiln's own PRNG (candle's CPU seeding is not usable).
+pub fn tiny_model(seed: u64) -> Llama {
+    let cfg = tiny_config();
+    let dev = CDevice::Cpu;
+    let mut rng = SplitMix64::new(seed);
+    let mut rand = |shape: &[usize], scale: f32| {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| ((rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * scale)
+            .collect();
+        Tensor::from_vec(v, shape, &dev).unwrap()
+    };
+    let (h, i, kv) = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_key_value_heads * cfg.head_dim(),
+    );
+    let mut w = HashMap::new();
+    w.insert(
+        "model.embed_tokens.weight".to_string(),
+        rand(&[cfg.vocab_size, h], 0.5),
+    );
+    w.insert(
+        "model.norm.weight".to_string(),
+        Tensor::ones(h, candle_core::DType::F32, &dev).unwrap(),
+    );
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        for (n, shape) in [
+            ("self_attn.q_proj", [h, h]),
+            ("self_attn.k_proj", [kv, h]),
+            ("self_attn.v_proj", [kv, h]),
+            ("self_attn.o_proj", [h, h]),
+            ("mlp.gate_proj", [i, h]),
+            ("mlp.up_proj", [i, h]),
+            ("mlp.down_proj", [h, i]),
+        ] {
+            w.insert(format!("{p}.{n}.weight"), rand(&shape, 0.3));
+        }
+        w.insert(
+            format!("{p}.input_layernorm.weight"),
+            rand(&[h], 0.2).affine(1.0, 1.0).unwrap(),
+        );
+        w.insert(
+            format!("{p}.post_attention_layernorm.weight"),
+            rand(&[h], 0.2).affine(1.0, 1.0).unwrap(),
+        );
+    }
+    Llama::from_weights(cfg, w, &dev).unwrap()
+}

@@ -1,0 +1,239 @@
+//! Training: LoRA adapters on the model's linear layers, the masked next-token loss, and AdamW
+//! with decoupled weight decay and global-norm clipping. Optimizer state is kiln's own (not
+//! candle's) so checkpoints can save and restore it exactly.
+
+use crate::data::pack::SplitMix64;
+use crate::model::llama::{packed_causal_mask, LoraDelta};
+use crate::model::{Llama, ModelError};
+use candle_core::{DType, Device, Tensor, Var, D};
+
+/// Which linear layers get LoRA, and how.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSpec {
+    pub r: usize,
+    pub alpha: f64,
+    /// Module names (`q_proj`, `down_proj`, …); empty with `target_linear` = all linear layers.
+    pub target_modules: Vec<String>,
+    pub target_linear: bool,
+    pub rslora: bool,
+}
+
+impl LoraSpec {
+    pub fn scale(&self) -> f64 {
+        if self.rslora {
+            self.alpha / (self.r as f64).sqrt()
+        } else {
+            self.alpha / self.r as f64
+        }
+    }
+
+    fn targets(&self, module_path: &str) -> bool {
+        let leaf = module_path.rsplit('.').next().unwrap_or("");
+        if self.target_linear {
+            return true;
+        }
+        self.target_modules.iter().any(|t| t == leaf)
+    }
+}
+
+/// Uniform in [-bound, bound) from kiln's PRNG (candle's CPU seeding is not usable).
+fn uniform(rng: &mut SplitMix64, n: usize, bound: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| ((rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * bound)
+        .collect()
+}
+
+/// Attaches LoRA deltas (A: PEFT's kaiming-uniform init, bound 1/√in; B: zeros) and returns the
+/// trainable variables with their PEFT names (`base_model.model.<module>.lora_A.weight`).
+pub fn attach_lora(
+    model: &mut Llama,
+    spec: &LoraSpec,
+    seed: u64,
+    device: &Device,
+) -> Result<Vec<(String, Var)>, ModelError> {
+    let mut rng = SplitMix64::new(seed);
+    let mut vars = Vec::new();
+    for (path, lin) in model.linears_mut() {
+        if !spec.targets(&path) {
+            continue;
+        }
+        let (out_f, in_f) = lin.weight.dims2()?;
+        let a = Var::from_tensor(&Tensor::from_vec(
+            uniform(&mut rng, spec.r * in_f, 1.0 / (in_f as f32).sqrt()),
+            (spec.r, in_f),
+            device,
+        )?)?;
+        let b = Var::zeros((out_f, spec.r), DType::F32, device)?;
+        vars.push((format!("base_model.model.{path}.lora_A.weight"), a.clone()));
+        vars.push((format!("base_model.model.{path}.lora_B.weight"), b.clone()));
+        lin.lora = Some(LoraDelta {
+            a,
+            b,
+            scale: spec.scale(),
+        });
+    }
+    Ok(vars)
+}
+
+/// One packed row (or several of equal length) ready for the model.
+pub struct Batch {
+    pub ids: Tensor,
+    pub positions: Tensor,
+    pub mask: Tensor,
+    /// 1.0 where the *next* token is trained (aligned with logits[:, :-1]), shape (b, t-1).
+    pub loss_mask: Tensor,
+    /// Targets: ids shifted left, shape (b, t-1).
+    pub targets: Tensor,
+    pub trained_tokens: usize,
+}
+
+impl Batch {
+    /// Builds a batch from rows of (ids, trained flags, position ids), padding to the longest
+    /// row (padding is masked out of attention and loss).
+    pub fn new(
+        rows: &[(Vec<u32>, Vec<u8>, Vec<u32>)],
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let t = rows.iter().map(|r| r.0.len()).max().unwrap_or(1).max(2);
+        let b = rows.len();
+        let (mut ids, mut pos, mut lm, mut tg): (Vec<u32>, Vec<u32>, Vec<f32>, Vec<u32>) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut all_pos = Vec::new();
+        let mut trained_tokens = 0;
+        for (r_ids, r_tr, r_pos) in rows {
+            let n = r_ids.len();
+            let mut p = r_pos.clone();
+            // Padding continues as its own "sample" (position 0 restarts it), so it never mixes in.
+            p.extend((0..(t - n) as u32).map(|i| if i == 0 { 0 } else { i }));
+            ids.extend(r_ids.iter().copied().chain(std::iter::repeat_n(0, t - n)));
+            for i in 0..t - 1 {
+                let next_trained = i + 1 < n && r_tr[i + 1] == 1 && r_pos[i + 1] != 0;
+                lm.push(if next_trained { 1f32 } else { 0f32 });
+                trained_tokens += next_trained as usize;
+                tg.push(if i + 1 < n { r_ids[i + 1] } else { 0 });
+            }
+            pos.extend(&p);
+            all_pos.push(p);
+        }
+        Ok(Self {
+            ids: Tensor::from_vec(ids, (b, t), device)?,
+            positions: Tensor::from_vec(pos, (b, t), device)?,
+            mask: packed_causal_mask(&all_pos, device)?,
+            loss_mask: Tensor::from_vec(lm, (b, t - 1), device)?,
+            targets: Tensor::from_vec(tg, (b, t - 1), device)?,
+            trained_tokens,
+        })
+    }
+}
+
+/// Sum of token losses over trained positions (divide by the trained-token count of the whole
+/// effective batch for the mean).
+pub fn loss_sum(model: &Llama, batch: &Batch) -> Result<Tensor, ModelError> {
+    let logits = model.forward(&batch.ids, &batch.positions, &batch.mask)?;
+    let t = logits.dim(1)?;
+    let logits = logits.narrow(1, 0, t - 1)?;
+    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    let picked = logp
+        .gather(&batch.targets.unsqueeze(D::Minus1)?, D::Minus1)?
+        .squeeze(D::Minus1)?;
+    Ok((picked * &batch.loss_mask)?.sum_all()?.neg()?)
+}
+
+/// AdamW (decoupled weight decay) with bias correction, as PyTorch's `torch.optim.AdamW`.
+pub struct AdamW {
+    pub vars: Vec<Var>,
+    pub m: Vec<Tensor>,
+    pub v: Vec<Tensor>,
+    pub step: usize,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl AdamW {
+    pub fn new(vars: Vec<Var>, weight_decay: f64) -> Result<Self, ModelError> {
+        let m = vars
+            .iter()
+            .map(|v| v.as_tensor().zeros_like())
+            .collect::<Result<Vec<_>, _>>()?;
+        let v = m.clone();
+        Ok(Self {
+            vars,
+            m,
+            v,
+            step: 0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay,
+        })
+    }
+
+    /// One update with the given gradients (already divided by the token count), clipped to
+    /// `max_grad_norm` (0 = no clipping). Returns the gradient norm before clipping.
+    pub fn update(
+        &mut self,
+        grads: &[Tensor],
+        lr: f64,
+        max_grad_norm: f64,
+    ) -> Result<f64, ModelError> {
+        let mut sq = 0f64;
+        for g in grads {
+            sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        }
+        let norm = sq.sqrt();
+        let clip = if max_grad_norm > 0.0 && norm > max_grad_norm {
+            max_grad_norm / (norm + 1e-6)
+        } else {
+            1.0
+        };
+        self.step += 1;
+        let bc1 = 1.0 - self.beta1.powi(self.step as i32);
+        let bc2 = 1.0 - self.beta2.powi(self.step as i32);
+        for (i, var) in self.vars.iter().enumerate() {
+            let g = (&grads[i] * clip)?;
+            self.m[i] = ((&self.m[i] * self.beta1)? + (&g * (1.0 - self.beta1))?)?;
+            self.v[i] = ((&self.v[i] * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
+            let denom = ((&self.v[i] / bc2)?.sqrt()? + self.eps)?;
+            let upd = ((&self.m[i] / bc1)? / denom)?;
+            let theta = (var.as_tensor() * (1.0 - lr * self.weight_decay))?;
+            var.set(&(theta - (upd * lr)?)?)?;
+        }
+        Ok(norm)
+    }
+}
+
+/// One optimizer step over micro-batches (gradient accumulation): the loss is the mean over the
+/// trained tokens of all micro-batches together. Returns (mean loss, grad norm).
+pub fn train_step(
+    model: &Llama,
+    opt: &mut AdamW,
+    micro: &[Batch],
+    lr: f64,
+    max_grad_norm: f64,
+) -> Result<(f64, f64), ModelError> {
+    let total: usize = micro.iter().map(|b| b.trained_tokens).sum::<usize>().max(1);
+    let mut acc: Vec<Option<Tensor>> = vec![None; opt.vars.len()];
+    let mut loss_total = 0f64;
+    for b in micro {
+        let loss = (loss_sum(model, b)? / total as f64)?;
+        loss_total += loss.to_scalar::<f32>()? as f64;
+        let grads = loss.backward()?;
+        for (i, v) in opt.vars.iter().enumerate() {
+            if let Some(g) = grads.get(v.as_tensor()) {
+                acc[i] = Some(match acc[i].take() {
+                    Some(a) => (a + g)?,
+                    None => g.clone(),
+                });
+            }
+        }
+    }
+    let grads: Vec<Tensor> = acc
+        .into_iter()
+        .zip(&opt.vars)
+        .map(|(g, v)| g.map(Ok).unwrap_or_else(|| v.as_tensor().zeros_like()))
+        .collect::<Result<_, candle_core::Error>>()?;
+    let norm = opt.update(&grads, lr, max_grad_norm)?;
+    Ok((loss_total, norm))
+}

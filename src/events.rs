@@ -35,6 +35,13 @@ pub enum Event {
         key: String,
         damage: Vec<String>,
     },
+    /// A training or evaluation figure at a step (recorded in the index's metrics table).
+    Metric {
+        stage: String,
+        step: u64,
+        name: String,
+        value: f64,
+    },
     /// Something the user should know that does not stop the run.
     Warning { message: String },
 }

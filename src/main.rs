@@ -210,6 +210,14 @@ fn print_event(e: &Event, tty: bool) {
             )
         }
         Event::Warning { message } => eprintln!("warning: {message}"),
+        Event::Metric {
+            stage,
+            step,
+            name,
+            value,
+        } => {
+            println!("         {stage} step {step:>5}  {name:<12} {value:.6}")
+        }
     }
 }
 
@@ -575,6 +583,9 @@ fn real_main() -> Result<ExitCode> {
                     force,
                 },
             )?;
+            if let Some(out) = ws.materialize_outputs()? {
+                println!("outputs in {}", out.display());
+            }
         }
         Cmd::Preprocess {
             common,

@@ -398,11 +398,23 @@ impl Scheduler<'_> {
                 })
                 .collect();
             let result = {
+                let index = self.index;
+                let metric_key = key.clone();
+                let mut sink = |e: Event| {
+                    if let Event::Metric {
+                        step, name, value, ..
+                    } = &e
+                    {
+                        // Metrics are history, not output: a failed write must not fail the stage.
+                        let _ = index.add_metric(&metric_key, *step as i64, name, *value);
+                    }
+                    emit(e)
+                };
                 let mut cx = RunCx {
                     name: &s.name,
                     out: staging.dir(),
                     upstream: &upstream_dirs,
-                    emit: &mut *emit,
+                    emit: &mut sink,
                 };
                 s.stage.run(&mut cx)
             };

@@ -91,6 +91,41 @@ impl Workspace {
         }
     }
 
+    /// Copies the final artifacts (the train stage's outputs) into `output_dir`, the layout Axolotl
+    /// users know. `output_dir` is a view: the cache entry stays the source of truth. Returns the
+    /// directory written, or None when the plan has no train stage or it is not built.
+    pub fn materialize_outputs(&self) -> Result<Option<PathBuf>, KilnError> {
+        if self.plan.index_of("train").is_none() {
+            return Ok(None);
+        }
+        let Ok(src) = self.entry_of("train") else {
+            return Ok(None);
+        };
+        let out = if self.settings.output_dir.is_absolute() {
+            self.settings.output_dir.clone()
+        } else {
+            self.settings
+                .config_path
+                .parent()
+                .map(|d| d.join(&self.settings.output_dir))
+                .unwrap_or_else(|| self.settings.output_dir.clone())
+        };
+        let io =
+            |e: std::io::Error| KilnError::NotBuilt(format!("output_dir {}: {e}", out.display()));
+        std::fs::create_dir_all(&out).map_err(io)?;
+        for e in std::fs::read_dir(&src).map_err(io)?.flatten() {
+            let name = e.file_name();
+            if name == crate::cache::MANIFEST {
+                continue;
+            }
+            // Write beside, then rename: a reader never sees a half-copied adapter.
+            let tmp = out.join(format!(".{}.kiln-tmp", name.to_string_lossy()));
+            std::fs::copy(e.path(), &tmp).map_err(io)?;
+            std::fs::rename(&tmp, out.join(&name)).map_err(io)?;
+        }
+        Ok(Some(out))
+    }
+
     pub fn pack_stats(&self) -> Result<PackStats, KilnError> {
         let dir = self.entry_of("pack")?;
         let p = dir.join("stats.json");

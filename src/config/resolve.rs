@@ -135,6 +135,7 @@ pub struct TrainSettings {
     pub save_total_limit: Option<u64>,
     pub evals_per_epoch: Option<u64>,
     pub saves_per_epoch: Option<u64>,
+    pub peft_use_rslora: bool,
 }
 
 /// A resolved, validated config.
@@ -225,6 +226,7 @@ fn classify(key: &str) -> Option<KeyClass> {
         | "eval_steps"
         | "save_steps"
         | "save_total_limit"
+        | "peft_use_rslora"
         | "evals_per_epoch"
         | "saves_per_epoch"
         | "special_tokens"
@@ -563,7 +565,25 @@ pub(super) fn resolve(ctx: &mut Ctx<'_>, map: &Mapping) -> Settings {
         save_total_limit: r.u64("save_total_limit"),
         evals_per_epoch: r.u64("evals_per_epoch"),
         saves_per_epoch: r.u64("saves_per_epoch"),
+        peft_use_rslora: r.bool("peft_use_rslora").unwrap_or(false),
     };
+    match train.adapter.as_deref() {
+        None => r.ctx.warn(
+            &[key("adapter")],
+            "not supported yet: full fine-tuning (no `adapter`); kiln builds the data stages only",
+            Some("set `adapter: lora` to train a LoRA adapter".into()),
+        ),
+        Some("qlora") => r.ctx.error(
+            &[key("adapter")],
+            "not supported yet: adapter `qlora` (4-bit base weights)",
+            Some("use `adapter: lora` (kiln keeps base weights in f32)".into()),
+        ),
+        Some("lora") if train.lora_dropout > 0.0 => r.ctx.unsupported(
+            &[key("lora_dropout")],
+            "lora_dropout > 0 (kiln trains LoRA without dropout for now)",
+        ),
+        _ => {}
+    }
     if let Some(a) = &train.adapter {
         if !["lora", "qlora"].contains(&a.as_str()) {
             r.ctx.error(

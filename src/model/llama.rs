@@ -226,6 +226,13 @@ impl Llama {
             cfg.head_dim(),
         );
         let flat = positions.flatten_all()?;
+        let max_pos = flat.max(0)?.to_scalar::<u32>()? as usize;
+        if max_pos >= self.cos.dim(0)? {
+            return Err(ModelError::Config(format!(
+                "position {max_pos} is beyond the model's max_position_embeddings {}; lower sequence_len",
+                self.cos.dim(0)?
+            )));
+        }
         let cos = self
             .cos
             .index_select(&flat, 0)?

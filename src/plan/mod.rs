@@ -10,9 +10,11 @@ use crate::hash::KeyHasher;
 use crate::stages::fetch::{self, Inputs, ResolveError};
 use crate::stages::pack::Pack;
 use crate::stages::tokenize::{TemplateSource, Tokenize};
+use crate::stages::train::Train;
 use crate::stages::{AnyStage, StageKind};
 use crate::text::template::builtin;
 use crate::text::TOKENIZER_FILES;
+use crate::train::LoraSpec;
 use petgraph::graph::{DiGraph, NodeIndex};
 use serde_json::Value;
 
@@ -199,6 +201,46 @@ pub fn build(s: &Settings, hashes: &FileHashCache<'_>) -> Result<Plan, PlanError
             })
             .collect(),
     });
+    let pack_idx = stages.len() - 1;
+    let t = &s.train;
+    if t.adapter.as_deref() == Some("lora") {
+        stages.push(PlannedStage {
+            name: "train".into(),
+            stage: AnyStage::Train(Box::new(Train {
+                lora: LoraSpec {
+                    r: t.lora_r as usize,
+                    alpha: t.lora_alpha,
+                    target_modules: t.lora_target_modules.clone(),
+                    target_linear: t.lora_target_linear || t.lora_target_modules.is_empty(),
+                    rslora: t.peft_use_rslora,
+                },
+                lora_dropout: t.lora_dropout,
+                learning_rate: t.learning_rate,
+                lr_scheduler: t.lr_scheduler.clone(),
+                warmup_steps: t.warmup_steps,
+                warmup_ratio: t.warmup_ratio,
+                num_epochs: t.num_epochs,
+                max_steps: t.max_steps,
+                micro_batch_size: t.micro_batch_size,
+                gradient_accumulation_steps: t.gradient_accumulation_steps,
+                weight_decay: t.weight_decay,
+                max_grad_norm: t.max_grad_norm,
+                seed: s.seed,
+                logging_steps: t.logging_steps.unwrap_or(1),
+            })),
+            inputs: Inputs::new(),
+            deps: vec![
+                Dep {
+                    stage: 0,
+                    files: None,
+                },
+                Dep {
+                    stage: pack_idx,
+                    files: None,
+                },
+            ],
+        });
+    }
     finish(stages)
 }
 

@@ -6,6 +6,7 @@ pub mod fetch;
 pub mod hub;
 pub mod pack;
 pub mod tokenize;
+pub mod train;
 
 use crate::cache::Manifest;
 use crate::events::Event;
@@ -109,6 +110,7 @@ pub enum AnyStage {
     FetchData(fetch::FetchData),
     Tokenize(Box<tokenize::Tokenize>),
     Pack(pack::Pack),
+    Train(Box<train::Train>),
 }
 
 impl AnyStage {
@@ -117,6 +119,7 @@ impl AnyStage {
             AnyStage::FetchModel(_) | AnyStage::FetchData(_) => StageKind::Fetch,
             AnyStage::Tokenize(_) => StageKind::Tokenize,
             AnyStage::Pack(_) => StageKind::Pack,
+            AnyStage::Train(_) => StageKind::Train,
         }
     }
 
@@ -126,6 +129,7 @@ impl AnyStage {
             AnyStage::FetchData(_) => fetch::FetchData::VERSION,
             AnyStage::Tokenize(_) => tokenize::Tokenize::VERSION,
             AnyStage::Pack(_) => pack::Pack::VERSION,
+            AnyStage::Train(_) => train::Train::VERSION,
         }
     }
 
@@ -135,6 +139,7 @@ impl AnyStage {
             AnyStage::FetchData(s) => s.params(),
             AnyStage::Tokenize(s) => s.params(),
             AnyStage::Pack(s) => s.params(),
+            AnyStage::Train(s) => s.params(),
         }
     }
 
@@ -144,6 +149,7 @@ impl AnyStage {
             AnyStage::FetchData(s) => s.run(cx),
             AnyStage::Tokenize(s) => s.run(cx),
             AnyStage::Pack(s) => s.run(cx),
+            AnyStage::Train(s) => s.run(cx),
         }
     }
 }

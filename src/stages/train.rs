@@ -1,0 +1,241 @@
+//! `train`: LoRA fine-tuning of the fetched model on the packed training split.
+//! Reads: every file of `fetch.model` (weights, config, tokenizer) and `pack`'s `train/`.
+//! Writes a PEFT adapter: `adapter_model.safetensors` (PEFT tensor names), `adapter_config.json`,
+//! plus `config.json`, `tokenizer.json`, `tokenizer_config.json` and `trainer_state.json`.
+
+use super::{io_err, write_json, RunCx, Stage, StageError, StageKind};
+use crate::data::pack::{PackedSplit, SplitMix64};
+use crate::events::Event;
+use crate::model::{weights, Llama, LlamaConfig, ModelError};
+use crate::train::{attach_lora, train_step, AdamW, Batch, LoraSpec};
+use candle_core::Device;
+use serde_json::{json, Value};
+use std::path::Path;
+use std::time::Instant;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Train {
+    pub lora: LoraSpec,
+    pub lora_dropout: f64,
+    pub learning_rate: f64,
+    pub lr_scheduler: String,
+    pub warmup_steps: Option<u64>,
+    pub warmup_ratio: Option<f64>,
+    pub num_epochs: f64,
+    pub max_steps: Option<u64>,
+    pub micro_batch_size: u64,
+    pub gradient_accumulation_steps: u64,
+    pub weight_decay: f64,
+    pub max_grad_norm: f64,
+    pub seed: u64,
+    pub logging_steps: u64,
+}
+
+impl From<ModelError> for StageError {
+    fn from(e: ModelError) -> Self {
+        StageError::Invalid(e.to_string())
+    }
+}
+
+/// Loads the model from a fetched model directory (a GGUF, or config.json + safetensors).
+pub fn load_model(dir: &Path, device: &Device) -> Result<Llama, StageError> {
+    let gguf = dir.join("model.gguf");
+    let (cfg, w) = if gguf.exists() {
+        weights::load_gguf(&gguf, device)?
+    } else {
+        let p = dir.join("config.json");
+        let v: Value = serde_json::from_slice(&std::fs::read(&p).map_err(io_err(&p))?)
+            .map_err(|e| StageError::Invalid(format!("{}: {e}", p.display())))?;
+        (
+            LlamaConfig::from_hf(&v)?,
+            weights::load_safetensors_dir(dir, device)?,
+        )
+    };
+    Ok(Llama::from_weights(cfg, w, device)?)
+}
+
+impl Train {
+    /// Learning rate at optimizer step `step` (0-based) of `total`: linear warmup, then the
+    /// schedule (cosine to 0, linear to 0, or constant).
+    pub fn lr_at(&self, step: u64, total: u64) -> f64 {
+        let warm = self
+            .warmup_steps
+            .unwrap_or_else(|| (self.warmup_ratio.unwrap_or(0.0) * total as f64).ceil() as u64);
+        if step < warm {
+            return self.learning_rate * (step + 1) as f64 / warm as f64;
+        }
+        let progress = (step - warm) as f64 / (total.saturating_sub(warm)).max(1) as f64;
+        match self.lr_scheduler.as_str() {
+            "cosine" => self.learning_rate * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
+            "linear" => self.learning_rate * (1.0 - progress),
+            _ => self.learning_rate,
+        }
+    }
+}
+
+impl Stage for Train {
+    const KIND: StageKind = StageKind::Train;
+    const VERSION: u32 = 1;
+
+    fn params(&self) -> Value {
+        json!({
+            "adapter": "lora",
+            "lora_r": self.lora.r,
+            "lora_alpha": self.lora.alpha,
+            "lora_dropout": self.lora_dropout,
+            "lora_target_modules": self.lora.target_modules,
+            "lora_target_linear": self.lora.target_linear,
+            "peft_use_rslora": self.lora.rslora,
+            "learning_rate": self.learning_rate,
+            "lr_scheduler": self.lr_scheduler,
+            "warmup_steps": self.warmup_steps,
+            "warmup_ratio": self.warmup_ratio,
+            "num_epochs": self.num_epochs,
+            "max_steps": self.max_steps,
+            "micro_batch_size": self.micro_batch_size,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "weight_decay": self.weight_decay,
+            "max_grad_norm": self.max_grad_norm,
+            "seed": self.seed,
+        })
+    }
+
+    fn run(&self, cx: &mut RunCx<'_>) -> Result<(), StageError> {
+        let [model_up, pack_up] = cx.upstream else {
+            return Err(StageError::Invalid(
+                "train needs the model and pack upstream".into(),
+            ));
+        };
+        let device = Device::Cpu;
+        let mut model = load_model(&model_up.dir, &device)?;
+        let vars = attach_lora(&mut model, &self.lora, self.seed, &device)?;
+        let mut opt = AdamW::new(
+            vars.iter().map(|(_, v)| v.clone()).collect(),
+            self.weight_decay,
+        )?;
+        let data = PackedSplit::read(&pack_up.dir.join("train"))?;
+        let n_bins = data.header.bins as usize;
+        let mbs = self.micro_batch_size.max(1) as usize;
+        let gas = self.gradient_accumulation_steps.max(1) as usize;
+        let micro_per_epoch = n_bins.div_ceil(mbs);
+        let steps_per_epoch = micro_per_epoch.div_ceil(gas).max(1);
+        let total = self
+            .max_steps
+            .unwrap_or_else(|| (self.num_epochs * steps_per_epoch as f64).ceil() as u64)
+            .max(1);
+        // The micro-batch stream: bins in pack order for epoch 0, reshuffled with seed for later
+        // epochs.
+        let mut order: Vec<usize> = Vec::new();
+        let mut epoch = 0u64;
+        let mut next_bin = |order: &mut Vec<usize>| -> usize {
+            if order.is_empty() {
+                *order = (0..n_bins).rev().collect();
+                if epoch > 0 {
+                    SplitMix64::new(self.seed.wrapping_add(epoch)).shuffle(order);
+                }
+                epoch += 1;
+            }
+            order.pop().unwrap_or(0)
+        };
+        let started = Instant::now();
+        let mut tokens = 0usize;
+        let mut history = Vec::new();
+        for step in 0..total {
+            let mut micro = Vec::with_capacity(gas);
+            for _ in 0..gas {
+                let rows: Vec<(Vec<u32>, Vec<u8>, Vec<u32>)> = (0..mbs)
+                    .map(|_| {
+                        let b = next_bin(&mut order);
+                        let (s0, s1) = (data.bins[b] as usize, data.bins[b + 1] as usize);
+                        let (a, z) = (data.set.offsets[s0] as usize, data.set.offsets[s1] as usize);
+                        (
+                            data.set.tokens[a..z].to_vec(),
+                            data.set.trained[a..z].to_vec(),
+                            data.position_ids(b),
+                        )
+                    })
+                    .collect();
+                tokens += rows.iter().map(|r| r.0.len()).sum::<usize>();
+                micro.push(Batch::new(&rows, &device)?);
+            }
+            let lr = self.lr_at(step, total);
+            let (loss, gnorm) = train_step(&model, &mut opt, &micro, lr, self.max_grad_norm)?;
+            if !loss.is_finite() {
+                return Err(StageError::Invalid(format!(
+                    "loss became {loss} at step {}; lower learning_rate or check the data",
+                    step + 1
+                )));
+            }
+            let s = step + 1;
+            history.push(json!({"step": s, "loss": loss, "lr": lr, "grad_norm": gnorm}));
+            if s % self.logging_steps.max(1) == 0 || s == total {
+                let secs = started.elapsed().as_secs_f64().max(1e-9);
+                for (name, value) in [
+                    ("loss", loss),
+                    ("lr", lr),
+                    ("grad_norm", gnorm),
+                    ("tokens_per_s", tokens as f64 / secs),
+                ] {
+                    (cx.emit)(Event::Metric {
+                        stage: cx.name.to_string(),
+                        step: s,
+                        name: name.into(),
+                        value,
+                    });
+                }
+                (cx.emit)(Event::Progress {
+                    name: cx.name.to_string(),
+                    done: s,
+                    total,
+                    unit: "steps",
+                });
+            }
+        }
+        // PEFT layout.
+        let tensors: std::collections::HashMap<String, candle_core::Tensor> = vars
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
+        let ap = cx.out.join("adapter_model.safetensors");
+        candle_core::safetensors::save(&tensors, &ap)
+            .map_err(|e| StageError::Invalid(format!("{}: {e}", ap.display())))?;
+        let mut targets: Vec<String> = if self.lora.target_linear {
+            [
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+        } else {
+            self.lora.target_modules.clone()
+        };
+        targets.sort();
+        write_json(
+            &cx.out.join("adapter_config.json"),
+            &json!({
+                "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": null,
+                "r": self.lora.r, "lora_alpha": self.lora.alpha, "lora_dropout": self.lora_dropout,
+                "target_modules": targets, "bias": "none", "fan_in_fan_out": false,
+                "inference_mode": true, "init_lora_weights": true, "use_rslora": self.lora.rslora,
+                "use_dora": false, "modules_to_save": null, "revision": null
+            }),
+        )?;
+        write_json(&cx.out.join("config.json"), &model.cfg.to_hf())?;
+        for f in ["tokenizer.json", "tokenizer_config.json"] {
+            let src = model_up.dir.join(f);
+            if src.exists() {
+                std::fs::copy(&src, cx.out.join(f)).map_err(io_err(&src))?;
+            }
+        }
+        write_json(
+            &cx.out.join("trainer_state.json"),
+            &json!({"global_step": total, "log_history": history}),
+        )
+    }
+}

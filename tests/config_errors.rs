@@ -75,7 +75,7 @@ fn axolotl_keys_are_never_unknown() {
 #[test]
 fn unsupported_keys_warn_or_fail_under_strict_and_nulls_are_absent() {
     let p = problems(&format!(
-        "{BASE}deepspeed: ds.json\nfsdp: null\nxformers_attention: false\nbf16: auto\n"
+        "{BASE}adapter: lora\ndeepspeed: ds.json\nfsdp: null\nxformers_attention: false\nbf16: auto\n"
     ));
     assert_eq!(p.len(), 1, "{p:?}");
     assert_eq!(p[0].message, "not supported yet: deepspeed");
@@ -146,6 +146,7 @@ fn a_messy_axolotl_example_config_validates_with_warnings() {
             "flash_attention: has no effect in kiln: a PyTorch kernel choice; kiln uses its own kernels",
             "gradient_checkpointing: not supported yet: gradient_checkpointing",
             "load_in_8bit: not supported yet: load_in_8bit",
+            "lora_dropout: not supported yet: lora_dropout > 0 (kiln trains LoRA without dropout for now)",
             "loss_watchdog_patience: not supported yet: loss_watchdog_patience",
             "loss_watchdog_threshold: not supported yet: loss_watchdog_threshold",
             "optimizer: not supported yet: optimizer `adamw_8bit` (kiln trains with adamw_torch)",

@@ -28,12 +28,12 @@ fn project(yaml: &str) -> (tempfile::TempDir, PathBuf) {
     (dir, cfg)
 }
 
+/// Builds up to `pack` (the data stages these tests are about).
 fn run(cfg: &std::path::Path) -> kiln::workspace::Workspace {
     one_thread();
     let ws = kiln::workspace::Workspace::open(cfg, &[]).unwrap();
-    ws.scheduler()
-        .run(&Default::default(), &mut |_| {})
-        .unwrap();
+    let opts = kiln::scheduler::RunOptions { targets: vec!["pack".into()], force: vec![] };
+    ws.scheduler().run(&opts, &mut |_| {}).unwrap();
     ws
 }
 

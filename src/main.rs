@@ -93,6 +93,8 @@ enum Cmd {
         #[arg(long, default_value = "cache/bench")]
         work: PathBuf,
     },
+    /// Build up to the train stage (fine-tune) and write the adapter to `output_dir`.
+    Train(Common),
     /// Inspect and maintain the cache.
     Cache {
         #[command(subcommand)]
@@ -621,6 +623,25 @@ fn real_main() -> Result<ExitCode> {
             }
         }
         Cmd::Cache { cmd, dir } => return cache_cmd(cmd, dir),
+        Cmd::Train(common) => {
+            let ws = open(&common)?;
+            if ws.plan.index_of("train").is_none() {
+                anyhow::bail!(
+                    "{}: nothing to train: set `adapter: lora` (full fine-tuning is not supported yet)",
+                    common.config.display()
+                );
+            }
+            do_run(
+                &ws,
+                &RunOptions {
+                    targets: vec!["train".into()],
+                    force: vec![],
+                },
+            )?;
+            if let Some(out) = ws.materialize_outputs()? {
+                println!("outputs in {}", out.display());
+            }
+        }
         Cmd::Bench { what, model, work } => {
             if what != "preprocess" {
                 anyhow::bail!("kiln bench: unknown benchmark `{what}` (available: preprocess)");

@@ -32,7 +32,10 @@ fn project(yaml: &str) -> (tempfile::TempDir, PathBuf) {
 fn run(cfg: &std::path::Path) -> kiln::workspace::Workspace {
     one_thread();
     let ws = kiln::workspace::Workspace::open(cfg, &[]).unwrap();
-    let opts = kiln::scheduler::RunOptions { targets: vec!["pack".into()], force: vec![] };
+    let opts = kiln::scheduler::RunOptions {
+        targets: vec!["pack".into()],
+        force: vec![],
+    };
     ws.scheduler().run(&opts, &mut |_| {}).unwrap();
     ws
 }

@@ -79,10 +79,10 @@ fn train_stage_writes_a_peft_adapter_and_is_reproducible() {
 }
 
 #[test]
-fn kiln_run_materializes_the_adapter_in_output_dir() {
+fn kiln_train_materializes_the_adapter_in_output_dir() {
     let p = project();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["run", "kiln.yml", "--set", "max_steps=2"])
+        .args(["train", "kiln.yml", "--set", "max_steps=2"])
         .current_dir(p.dir.path())
         .env("KILN_NUM_THREADS", "1")
         .env_remove("KILN_CACHE")

@@ -389,6 +389,7 @@ impl Scheduler<'_> {
             });
             let started = Instant::now();
             let staging = self.cache.staging(&key)?;
+            let work = self.cache.work_dir(&key)?;
             let upstream_dirs: Vec<Upstream> = ups
                 .into_iter()
                 .map(|(d, k, m)| Upstream {
@@ -413,6 +414,7 @@ impl Scheduler<'_> {
                 let mut cx = RunCx {
                     name: &s.name,
                     out: staging.dir(),
+                    work: &work,
                     upstream: &upstream_dirs,
                     emit: &mut sink,
                 };
@@ -429,6 +431,7 @@ impl Scheduler<'_> {
                 });
             }
             let manifest = self.cache.publish(staging, &s.name, s.kind().as_str())?;
+            self.cache.remove_work_dir(&key);
             let ms = started.elapsed().as_millis() as u64;
             self.index.record_stage(
                 &rec,

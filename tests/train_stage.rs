@@ -107,3 +107,111 @@ fn kiln_train_materializes_the_adapter_in_output_dir() {
         );
     }
 }
+
+fn with_checkpoints(p: &Project) {
+    let cfg = std::fs::read_to_string(&p.config)
+        .unwrap()
+        .replace("max_steps: 6", "max_steps: 12");
+    std::fs::write(&p.config, cfg + "save_steps: 2\nsave_total_limit: 2\n").unwrap();
+}
+
+#[test]
+fn killed_training_resumes_from_its_checkpoint_and_ends_bit_identical() {
+    one_thread();
+    // Reference: uninterrupted.
+    let a = project();
+    with_checkpoints(&a);
+    a.run(&[]);
+    let a_dir = a.ws(&[]).entry_of("train").unwrap();
+    let kept: Vec<String> = {
+        let mut v: Vec<String> = std::fs::read_dir(&a_dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .filter(|n| n.starts_with("checkpoint-"))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        kept,
+        vec!["checkpoint-10", "checkpoint-8"],
+        "save_total_limit keeps the newest 2"
+    );
+
+    // Interrupted with SIGKILL once a checkpoint exists, then rerun.
+    let b = project();
+    with_checkpoints(&b);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["train", "kiln.yml"])
+        .current_dir(b.dir.path())
+        .env("KILN_NUM_THREADS", "1")
+        .env_remove("KILN_CACHE")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let work = b.path("cache/work");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let mut seen = false;
+    while std::time::Instant::now() < deadline {
+        let found = std::fs::read_dir(&work)
+            .ok()
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|k| {
+                std::fs::read_dir(k.path())
+                    .ok()
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .any(|c| {
+                        let n = c.file_name().to_string_lossy().to_string();
+                        n.starts_with("checkpoint-") && !n.ends_with(".partial")
+                    })
+            });
+        if found {
+            seen = true;
+            break;
+        }
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(seen, "no checkpoint appeared before the run ended");
+    let plan = b.plan(&[]);
+    assert_eq!(
+        status(&plan, "train").state,
+        State::Stale,
+        "the killed run published nothing"
+    );
+    let (_, events) = b.run(&[]);
+    assert!(
+        events.iter().any(|e| matches!(e, kiln::events::Event::Warning { message } if message.contains("resuming from checkpoint-"))),
+        "{events:?}"
+    );
+    let b_dir = b.ws(&[]).entry_of("train").unwrap();
+    assert_eq!(
+        std::fs::read(a_dir.join("adapter_model.safetensors")).unwrap(),
+        std::fs::read(b_dir.join("adapter_model.safetensors")).unwrap(),
+        "a resumed run ends with exactly the uninterrupted run's weights"
+    );
+    assert!(
+        !work
+            .join(
+                b.plan(&[])
+                    .iter()
+                    .find(|s| s.name == "train")
+                    .unwrap()
+                    .key
+                    .clone()
+                    .unwrap()
+            )
+            .exists(),
+        "work dir removed after publish"
+    );
+}

@@ -140,7 +140,7 @@ impl std::fmt::Display for Damage {
 
 impl Cache {
     pub fn open(root: &Path) -> Result<Self, CacheError> {
-        for sub in ["objects", "tmp", "locks", "quarantine"] {
+        for sub in ["objects", "tmp", "locks", "quarantine", "work"] {
             let p = root.join(sub);
             fs::create_dir_all(&p).map_err(io_err(&p))?;
         }
@@ -176,6 +176,18 @@ impl Cache {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(CacheError::Io { path, source: e }),
         }
+    }
+
+    /// Resumable state of a key's build (checkpoints). Kept across interrupted runs, so the next
+    /// build of the same key continues; removed when the entry is published.
+    pub fn work_dir(&self, key: &str) -> Result<PathBuf, CacheError> {
+        let p = self.root.join("work").join(key);
+        fs::create_dir_all(&p).map_err(io_err(&p))?;
+        Ok(p)
+    }
+
+    pub fn remove_work_dir(&self, key: &str) {
+        let _ = fs::remove_dir_all(self.root.join("work").join(key));
     }
 
     pub fn lock(&self, key: &str) -> Result<KeyLock, CacheError> {

@@ -227,6 +227,9 @@ pub fn build(s: &Settings, hashes: &FileHashCache<'_>) -> Result<Plan, PlanError
                 max_grad_norm: t.max_grad_norm,
                 seed: s.seed,
                 logging_steps: t.logging_steps.unwrap_or(1),
+                save_steps: t.save_steps,
+                saves_per_epoch: t.saves_per_epoch,
+                save_total_limit: t.save_total_limit,
             })),
             inputs: Inputs::new(),
             deps: vec![

@@ -90,6 +90,9 @@ pub struct Upstream {
 pub struct RunCx<'a> {
     pub name: &'a str,
     pub out: &'a Path,
+    /// A directory that survives an interrupted build of the same key (checkpoints live here);
+    /// removed once the entry is published.
+    pub work: &'a Path,
     pub upstream: &'a [Upstream],
     pub emit: &'a mut dyn FnMut(Event),
 }

@@ -29,6 +29,56 @@ pub struct Train {
     pub max_grad_norm: f64,
     pub seed: u64,
     pub logging_steps: u64,
+    /// Checkpoint every N steps (`save_steps`, or derived from `saves_per_epoch`); 0 = never.
+    pub save_steps: Option<f64>,
+    pub saves_per_epoch: Option<u64>,
+    pub save_total_limit: Option<u64>,
+}
+
+fn save_tensors(
+    map: &std::collections::HashMap<String, candle_core::Tensor>,
+    path: &Path,
+) -> Result<(), StageError> {
+    candle_core::safetensors::save(map, path)
+        .map_err(|e| StageError::Invalid(format!("{}: {e}", path.display())))
+}
+
+/// The highest complete `checkpoint-N` in `dir`.
+fn latest_checkpoint(dir: &Path) -> Option<(u64, std::path::PathBuf)> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let n = name.strip_prefix("checkpoint-")?.parse::<u64>().ok()?;
+            e.path()
+                .join("trainer_state.json")
+                .exists()
+                .then(|| (n, e.path()))
+        })
+        .max_by_key(|(n, _)| *n)
+}
+
+fn checkpoints(dir: &Path) -> Vec<(u64, std::path::PathBuf)> {
+    let mut v: Vec<(u64, std::path::PathBuf)> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().to_string();
+                    let n = name.strip_prefix("checkpoint-")?.parse::<u64>().ok()?;
+                    Some((n, e.path()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+impl From<candle_core::Error> for StageError {
+    fn from(e: candle_core::Error) -> Self {
+        StageError::Invalid(e.to_string())
+    }
 }
 
 impl From<ModelError> for StageError {
@@ -55,6 +105,76 @@ pub fn load_model(dir: &Path, device: &Device) -> Result<Llama, StageError> {
 }
 
 impl Train {
+    fn adapter_config(&self) -> Value {
+        let mut targets: Vec<String> = if self.lora.target_linear {
+            [
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+        } else {
+            self.lora.target_modules.clone()
+        };
+        targets.sort();
+        json!({
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": null,
+            "r": self.lora.r, "lora_alpha": self.lora.alpha, "lora_dropout": self.lora_dropout,
+            "target_modules": targets, "bias": "none", "fan_in_fan_out": false,
+            "inference_mode": true, "init_lora_weights": true, "use_rslora": self.lora.rslora,
+            "use_dora": false, "modules_to_save": null, "revision": null
+        })
+    }
+
+    /// `checkpoint-N/`: adapter, optimizer moments, step and log history; written beside and
+    /// renamed into place, then older checkpoints beyond `save_total_limit` are removed.
+    fn write_checkpoint(
+        &self,
+        work: &Path,
+        step: u64,
+        vars: &[(String, candle_core::Var)],
+        opt: &AdamW,
+        adapter_cfg: &Value,
+        history: &[Value],
+    ) -> Result<(), StageError> {
+        let tmp = work.join(format!("checkpoint-{step}.partial"));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+        let a: std::collections::HashMap<String, candle_core::Tensor> = vars
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
+        save_tensors(&a, &tmp.join("adapter_model.safetensors"))?;
+        let mut o = std::collections::HashMap::new();
+        for i in 0..opt.vars.len() {
+            o.insert(format!("m.{i}"), opt.m[i].clone());
+            o.insert(format!("v.{i}"), opt.v[i].clone());
+        }
+        save_tensors(&o, &tmp.join("optimizer.safetensors"))?;
+        write_json(&tmp.join("adapter_config.json"), adapter_cfg)?;
+        write_json(
+            &tmp.join("trainer_state.json"),
+            &json!({"global_step": step, "log_history": history}),
+        )?;
+        let dest = work.join(format!("checkpoint-{step}"));
+        let _ = std::fs::remove_dir_all(&dest);
+        std::fs::rename(&tmp, &dest).map_err(io_err(&dest))?;
+        if let Some(limit) = self.save_total_limit.filter(|l| *l > 0) {
+            let all = checkpoints(work);
+            let excess = all.len().saturating_sub(limit as usize);
+            for (_, p) in all.into_iter().take(excess) {
+                let _ = std::fs::remove_dir_all(p);
+            }
+        }
+        Ok(())
+    }
+
     /// Learning rate at optimizer step `step` (0-based) of `total`: linear warmup, then the
     /// schedule (cosine to 0, linear to 0, or constant).
     pub fn lr_at(&self, step: u64, total: u64) -> f64 {
@@ -97,6 +217,9 @@ impl Stage for Train {
             "weight_decay": self.weight_decay,
             "max_grad_norm": self.max_grad_norm,
             "seed": self.seed,
+            "save_steps": self.save_steps,
+            "saves_per_epoch": self.saves_per_epoch,
+            "save_total_limit": self.save_total_limit,
         })
     }
 
@@ -123,6 +246,12 @@ impl Stage for Train {
             .max_steps
             .unwrap_or_else(|| (self.num_epochs * steps_per_epoch as f64).ceil() as u64)
             .max(1);
+        let save_every = match (self.save_steps, self.saves_per_epoch) {
+            (Some(x), _) if x >= 1.0 => x as u64,
+            (Some(x), _) if x > 0.0 => ((x * total as f64).ceil() as u64).max(1),
+            (_, Some(n)) if n > 0 => (steps_per_epoch as u64).div_ceil(n).max(1),
+            _ => 0,
+        };
         // The micro-batch stream: bins in pack order for epoch 0, reshuffled with seed for later
         // epochs.
         let mut order: Vec<usize> = Vec::new();
@@ -137,10 +266,45 @@ impl Stage for Train {
             }
             order.pop().unwrap_or(0)
         };
+        let adapter_cfg = self.adapter_config();
+        let mut history: Vec<Value> = Vec::new();
+        let mut start = 0u64;
+        // Resume: a checkpoint left by an interrupted build of this same key.
+        if let Some((n, ck)) = latest_checkpoint(cx.work).filter(|(n, _)| *n < total) {
+            let a = candle_core::safetensors::load(ck.join("adapter_model.safetensors"), &device)?;
+            for (name, v) in &vars {
+                let t = a
+                    .get(name)
+                    .ok_or_else(|| StageError::Invalid(format!("{}: no {name}", ck.display())))?;
+                v.set(t)?;
+            }
+            let o = candle_core::safetensors::load(ck.join("optimizer.safetensors"), &device)?;
+            for i in 0..opt.vars.len() {
+                let get = |k: String| {
+                    o.get(&k)
+                        .cloned()
+                        .ok_or_else(|| StageError::Invalid(format!("{}: no {k}", ck.display())))
+                };
+                opt.m[i] = get(format!("m.{i}"))?;
+                opt.v[i] = get(format!("v.{i}"))?;
+            }
+            opt.step = n as usize;
+            let sp = ck.join("trainer_state.json");
+            let st: Value = serde_json::from_slice(&std::fs::read(&sp).map_err(io_err(&sp))?)
+                .map_err(|e| StageError::Invalid(format!("{}: {e}", sp.display())))?;
+            history = st["log_history"].as_array().cloned().unwrap_or_default();
+            // Replay the data stream up to where the checkpoint was taken.
+            for _ in 0..(n as usize * gas * mbs) {
+                next_bin(&mut order);
+            }
+            start = n;
+            (cx.emit)(Event::Warning {
+                message: format!("{}: resuming from checkpoint-{n}", cx.name),
+            });
+        }
         let started = Instant::now();
         let mut tokens = 0usize;
-        let mut history = Vec::new();
-        for step in 0..total {
+        for step in start..total {
             let mut micro = Vec::with_capacity(gas);
             for _ in 0..gas {
                 let rows: Vec<(Vec<u32>, Vec<u8>, Vec<u32>)> = (0..mbs)
@@ -190,42 +354,24 @@ impl Stage for Train {
                     unit: "steps",
                 });
             }
+            if save_every > 0 && s % save_every == 0 && s < total {
+                self.write_checkpoint(cx.work, s, &vars, &opt, &adapter_cfg, &history)?;
+            }
         }
         // PEFT layout.
         let tensors: std::collections::HashMap<String, candle_core::Tensor> = vars
             .iter()
             .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
             .collect();
-        let ap = cx.out.join("adapter_model.safetensors");
-        candle_core::safetensors::save(&tensors, &ap)
-            .map_err(|e| StageError::Invalid(format!("{}: {e}", ap.display())))?;
-        let mut targets: Vec<String> = if self.lora.target_linear {
-            [
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect()
-        } else {
-            self.lora.target_modules.clone()
-        };
-        targets.sort();
-        write_json(
-            &cx.out.join("adapter_config.json"),
-            &json!({
-                "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": null,
-                "r": self.lora.r, "lora_alpha": self.lora.alpha, "lora_dropout": self.lora_dropout,
-                "target_modules": targets, "bias": "none", "fan_in_fan_out": false,
-                "inference_mode": true, "init_lora_weights": true, "use_rslora": self.lora.rslora,
-                "use_dora": false, "modules_to_save": null, "revision": null
-            }),
-        )?;
+        save_tensors(&tensors, &cx.out.join("adapter_model.safetensors"))?;
+        write_json(&cx.out.join("adapter_config.json"), &adapter_cfg)?;
+        for (n, ck) in checkpoints(cx.work) {
+            let dest = cx.out.join(format!("checkpoint-{n}"));
+            std::fs::create_dir_all(&dest).map_err(io_err(&dest))?;
+            for f in std::fs::read_dir(&ck).map_err(io_err(&ck))?.flatten() {
+                std::fs::copy(f.path(), dest.join(f.file_name())).map_err(io_err(&f.path()))?;
+            }
+        }
         write_json(&cx.out.join("config.json"), &model.cfg.to_hf())?;
         for f in ["tokenizer.json", "tokenizer_config.json"] {
             let src = model_up.dir.join(f);

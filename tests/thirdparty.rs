@@ -374,3 +374,87 @@ fn smollm2_logits_match_candle_quantized_reference_and_greedy_answers() {
     let text = tok.tokenizer.decode(&out, true).unwrap();
     assert!(text.contains("Paris"), "{text}");
 }
+
+#[test]
+fn quickstart_lora_steps_on_smollm2_lower_the_loss_and_generation_still_works() {
+    use candle_core::Device;
+    let td = testdata();
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let yaml = std::fs::read_to_string(repo.join("pipelines/quickstart.yml"))
+        .unwrap()
+        .replace(
+            "../cache/models/SmolLM2-135M-Instruct.Q4_1.gguf",
+            &td.join("SmolLM2-135M-Instruct.Q4_1.gguf")
+                .display()
+                .to_string(),
+        )
+        .replace(
+            "path: data/kiln-qa.jsonl",
+            &format!(
+                "path: {}",
+                repo.join("pipelines/data/kiln-qa.jsonl").display()
+            ),
+        );
+    let (_d, cfg) = project(&yaml);
+    one_thread();
+    let sets: Vec<String> = [
+        "max_steps=12",
+        "sequence_len=128",
+        "gradient_accumulation_steps=1",
+        "learning_rate=1e-3",
+        "warmup_ratio=0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let ws = kiln::workspace::Workspace::open(&cfg, &sets).unwrap();
+    let mut losses = Vec::new();
+    ws.scheduler()
+        .run(&Default::default(), &mut |e| {
+            if let kiln::events::Event::Metric { name, value, .. } = e {
+                if name == "loss" {
+                    losses.push(value);
+                }
+            }
+        })
+        .unwrap();
+    assert_eq!(losses.len(), 12);
+    let first: f64 = losses[..3].iter().sum::<f64>() / 3.0;
+    let last: f64 = losses[9..].iter().sum::<f64>() / 3.0;
+    eprintln!("losses {losses:?}");
+    assert!(
+        last < first,
+        "mean loss of the last 3 steps {last} is not below the first 3 {first}"
+    );
+
+    // Generation with the trained adapter applied still produces text.
+    let dev = Device::Cpu;
+    let dir = ws.entry_of("train").unwrap();
+    let mut model =
+        kiln::stages::train::load_model(&ws.entry_of("fetch.model").unwrap(), &dev).unwrap();
+    let spec = kiln::train::LoraSpec {
+        r: 16,
+        alpha: 32.0,
+        target_modules: vec![],
+        target_linear: true,
+        rslora: false,
+    };
+    let vars = kiln::train::attach_lora(&mut model, &spec, 0, &dev).unwrap();
+    let trained =
+        candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &dev).unwrap();
+    for (name, v) in &vars {
+        v.set(&trained[name]).unwrap();
+    }
+    let tok = TextTokenizer::load_dir(&dir).unwrap();
+    let prompt = "<|im_start|>user\nWhat does `kiln plan` show?<|im_end|>\n<|im_start|>assistant\n";
+    let ids = tok
+        .tokenizer
+        .encode(prompt, false)
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    let out = model.greedy(&ids, 16, tok.eos_id(), &dev).unwrap();
+    let text = tok.tokenizer.decode(&out, true).unwrap();
+    eprintln!("answer: {text}");
+    assert!(text.trim().split_whitespace().count() >= 3, "{text:?}");
+}

@@ -456,5 +456,5 @@ fn quickstart_lora_steps_on_smollm2_lower_the_loss_and_generation_still_works() 
     let out = model.greedy(&ids, 16, tok.eos_id(), &dev).unwrap();
     let text = tok.tokenizer.decode(&out, true).unwrap();
     eprintln!("answer: {text}");
-    assert!(text.trim().split_whitespace().count() >= 3, "{text:?}");
+    assert!(text.split_whitespace().count() >= 3, "{text:?}");
 }

@@ -199,9 +199,8 @@ pub fn tiny_config() -> LlamaConfig {
     }
 }
 
-/// Random weights from kiln's own PRNG (candle's CPU seeding is not usable).
-pub fn tiny_model(seed: u64) -> Llama {
-    let cfg = tiny_config();
+/// Random weights for `cfg` from kiln's own PRNG (candle's CPU seeding is not usable).
+pub fn tiny_weights(cfg: &LlamaConfig, seed: u64) -> HashMap<String, Tensor> {
     let dev = CDevice::Cpu;
     let mut rng = SplitMix64::new(seed);
     let mut rand = |shape: &[usize], scale: f32| {
@@ -238,71 +237,34 @@ pub fn tiny_model(seed: u64) -> Llama {
         ] {
             w.insert(format!("{p}.{n}.weight"), rand(&shape, 0.3));
         }
-        w.insert(
-            format!("{p}.input_layernorm.weight"),
-            rand(&[h], 0.2).affine(1.0, 1.0).unwrap(),
-        );
-        w.insert(
-            format!("{p}.post_attention_layernorm.weight"),
-            rand(&[h], 0.2).affine(1.0, 1.0).unwrap(),
-        );
+        for n in ["input_layernorm", "post_attention_layernorm"] {
+            w.insert(
+                format!("{p}.{n}.weight"),
+                rand(&[h], 0.2).affine(1.0, 1.0).unwrap(),
+            );
+        }
     }
-    Llama::from_weights(cfg, w, &dev).unwrap()
+    w
+}
+
+/// A tiny random Llama (2 layers, hidden 32, GQA 4/2 heads, vocab 64).
+pub fn tiny_model(seed: u64) -> Llama {
+    let cfg = tiny_config();
+    let w = tiny_weights(&cfg, seed);
+    Llama::from_weights(cfg, w, &CDevice::Cpu).unwrap()
 }
 
 /// A complete tiny model directory: the tiny tokenizer, a matching config.json and random
 /// weights in model.safetensors.
 pub fn write_tiny_model_dir(dir: &Path, seed: u64) {
     write_model_dir(dir, Some(CHATML));
-    let vocab = tiny_tokenizer_json()["model"]["vocab"]
+    let mut cfg = tiny_config();
+    cfg.vocab_size = tiny_tokenizer_json()["model"]["vocab"]
         .as_object()
         .unwrap()
         .len();
-    let mut cfg = tiny_config();
-    cfg.vocab_size = vocab;
     cfg.max_position_embeddings = 1024;
-    let dev = CDevice::Cpu;
-    let mut rng = SplitMix64::new(seed);
-    let mut rand = |shape: &[usize], scale: f32| {
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n)
-            .map(|_| ((rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * scale)
-            .collect();
-        Tensor::from_vec(v, shape, &dev).unwrap()
-    };
-    let (h, i, kv) = (
-        cfg.hidden_size,
-        cfg.intermediate_size,
-        cfg.num_key_value_heads * cfg.head_dim(),
-    );
-    let mut w: HashMap<String, Tensor> = HashMap::new();
-    w.insert("model.embed_tokens.weight".into(), rand(&[vocab, h], 0.5));
-    w.insert(
-        "model.norm.weight".into(),
-        Tensor::ones(h, candle_core::DType::F32, &dev).unwrap(),
-    );
-    for l in 0..cfg.num_hidden_layers {
-        let p = format!("model.layers.{l}");
-        for (n, shape) in [
-            ("self_attn.q_proj", [h, h]),
-            ("self_attn.k_proj", [kv, h]),
-            ("self_attn.v_proj", [kv, h]),
-            ("self_attn.o_proj", [h, h]),
-            ("mlp.gate_proj", [i, h]),
-            ("mlp.up_proj", [i, h]),
-            ("mlp.down_proj", [h, i]),
-        ] {
-            w.insert(format!("{p}.{n}.weight"), rand(&shape, 0.3));
-        }
-        w.insert(
-            format!("{p}.input_layernorm.weight"),
-            Tensor::ones(h, candle_core::DType::F32, &dev).unwrap(),
-        );
-        w.insert(
-            format!("{p}.post_attention_layernorm.weight"),
-            Tensor::ones(h, candle_core::DType::F32, &dev).unwrap(),
-        );
-    }
+    let w = tiny_weights(&cfg, seed);
     candle_core::safetensors::save(&w, dir.join("model.safetensors")).unwrap();
     std::fs::write(dir.join("config.json"), cfg.to_hf().to_string()).unwrap();
 }

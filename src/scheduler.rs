@@ -333,13 +333,21 @@ impl Scheduler<'_> {
             }
             let key = stage_key(s, &upstream);
             let rec = self.record(i, &key, &upstream);
-            if !forced[i] && self.cache.manifest(&key)?.is_some() {
+            // Reuse a finished entry: checked before taking the lock, and again after it, since
+            // another kiln process may have built the key while we waited.
+            let mut reuse = |key: &String| -> Result<bool, SchedError> {
+                if forced[i] || self.cache.manifest(key)?.is_none() {
+                    return Ok(false);
+                }
                 emit(Event::StageFresh {
                     name: s.name.clone(),
                     key: key.clone(),
                 });
                 self.index.record_seen(&self.config_id, &rec)?;
                 summary.fresh.push(s.name.clone());
+                Ok(true)
+            };
+            if reuse(&key)? {
                 keys[i] = Some(key);
                 continue;
             }
@@ -359,14 +367,7 @@ impl Scheduler<'_> {
                 }
             }
             let _lock = self.cache.lock(&key)?;
-            if !forced[i] && self.cache.manifest(&key)?.is_some() {
-                // Another kiln process built it while we waited for the lock.
-                emit(Event::StageFresh {
-                    name: s.name.clone(),
-                    key: key.clone(),
-                });
-                self.index.record_seen(&self.config_id, &rec)?;
-                summary.fresh.push(s.name.clone());
+            if reuse(&key)? {
                 keys[i] = Some(key);
                 continue;
             }

@@ -215,3 +215,22 @@ fn killed_training_resumes_from_its_checkpoint_and_ends_bit_identical() {
         "work dir removed after publish"
     );
 }
+
+#[test]
+fn eval_steps_report_validation_loss_and_perplexity() {
+    one_thread();
+    let p = project();
+    let (_, events) = p.run(&["eval_steps=3"]);
+    let evals: Vec<(u64, f64)> = events
+        .iter()
+        .filter_map(|e| match e {
+            kiln::events::Event::Metric {
+                step, name, value, ..
+            } if name == "eval_loss" => Some((*step, *value)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(evals.iter().map(|e| e.0).collect::<Vec<_>>(), vec![3, 6]);
+    assert!(evals[1].1 < evals[0].1, "validation loss went {evals:?}");
+    assert!(events.iter().any(|e| matches!(e, kiln::events::Event::Metric { name, value, .. } if name == "eval_perplexity" && (*value - evals[1].1.exp()).abs() < 1e-9)));
+}

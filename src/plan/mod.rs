@@ -230,6 +230,8 @@ pub fn build(s: &Settings, hashes: &FileHashCache<'_>) -> Result<Plan, PlanError
                 save_steps: t.save_steps,
                 saves_per_epoch: t.saves_per_epoch,
                 save_total_limit: t.save_total_limit,
+                eval_steps: t.eval_steps,
+                evals_per_epoch: t.evals_per_epoch,
             })),
             inputs: Inputs::new(),
             deps: vec![

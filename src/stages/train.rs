@@ -33,6 +33,43 @@ pub struct Train {
     pub save_steps: Option<f64>,
     pub saves_per_epoch: Option<u64>,
     pub save_total_limit: Option<u64>,
+    /// Validation every N steps (`eval_steps`, or derived from `evals_per_epoch`); 0 = never.
+    pub eval_steps: Option<f64>,
+    pub evals_per_epoch: Option<u64>,
+}
+
+/// Mean loss over every trained token of the validation split (no gradients kept).
+fn evaluate(
+    model: &Llama,
+    val: &PackedSplit,
+    batch: usize,
+    device: &Device,
+) -> Result<Option<f64>, StageError> {
+    let n = val.header.bins as usize;
+    if n == 0 || val.header.trained_tokens == 0 {
+        return Ok(None);
+    }
+    let (mut sum, mut count) = (0f64, 0usize);
+    for chunk in (0..n).collect::<Vec<_>>().chunks(batch.max(1)) {
+        let rows: Vec<(Vec<u32>, Vec<u8>, Vec<u32>)> = chunk
+            .iter()
+            .map(|&b| {
+                let (s0, s1) = (val.bins[b] as usize, val.bins[b + 1] as usize);
+                let (a, z) = (val.set.offsets[s0] as usize, val.set.offsets[s1] as usize);
+                (
+                    val.set.tokens[a..z].to_vec(),
+                    val.set.trained[a..z].to_vec(),
+                    val.position_ids(b),
+                )
+            })
+            .collect();
+        let batch = Batch::new(&rows, device)?;
+        count += batch.trained_tokens;
+        sum += crate::train::loss_sum(model, &batch)?
+            .detach()
+            .to_scalar::<f32>()? as f64;
+    }
+    Ok((count > 0).then(|| sum / count as f64))
 }
 
 fn save_tensors(
@@ -220,6 +257,8 @@ impl Stage for Train {
             "save_steps": self.save_steps,
             "saves_per_epoch": self.saves_per_epoch,
             "save_total_limit": self.save_total_limit,
+            "eval_steps": self.eval_steps,
+            "evals_per_epoch": self.evals_per_epoch,
         })
     }
 
@@ -246,6 +285,17 @@ impl Stage for Train {
             .max_steps
             .unwrap_or_else(|| (self.num_epochs * steps_per_epoch as f64).ceil() as u64)
             .max(1);
+        let eval_every = match (self.eval_steps, self.evals_per_epoch) {
+            (Some(x), _) if x >= 1.0 => x as u64,
+            (Some(x), _) if x > 0.0 => ((x * total as f64).ceil() as u64).max(1),
+            (_, Some(n)) if n > 0 => (steps_per_epoch as u64).div_ceil(n).max(1),
+            _ => 0,
+        };
+        let val = if eval_every > 0 {
+            Some(PackedSplit::read(&pack_up.dir.join("val"))?)
+        } else {
+            None
+        };
         let save_every = match (self.save_steps, self.saves_per_epoch) {
             (Some(x), _) if x >= 1.0 => x as u64,
             (Some(x), _) if x > 0.0 => ((x * total as f64).ceil() as u64).max(1),
@@ -353,6 +403,22 @@ impl Stage for Train {
                     total,
                     unit: "steps",
                 });
+            }
+            if let Some(val) = val.as_ref().filter(|_| s % eval_every == 0 || s == total) {
+                if let Some(eval_loss) = evaluate(&model, val, mbs, &device)? {
+                    history.push(json!({"step": s, "eval_loss": eval_loss}));
+                    for (name, value) in [
+                        ("eval_loss", eval_loss),
+                        ("eval_perplexity", eval_loss.exp()),
+                    ] {
+                        (cx.emit)(Event::Metric {
+                            stage: cx.name.to_string(),
+                            step: s,
+                            name: name.into(),
+                            value,
+                        });
+                    }
+                }
             }
             if save_every > 0 && s % save_every == 0 && s < total {
                 self.write_checkpoint(cx.work, s, &vars, &opt, &adapter_cfg, &history)?;

@@ -94,7 +94,14 @@ enum Cmd {
         work: PathBuf,
     },
     /// Build up to the train stage (fine-tune) and write the adapter to `output_dir`.
-    Train(Common),
+    Train {
+        #[command(flatten)]
+        common: Common,
+        /// One step only: time, memory, loss, and a decoded sample with its loss mask; builds
+        /// the data stages but publishes no train entry.
+        #[arg(long)]
+        debug: bool,
+    },
     /// Inspect and maintain the cache.
     Cache {
         #[command(subcommand)]
@@ -623,13 +630,36 @@ fn real_main() -> Result<ExitCode> {
             }
         }
         Cmd::Cache { cmd, dir } => return cache_cmd(cmd, dir),
-        Cmd::Train(common) => {
+        Cmd::Train { common, debug } => {
             let ws = open(&common)?;
             if ws.plan.index_of("train").is_none() {
                 anyhow::bail!(
                     "{}: nothing to train: set `adapter: lora` (full fine-tuning is not supported yet)",
                     common.config.display()
                 );
+            }
+            if debug {
+                do_run(
+                    &ws,
+                    &RunOptions {
+                        targets: vec!["pack".into()],
+                        force: vec![],
+                    },
+                )?;
+                let d = ws.debug_train_step()?;
+                println!(
+                    "debug step: loss {:.4}, grad norm {:.4}, {:.2} s for {} tokens ({:.1} tokens/s), {} trainable parameters, peak RSS {}",
+                    d.loss,
+                    d.grad_norm,
+                    d.seconds,
+                    d.tokens,
+                    d.tokens as f64 / d.seconds.max(1e-9),
+                    d.trainable_params,
+                    d.peak_rss_bytes.map(human_bytes).unwrap_or_else(|| "unknown".into())
+                );
+                println!();
+                print_debug(&ws, 1, false)?;
+                return Ok(ExitCode::SUCCESS);
             }
             do_run(
                 &ws,

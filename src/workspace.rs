@@ -126,6 +126,19 @@ impl Workspace {
         Ok(Some(out))
     }
 
+    /// `kiln train --debug`: one training step on the first bins, nothing published.
+    pub fn debug_train_step(&self) -> Result<crate::stages::train::DebugStep, KilnError> {
+        let Some(i) = self.plan.index_of("train") else {
+            return Err(KilnError::NotBuilt(
+                "no train stage: set `adapter: lora`".into(),
+            ));
+        };
+        let AnyStage::Train(t) = &self.plan.stages[i].stage else {
+            return Err(KilnError::NotBuilt("no train stage".into()));
+        };
+        Ok(t.debug_step(&self.entry_of("fetch.model")?, &self.entry_of("pack")?)?)
+    }
+
     pub fn pack_stats(&self) -> Result<PackStats, KilnError> {
         let dir = self.entry_of("pack")?;
         let p = dir.join("stats.json");

@@ -234,3 +234,36 @@ fn eval_steps_report_validation_loss_and_perplexity() {
     assert!(evals[1].1 < evals[0].1, "validation loss went {evals:?}");
     assert!(events.iter().any(|e| matches!(e, kiln::events::Event::Metric { name, value, .. } if name == "eval_perplexity" && (*value - evals[1].1.exp()).abs() < 1e-9)));
 }
+
+#[test]
+fn train_debug_runs_one_step_and_publishes_no_train_entry() {
+    let p = project();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["train", "kiln.yml", "--debug"])
+        .current_dir(p.dir.path())
+        .env("KILN_NUM_THREADS", "1")
+        .env_remove("KILN_CACHE")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("debug step: loss ") && stdout.contains("trainable parameters, peak RSS"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(", -100)"),
+        "the decoded sample shows masked tokens: {stdout}"
+    );
+    let plan = p.plan(&[]);
+    assert_eq!(status(&plan, "pack").state, State::Fresh);
+    assert_eq!(
+        status(&plan, "train").state,
+        State::Stale,
+        "debug publishes nothing"
+    );
+}

@@ -451,3 +451,68 @@ impl Stage for Train {
         )
     }
 }
+
+/// What `kiln train --debug` reports: one optimizer step on the first training bins.
+#[derive(Debug, Clone)]
+pub struct DebugStep {
+    pub loss: f64,
+    pub grad_norm: f64,
+    pub seconds: f64,
+    pub tokens: usize,
+    pub trainable_params: usize,
+    pub peak_rss_bytes: Option<u64>,
+}
+
+/// Peak resident set size of this process (Linux `VmHWM`).
+pub fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+impl Train {
+    /// One step (one micro-batch per accumulation slot) without publishing anything.
+    pub fn debug_step(&self, model_dir: &Path, pack_dir: &Path) -> Result<DebugStep, StageError> {
+        let device = Device::Cpu;
+        let mut model = load_model(model_dir, &device)?;
+        let vars = attach_lora(&mut model, &self.lora, self.seed, &device)?;
+        let trainable_params = vars.iter().map(|(_, v)| v.as_tensor().elem_count()).sum();
+        let mut opt = AdamW::new(
+            vars.iter().map(|(_, v)| v.clone()).collect(),
+            self.weight_decay,
+        )?;
+        let data = PackedSplit::read(&pack_dir.join("train"))?;
+        let n = data.header.bins as usize;
+        let mbs = self.micro_batch_size.max(1) as usize;
+        let rows: Vec<(Vec<u32>, Vec<u8>, Vec<u32>)> = (0..mbs.min(n))
+            .map(|b| {
+                let (s0, s1) = (data.bins[b] as usize, data.bins[b + 1] as usize);
+                let (a, z) = (data.set.offsets[s0] as usize, data.set.offsets[s1] as usize);
+                (
+                    data.set.tokens[a..z].to_vec(),
+                    data.set.trained[a..z].to_vec(),
+                    data.position_ids(b),
+                )
+            })
+            .collect();
+        let tokens = rows.iter().map(|r| r.0.len()).sum();
+        let batch = Batch::new(&rows, &device)?;
+        let t = Instant::now();
+        let (loss, grad_norm) = train_step(
+            &model,
+            &mut opt,
+            &[batch],
+            self.lr_at(0, 1),
+            self.max_grad_norm,
+        )?;
+        Ok(DebugStep {
+            loss,
+            grad_norm,
+            seconds: t.elapsed().as_secs_f64(),
+            tokens,
+            trainable_params,
+            peak_rss_bytes: peak_rss_bytes(),
+        })
+    }
+}

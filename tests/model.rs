@@ -73,3 +73,59 @@ fn packed_rows_give_the_same_logits_as_separate_samples() {
         .unwrap();
     assert!(d > 1e-3, "the test must be able to fail: {d}");
 }
+
+#[test]
+fn frozen_linear_matches_matmul_forward_and_input_gradient() {
+    use candle_core::Var;
+    let dev = Device::Cpu;
+    let mut rng = kiln::data::pack::SplitMix64::new(5);
+    let mut rand = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
+            .collect()
+    };
+    let w = Tensor::from_vec(rand(24 * 40), (24, 40), &dev).unwrap();
+    let x =
+        Var::from_tensor(&Tensor::from_vec(rand(2 * 7 * 40), (2, 7, 40), &dev).unwrap()).unwrap();
+    let probe = Tensor::from_vec(rand(2 * 7 * 24), (2, 7, 24), &dev).unwrap();
+    // Oracle: candle's broadcast_matmul with Wᵀ; tolerance 1e-5 for f32 summation order.
+    let plain = x.as_tensor().broadcast_matmul(&w.t().unwrap()).unwrap();
+    let ours = x
+        .as_tensor()
+        .apply_op1(kiln::model::frozen::FrozenLinear { weight: w.clone() })
+        .unwrap();
+    let d = (&plain - &ours)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(d < 1e-5, "forward differs by {d}");
+    let g_plain = (plain * &probe)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let g_ours = (ours * &probe)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let (a, b) = (
+        g_plain.get(x.as_tensor()).unwrap(),
+        g_ours.get(x.as_tensor()).unwrap(),
+    );
+    let d = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(d < 1e-5, "input gradient differs by {d}");
+}

@@ -23,7 +23,15 @@ pub struct Linear {
 
 impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
-        let mut y = x.broadcast_matmul(&self.weight.t()?)?;
+        let frozen_ok =
+            x.device().is_cpu() && x.dtype() == DType::F32 && self.weight.dtype() == DType::F32;
+        let mut y = if frozen_ok {
+            x.contiguous()?.apply_op1(super::frozen::FrozenLinear {
+                weight: self.weight.contiguous()?,
+            })?
+        } else {
+            x.broadcast_matmul(&self.weight.t()?)?
+        };
         if let Some(l) = &self.lora {
             let d = x
                 .broadcast_matmul(&l.a.as_tensor().t()?)?

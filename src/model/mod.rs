@@ -3,6 +3,7 @@
 //! HF-layout safetensors or GGUF (dequantized to f32). Knows nothing about data or the cache.
 
 pub mod config;
+pub mod frozen;
 pub mod llama;
 pub mod weights;
 

@@ -288,7 +288,14 @@ impl Llama {
         }
         let x = rms_norm(&x, &self.norm, cfg.rms_norm_eps)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        Ok(x.broadcast_matmul(&head.t()?)?)
+        // The head is frozen (LoRA trains deltas only): the largest matmul of the model, so the
+        // skipped weight gradient matters most here.
+        Linear {
+            weight: head.clone(),
+            bias: None,
+            lora: None,
+        }
+        .forward(&x)
     }
 
     /// Convenience: logits for one unpacked sequence.

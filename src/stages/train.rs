@@ -232,7 +232,8 @@ impl Train {
 
 impl Stage for Train {
     const KIND: StageKind = StageKind::Train;
-    const VERSION: u32 = 1;
+    // v2: frozen-weight linear op (gemm) for base and head matmuls; low bits may differ.
+    const VERSION: u32 = 2;
 
     fn params(&self) -> Value {
         json!({

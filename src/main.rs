@@ -102,6 +102,18 @@ enum Cmd {
         #[arg(long)]
         debug: bool,
     },
+    /// Past runs recorded in the cache index: config, stages built vs reused, duration, outcome.
+    Runs {
+        /// How many of the newest runs to show.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Cache directory (default: $KILN_CACHE or ./cache).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Print JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
     /// Inspect and maintain the cache.
     Cache {
         #[command(subcommand)]
@@ -630,6 +642,31 @@ fn real_main() -> Result<ExitCode> {
             }
         }
         Cmd::Cache { cmd, dir } => return cache_cmd(cmd, dir),
+        Cmd::Runs { limit, dir, json } => {
+            let cache = Cache::open(&dir.unwrap_or_else(|| cache_root(None)))?;
+            let runs = cache.index()?.runs(limit)?;
+            if !json {
+                println!(
+                    "{:>5}  {:<8} {:>5} {:>6} {:>9}  config",
+                    "run", "outcome", "built", "reused", "seconds"
+                );
+            }
+            for r in runs {
+                let secs = r.finished.map(|f| f - r.started);
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"id": r.id, "config": r.config, "started": r.started, "seconds": secs, "outcome": r.outcome, "built": r.built, "reused": r.reused})
+                    );
+                } else {
+                    let secs = secs.map(|s| s.to_string()).unwrap_or_else(|| "-".into());
+                    println!(
+                        "{:>5}  {:<8} {:>5} {:>6} {:>9}  {}",
+                        r.id, r.outcome, r.built, r.reused, secs, r.config
+                    );
+                }
+            }
+        }
         Cmd::Train { common, debug } => {
             let ws = open(&common)?;
             if ws.plan.index_of("train").is_none() {

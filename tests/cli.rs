@@ -193,3 +193,29 @@ fn kill_dash_nine_mid_run_never_leaves_a_finished_looking_entry() {
         0
     );
 }
+
+#[test]
+fn runs_lists_past_runs_with_built_and_reused_counts() {
+    let p = Project::new("");
+    kiln(&p, &["run", "kiln.yml"]);
+    kiln(&p, &["run", "kiln.yml"]);
+    let (code, out, err) = kiln(&p, &["runs", "--dir", "cache", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let rows: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2);
+    // Newest first: the second run reused everything.
+    assert_eq!(
+        (rows[0]["built"].as_i64(), rows[0]["reused"].as_i64()),
+        (Some(0), Some(6))
+    );
+    assert_eq!(
+        (rows[1]["built"].as_i64(), rows[1]["reused"].as_i64()),
+        (Some(6), Some(0))
+    );
+    assert!(rows
+        .iter()
+        .all(|r| r["outcome"] == "ok" && r["config"].as_str().unwrap().ends_with("kiln.yml")));
+}

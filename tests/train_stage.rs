@@ -267,3 +267,41 @@ fn train_debug_runs_one_step_and_publishes_no_train_entry() {
         "debug publishes nothing"
     );
 }
+
+#[test]
+fn neftune_noise_changes_training_reproducibly() {
+    one_thread();
+    let p = project();
+    p.run(&[]);
+    let plain = std::fs::read(
+        p.ws(&[])
+            .entry_of("train")
+            .unwrap()
+            .join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    let plan = p.plan(&["neftune_noise_alpha=5"]);
+    assert_eq!(
+        status(&plan, "train").reason.as_deref(),
+        Some("neftune_noise_alpha changed unset → 5.0")
+    );
+    p.run(&["neftune_noise_alpha=5"]);
+    let noised = std::fs::read(
+        p.ws(&["neftune_noise_alpha=5"])
+            .entry_of("train")
+            .unwrap()
+            .join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    assert_ne!(plain, noised, "noise changes the trajectory");
+    let q = project();
+    q.run(&["neftune_noise_alpha=5"]);
+    let again = std::fs::read(
+        q.ws(&["neftune_noise_alpha=5"])
+            .entry_of("train")
+            .unwrap()
+            .join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    assert_eq!(noised, again, "the noise comes from kiln's seeded PRNG");
+}

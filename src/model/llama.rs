@@ -226,6 +226,17 @@ impl Llama {
         positions: &Tensor,
         mask: &Tensor,
     ) -> Result<Tensor, ModelError> {
+        self.forward_noised(ids, positions, mask, None)
+    }
+
+    /// [`Llama::forward`] with noise (batch, t, hidden) added to the input embeddings (NEFTune).
+    pub fn forward_noised(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        mask: &Tensor,
+        embed_noise: Option<&Tensor>,
+    ) -> Result<Tensor, ModelError> {
         let (b, t) = ids.dims2()?;
         let cfg = &self.cfg;
         let (nh, nkv, hd) = (
@@ -253,6 +264,9 @@ impl Llama {
             .embed_tokens
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, t, cfg.hidden_size))?;
+        if let Some(noise) = embed_noise {
+            x = (x + noise)?;
+        }
         let scale = 1.0 / (hd as f64).sqrt();
         for l in &self.layers {
             let h = rms_norm(&x, &l.input_layernorm, cfg.rms_norm_eps)?;

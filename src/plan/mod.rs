@@ -232,6 +232,7 @@ pub fn build(s: &Settings, hashes: &FileHashCache<'_>) -> Result<Plan, PlanError
                 save_total_limit: t.save_total_limit,
                 eval_steps: t.eval_steps,
                 evals_per_epoch: t.evals_per_epoch,
+                neftune_noise_alpha: t.neftune_noise_alpha,
             })),
             inputs: Inputs::new(),
             deps: vec![

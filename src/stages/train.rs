@@ -36,6 +36,7 @@ pub struct Train {
     /// Validation every N steps (`eval_steps`, or derived from `evals_per_epoch`); 0 = never.
     pub eval_steps: Option<f64>,
     pub evals_per_epoch: Option<u64>,
+    pub neftune_noise_alpha: Option<f64>,
 }
 
 /// Mean loss over every trained token of the validation split (no gradients kept).
@@ -236,7 +237,7 @@ impl Stage for Train {
     const VERSION: u32 = 2;
 
     fn params(&self) -> Value {
-        json!({
+        let mut p = json!({
             "adapter": "lora",
             "lora_r": self.lora.r,
             "lora_alpha": self.lora.alpha,
@@ -260,7 +261,11 @@ impl Stage for Train {
             "save_total_limit": self.save_total_limit,
             "eval_steps": self.eval_steps,
             "evals_per_epoch": self.evals_per_epoch,
-        })
+        });
+        if let Some(a) = self.neftune_noise_alpha {
+            p["neftune_noise_alpha"] = json!(a);
+        }
+        p
     }
 
     fn run(&self, cx: &mut RunCx<'_>) -> Result<(), StageError> {
@@ -371,7 +376,13 @@ impl Stage for Train {
                     })
                     .collect();
                 tokens += rows.iter().map(|r| r.0.len()).sum::<usize>();
-                micro.push(Batch::new(&rows, &device)?);
+                let mut batch = Batch::new(&rows, &device)?;
+                if let Some(alpha) = self.neftune_noise_alpha {
+                    let noise_seed = self.seed ^ (step << 20) ^ micro.len() as u64 ^ 0x6e65_6674;
+                    batch =
+                        batch.with_neftune(alpha, model.cfg.hidden_size, noise_seed, &device)?;
+                }
+                micro.push(batch);
             }
             let lr = self.lr_at(step, total);
             let (loss, gnorm) = train_step(&model, &mut opt, &micro, lr, self.max_grad_norm)?;

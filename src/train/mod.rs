@@ -85,9 +85,31 @@ pub struct Batch {
     /// Targets: ids shifted left, shape (b, t-1).
     pub targets: Tensor,
     pub trained_tokens: usize,
+    /// NEFTune noise for the input embeddings (training only).
+    pub embed_noise: Option<Tensor>,
 }
 
 impl Batch {
+    /// NEFTune (Jain et al. 2023, as in HF transformers): uniform noise in ±alpha/√(t·hidden) on
+    /// the input embeddings, drawn from kiln's PRNG so runs stay reproducible.
+    pub fn with_neftune(
+        mut self,
+        alpha: f64,
+        hidden: usize,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let (b, t) = self.ids.dims2()?;
+        let mag = (alpha / ((t * hidden) as f64).sqrt()) as f32;
+        let mut rng = SplitMix64::new(seed);
+        self.embed_noise = Some(Tensor::from_vec(
+            uniform(&mut rng, b * t * hidden, mag),
+            (b, t, hidden),
+            device,
+        )?);
+        Ok(self)
+    }
+
     /// Builds a batch from rows of (ids, trained flags, position ids), padding to the longest
     /// row (padding is masked out of attention and loss).
     pub fn new(
@@ -122,6 +144,7 @@ impl Batch {
             loss_mask: Tensor::from_vec(lm, (b, t - 1), device)?,
             targets: Tensor::from_vec(tg, (b, t - 1), device)?,
             trained_tokens,
+            embed_noise: None,
         })
     }
 }
@@ -129,7 +152,12 @@ impl Batch {
 /// Sum of token losses over trained positions (divide by the trained-token count of the whole
 /// effective batch for the mean).
 pub fn loss_sum(model: &Llama, batch: &Batch) -> Result<Tensor, ModelError> {
-    let logits = model.forward(&batch.ids, &batch.positions, &batch.mask)?;
+    let logits = model.forward_noised(
+        &batch.ids,
+        &batch.positions,
+        &batch.mask,
+        batch.embed_noise.as_ref(),
+    )?;
     let t = logits.dim(1)?;
     let logits = logits.narrow(1, 0, t - 1)?;
     let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;

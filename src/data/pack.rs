@@ -95,6 +95,17 @@ impl PackedSplit {
         Ok(Self { set, bins, header })
     }
 
+    /// Bin `b` as one training row: (token ids, trained flags, position ids).
+    pub fn row(&self, b: usize) -> (Vec<u32>, Vec<u8>, Vec<u32>) {
+        let (s0, s1) = (self.bins[b] as usize, self.bins[b + 1] as usize);
+        let (a, z) = (self.set.offsets[s0] as usize, self.set.offsets[s1] as usize);
+        (
+            self.set.tokens[a..z].to_vec(),
+            self.set.trained[a..z].to_vec(),
+            self.position_ids(b),
+        )
+    }
+
     /// Position ids for bin `b`: restart at 0 for every sample in the bin.
     pub fn position_ids(&self, b: usize) -> Vec<u32> {
         let mut out = Vec::new();

@@ -52,18 +52,7 @@ fn evaluate(
     }
     let (mut sum, mut count) = (0f64, 0usize);
     for chunk in (0..n).collect::<Vec<_>>().chunks(batch.max(1)) {
-        let rows: Vec<(Vec<u32>, Vec<u8>, Vec<u32>)> = chunk
-            .iter()
-            .map(|&b| {
-                let (s0, s1) = (val.bins[b] as usize, val.bins[b + 1] as usize);
-                let (a, z) = (val.set.offsets[s0] as usize, val.set.offsets[s1] as usize);
-                (
-                    val.set.tokens[a..z].to_vec(),
-                    val.set.trained[a..z].to_vec(),
-                    val.position_ids(b),
-                )
-            })
-            .collect();
+        let rows: Vec<(Vec<u32>, Vec<u8>, Vec<u32>)> = chunk.iter().map(|&b| val.row(b)).collect();
         let batch = Batch::new(&rows, device)?;
         count += batch.trained_tokens;
         sum += crate::train::loss_sum(model, &batch)?
@@ -81,20 +70,13 @@ fn save_tensors(
         .map_err(|e| StageError::Invalid(format!("{}: {e}", path.display())))
 }
 
-/// The highest complete `checkpoint-N` in `dir`.
+/// The highest complete `checkpoint-N` in `dir` (complete = its trainer_state.json exists;
+/// `checkpoint-N.partial` directories never parse as a step).
 fn latest_checkpoint(dir: &Path) -> Option<(u64, std::path::PathBuf)> {
-    std::fs::read_dir(dir)
-        .ok()?
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().to_string();
-            let n = name.strip_prefix("checkpoint-")?.parse::<u64>().ok()?;
-            e.path()
-                .join("trainer_state.json")
-                .exists()
-                .then(|| (n, e.path()))
-        })
-        .max_by_key(|(n, _)| *n)
+    checkpoints(dir)
+        .into_iter()
+        .rev()
+        .find(|(_, p)| p.join("trainer_state.json").exists())
 }
 
 fn checkpoints(dir: &Path) -> Vec<(u64, std::path::PathBuf)> {
@@ -363,18 +345,8 @@ impl Stage for Train {
         for step in start..total {
             let mut micro = Vec::with_capacity(gas);
             for _ in 0..gas {
-                let rows: Vec<(Vec<u32>, Vec<u8>, Vec<u32>)> = (0..mbs)
-                    .map(|_| {
-                        let b = next_bin(&mut order);
-                        let (s0, s1) = (data.bins[b] as usize, data.bins[b + 1] as usize);
-                        let (a, z) = (data.set.offsets[s0] as usize, data.set.offsets[s1] as usize);
-                        (
-                            data.set.tokens[a..z].to_vec(),
-                            data.set.trained[a..z].to_vec(),
-                            data.position_ids(b),
-                        )
-                    })
-                    .collect();
+                let rows: Vec<(Vec<u32>, Vec<u8>, Vec<u32>)> =
+                    (0..mbs).map(|_| data.row(next_bin(&mut order))).collect();
                 tokens += rows.iter().map(|r| r.0.len()).sum::<usize>();
                 let mut batch = Batch::new(&rows, &device)?;
                 if let Some(alpha) = self.neftune_noise_alpha {
@@ -497,17 +469,8 @@ impl Train {
         let data = PackedSplit::read(&pack_dir.join("train"))?;
         let n = data.header.bins as usize;
         let mbs = self.micro_batch_size.max(1) as usize;
-        let rows: Vec<(Vec<u32>, Vec<u8>, Vec<u32>)> = (0..mbs.min(n))
-            .map(|b| {
-                let (s0, s1) = (data.bins[b] as usize, data.bins[b + 1] as usize);
-                let (a, z) = (data.set.offsets[s0] as usize, data.set.offsets[s1] as usize);
-                (
-                    data.set.tokens[a..z].to_vec(),
-                    data.set.trained[a..z].to_vec(),
-                    data.position_ids(b),
-                )
-            })
-            .collect();
+        let rows: Vec<(Vec<u32>, Vec<u8>, Vec<u32>)> =
+            (0..mbs.min(n)).map(|b| data.row(b)).collect();
         let tokens = rows.iter().map(|r| r.0.len()).sum();
         let batch = Batch::new(&rows, &device)?;
         let t = Instant::now();

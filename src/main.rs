@@ -102,6 +102,19 @@ enum Cmd {
         #[arg(long)]
         debug: bool,
     },
+    /// Merge the trained LoRA adapter into the base model: a standalone HF-layout model in
+    /// `output_dir/merged` (the cached `merge` stage).
+    #[command(name = "merge-lora")]
+    MergeLora {
+        #[command(flatten)]
+        common: Common,
+        /// Merge this PEFT adapter directory instead of the config's train stage (not cached).
+        #[arg(long)]
+        lora_model_dir: Option<PathBuf>,
+        /// Where to write the merged model (default: `output_dir/merged`).
+        #[arg(long)]
+        output_dir: Option<PathBuf>,
+    },
     /// Past runs recorded in the cache index: config, stages built vs reused, duration, outcome.
     Runs {
         /// How many of the newest runs to show.
@@ -523,6 +536,77 @@ fn cache_cmd(cmd: CacheCmd, dir: Option<PathBuf>) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn merge_lora(
+    common: &mut Common,
+    lora_model_dir: Option<PathBuf>,
+    output_dir: Option<PathBuf>,
+) -> Result<()> {
+    common.set.push("merge_lora=true".into());
+    let ws = open(common)?;
+    if ws.settings.train.adapter.is_none() && lora_model_dir.is_none() {
+        anyhow::bail!(
+            "{}: nothing to merge: full fine-tuning writes complete weights (model.safetensors in output_dir); set `adapter: lora` or pass --lora-model-dir",
+            common.config.display()
+        );
+    }
+    let dest = output_dir.unwrap_or_else(|| ws.output_dir().join("merged"));
+    match lora_model_dir {
+        Some(adapter) => {
+            do_run(
+                &ws,
+                &RunOptions {
+                    targets: vec!["fetch.model".into()],
+                    force: vec![],
+                },
+            )?;
+            let model_dir = ws.entry_of("fetch.model")?;
+            // Build beside the destination and rename: never a half-written model that looks whole.
+            let parent = dest.parent().unwrap_or(std::path::Path::new("."));
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
+            let tmp = parent.join(format!(
+                ".{}.kiln-partial",
+                dest.file_name().unwrap_or_default().to_string_lossy()
+            ));
+            let _ = std::fs::remove_dir_all(&tmp);
+            std::fs::create_dir_all(&tmp)?;
+            let t = Instant::now();
+            kiln::stages::merge::merge_dirs(
+                &model_dir,
+                &adapter,
+                &tmp,
+                ws.settings.max_shard_size,
+                kiln::plan::configured_template(&ws.settings.chat_template).as_deref(),
+            )
+            .map_err(KilnError::from)
+            .with_context(|| format!("merging {}", adapter.display()))?;
+            if dest.exists() {
+                std::fs::remove_dir_all(&dest)
+                    .with_context(|| format!("replacing {}", dest.display()))?;
+            }
+            std::fs::rename(&tmp, &dest)?;
+            println!(
+                "merged {} into the base model in {:.2}s",
+                adapter.display(),
+                t.elapsed().as_secs_f64()
+            );
+        }
+        None => {
+            do_run(
+                &ws,
+                &RunOptions {
+                    targets: vec!["merge".into()],
+                    force: vec![],
+                },
+            )?;
+            ws.materialize_outputs()?;
+            kiln::workspace::copy_entry(&ws.entry_of("merge")?, &dest)?;
+        }
+    }
+    println!("merged model in {}", dest.display());
+    Ok(())
+}
+
 fn real_main() -> Result<ExitCode> {
     let cli = Cli::parse();
     match cli.cmd {
@@ -709,6 +793,11 @@ fn real_main() -> Result<ExitCode> {
                 println!("outputs in {}", out.display());
             }
         }
+        Cmd::MergeLora {
+            mut common,
+            lora_model_dir,
+            output_dir,
+        } => merge_lora(&mut common, lora_model_dir, output_dir)?,
         Cmd::Bench { what, model, work } => {
             if what != "preprocess" {
                 anyhow::bail!("kiln bench: unknown benchmark `{what}` (available: preprocess)");

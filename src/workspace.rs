@@ -91,17 +91,9 @@ impl Workspace {
         }
     }
 
-    /// Copies the final artifacts (the train stage's outputs) into `output_dir`, the layout Axolotl
-    /// users know. `output_dir` is a view: the cache entry stays the source of truth. Returns the
-    /// directory written, or None when the plan has no train stage or it is not built.
-    pub fn materialize_outputs(&self) -> Result<Option<PathBuf>, KilnError> {
-        if self.plan.index_of("train").is_none() {
-            return Ok(None);
-        }
-        let Ok(src) = self.entry_of("train") else {
-            return Ok(None);
-        };
-        let out = if self.settings.output_dir.is_absolute() {
+    /// `output_dir` resolved against the config's directory.
+    pub fn output_dir(&self) -> PathBuf {
+        if self.settings.output_dir.is_absolute() {
             self.settings.output_dir.clone()
         } else {
             self.settings
@@ -109,21 +101,32 @@ impl Workspace {
                 .parent()
                 .map(|d| d.join(&self.settings.output_dir))
                 .unwrap_or_else(|| self.settings.output_dir.clone())
-        };
-        let io =
-            |e: std::io::Error| KilnError::NotBuilt(format!("output_dir {}: {e}", out.display()));
-        std::fs::create_dir_all(&out).map_err(io)?;
-        for e in std::fs::read_dir(&src).map_err(io)?.flatten() {
-            let name = e.file_name();
-            if name == crate::cache::MANIFEST {
+        }
+    }
+
+    /// Copies the final artifacts into `output_dir`, the layout Axolotl users know: the train
+    /// stage's adapter at the top, the merged model in `merged/`. `output_dir` is a view: the
+    /// cache entry stays the source of truth. Returns the directory written, or None when no
+    /// such stage is built.
+    pub fn materialize_outputs(&self) -> Result<Option<PathBuf>, KilnError> {
+        let out = self.output_dir();
+        let mut wrote = false;
+        for (stage, sub) in [("train", ""), ("merge", "merged")] {
+            if self.plan.index_of(stage).is_none() {
                 continue;
             }
-            // Write beside, then rename: a reader never sees a half-copied adapter.
-            let tmp = out.join(format!(".{}.kiln-tmp", name.to_string_lossy()));
-            std::fs::copy(e.path(), &tmp).map_err(io)?;
-            std::fs::rename(&tmp, out.join(&name)).map_err(io)?;
+            let Ok(src) = self.entry_of(stage) else {
+                continue;
+            };
+            let dest = if sub.is_empty() {
+                out.clone()
+            } else {
+                out.join(sub)
+            };
+            copy_entry(&src, &dest)?;
+            wrote = true;
         }
-        Ok(Some(out))
+        Ok(wrote.then_some(out))
     }
 
     /// `kiln train --debug`: one training step on the first bins, nothing published.
@@ -195,4 +198,39 @@ pub struct DebugExample {
     pub labels: Vec<i64>,
     #[serde(skip)]
     pub pieces: Vec<String>,
+}
+
+/// Copies a cache entry's files into `dest` (each written beside and renamed, so a reader never
+/// sees a half-copied file). A `.kiln-entry` marker names the entry copied; when it already
+/// matches, nothing is copied again.
+pub fn copy_entry(src: &Path, dest: &Path) -> Result<(), KilnError> {
+    let io = |e: std::io::Error| KilnError::NotBuilt(format!("output_dir {}: {e}", dest.display()));
+    std::fs::create_dir_all(dest).map_err(io)?;
+    let key = src
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let marker = dest.join(".kiln-entry");
+    let mut files: Vec<_> = std::fs::read_dir(src).map_err(io)?.flatten().collect();
+    files.sort_by_key(|e| e.file_name());
+    let all_there = files.iter().all(|e| dest.join(e.file_name()).exists());
+    if all_there && std::fs::read_to_string(&marker).ok().as_deref() == Some(key.as_str()) {
+        return Ok(());
+    }
+    let _ = std::fs::remove_file(&marker);
+    for e in files {
+        let name = e.file_name();
+        if name == crate::cache::MANIFEST {
+            continue;
+        }
+        if e.path().is_dir() {
+            copy_entry(&e.path(), &dest.join(&name))?;
+            continue;
+        }
+        let tmp = dest.join(format!(".{}.kiln-tmp", name.to_string_lossy()));
+        std::fs::copy(e.path(), &tmp).map_err(io)?;
+        std::fs::rename(&tmp, dest.join(&name)).map_err(io)?;
+    }
+    std::fs::write(&marker, key).map_err(io)?;
+    Ok(())
 }

@@ -164,6 +164,10 @@ pub struct Settings {
     /// `special_tokens:` overrides (bos_token, eos_token, pad_token, unk_token).
     pub special_tokens: std::collections::BTreeMap<String, String>,
     pub train: TrainSettings,
+    /// `merge_lora: true`: the plan has a merge stage after train.
+    pub merge_lora: bool,
+    /// Largest safetensors shard a merged model is written in (`max_shard_size`, HF's 5GB).
+    pub max_shard_size: u64,
 }
 
 /// How kiln treats each top-level key it recognises.
@@ -175,7 +179,7 @@ enum KeyClass {
 }
 
 /// Keys kiln defines beyond Axolotl's.
-const KILN_KEYS: &[&str] = &["cache_dir", "num_threads"];
+const KILN_KEYS: &[&str] = &["cache_dir", "num_threads", "max_shard_size"];
 
 fn classify(key: &str) -> Option<KeyClass> {
     use KeyClass::*;
@@ -237,7 +241,10 @@ fn classify(key: &str) -> Option<KeyClass> {
         | "is_qwen_derived_model"
         | "is_falcon_derived_model"
         | "pad_to_sequence_len"
-        | "eval_sample_packing" => Handled,
+        | "eval_sample_packing"
+        | "merge_lora"
+        | "max_shard_size" => Handled,
+        "merge_method" => NoEffect("kiln merges every layer in f32 on the CPU"),
         "dataset_prepared_path" => {
             NoEffect("kiln keeps prepared data in its content-addressed cache (`cache_dir`)")
         }
@@ -536,6 +543,21 @@ pub(super) fn resolve(ctx: &mut Ctx<'_>, map: &Mapping) -> Settings {
     let cache_dir = r.string("cache_dir").map(|s| r.ctx.dir.join(s));
     let num_threads = r.u64("num_threads");
     let _ = (r.bool("pad_to_sequence_len"), r.bool("eval_sample_packing"));
+    let merge_lora = r.bool("merge_lora").unwrap_or(false);
+    let max_shard_size = match r.string("max_shard_size") {
+        None => crate::stages::merge::DEFAULT_MAX_SHARD,
+        Some(v) => match crate::model::weights::parse_size(&v) {
+            Some(n) if n > 0 => n,
+            _ => {
+                r.ctx.error(
+                    &[key("max_shard_size")],
+                    format!("`{v}` is not a size"),
+                    Some("write e.g. `5GB`, `500MB` or a byte count".into()),
+                );
+                crate::stages::merge::DEFAULT_MAX_SHARD
+            }
+        },
+    };
 
     // 4. Training keys (validated here, read by the train stage).
     let mbs = r.u64("micro_batch_size");
@@ -693,6 +715,8 @@ pub(super) fn resolve(ctx: &mut Ctx<'_>, map: &Mapping) -> Settings {
         num_threads,
         special_tokens,
         train,
+        merge_lora,
+        max_shard_size,
     }
 }
 

@@ -148,6 +148,46 @@ impl Llama {
         out
     }
 
+    /// The weights under their HF names (the inverse of [`Llama::from_weights`]); LoRA deltas
+    /// are not included (merge them first).
+    pub fn to_weights(&self) -> Weights {
+        let mut w = Weights::new();
+        w.insert(
+            "model.embed_tokens.weight".into(),
+            self.embed_tokens.clone(),
+        );
+        w.insert("model.norm.weight".into(), self.norm.clone());
+        if let Some(h) = &self.lm_head {
+            w.insert("lm_head.weight".into(), h.clone());
+        }
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            w.insert(
+                format!("{p}.input_layernorm.weight"),
+                l.input_layernorm.clone(),
+            );
+            w.insert(
+                format!("{p}.post_attention_layernorm.weight"),
+                l.post_attention_layernorm.clone(),
+            );
+            for (n, lin) in [
+                ("self_attn.q_proj", &l.attn.q_proj),
+                ("self_attn.k_proj", &l.attn.k_proj),
+                ("self_attn.v_proj", &l.attn.v_proj),
+                ("self_attn.o_proj", &l.attn.o_proj),
+                ("mlp.gate_proj", &l.mlp.gate_proj),
+                ("mlp.up_proj", &l.mlp.up_proj),
+                ("mlp.down_proj", &l.mlp.down_proj),
+            ] {
+                w.insert(format!("{p}.{n}.weight"), lin.weight.clone());
+                if let Some(b) = &lin.bias {
+                    w.insert(format!("{p}.{n}.bias"), b.clone());
+                }
+            }
+        }
+        w
+    }
+
     pub fn from_weights(
         cfg: LlamaConfig,
         mut w: Weights,

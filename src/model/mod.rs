@@ -2,6 +2,7 @@
 //! from differentiable ops so the train stage can backpropagate through it, with weights from
 //! HF-layout safetensors or GGUF (dequantized to f32). Knows nothing about data or the cache.
 
+pub mod adapter;
 pub mod config;
 pub mod frozen;
 pub mod llama;

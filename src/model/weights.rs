@@ -104,3 +104,83 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<(LlamaConfig, Weights),
     }
     Ok((cfg, out))
 }
+
+/// Parses a size like `5GB`, `500MB`, `2GiB` or a plain byte count (HF's `max_shard_size`).
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().ok()?;
+    let mul: f64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1.0,
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "KIB" => 1024.0,
+        "MIB" => 1024.0 * 1024.0,
+        "GIB" => 1024.0 * 1024.0 * 1024.0,
+        _ => return None,
+    };
+    (n >= 0.0).then(|| (n * mul) as u64)
+}
+
+/// Writes weights as HF does: one `model.safetensors`, or `model-0000i-of-0000n.safetensors`
+/// shards of at most `max_shard_bytes` (a single larger tensor gets a shard of its own) plus
+/// `model.safetensors.index.json`. Tensors go in name order, so the bytes are reproducible.
+/// Returns the files written.
+pub fn save_sharded(
+    w: &Weights,
+    dir: &Path,
+    max_shard_bytes: u64,
+    dtype: DType,
+) -> Result<Vec<String>, ModelError> {
+    let mut names: Vec<&String> = w.keys().collect();
+    names.sort();
+    let mut shards: Vec<Vec<&String>> = vec![Vec::new()];
+    let mut size = 0u64;
+    let mut total = 0u64;
+    for n in names {
+        let bytes = (w[n].elem_count() * dtype.size_in_bytes()) as u64;
+        let last = shards.last().map(|s| s.is_empty()).unwrap_or(true);
+        if !last && size + bytes > max_shard_bytes {
+            shards.push(Vec::new());
+            size = 0;
+        }
+        if let Some(s) = shards.last_mut() {
+            s.push(n);
+        }
+        size += bytes;
+        total += bytes;
+    }
+    let count = shards.len();
+    let mut files = Vec::new();
+    let mut weight_map = serde_json::Map::new();
+    for (i, shard) in shards.iter().enumerate() {
+        let file = if count == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{:05}.safetensors", i + 1, count)
+        };
+        let mut m = HashMap::new();
+        for n in shard {
+            m.insert((*n).clone(), w[*n].to_dtype(dtype)?);
+            weight_map.insert((*n).clone(), serde_json::Value::String(file.clone()));
+        }
+        let p = dir.join(&file);
+        candle_core::safetensors::save(&m, &p).map_err(|e| load_err(&p, e))?;
+        files.push(file);
+    }
+    if count > 1 {
+        let p = dir.join("model.safetensors.index.json");
+        let index = serde_json::json!({
+            "metadata": {"total_size": total},
+            "weight_map": weight_map,
+        });
+        let bytes = serde_json::to_vec_pretty(&index).map_err(|e| load_err(&p, e))?;
+        std::fs::write(&p, bytes).map_err(|e| load_err(&p, e))?;
+        files.push("model.safetensors.index.json".into());
+    }
+    Ok(files)
+}

@@ -8,6 +8,7 @@ use crate::cache::{FileHashCache, Manifest};
 use crate::config::{DataFormat, Settings, TemplateChoice};
 use crate::hash::KeyHasher;
 use crate::stages::fetch::{self, Inputs, ResolveError};
+use crate::stages::merge::Merge;
 use crate::stages::pack::Pack;
 use crate::stages::tokenize::{TemplateSource, Tokenize};
 use crate::stages::train::Train;
@@ -83,6 +84,14 @@ pub fn stage_key(s: &PlannedStage, upstream: &[(String, String)]) -> String {
         h.str(n).str(d);
     }
     h.finish()
+}
+
+/// The Jinja source of the template the config chose, None for the tokenizer's own.
+pub fn configured_template(choice: &TemplateChoice) -> Option<String> {
+    match template_source(choice) {
+        TemplateSource::FromTokenizer => None,
+        TemplateSource::Text(t) => Some(t),
+    }
 }
 
 fn template_source(choice: &TemplateChoice) -> TemplateSource {
@@ -246,6 +255,27 @@ pub fn build(s: &Settings, hashes: &FileHashCache<'_>) -> Result<Plan, PlanError
                 },
             ],
         });
+        let train_idx = stages.len() - 1;
+        if s.merge_lora {
+            stages.push(PlannedStage {
+                name: "merge".into(),
+                stage: AnyStage::Merge(Merge {
+                    max_shard_size: s.max_shard_size,
+                    chat_template: configured_template(&s.chat_template),
+                }),
+                inputs: Inputs::new(),
+                deps: vec![
+                    Dep {
+                        stage: 0,
+                        files: None,
+                    },
+                    Dep {
+                        stage: train_idx,
+                        files: None,
+                    },
+                ],
+            });
+        }
     }
     finish(stages)
 }

@@ -4,6 +4,7 @@
 
 pub mod fetch;
 pub mod hub;
+pub mod merge;
 pub mod pack;
 pub mod tokenize;
 pub mod train;
@@ -114,6 +115,7 @@ pub enum AnyStage {
     Tokenize(Box<tokenize::Tokenize>),
     Pack(pack::Pack),
     Train(Box<train::Train>),
+    Merge(merge::Merge),
 }
 
 impl AnyStage {
@@ -123,6 +125,7 @@ impl AnyStage {
             AnyStage::Tokenize(_) => StageKind::Tokenize,
             AnyStage::Pack(_) => StageKind::Pack,
             AnyStage::Train(_) => StageKind::Train,
+            AnyStage::Merge(_) => StageKind::Merge,
         }
     }
 
@@ -133,6 +136,7 @@ impl AnyStage {
             AnyStage::Tokenize(_) => tokenize::Tokenize::VERSION,
             AnyStage::Pack(_) => pack::Pack::VERSION,
             AnyStage::Train(_) => train::Train::VERSION,
+            AnyStage::Merge(_) => merge::Merge::VERSION,
         }
     }
 
@@ -143,6 +147,7 @@ impl AnyStage {
             AnyStage::Tokenize(s) => s.params(),
             AnyStage::Pack(s) => s.params(),
             AnyStage::Train(s) => s.params(),
+            AnyStage::Merge(s) => s.params(),
         }
     }
 
@@ -153,6 +158,7 @@ impl AnyStage {
             AnyStage::Tokenize(s) => s.run(cx),
             AnyStage::Pack(s) => s.run(cx),
             AnyStage::Train(s) => s.run(cx),
+            AnyStage::Merge(s) => s.run(cx),
         }
     }
 }

@@ -1,0 +1,98 @@
+//! `merge`: folds the trained LoRA adapter into the base weights and writes a standalone
+//! HF-layout model: `model.safetensors` (sharded above `max_shard_size`, with
+//! `model.safetensors.index.json`), `config.json`, `generation_config.json`, `tokenizer.json` and
+//! `tokenizer_config.json` carrying the chat template the model was trained with.
+//! Reads: every file of `fetch.model` and the train stage's adapter and tokenizer files.
+
+use super::train::load_model;
+use super::{io_err, write_json, RunCx, Stage, StageError, StageKind};
+use crate::model::adapter::PeftAdapter;
+use crate::model::weights;
+use crate::text::TextTokenizer;
+use candle_core::{DType, Device};
+use serde_json::{json, Value};
+use std::path::Path;
+
+/// HF's default `max_shard_size`.
+pub const DEFAULT_MAX_SHARD: u64 = 5_000_000_000;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Merge {
+    pub max_shard_size: u64,
+    /// The chat template to store in tokenizer_config.json when the config chose one (the
+    /// tokenizer's own otherwise).
+    pub chat_template: Option<String>,
+}
+
+impl Stage for Merge {
+    const KIND: StageKind = StageKind::Merge;
+    const VERSION: u32 = 1;
+
+    fn params(&self) -> Value {
+        json!({
+            "max_shard_size": self.max_shard_size,
+            "dtype": "float32",
+            "chat_template": self.chat_template,
+        })
+    }
+
+    fn run(&self, cx: &mut RunCx<'_>) -> Result<(), StageError> {
+        let [model_up, train_up] = cx.upstream else {
+            return Err(StageError::Invalid(
+                "merge needs the model and train upstream".into(),
+            ));
+        };
+        merge_dirs(
+            &model_up.dir,
+            &train_up.dir,
+            cx.out,
+            self.max_shard_size,
+            self.chat_template.as_deref(),
+        )
+    }
+}
+
+/// Merges the PEFT adapter in `adapter_dir` into the model in `model_dir` and writes the merged
+/// model into `out` (which must exist and be empty; callers publish it atomically).
+pub fn merge_dirs(
+    model_dir: &Path,
+    adapter_dir: &Path,
+    out: &Path,
+    max_shard_size: u64,
+    chat_template: Option<&str>,
+) -> Result<(), StageError> {
+    let device = Device::Cpu;
+    let mut model = load_model(model_dir, &device)?;
+    let adapter = PeftAdapter::load(adapter_dir, &device)?;
+    adapter.merge_into(&mut model)?;
+    weights::save_sharded(&model.to_weights(), out, max_shard_size, DType::F32)?;
+    write_json(&out.join("config.json"), &model.cfg.to_hf())?;
+    // Tokenizer files: the adapter directory's (what training saw), else the base model's.
+    let tok_dir = if adapter_dir.join("tokenizer.json").exists() {
+        adapter_dir
+    } else {
+        model_dir
+    };
+    let tj = tok_dir.join("tokenizer.json");
+    std::fs::copy(&tj, out.join("tokenizer.json")).map_err(io_err(&tj))?;
+    let tc = tok_dir.join("tokenizer_config.json");
+    let mut tok_cfg: Value = match std::fs::read(&tc) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map_err(|e| StageError::Invalid(format!("{}: {e}", tc.display())))?,
+        Err(_) => json!({}),
+    };
+    if let (Some(t), Some(obj)) = (chat_template, tok_cfg.as_object_mut()) {
+        obj.insert("chat_template".into(), Value::String(t.to_string()));
+    }
+    write_json(&out.join("tokenizer_config.json"), &tok_cfg)?;
+    let tok = TextTokenizer::load_dir(out)?;
+    let id = |t: &Option<String>| t.as_deref().and_then(|t| tok.token_id(t));
+    write_json(
+        &out.join("generation_config.json"),
+        &json!({
+            "bos_token_id": id(&tok.bos_token),
+            "eos_token_id": id(&tok.eos_token),
+            "pad_token_id": tok_cfg.get("pad_token").and_then(|p| p.as_str()).and_then(|t| tok.token_id(t)),
+        }),
+    )
+}

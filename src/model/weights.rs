@@ -123,7 +123,7 @@ pub fn parse_size(s: &str) -> Option<u64> {
         "GIB" => 1024.0 * 1024.0 * 1024.0,
         _ => return None,
     };
-    (n >= 0.0).then(|| (n * mul) as u64)
+    (n >= 0.0).then_some((n * mul) as u64)
 }
 
 /// Writes weights as HF does: one `model.safetensors`, or `model-0000i-of-0000n.safetensors`

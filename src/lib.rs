@@ -10,6 +10,7 @@ pub mod config;
 pub mod data;
 pub mod events;
 pub mod hash;
+pub mod infer;
 pub mod model;
 pub mod plan;
 pub mod scheduler;

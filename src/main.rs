@@ -115,6 +115,29 @@ enum Cmd {
         #[arg(long)]
         output_dir: Option<PathBuf>,
     },
+    /// Chat with the trained model in the terminal (streaming; `/reset`, `/exit`), or answer
+    /// one `--prompt` and exit.
+    Inference {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        gen: GenArgs,
+        /// Answer this prompt and exit.
+        #[arg(long)]
+        prompt: Option<String>,
+        /// Apply this PEFT adapter directory instead of the config's train stage.
+        #[arg(long)]
+        lora_model_dir: Option<PathBuf>,
+        /// Use this base model instead of the config's (hub id, directory or .gguf).
+        #[arg(long)]
+        base_model: Option<String>,
+        /// Feed the prompt as plain text (no chat template), for base models.
+        #[arg(long)]
+        raw: bool,
+        /// A system message for the conversation.
+        #[arg(long)]
+        system: Option<String>,
+    },
     /// Past runs recorded in the cache index: config, stages built vs reused, duration, outcome.
     Runs {
         /// How many of the newest runs to show.
@@ -160,6 +183,36 @@ enum CacheCmd {
         #[arg(long)]
         fix: bool,
     },
+}
+
+#[derive(clap::Args, Clone)]
+struct GenArgs {
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    /// 0 = no top-k limit.
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
+impl GenArgs {
+    fn settings(&self) -> kiln::infer::GenSettings {
+        kiln::infer::GenSettings {
+            sampling: kiln::model::generate::SamplingOptions {
+                temperature: self.temperature,
+                top_p: self.top_p,
+                top_k: self.top_k,
+                seed: self.seed,
+            },
+            max_new_tokens: self.max_new_tokens,
+        }
+    }
 }
 
 fn init_threads(ws: Option<&Workspace>) {
@@ -536,6 +589,62 @@ fn cache_cmd(cmd: CacheCmd, dir: Option<PathBuf>) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn chat_loop(chat: &mut kiln::infer::ChatSession, prompt: Option<String>) -> Result<()> {
+    use std::io::{BufRead, Write};
+    let mut print = |piece: &str| {
+        print!("{piece}");
+        let _ = std::io::stdout().flush();
+        true
+    };
+    if let Some(p) = prompt {
+        let r = chat.say(&p, &mut print)?;
+        println!();
+        eprintln!(
+            "[{} prompt tokens in {:.2}s; {} tokens at {:.1} tokens/s; {}]",
+            r.stats.prompt_tokens,
+            r.stats.prompt_seconds,
+            r.stats.generated_tokens,
+            r.stats.generated_tokens as f64 / r.stats.decode_seconds.max(1e-9),
+            r.stats.finish_reason
+        );
+        return Ok(());
+    }
+    let tty = std::io::stdin().is_terminal();
+    if tty {
+        eprintln!("type a message; /reset clears the conversation, /exit quits");
+    }
+    let stdin = std::io::stdin();
+    loop {
+        if tty {
+            eprint!("> ");
+        }
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            break;
+        }
+        let line = line.trim_end_matches(['\n', '\r']);
+        match line.trim() {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                chat.reset();
+                eprintln!("(conversation cleared)");
+                continue;
+            }
+            _ => {}
+        }
+        let r = chat.say(line, &mut print)?;
+        println!();
+        if r.stats.finish_reason == "length" {
+            eprintln!(
+                "(stopped at --max-new-tokens {})",
+                chat.settings.max_new_tokens
+            );
+        }
+    }
+    Ok(())
+}
+
 fn merge_lora(
     common: &mut Common,
     lora_model_dir: Option<PathBuf>,
@@ -792,6 +901,27 @@ fn real_main() -> Result<ExitCode> {
             if let Some(out) = ws.materialize_outputs()? {
                 println!("outputs in {}", out.display());
             }
+        }
+        Cmd::Inference {
+            mut common,
+            gen,
+            prompt,
+            lora_model_dir,
+            base_model,
+            raw,
+            system,
+        } => {
+            if let Some(b) = base_model {
+                common.set.push(format!("base_model={b}"));
+            }
+            let ws = open(&common)?;
+            let (model, tok, what) = ws.load_chat_model(lora_model_dir.as_deref())?;
+            eprintln!("loaded {what}");
+            let template = kiln::plan::configured_template(&ws.settings.chat_template);
+            let mut chat = kiln::infer::ChatSession::new(model, tok, template, raw, gen.settings())
+                .map_err(anyhow::Error::from)?;
+            chat.system = system.or_else(|| ws.settings.default_system_message.clone());
+            chat_loop(&mut chat, prompt)?;
         }
         Cmd::MergeLora {
             mut common,

@@ -129,6 +129,66 @@ impl Workspace {
         Ok(wrote.then_some(out))
     }
 
+    /// The model a user chats with: the merged model when the plan merges and it is built;
+    /// else the base model with the trained adapter (or `lora_model_dir`) applied; else the
+    /// base model alone when the config trains no adapter. Builds `fetch.model` if needed, never
+    /// training. Returns the model, its tokenizer and a line saying what was loaded.
+    pub fn load_chat_model(
+        &self,
+        lora_model_dir: Option<&Path>,
+    ) -> Result<(crate::model::Llama, crate::text::TextTokenizer, String), KilnError> {
+        use crate::stages::train::load_model;
+        use crate::stages::StageError;
+        let device = candle_core::Device::Cpu;
+        let tok_of = |d: &Path| crate::text::TextTokenizer::load_dir(d).map_err(StageError::from);
+        if lora_model_dir.is_none() && self.plan.index_of("merge").is_some() {
+            if let Ok(dir) = self.entry_of("merge") {
+                let m = load_model(&dir, &device)?;
+                return Ok((m, tok_of(&dir)?, "merged model (merge stage)".into()));
+            }
+        }
+        let model_dir = match self.entry_of("fetch.model") {
+            Ok(d) => d,
+            Err(_) => {
+                self.scheduler().run(
+                    &crate::scheduler::RunOptions {
+                        targets: vec!["fetch.model".into()],
+                        force: vec![],
+                    },
+                    &mut |_| {},
+                )?;
+                self.entry_of("fetch.model")?
+            }
+        };
+        let mut model = load_model(&model_dir, &device)?;
+        let adapter_dir = match lora_model_dir {
+            Some(d) => Some(d.to_path_buf()),
+            None if self.plan.index_of("train").is_some() => {
+                Some(self.entry_of("train").map_err(|_| {
+                    KilnError::NotBuilt(
+                        "the train stage is not built (or is stale): run `kiln train CONFIG` first, or pass --lora-model-dir DIR".into(),
+                    )
+                })?)
+            }
+            None => None,
+        };
+        let (tok_dir, what) = match &adapter_dir {
+            Some(d) => {
+                crate::model::adapter::PeftAdapter::load(d, &device)
+                    .and_then(|a| a.apply(&mut model))
+                    .map_err(StageError::from)?;
+                let td = if d.join("tokenizer.json").exists() {
+                    d.clone()
+                } else {
+                    model_dir.clone()
+                };
+                (td, format!("base model + LoRA adapter {}", d.display()))
+            }
+            None => (model_dir.clone(), "base model (no adapter)".to_string()),
+        };
+        Ok((model, tok_of(&tok_dir)?, what))
+    }
+
     /// `kiln train --debug`: one training step on the first bins, nothing published.
     pub fn debug_train_step(&self) -> Result<crate::stages::train::DebugStep, KilnError> {
         let Some(i) = self.plan.index_of("train") else {

@@ -373,6 +373,26 @@ fn smollm2_logits_match_candle_quantized_reference_and_greedy_answers() {
     let out = model.greedy(&ids, 12, tok.eos_id(), &dev).unwrap();
     let text = tok.tokenizer.decode(&out, true).unwrap();
     assert!(text.contains("Paris"), "{text}");
+
+    // The KV-cached path (what `kiln inference` uses) gives the same greedy tokens.
+    let mut cache = kiln::model::generate::Cache::new(&model);
+    let mut sampler =
+        kiln::model::generate::Sampler::new(kiln::model::generate::SamplingOptions::default());
+    let mut cached = Vec::new();
+    kiln::model::generate::generate(
+        &model,
+        &mut cache,
+        &ids,
+        12,
+        &tok.eos_id().into_iter().collect::<Vec<_>>(),
+        &mut sampler,
+        &mut |t| {
+            cached.push(t);
+            true
+        },
+    )
+    .unwrap();
+    assert_eq!(cached, out);
 }
 
 #[test]

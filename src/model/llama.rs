@@ -72,8 +72,8 @@ pub struct Llama {
     pub norm: Tensor,
     /// None when tied to the embeddings.
     pub lm_head: Option<Tensor>,
-    cos: Tensor,
-    sin: Tensor,
+    pub(crate) cos: Tensor,
+    pub(crate) sin: Tensor,
 }
 
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor, ModelError> {
@@ -92,7 +92,7 @@ fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor, ModelError> {
     Ok(Tensor::cat(&[a, b], D::Minus1)?)
 }
 
-fn repeat_kv(x: Tensor, n: usize) -> Result<Tensor, ModelError> {
+pub(crate) fn repeat_kv(x: Tensor, n: usize) -> Result<Tensor, ModelError> {
     if n == 1 {
         return Ok(x);
     }

@@ -5,6 +5,7 @@
 pub mod adapter;
 pub mod config;
 pub mod frozen;
+pub mod generate;
 pub mod llama;
 pub mod weights;
 

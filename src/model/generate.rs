@@ -1,0 +1,318 @@
+//! Inference: a KV-cached forward pass (no gradients, so candle's fused RMSNorm / RoPE / softmax
+//! kernels are fine here), sampling (temperature, top-k, top-p, seeded), and streaming
+//! detokenization that never emits half a UTF-8 character.
+
+use super::llama::{packed_causal_mask, repeat_kv};
+use super::{Llama, ModelError};
+use crate::data::pack::SplitMix64;
+use candle_core::{DType, Tensor};
+use candle_nn::kv_cache::KvCache;
+
+/// Keys and values of every layer for the tokens seen so far.
+pub struct Cache {
+    layers: Vec<KvCache>,
+    pub len: usize,
+}
+
+impl Cache {
+    pub fn new(model: &Llama) -> Self {
+        Self {
+            layers: (0..model.cfg.num_hidden_layers)
+                .map(|_| KvCache::new(2, 512))
+                .collect(),
+            len: 0,
+        }
+    }
+
+    pub fn reset(&mut self) {
+        for l in &mut self.layers {
+            l.reset();
+        }
+        self.len = 0;
+    }
+}
+
+impl Llama {
+    /// Feeds `ids` after what `cache` holds and returns the logits (vocab) of the last one.
+    pub fn forward_cached(&self, ids: &[u32], cache: &mut Cache) -> Result<Tensor, ModelError> {
+        let device = self.embed_tokens.device().clone();
+        let t = ids.len();
+        if t == 0 {
+            return Err(ModelError::Config("forward_cached: no tokens".into()));
+        }
+        let cfg = &self.cfg;
+        let start = cache.len;
+        if start + t > self.cos.dim(0)? {
+            return Err(ModelError::Config(format!(
+                "the conversation is {} tokens, beyond the model's max_position_embeddings {}; /reset it",
+                start + t,
+                self.cos.dim(0)?
+            )));
+        }
+        let (nh, nkv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim(),
+        );
+        let cos = self.cos.narrow(0, start, t)?;
+        let sin = self.sin.narrow(0, start, t)?;
+        // Causal mask over (t queries) × (start + t keys): query i sees keys ≤ start + i.
+        let mask = if t > 1 {
+            let pos: Vec<u32> = (0..(start + t) as u32).collect();
+            let full = packed_causal_mask(std::slice::from_ref(&pos), &device)?;
+            Some(full.narrow(2, start, t)?.contiguous()?)
+        } else {
+            None
+        };
+        let ids_t = Tensor::from_vec(ids.to_vec(), (1, t), &device)?;
+        let mut x = self
+            .embed_tokens
+            .index_select(&ids_t.flatten_all()?, 0)?
+            .reshape((1, t, cfg.hidden_size))?;
+        let eps = cfg.rms_norm_eps as f32;
+        let scale = 1.0 / (hd as f64).sqrt();
+        for (l, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let h = candle_nn::ops::rms_norm(&x, &l.input_layernorm, eps)?;
+            let q = l.attn.q_proj.forward(&h)?;
+            let k = l.attn.k_proj.forward(&h)?;
+            let v = l.attn.v_proj.forward(&h)?;
+            let q = q.reshape((1, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
+            let k = k.reshape((1, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let v = v.reshape((1, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let q = candle_nn::rotary_emb::rope(&q, &cos, &sin)?;
+            let k = candle_nn::rotary_emb::rope(&k, &cos, &sin)?;
+            let (k, v) = kv.append(&k, &v)?;
+            let k = repeat_kv(k.contiguous()?, nh / nkv)?;
+            let v = repeat_kv(v.contiguous()?, nh / nkv)?;
+            let mut att = (q.matmul(&k.t()?)? * scale)?;
+            if let Some(m) = &mask {
+                att = att.broadcast_add(m)?;
+            }
+            let att = candle_nn::ops::softmax_last_dim(&att)?;
+            let y = att.matmul(&v)?.transpose(1, 2)?.reshape((1, t, nh * hd))?;
+            x = (x + l.attn.o_proj.forward(&y)?)?;
+            let h = candle_nn::ops::rms_norm(&x, &l.post_attention_layernorm, eps)?;
+            let g = l.mlp.gate_proj.forward(&h)?;
+            let u = l.mlp.up_proj.forward(&h)?;
+            x = (x + l.mlp.down_proj.forward(&(candle_nn::ops::silu(&g)? * u)?)?)?;
+        }
+        cache.len += t;
+        let last = x.narrow(1, t - 1, 1)?;
+        let last = candle_nn::ops::rms_norm(&last, &self.norm, eps)?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        let last = last.reshape((1, cfg.hidden_size))?;
+        Ok(last.matmul(&head.t()?)?.flatten_all()?)
+    }
+}
+
+/// How to pick the next token.
+#[derive(Debug, Clone)]
+pub struct SamplingOptions {
+    /// 0 = greedy.
+    pub temperature: f64,
+    /// 1.0 = off.
+    pub top_p: f64,
+    /// 0 = off.
+    pub top_k: usize,
+    pub seed: u64,
+}
+
+impl Default for SamplingOptions {
+    fn default() -> Self {
+        Self {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: 42,
+        }
+    }
+}
+
+pub struct Sampler {
+    opts: SamplingOptions,
+    rng: SplitMix64,
+}
+
+impl Sampler {
+    pub fn new(opts: SamplingOptions) -> Self {
+        let rng = SplitMix64::new(opts.seed);
+        Self { opts, rng }
+    }
+
+    pub fn sample(&mut self, logits: &Tensor) -> Result<u32, ModelError> {
+        let logits: Vec<f32> = logits.to_dtype(DType::F32)?.to_vec1()?;
+        Ok(self.sample_slice(&logits))
+    }
+
+    /// Greedy at temperature 0; otherwise softmax(logits / T), restricted to the top-k and then
+    /// to the smallest set whose mass reaches top-p, sampled with the seeded PRNG.
+    pub fn sample_slice(&mut self, logits: &[f32]) -> u32 {
+        let argmax = || {
+            logits
+                .iter()
+                .enumerate()
+                .fold((0usize, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
+                    if v > bv {
+                        (i, v)
+                    } else {
+                        (bi, bv)
+                    }
+                })
+                .0 as u32
+        };
+        if self.opts.temperature <= 0.0 {
+            return argmax();
+        }
+        let mut idx: Vec<usize> = (0..logits.len())
+            .filter(|&i| logits[i].is_finite())
+            .collect();
+        idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+        if self.opts.top_k > 0 {
+            idx.truncate(self.opts.top_k);
+        }
+        if idx.is_empty() {
+            return argmax();
+        }
+        let t = self.opts.temperature as f32;
+        let max = logits[idx[0]] / t;
+        let mut probs: Vec<f32> = idx.iter().map(|&i| (logits[i] / t - max).exp()).collect();
+        let sum: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= sum);
+        if self.opts.top_p < 1.0 {
+            let mut acc = 0.0;
+            let mut keep = probs.len();
+            for (n, p) in probs.iter().enumerate() {
+                acc += p;
+                if acc >= self.opts.top_p as f32 {
+                    keep = n + 1;
+                    break;
+                }
+            }
+            probs.truncate(keep);
+            idx.truncate(keep);
+            let s: f32 = probs.iter().sum();
+            probs.iter_mut().for_each(|p| *p /= s);
+        }
+        let u = (self.rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
+        let mut acc = 0.0;
+        for (p, &i) in probs.iter().zip(&idx) {
+            acc += p;
+            if u < acc {
+                return i as u32;
+            }
+        }
+        idx[idx.len() - 1] as u32
+    }
+}
+
+/// Turns a growing list of token ids into text pieces, holding back bytes of an unfinished
+/// UTF-8 character (the tokenizer decodes those as U+FFFD).
+pub struct TextStream<'t> {
+    tok: &'t tokenizers::Tokenizer,
+    ids: Vec<u32>,
+    emitted: usize,
+}
+
+impl<'t> TextStream<'t> {
+    pub fn new(tok: &'t tokenizers::Tokenizer) -> Self {
+        Self {
+            tok,
+            ids: Vec::new(),
+            emitted: 0,
+        }
+    }
+
+    /// Adds a token; returns the new text it completes, if any.
+    pub fn push(&mut self, id: u32) -> Option<String> {
+        self.ids.push(id);
+        let text = self.tok.decode(&self.ids, true).ok()?;
+        if text.ends_with('\u{FFFD}') || text.len() <= self.emitted {
+            return None;
+        }
+        let piece = text.get(self.emitted..)?.to_string();
+        self.emitted = text.len();
+        Some(piece)
+    }
+
+    /// Everything decoded so far.
+    pub fn text(&self) -> String {
+        self.tok.decode(&self.ids, true).unwrap_or_default()
+    }
+}
+
+/// Timing of one generation.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct GenStats {
+    pub prompt_tokens: usize,
+    pub prompt_seconds: f64,
+    pub generated_tokens: usize,
+    pub decode_seconds: f64,
+    /// "stop" (a stop token), "length" (max_new_tokens) or "cancelled".
+    pub finish_reason: String,
+    /// The stop token that ended generation (fed into the cache, not emitted).
+    pub stop_token: Option<u32>,
+}
+
+/// Generates after `prompt` (continuing `cache`), calling `on_token` with each new token; stops
+/// at a stop token (not passed on), at `max_new` tokens, or when `on_token` returns false.
+pub fn generate(
+    model: &Llama,
+    cache: &mut Cache,
+    prompt: &[u32],
+    max_new: usize,
+    stop: &[u32],
+    sampler: &mut Sampler,
+    on_token: &mut dyn FnMut(u32) -> bool,
+) -> Result<GenStats, ModelError> {
+    let mut st = GenStats {
+        prompt_tokens: prompt.len(),
+        finish_reason: "length".into(),
+        ..Default::default()
+    };
+    let t0 = std::time::Instant::now();
+    let mut logits = model.forward_cached(prompt, cache)?;
+    st.prompt_seconds = t0.elapsed().as_secs_f64();
+    let t1 = std::time::Instant::now();
+    for n in 0..max_new {
+        let next = sampler.sample(&logits)?;
+        if stop.contains(&next) {
+            // Keep the stop token in the cache so a next turn continues after it.
+            model.forward_cached(&[next], cache)?;
+            st.finish_reason = "stop".into();
+            st.stop_token = Some(next);
+            break;
+        }
+        st.generated_tokens += 1;
+        if !on_token(next) {
+            st.finish_reason = "cancelled".into();
+            break;
+        }
+        if n + 1 < max_new {
+            logits = model.forward_cached(&[next], cache)?;
+        }
+    }
+    st.decode_seconds = t1.elapsed().as_secs_f64();
+    Ok(st)
+}
+
+/// Stop tokens for chat: the tokenizer's eos plus the end-of-turn markers of common templates
+/// that this vocabulary has.
+pub fn stop_tokens(tok: &crate::text::TextTokenizer) -> Vec<u32> {
+    let mut v: Vec<u32> = tok.eos_id().into_iter().collect();
+    for t in [
+        "<|im_end|>",
+        "<|eot_id|>",
+        "<|end_of_text|>",
+        "<|endoftext|>",
+        "<|end|>",
+        "<end_of_turn>",
+        "</s>",
+    ] {
+        if let Some(id) = tok.token_id(t) {
+            if !v.contains(&id) {
+                v.push(id);
+            }
+        }
+    }
+    v
+}

@@ -237,3 +237,101 @@ fn stage_key(ws: &Workspace, name: &str) -> Result<String, KilnError> {
         .and_then(|s| s.key)
         .ok_or_else(|| KilnError::NotBuilt(format!("bench: {name} has no key")))
 }
+
+/// `kiln bench generate`: prompt processing and decode speed for a ~200-token ChatML prompt and
+/// 128 greedy tokens (no early stop), on the model as kiln loads it for inference (f32), and
+/// with an unmerged LoRA adapter of rank 16 on every linear layer (what `kiln inference` runs
+/// before a merge).
+pub fn generate(model: &Path) -> Result<Vec<Figure>, KilnError> {
+    use crate::model::generate::{generate, Cache, Sampler, SamplingOptions};
+    use crate::stages::StageError;
+    let device = candle_core::Device::Cpu;
+    let tmp = std::env::temp_dir().join(format!("kiln-bench-generate-{}", std::process::id()));
+    let (mut m, tok) = if model.is_file() {
+        std::fs::create_dir_all(&tmp).map_err(|e| KilnError::NotBuilt(e.to_string()))?;
+        let link = tmp.join("model.gguf");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(
+            std::fs::canonicalize(model).map_err(|e| KilnError::NotBuilt(e.to_string()))?,
+            &link,
+        )
+        .map_err(|e| KilnError::NotBuilt(e.to_string()))?;
+        let t = crate::text::gguf::tokenizer_files(&link).map_err(StageError::from)?;
+        crate::stages::write_json(&tmp.join("tokenizer.json"), &t.tokenizer_json)?;
+        crate::stages::write_json(&tmp.join("tokenizer_config.json"), &t.tokenizer_config)?;
+        (
+            crate::stages::train::load_model(&tmp, &device)?,
+            crate::text::TextTokenizer::load_dir(&tmp).map_err(StageError::from)?,
+        )
+    } else {
+        (
+            crate::stages::train::load_model(model, &device)?,
+            crate::text::TextTokenizer::load_dir(model).map_err(StageError::from)?,
+        )
+    };
+    let _ = std::fs::remove_dir_all(&tmp);
+    let mut rng = SplitMix64::new(7);
+    let mut user = String::new();
+    while tok
+        .tokenizer
+        .encode(user.as_str(), false)
+        .map(|e| e.len())
+        .unwrap_or(0)
+        < 185
+    {
+        user.push_str(&words(&mut rng, 10));
+        user.push_str(". ");
+    }
+    let prompt = format!(
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nSummarize: {user}<|im_end|>\n<|im_start|>assistant\n"
+    );
+    let ids = tok
+        .tokenizer
+        .encode(prompt.as_str(), false)
+        .map_err(|e| KilnError::NotBuilt(e.to_string()))?
+        .get_ids()
+        .to_vec();
+    let mut figures = Vec::new();
+    let mut measure = |m: &crate::model::Llama, label: &str| -> Result<(), KilnError> {
+        // One warm-up pass, then the measured one.
+        for round in 0..2 {
+            let mut cache = Cache::new(m);
+            let st = generate(
+                m,
+                &mut cache,
+                &ids,
+                if round == 0 { 8 } else { 128 },
+                &[],
+                &mut Sampler::new(SamplingOptions::default()),
+                &mut |_| true,
+            )
+            .map_err(StageError::from)?;
+            if round == 1 {
+                figures.push(Figure {
+                    name: format!("{label}: prompt ({} tokens)", st.prompt_tokens),
+                    value: st.prompt_tokens as f64 / st.prompt_seconds.max(1e-9),
+                    unit: "tokens/s",
+                    note: "llama.cpp f32 665".into(),
+                });
+                figures.push(Figure {
+                    name: format!("{label}: decode ({} tokens)", st.generated_tokens),
+                    value: st.generated_tokens as f64 / st.decode_seconds.max(1e-9),
+                    unit: "tokens/s",
+                    note: "llama.cpp f32 32, transformers 20".into(),
+                });
+            }
+        }
+        Ok(())
+    };
+    measure(&m, "f32")?;
+    let spec = crate::train::LoraSpec {
+        r: 16,
+        alpha: 32.0,
+        target_modules: vec![],
+        target_linear: true,
+        rslora: false,
+    };
+    crate::train::attach_lora(&mut m, &spec, 1, &device).map_err(StageError::from)?;
+    measure(&m, "f32 + unmerged LoRA r16")?;
+    Ok(figures)
+}

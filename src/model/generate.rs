@@ -100,8 +100,12 @@ impl Llama {
         let last = x.narrow(1, t - 1, 1)?;
         let last = candle_nn::ops::rms_norm(&last, &self.norm, eps)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        let last = last.reshape((1, cfg.hidden_size))?;
-        Ok(last.matmul(&head.t()?)?.flatten_all()?)
+        let head = super::llama::Linear {
+            weight: head.clone(),
+            bias: None,
+            lora: None,
+        };
+        Ok(head.forward(&last)?.flatten_all()?)
     }
 }
 

@@ -163,7 +163,7 @@ impl AnyStage {
     }
 }
 
-pub(crate) fn write_json(path: &Path, v: &impl serde::Serialize) -> Result<(), StageError> {
+pub fn write_json(path: &Path, v: &impl serde::Serialize) -> Result<(), StageError> {
     let bytes = serde_json::to_vec_pretty(v).map_err(|e| StageError::Invalid(e.to_string()))?;
     std::fs::write(path, bytes).map_err(io_err(path))
 }

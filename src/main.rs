@@ -138,6 +138,12 @@ enum Cmd {
         #[arg(long)]
         system: Option<String>,
     },
+    /// Validation loss and perplexity of the trained model (and answers to `evaluate.prompts`),
+    /// cached: an unchanged model and eval set are not evaluated again.
+    Evaluate {
+        #[command(flatten)]
+        common: Common,
+    },
     /// Past runs recorded in the cache index: config, stages built vs reused, duration, outcome.
     Runs {
         /// How many of the newest runs to show.
@@ -922,6 +928,40 @@ fn real_main() -> Result<ExitCode> {
                 .map_err(anyhow::Error::from)?;
             chat.system = system.or_else(|| ws.settings.default_system_message.clone());
             chat_loop(&mut chat, prompt)?;
+        }
+        Cmd::Evaluate { mut common } => {
+            let mut ws = open(&common)?;
+            if ws.settings.evaluate.is_none() {
+                common.set.push("evaluate=true".into());
+                ws = Workspace::open(&common.config, &common.set)?;
+            }
+            do_run(
+                &ws,
+                &RunOptions {
+                    targets: vec!["evaluate".into()],
+                    force: vec![],
+                },
+            )?;
+            let dir = ws.entry_of("evaluate")?;
+            let r: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(dir.join("eval_results.json"))?)?;
+            match (r["eval_loss"].as_f64(), r["eval_perplexity"].as_f64()) {
+                (Some(l), Some(p)) => println!(
+                    "eval loss {l:.4}, perplexity {p:.3} on {} val samples ({} trained tokens)",
+                    r["samples"], r["trained_tokens"]
+                ),
+                _ => println!("no validation split: no loss computed"),
+            }
+            if let Some(out) = ws.materialize_outputs()? {
+                let eval = out.join("eval");
+                if let Some(n) = r["generations"].as_u64() {
+                    println!(
+                        "{n} answers in {}",
+                        eval.join("generations.jsonl").display()
+                    );
+                }
+                println!("results in {}", eval.join("eval_results.json").display());
+            }
         }
         Cmd::MergeLora {
             mut common,

@@ -105,13 +105,13 @@ impl Workspace {
     }
 
     /// Copies the final artifacts into `output_dir`, the layout Axolotl users know: the train
-    /// stage's adapter at the top, the merged model in `merged/`. `output_dir` is a view: the
+    /// stage's adapter at the top, the merged model in `merged/`, evaluation results in `eval/`. `output_dir` is a view: the
     /// cache entry stays the source of truth. Returns the directory written, or None when no
     /// such stage is built.
     pub fn materialize_outputs(&self) -> Result<Option<PathBuf>, KilnError> {
         let out = self.output_dir();
         let mut wrote = false;
-        for (stage, sub) in [("train", ""), ("merge", "merged")] {
+        for (stage, sub) in [("train", ""), ("merge", "merged"), ("evaluate", "eval")] {
             if self.plan.index_of(stage).is_none() {
                 continue;
             }

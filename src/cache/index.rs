@@ -258,6 +258,22 @@ impl Index {
     }
 }
 
+impl Index {
+    /// Every metric recorded for a stage key, in insertion order: (step, name, value).
+    pub fn metrics(&self, stage_key: &str) -> Result<Vec<(i64, String, f64)>, CacheError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT step, name, value FROM metrics WHERE stage_key = ?1 ORDER BY rowid")
+            .map_err(self.sql())?;
+        let rows = st
+            .query_map(params![stage_key], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .map_err(self.sql())?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(self.sql())
+    }
+}
+
 fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<StageRecord> {
     let parse = |s: String| serde_json::from_str(&s).unwrap_or(serde_json::Value::Null);
     Ok(StageRecord {

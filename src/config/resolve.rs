@@ -139,6 +139,15 @@ pub struct TrainSettings {
     pub neftune_noise_alpha: Option<f64>,
 }
 
+/// The evaluate stage's settings (`evaluate: true` or a mapping).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct EvalSettings {
+    /// A prompts file (.jsonl with `prompt` or `messages`, or .txt one per line) whose greedy
+    /// answers are stored beside the metrics.
+    pub prompts: Option<PathBuf>,
+    pub max_new_tokens: u64,
+}
+
 /// A resolved, validated config.
 #[derive(Debug, Clone, Serialize)]
 pub struct Settings {
@@ -166,6 +175,8 @@ pub struct Settings {
     pub train: TrainSettings,
     /// `merge_lora: true`: the plan has a merge stage after train.
     pub merge_lora: bool,
+    /// `evaluate:` (kiln): the plan has an evaluate stage.
+    pub evaluate: Option<EvalSettings>,
     /// Largest safetensors shard a merged model is written in (`max_shard_size`, HF's 5GB).
     pub max_shard_size: u64,
 }
@@ -179,7 +190,7 @@ enum KeyClass {
 }
 
 /// Keys kiln defines beyond Axolotl's.
-const KILN_KEYS: &[&str] = &["cache_dir", "num_threads", "max_shard_size"];
+const KILN_KEYS: &[&str] = &["cache_dir", "num_threads", "max_shard_size", "evaluate"];
 
 fn classify(key: &str) -> Option<KeyClass> {
     use KeyClass::*;
@@ -243,7 +254,8 @@ fn classify(key: &str) -> Option<KeyClass> {
         | "pad_to_sequence_len"
         | "eval_sample_packing"
         | "merge_lora"
-        | "max_shard_size" => Handled,
+        | "max_shard_size"
+        | "evaluate" => Handled,
         "merge_method" => NoEffect("kiln merges every layer in f32 on the CPU"),
         "dataset_prepared_path" => {
             NoEffect("kiln keeps prepared data in its content-addressed cache (`cache_dir`)")
@@ -682,6 +694,8 @@ pub(super) fn resolve(ctx: &mut Ctx<'_>, map: &Mapping) -> Settings {
         ),
     }
 
+    let evaluate = read_evaluate(r.ctx, map);
+
     // 5. Datasets.
     let datasets = read_datasets(r.ctx, map, "datasets", &chat_template);
     let test_datasets = read_datasets(r.ctx, map, "test_datasets", &chat_template);
@@ -691,6 +705,18 @@ pub(super) fn resolve(ctx: &mut Ctx<'_>, map: &Mapping) -> Settings {
             "missing: at least one dataset is needed",
             Some("add `datasets: [{path: data/train.jsonl, type: alpaca}]`".into()),
         );
+    }
+
+    if let Some(e) = &evaluate {
+        let no_val = matches!(val_set_size, ValSetSize::Fraction(f) if f == 0.0)
+            || val_set_size == ValSetSize::Count(0);
+        if e.prompts.is_none() && no_val && test_datasets.is_empty() {
+            r.ctx.error(
+                &[key("evaluate")],
+                "nothing to evaluate: there is no validation split and no prompts file",
+                Some("set `val_set_size: 0.05`, add `test_datasets:`, or give `evaluate: {prompts: FILE}`".into()),
+            );
+        }
     }
 
     Settings {
@@ -717,7 +743,68 @@ pub(super) fn resolve(ctx: &mut Ctx<'_>, map: &Mapping) -> Settings {
         train,
         merge_lora,
         max_shard_size,
+        evaluate,
     }
+}
+
+fn read_evaluate(ctx: &mut Ctx<'_>, map: &Mapping) -> Option<EvalSettings> {
+    let mut out = EvalSettings {
+        prompts: None,
+        max_new_tokens: 128,
+    };
+    match map.get("evaluate")? {
+        Value::Null | Value::Bool(false) => return None,
+        Value::Bool(true) => {}
+        Value::Mapping(m) => {
+            for (k, v) in m {
+                let name = k.as_str().unwrap_or("");
+                let path = [key("evaluate"), key(name)];
+                match (name, v) {
+                    ("prompts", Value::String(p)) => {
+                        let full = ctx.dir.join(p);
+                        if !full.is_file() {
+                            ctx.error(
+                                &path,
+                                format!("{p}: no such file"),
+                                Some(format!(
+                                    "give a .jsonl or .txt file of prompts, relative to {}",
+                                    ctx.dir.display()
+                                )),
+                            );
+                        }
+                        out.prompts = Some(full);
+                    }
+                    ("max_new_tokens", Value::Number(n)) if n.as_u64().is_some_and(|n| n > 0) => {
+                        out.max_new_tokens = n.as_u64().unwrap_or(128);
+                    }
+                    ("prompts" | "max_new_tokens", _) => ctx.error(
+                        &path,
+                        "wrong type",
+                        Some(
+                            "write `prompts: eval/prompts.jsonl` and `max_new_tokens: 128`".into(),
+                        ),
+                    ),
+                    _ => {
+                        let fix = did_you_mean(name, ["prompts", "max_new_tokens"])
+                            .map(|s| format!("did you mean `{s}`?"))
+                            .unwrap_or_else(|| {
+                                "the keys are `prompts` and `max_new_tokens`".into()
+                            });
+                        ctx.error(&path, "unknown key", Some(fix));
+                    }
+                }
+            }
+        }
+        _ => {
+            ctx.error(
+                &[key("evaluate")],
+                "expected true or a mapping",
+                Some("write `evaluate: true`, or `evaluate: {prompts: eval/prompts.jsonl}`".into()),
+            );
+            return None;
+        }
+    }
+    Some(out)
 }
 
 /// Built-in templates kiln ships, by Axolotl's names.

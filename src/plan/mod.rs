@@ -7,6 +7,7 @@
 use crate::cache::{FileHashCache, Manifest};
 use crate::config::{DataFormat, Settings, TemplateChoice};
 use crate::hash::KeyHasher;
+use crate::stages::evaluate::{EvalModel, Evaluate, VAL_FILES};
 use crate::stages::fetch::{self, Inputs, ResolveError};
 use crate::stages::merge::Merge;
 use crate::stages::pack::Pack;
@@ -212,6 +213,15 @@ pub fn build(s: &Settings, hashes: &FileHashCache<'_>) -> Result<Plan, PlanError
     });
     let pack_idx = stages.len() - 1;
     let t = &s.train;
+    // Where the trained model lives, as dependencies: [merge], [fetch.model, train], or
+    // [fetch.model] when nothing is trained.
+    let mut model_deps = (
+        EvalModel::Base,
+        vec![Dep {
+            stage: 0,
+            files: None,
+        }],
+    );
     if t.adapter.as_deref() == Some("lora") {
         stages.push(PlannedStage {
             name: "train".into(),
@@ -256,6 +266,19 @@ pub fn build(s: &Settings, hashes: &FileHashCache<'_>) -> Result<Plan, PlanError
             ],
         });
         let train_idx = stages.len() - 1;
+        model_deps = (
+            EvalModel::BaseWithAdapter,
+            vec![
+                Dep {
+                    stage: 0,
+                    files: None,
+                },
+                Dep {
+                    stage: train_idx,
+                    files: None,
+                },
+            ],
+        );
         if s.merge_lora {
             stages.push(PlannedStage {
                 name: "merge".into(),
@@ -264,18 +287,57 @@ pub fn build(s: &Settings, hashes: &FileHashCache<'_>) -> Result<Plan, PlanError
                     chat_template: configured_template(&s.chat_template),
                 }),
                 inputs: Inputs::new(),
-                deps: vec![
-                    Dep {
-                        stage: 0,
-                        files: None,
-                    },
-                    Dep {
-                        stage: train_idx,
-                        files: None,
-                    },
-                ],
+                deps: model_deps.1.clone(),
+            });
+            model_deps = (
+                EvalModel::Merged,
+                vec![Dep {
+                    stage: stages.len() - 1,
+                    files: None,
+                }],
+            );
+        }
+    }
+    if let Some(e) = &s.evaluate {
+        let mut deps = model_deps.1.clone();
+        deps.push(Dep {
+            stage: pack_idx,
+            files: Some(VAL_FILES),
+        });
+        if let Some(p) = &e.prompts {
+            let (fd, inputs) = fetch::resolve_data(
+                &crate::config::DataSource::Local(vec![p.clone()]),
+                None,
+                None,
+                hashes,
+            )
+            .map_err(|source| PlanError::Resolve {
+                stage: "fetch.prompts".into(),
+                source,
+            })?;
+            stages.push(PlannedStage {
+                name: "fetch.prompts".into(),
+                stage: AnyStage::FetchData(fd),
+                inputs,
+                deps: vec![],
+            });
+            deps.push(Dep {
+                stage: stages.len() - 1,
+                files: None,
             });
         }
+        stages.push(PlannedStage {
+            name: "evaluate".into(),
+            stage: AnyStage::Evaluate(Box::new(Evaluate {
+                model: model_deps.0,
+                batch_size: t.eval_batch_size.unwrap_or(t.micro_batch_size).max(1),
+                has_prompts: e.prompts.is_some(),
+                max_new_tokens: e.max_new_tokens,
+                chat_template: configured_template(&s.chat_template),
+            })),
+            inputs: Inputs::new(),
+            deps,
+        });
     }
     finish(stages)
 }

@@ -2,6 +2,7 @@
 //! reads like a recipe: what it takes (params, upstream entries), what it writes. Stages know
 //! nothing about scheduling or the cache layout beyond their own output directory.
 
+pub mod evaluate;
 pub mod fetch;
 pub mod hub;
 pub mod merge;
@@ -116,6 +117,7 @@ pub enum AnyStage {
     Pack(pack::Pack),
     Train(Box<train::Train>),
     Merge(merge::Merge),
+    Evaluate(Box<evaluate::Evaluate>),
 }
 
 impl AnyStage {
@@ -126,6 +128,7 @@ impl AnyStage {
             AnyStage::Pack(_) => StageKind::Pack,
             AnyStage::Train(_) => StageKind::Train,
             AnyStage::Merge(_) => StageKind::Merge,
+            AnyStage::Evaluate(_) => StageKind::Evaluate,
         }
     }
 
@@ -137,6 +140,7 @@ impl AnyStage {
             AnyStage::Pack(_) => pack::Pack::VERSION,
             AnyStage::Train(_) => train::Train::VERSION,
             AnyStage::Merge(_) => merge::Merge::VERSION,
+            AnyStage::Evaluate(_) => evaluate::Evaluate::VERSION,
         }
     }
 
@@ -148,6 +152,7 @@ impl AnyStage {
             AnyStage::Pack(s) => s.params(),
             AnyStage::Train(s) => s.params(),
             AnyStage::Merge(s) => s.params(),
+            AnyStage::Evaluate(s) => s.params(),
         }
     }
 
@@ -159,6 +164,7 @@ impl AnyStage {
             AnyStage::Pack(s) => s.run(cx),
             AnyStage::Train(s) => s.run(cx),
             AnyStage::Merge(s) => s.run(cx),
+            AnyStage::Evaluate(s) => s.run(cx),
         }
     }
 }

@@ -40,7 +40,7 @@ pub struct Train {
 }
 
 /// Mean loss over every trained token of the validation split (no gradients kept).
-fn evaluate(
+pub(crate) fn evaluate(
     model: &Llama,
     val: &PackedSplit,
     batch: usize,

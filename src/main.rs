@@ -144,6 +144,18 @@ enum Cmd {
         #[command(flatten)]
         common: Common,
     },
+    /// Export the fine-tuned model: a GGUF for llama.cpp or an HF safetensors directory, with
+    /// its size and validation perplexity next to the unquantized model's.
+    Export {
+        #[command(flatten)]
+        common: Common,
+        /// gguf or safetensors.
+        #[arg(long, default_value = "gguf")]
+        format: String,
+        /// GGUF: f32, f16, q8_0, q4_0, q4_k_m; safetensors: f32, f16, bf16.
+        #[arg(long)]
+        quant: Option<String>,
+    },
     /// Past runs recorded in the cache index: config, stages built vs reused, duration, outcome.
     Runs {
         /// How many of the newest runs to show.
@@ -961,6 +973,48 @@ fn real_main() -> Result<ExitCode> {
                     );
                 }
                 println!("results in {}", eval.join("eval_results.json").display());
+            }
+        }
+        Cmd::Export {
+            mut common,
+            format,
+            quant,
+        } => {
+            let f = kiln::stages::export::ExportFormat::parse(&format, quant.as_deref())
+                .map_err(|e| anyhow::anyhow!("kiln export: {e}"))?;
+            let q = quant.map(|q| format!(", quant: {q}")).unwrap_or_default();
+            common.set.push(format!("export=[{{format: {format}{q}}}]"));
+            let ws = open(&common)?;
+            let name = format!("export.{}", f.label());
+            do_run(
+                &ws,
+                &RunOptions {
+                    targets: vec![name.clone()],
+                    force: vec![],
+                },
+            )?;
+            let dir = ws.entry_of(&name)?;
+            let r: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(dir.join("export.json"))?)?;
+            let out = ws
+                .materialize_outputs()?
+                .map(|o| o.join("export").join(f.label()));
+            let size = r["bytes"].as_u64().map(human_bytes).unwrap_or_default();
+            println!("{}: {size}", f.label());
+            if let (Some(a), Some(b)) = (
+                r["val_perplexity_f32"].as_f64(),
+                r["val_perplexity"].as_f64(),
+            ) {
+                println!(
+                    "val perplexity: {b:.4} exported vs {a:.4} unquantized ({:+.2}%)",
+                    100.0 * (b - a) / a
+                );
+            }
+            if let Some(o) = out {
+                match r["file"].as_str() {
+                    Some(file) => println!("wrote {}", o.join(file).display()),
+                    None => println!("wrote {}", o.display()),
+                }
             }
         }
         Cmd::MergeLora {

@@ -105,17 +105,27 @@ impl Workspace {
     }
 
     /// Copies the final artifacts into `output_dir`, the layout Axolotl users know: the train
-    /// stage's adapter at the top, the merged model in `merged/`, evaluation results in `eval/`. `output_dir` is a view: the
+    /// stage's adapter at the top, the merged model in `merged/`, evaluation results in `eval/`, exports in `export/<format>.<quant>/`. `output_dir` is a view: the
     /// cache entry stays the source of truth. Returns the directory written, or None when no
     /// such stage is built.
     pub fn materialize_outputs(&self) -> Result<Option<PathBuf>, KilnError> {
         let out = self.output_dir();
         let mut wrote = false;
-        for (stage, sub) in [("train", ""), ("merge", "merged"), ("evaluate", "eval")] {
-            if self.plan.index_of(stage).is_none() {
+        let mut views: Vec<(String, String)> =
+            [("train", ""), ("merge", "merged"), ("evaluate", "eval")]
+                .iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect();
+        for st in &self.plan.stages {
+            if let Some(label) = st.name.strip_prefix("export.") {
+                views.push((st.name.clone(), format!("export/{label}")));
+            }
+        }
+        for (stage, sub) in views {
+            if self.plan.index_of(&stage).is_none() {
                 continue;
             }
-            let Ok(src) = self.entry_of(stage) else {
+            let Ok(src) = self.entry_of(&stage) else {
                 continue;
             };
             let dest = if sub.is_empty() {

@@ -177,6 +177,8 @@ pub struct Settings {
     pub merge_lora: bool,
     /// `evaluate:` (kiln): the plan has an evaluate stage.
     pub evaluate: Option<EvalSettings>,
+    /// `export:` (kiln): one export stage per entry, (format, quant) validated.
+    pub export: Vec<(String, Option<String>)>,
     /// Largest safetensors shard a merged model is written in (`max_shard_size`, HF's 5GB).
     pub max_shard_size: u64,
 }
@@ -190,7 +192,13 @@ enum KeyClass {
 }
 
 /// Keys kiln defines beyond Axolotl's.
-const KILN_KEYS: &[&str] = &["cache_dir", "num_threads", "max_shard_size", "evaluate"];
+const KILN_KEYS: &[&str] = &[
+    "cache_dir",
+    "num_threads",
+    "max_shard_size",
+    "evaluate",
+    "export",
+];
 
 fn classify(key: &str) -> Option<KeyClass> {
     use KeyClass::*;
@@ -255,7 +263,8 @@ fn classify(key: &str) -> Option<KeyClass> {
         | "eval_sample_packing"
         | "merge_lora"
         | "max_shard_size"
-        | "evaluate" => Handled,
+        | "evaluate"
+        | "export" => Handled,
         "merge_method" => NoEffect("kiln merges every layer in f32 on the CPU"),
         "dataset_prepared_path" => {
             NoEffect("kiln keeps prepared data in its content-addressed cache (`cache_dir`)")
@@ -695,6 +704,7 @@ pub(super) fn resolve(ctx: &mut Ctx<'_>, map: &Mapping) -> Settings {
     }
 
     let evaluate = read_evaluate(r.ctx, map);
+    let export = read_export(r.ctx, map);
 
     // 5. Datasets.
     let datasets = read_datasets(r.ctx, map, "datasets", &chat_template);
@@ -744,7 +754,78 @@ pub(super) fn resolve(ctx: &mut Ctx<'_>, map: &Mapping) -> Settings {
         merge_lora,
         max_shard_size,
         evaluate,
+        export,
     }
+}
+
+fn read_export(ctx: &mut Ctx<'_>, map: &Mapping) -> Vec<(String, Option<String>)> {
+    let items = match map.get("export") {
+        None | Some(Value::Null) => return vec![],
+        Some(Value::Sequence(s)) => s.clone(),
+        Some(m @ Value::Mapping(_)) => vec![m.clone()],
+        Some(_) => {
+            ctx.error(
+                &[key("export")],
+                "expected a list of exports",
+                Some("write `export: [{format: gguf, quant: q8_0}]`".into()),
+            );
+            return vec![];
+        }
+    };
+    let mut out: Vec<(String, Option<String>)> = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let base = [key("export"), Seg::Index(i)];
+        let Some(m) = item.as_mapping() else {
+            ctx.error(
+                &base,
+                "each export is a mapping",
+                Some("write `- {format: gguf, quant: q8_0}`".into()),
+            );
+            continue;
+        };
+        let mut format = "gguf".to_string();
+        let mut quant = None;
+        for (k, v) in m {
+            let name = k.as_str().unwrap_or("");
+            let mut path = base.to_vec();
+            path.push(key(name));
+            match (name, v.as_str()) {
+                ("format", Some(f)) => format = f.to_string(),
+                ("quant", Some(q)) => quant = Some(q.to_string()),
+                ("format" | "quant", None) => ctx.error(
+                    &path,
+                    "expected a string",
+                    Some("e.g. `format: gguf` and `quant: q8_0`".into()),
+                ),
+                _ => {
+                    let fix = did_you_mean(name, ["format", "quant"])
+                        .map(|s| format!("did you mean `{s}`?"))
+                        .unwrap_or_else(|| "the keys are `format` and `quant`".into());
+                    ctx.error(&path, "unknown key", Some(fix));
+                }
+            }
+        }
+        match crate::stages::export::ExportFormat::parse(&format, quant.as_deref()) {
+            Ok(f) => {
+                let label = f.label();
+                if out.iter().any(|(fo, q)| {
+                    crate::stages::export::ExportFormat::parse(fo, q.as_deref())
+                        .map(|g| g.label() == label)
+                        .unwrap_or(false)
+                }) {
+                    ctx.error(
+                        &base,
+                        format!("export {label} is listed twice"),
+                        Some("remove one".into()),
+                    );
+                } else {
+                    out.push((format, quant));
+                }
+            }
+            Err(e) => ctx.error(&base, e, None),
+        }
+    }
+    out
 }
 
 fn read_evaluate(ctx: &mut Ctx<'_>, map: &Mapping) -> Option<EvalSettings> {

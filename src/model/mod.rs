@@ -6,6 +6,7 @@ pub mod adapter;
 pub mod config;
 pub mod frozen;
 pub mod generate;
+pub mod gguf_export;
 pub mod llama;
 pub mod weights;
 

@@ -81,7 +81,10 @@ fn unpermute(t: &Tensor, n_head: usize) -> Result<Tensor, ModelError> {
 
 /// Reads a GGUF model: config from metadata, tensors dequantized under HF names.
 pub fn load_gguf(path: &Path, device: &Device) -> Result<(LlamaConfig, Weights), ModelError> {
-    let mut f = std::fs::File::open(path).map_err(|e| load_err(path, e))?;
+    let mut f = std::io::BufReader::with_capacity(
+        1 << 20,
+        std::fs::File::open(path).map_err(|e| load_err(path, e))?,
+    );
     let c = Content::read(&mut f).map_err(|e| load_err(path, e))?;
     let cfg = LlamaConfig::from_gguf(&c, c.tensor_infos.contains_key("output.weight"))?;
     let mut out = Weights::new();

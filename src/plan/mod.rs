@@ -8,6 +8,7 @@ use crate::cache::{FileHashCache, Manifest};
 use crate::config::{DataFormat, Settings, TemplateChoice};
 use crate::hash::KeyHasher;
 use crate::stages::evaluate::{EvalModel, Evaluate, VAL_FILES};
+use crate::stages::export::{Export, ExportFormat};
 use crate::stages::fetch::{self, Inputs, ResolveError};
 use crate::stages::merge::Merge;
 use crate::stages::pack::Pack;
@@ -334,6 +335,32 @@ pub fn build(s: &Settings, hashes: &FileHashCache<'_>) -> Result<Plan, PlanError
                 has_prompts: e.prompts.is_some(),
                 max_new_tokens: e.max_new_tokens,
                 chat_template: configured_template(&s.chat_template),
+            })),
+            inputs: Inputs::new(),
+            deps,
+        });
+    }
+    for (format, quant) in &s.export {
+        let Ok(f) = ExportFormat::parse(format, quant.as_deref()) else {
+            continue; // rejected by the config resolver already
+        };
+        let mut deps = vec![Dep {
+            stage: 0,
+            files: None,
+        }];
+        deps.extend(model_deps.1.iter().filter(|d| d.stage != 0).cloned());
+        deps.push(Dep {
+            stage: pack_idx,
+            files: Some(VAL_FILES),
+        });
+        stages.push(PlannedStage {
+            name: format!("export.{}", f.label()),
+            stage: AnyStage::Export(Box::new(Export {
+                format: f,
+                model: model_deps.0,
+                batch_size: t.eval_batch_size.unwrap_or(t.micro_batch_size).max(1),
+                chat_template: configured_template(&s.chat_template),
+                max_shard_size: s.max_shard_size,
             })),
             inputs: Inputs::new(),
             deps,

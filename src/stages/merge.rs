@@ -65,14 +65,41 @@ pub fn merge_dirs(
     let mut model = load_model(model_dir, &device)?;
     let adapter = PeftAdapter::load(adapter_dir, &device)?;
     adapter.merge_into(&mut model)?;
-    weights::save_sharded(&model.to_weights(), out, max_shard_size, DType::F32)?;
-    write_json(&out.join("config.json"), &model.cfg.to_hf())?;
     // Tokenizer files: the adapter directory's (what training saw), else the base model's.
     let tok_dir = if adapter_dir.join("tokenizer.json").exists() {
         adapter_dir
     } else {
         model_dir
     };
+    write_hf_model(
+        &model,
+        tok_dir,
+        out,
+        max_shard_size,
+        DType::F32,
+        chat_template,
+    )
+}
+
+/// Writes `model` as a standalone HF-layout model directory: weights in `dtype` (sharded above
+/// `max_shard_size`), `config.json`, `generation_config.json`, and the tokenizer files from
+/// `tok_dir` with `chat_template` (when given) stored in tokenizer_config.json.
+pub fn write_hf_model(
+    model: &crate::model::Llama,
+    tok_dir: &Path,
+    out: &Path,
+    max_shard_size: u64,
+    dtype: DType,
+    chat_template: Option<&str>,
+) -> Result<(), StageError> {
+    weights::save_sharded(&model.to_weights(), out, max_shard_size, dtype)?;
+    let mut cfg = model.cfg.to_hf();
+    cfg["torch_dtype"] = json!(match dtype {
+        DType::F16 => "float16",
+        DType::BF16 => "bfloat16",
+        _ => "float32",
+    });
+    write_json(&out.join("config.json"), &cfg)?;
     let tj = tok_dir.join("tokenizer.json");
     std::fs::copy(&tj, out.join("tokenizer.json")).map_err(io_err(&tj))?;
     let tc = tok_dir.join("tokenizer_config.json");

@@ -3,6 +3,7 @@
 //! nothing about scheduling or the cache layout beyond their own output directory.
 
 pub mod evaluate;
+pub mod export;
 pub mod fetch;
 pub mod hub;
 pub mod merge;
@@ -118,6 +119,7 @@ pub enum AnyStage {
     Train(Box<train::Train>),
     Merge(merge::Merge),
     Evaluate(Box<evaluate::Evaluate>),
+    Export(Box<export::Export>),
 }
 
 impl AnyStage {
@@ -129,6 +131,7 @@ impl AnyStage {
             AnyStage::Train(_) => StageKind::Train,
             AnyStage::Merge(_) => StageKind::Merge,
             AnyStage::Evaluate(_) => StageKind::Evaluate,
+            AnyStage::Export(_) => StageKind::Export,
         }
     }
 
@@ -141,6 +144,7 @@ impl AnyStage {
             AnyStage::Train(_) => train::Train::VERSION,
             AnyStage::Merge(_) => merge::Merge::VERSION,
             AnyStage::Evaluate(_) => evaluate::Evaluate::VERSION,
+            AnyStage::Export(_) => export::Export::VERSION,
         }
     }
 
@@ -153,6 +157,7 @@ impl AnyStage {
             AnyStage::Train(s) => s.params(),
             AnyStage::Merge(s) => s.params(),
             AnyStage::Evaluate(s) => s.params(),
+            AnyStage::Export(s) => s.params(),
         }
     }
 
@@ -165,6 +170,7 @@ impl AnyStage {
             AnyStage::Train(s) => s.run(cx),
             AnyStage::Merge(s) => s.run(cx),
             AnyStage::Evaluate(s) => s.run(cx),
+            AnyStage::Export(s) => s.run(cx),
         }
     }
 }

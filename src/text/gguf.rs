@@ -20,10 +20,12 @@ fn err(path: &Path, message: impl Into<String>) -> TextError {
 }
 
 pub fn read_metadata(path: &Path) -> Result<Content, TextError> {
-    let mut f = std::fs::File::open(path).map_err(|source| TextError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    // Buffered: the vocabulary is ~100k small strings, two reads each unbuffered.
+    let mut f =
+        std::io::BufReader::new(std::fs::File::open(path).map_err(|source| TextError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?);
     Content::read(&mut f).map_err(|e| err(path, format!("not a readable GGUF file: {e}")))
 }
 

@@ -66,13 +66,13 @@ fn err(path: &Path, m: impl std::fmt::Display) -> ModelError {
 /// llama.cpp's `use_more_bits`: the first and last eighth of the layers, and every third one
 /// between, get more bits for attn_v and ffn_down under the _M k-quant mixes.
 fn use_more_bits(i: usize, n: usize) -> bool {
-    i < n / 8 || i >= 7 * n / 8 || (i >= n / 8 && (i - n / 8) % 3 == 2)
+    i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2
 }
 
 /// k-quants need rows that are a multiple of 256 and the others of 32; llama.cpp falls back
 /// like this (then to f16 when even 32 does not divide the row).
 fn fit(t: GgmlDType, cols: usize) -> GgmlDType {
-    let t = if cols % t.block_size() == 0 {
+    let t = if cols.is_multiple_of(t.block_size()) {
         t
     } else {
         match t {
@@ -81,7 +81,7 @@ fn fit(t: GgmlDType, cols: usize) -> GgmlDType {
             other => other,
         }
     };
-    if cols % t.block_size() == 0 {
+    if cols.is_multiple_of(t.block_size()) {
         t
     } else {
         GgmlDType::F16

@@ -21,6 +21,27 @@ fn testdata() -> PathBuf {
     d
 }
 
+/// pipelines/quickstart.yml with its relative paths made absolute (model from the test data).
+fn quickstart_yaml(td: &std::path::Path, repo: &std::path::Path) -> String {
+    let data = repo.join("pipelines/data");
+    std::fs::read_to_string(repo.join("pipelines/quickstart.yml"))
+        .unwrap()
+        .replace(
+            "../cache/models/SmolLM2-135M-Instruct.Q4_1.gguf",
+            &td.join("SmolLM2-135M-Instruct.Q4_1.gguf")
+                .display()
+                .to_string(),
+        )
+        .replace(
+            "data/kiln-qa.jsonl",
+            &data.join("kiln-qa.jsonl").display().to_string(),
+        )
+        .replace(
+            "data/quickstart-prompts.jsonl",
+            &data.join("quickstart-prompts.jsonl").display().to_string(),
+        )
+}
+
 fn project(yaml: &str) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("kiln.yml");
@@ -216,23 +237,7 @@ fn qwen3_real_chat_template_masks_assistant_content() {
 fn quickstart_preprocesses_with_the_real_model() {
     let td = testdata();
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let (_d, cfg) = project(
-        &std::fs::read_to_string(repo.join("pipelines/quickstart.yml"))
-            .unwrap()
-            .replace(
-                "../cache/models/SmolLM2-135M-Instruct.Q4_1.gguf",
-                &td.join("SmolLM2-135M-Instruct.Q4_1.gguf")
-                    .display()
-                    .to_string(),
-            )
-            .replace(
-                "path: data/kiln-qa.jsonl",
-                &format!(
-                    "path: {}",
-                    repo.join("pipelines/data/kiln-qa.jsonl").display()
-                ),
-            ),
-    );
+    let (_d, cfg) = project(&quickstart_yaml(&td, &repo));
     let ws = run(&cfg);
     let st = ws.pack_stats().unwrap();
     assert_eq!(st.datasets[0].1.records, st.datasets[0].1.samples);
@@ -400,21 +405,7 @@ fn quickstart_lora_steps_on_smollm2_lower_the_loss_and_generation_still_works() 
     use candle_core::Device;
     let td = testdata();
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let yaml = std::fs::read_to_string(repo.join("pipelines/quickstart.yml"))
-        .unwrap()
-        .replace(
-            "../cache/models/SmolLM2-135M-Instruct.Q4_1.gguf",
-            &td.join("SmolLM2-135M-Instruct.Q4_1.gguf")
-                .display()
-                .to_string(),
-        )
-        .replace(
-            "path: data/kiln-qa.jsonl",
-            &format!(
-                "path: {}",
-                repo.join("pipelines/data/kiln-qa.jsonl").display()
-            ),
-        );
+    let yaml = quickstart_yaml(&td, &repo);
     let (_d, cfg) = project(&yaml);
     one_thread();
     let sets: Vec<String> = [
@@ -429,8 +420,12 @@ fn quickstart_lora_steps_on_smollm2_lower_the_loss_and_generation_still_works() 
     .collect();
     let ws = kiln::workspace::Workspace::open(&cfg, &sets).unwrap();
     let mut losses = Vec::new();
+    let opts = kiln::scheduler::RunOptions {
+        targets: vec!["train".into()],
+        force: vec![],
+    };
     ws.scheduler()
-        .run(&Default::default(), &mut |e| {
+        .run(&opts, &mut |e| {
             if let kiln::events::Event::Metric { name, value, .. } = e {
                 if name == "loss" {
                     losses.push(value);
@@ -477,4 +472,83 @@ fn quickstart_lora_steps_on_smollm2_lower_the_loss_and_generation_still_works() 
     let text = tok.tokenizer.decode(&out, true).unwrap();
     eprintln!("answer: {text}");
     assert!(text.split_whitespace().count() >= 3, "{text:?}");
+}
+
+/// The exported GGUF in the real llama.cpp (scripts/check-llamacpp.sh installs it; ignored in the
+/// normal run because building llama-cpp-python takes ~15 minutes on 2 cores).
+#[test]
+#[ignore = "needs llama-cpp-python: run scripts/check-llamacpp.sh"]
+fn exported_gguf_runs_in_llama_cpp() {
+    use candle_core::Device;
+    let td = testdata();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("chat.jsonl"), chat_rows(40)).unwrap();
+    let cfg = dir.path().join("kiln.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "base_model: {}\ndatasets:\n  - path: chat.jsonl\n    type: chat_template\nsequence_len: 256\nval_set_size: 0.1\ncache_dir: cache\nexport:\n  - {{format: gguf, quant: q8_0}}\n  - {{format: gguf, quant: q4_k_m}}\n",
+            td.join("SmolLM2-135M-Instruct.Q4_1.gguf").display()
+        ),
+    )
+    .unwrap();
+    one_thread();
+    let ws = kiln::workspace::Workspace::open(&cfg, &[]).unwrap();
+    ws.scheduler()
+        .run(&Default::default(), &mut |_| {})
+        .unwrap();
+    let prompt =
+        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n";
+    let dev = Device::Cpu;
+    for q in ["q8_0", "q4_k_m"] {
+        let path = ws
+            .entry_of(&format!("export.gguf.{q}"))
+            .unwrap()
+            .join(format!("model-{q}.gguf"));
+        let out = std::process::Command::new("python3")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/scripts/llamacpp_greedy.py"
+            ))
+            .arg(&path)
+            .arg(prompt)
+            .arg("12")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "llama.cpp failed on {q}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let ids = |v: &serde_json::Value| -> Vec<u32> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect()
+        };
+        // Same tokenizer: llama.cpp reads the exported vocabulary and merges.
+        let tok = TextTokenizer::load_dir(&ws.entry_of("fetch.model").unwrap()).unwrap();
+        let ours = tok
+            .tokenizer
+            .encode(prompt, false)
+            .unwrap()
+            .get_ids()
+            .to_vec();
+        assert_eq!(ids(&r["prompt_ids"]), ours, "{q}: tokenization differs");
+        // Same model: kiln reading the same file greedily picks the same tokens.
+        let (c, w) = kiln::model::weights::load_gguf(&path, &dev).unwrap();
+        let m = kiln::model::Llama::from_weights(c, w, &dev).unwrap();
+        let kiln_out = m.greedy(&ours, 12, tok.eos_id(), &dev).unwrap();
+        let theirs = ids(&r["generated"]);
+        eprintln!(
+            "{q}: llama.cpp {:?} / kiln {:?}",
+            tok.tokenizer.decode(&theirs, true).unwrap(),
+            tok.tokenizer.decode(&kiln_out, true).unwrap()
+        );
+        let text = tok.tokenizer.decode(&theirs, true).unwrap();
+        assert!(text.contains("Paris"), "{q}: llama.cpp answered {text:?}");
+        assert_eq!(theirs[..6], kiln_out[..6], "{q}: greedy tokens differ");
+    }
 }

@@ -41,6 +41,16 @@ pub enum EvalModel {
     Base,
 }
 
+impl EvalModel {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            EvalModel::Merged => "merged",
+            EvalModel::BaseWithAdapter => "base+adapter",
+            EvalModel::Base => "base",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Evaluate {
     pub model: EvalModel,
@@ -116,7 +126,7 @@ impl Stage for Evaluate {
 
     fn params(&self) -> Value {
         json!({
-            "model": format!("{:?}", self.model),
+            "model": self.model.as_str(),
             "batch_size": self.batch_size,
             "prompts": self.has_prompts,
             "max_new_tokens": self.max_new_tokens,

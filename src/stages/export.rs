@@ -73,7 +73,7 @@ impl Stage for Export {
     fn params(&self) -> Value {
         json!({
             "format": self.format.label(),
-            "model": format!("{:?}", self.model),
+            "model": self.model.as_str(),
             "batch_size": self.batch_size,
             "chat_template": self.chat_template,
             "max_shard_size": self.max_shard_size,

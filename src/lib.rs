@@ -14,6 +14,7 @@ pub mod infer;
 pub mod model;
 pub mod plan;
 pub mod scheduler;
+pub mod serve;
 pub mod stages;
 pub mod text;
 pub mod train;

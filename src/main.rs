@@ -156,6 +156,33 @@ enum Cmd {
         #[arg(long)]
         quant: Option<String>,
     },
+    /// Serve the fine-tuned model: a chat page at / and an OpenAI-compatible API
+    /// (POST /v1/chat/completions, streaming or not; GET /v1/models).
+    Serve {
+        #[command(flatten)]
+        common: Common,
+        /// Address to bind (default: `gradio_server_name`, else 127.0.0.1 — this machine only).
+        #[arg(long)]
+        host: Option<String>,
+        /// Port (default: `gradio_server_port`, else 7860; 0 picks a free one).
+        #[arg(long)]
+        port: Option<u16>,
+        /// Apply this PEFT adapter directory instead of the config's train stage.
+        #[arg(long)]
+        lora_model_dir: Option<PathBuf>,
+        /// Default answer length (default: `gradio_max_new_tokens`, else 256).
+        #[arg(long)]
+        max_new_tokens: Option<usize>,
+        /// Default temperature (default: `gradio_temperature`, else 0 = greedy).
+        #[arg(long)]
+        temperature: Option<f64>,
+        /// Requests that may wait for the model (more get 503).
+        #[arg(long, default_value_t = 16)]
+        queue: usize,
+        /// Largest request body in bytes (more get 413).
+        #[arg(long, default_value_t = 1_000_000)]
+        max_body_bytes: usize,
+    },
     /// Past runs recorded in the cache index: config, stages built vs reused, duration, outcome.
     Runs {
         /// How many of the newest runs to show.
@@ -1016,6 +1043,49 @@ fn real_main() -> Result<ExitCode> {
                     None => println!("wrote {}", o.display()),
                 }
             }
+        }
+        Cmd::Serve {
+            common,
+            host,
+            port,
+            lora_model_dir,
+            max_new_tokens,
+            temperature,
+            queue,
+            max_body_bytes,
+        } => {
+            let ws = open(&common)?;
+            let (model, tok, what) = ws.load_chat_model(lora_model_dir.as_deref())?;
+            let sv = &ws.settings.serve;
+            let defaults = kiln::serve::default_settings(
+                max_new_tokens.unwrap_or(sv.max_new_tokens as usize),
+                temperature.unwrap_or(sv.temperature),
+            );
+            let template = kiln::plan::configured_template(&ws.settings.chat_template);
+            let mut chat =
+                kiln::infer::ChatSession::new(model, tok, template, false, defaults.clone())
+                    .map_err(anyhow::Error::from)?;
+            chat.system = ws.settings.default_system_message.clone();
+            let model_name = ws
+                .output_dir()
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_else(|| "kiln".into());
+            let opts = kiln::serve::ServeOptions {
+                host: host.unwrap_or_else(|| sv.host.clone()),
+                port: port.unwrap_or(sv.port),
+                max_body_bytes,
+                queue: queue.max(1),
+                model_name,
+                title: sv.title.clone(),
+                defaults,
+            };
+            kiln::serve::serve(chat, opts, |addr| {
+                eprintln!("loaded {what}");
+                println!("serving on http://{addr}/  (OpenAI API at http://{addr}/v1)");
+                use std::io::Write;
+                let _ = std::io::stdout().flush();
+            })?;
         }
         Cmd::MergeLora {
             mut common,

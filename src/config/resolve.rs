@@ -148,6 +148,16 @@ pub struct EvalSettings {
     pub max_new_tokens: u64,
 }
 
+/// Defaults for `kiln serve` (Axolotl's `gradio_*` keys).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ServeSettings {
+    pub title: String,
+    pub host: String,
+    pub port: u16,
+    pub max_new_tokens: u64,
+    pub temperature: f64,
+}
+
 /// A resolved, validated config.
 #[derive(Debug, Clone, Serialize)]
 pub struct Settings {
@@ -177,6 +187,9 @@ pub struct Settings {
     pub merge_lora: bool,
     /// `evaluate:` (kiln): the plan has an evaluate stage.
     pub evaluate: Option<EvalSettings>,
+    /// `kiln serve` defaults from Axolotl's gradio_* keys: title, host, port, max_new_tokens,
+    /// temperature.
+    pub serve: ServeSettings,
     /// `export:` (kiln): one export stage per entry, (format, quant) validated.
     pub export: Vec<(String, Option<String>)>,
     /// Largest safetensors shard a merged model is written in (`max_shard_size`, HF's 5GB).
@@ -264,7 +277,13 @@ fn classify(key: &str) -> Option<KeyClass> {
         | "merge_lora"
         | "max_shard_size"
         | "evaluate"
-        | "export" => Handled,
+        | "export"
+        | "gradio_title"
+        | "gradio_server_name"
+        | "gradio_server_port"
+        | "gradio_max_new_tokens"
+        | "gradio_temperature" => Handled,
+        "gradio_share" => NoEffect("`kiln serve` serves on your machine only; no share links"),
         "merge_method" => NoEffect("kiln merges every layer in f32 on the CPU"),
         "dataset_prepared_path" => {
             NoEffect("kiln keeps prepared data in its content-addressed cache (`cache_dir`)")
@@ -705,6 +724,25 @@ pub(super) fn resolve(ctx: &mut Ctx<'_>, map: &Mapping) -> Settings {
 
     let evaluate = read_evaluate(r.ctx, map);
     let export = read_export(r.ctx, map);
+    let port = r.u64("gradio_server_port").unwrap_or(7860);
+    if port > u16::MAX as u64 {
+        r.ctx.error(
+            &[key("gradio_server_port")],
+            format!("{port} is not a TCP port"),
+            Some("use a port from 1 to 65535".into()),
+        );
+    }
+    let serve = ServeSettings {
+        title: r
+            .string("gradio_title")
+            .unwrap_or_else(|| "kiln chat".into()),
+        host: r
+            .string("gradio_server_name")
+            .unwrap_or_else(|| "127.0.0.1".into()),
+        port: port.min(u16::MAX as u64) as u16,
+        max_new_tokens: r.u64("gradio_max_new_tokens").unwrap_or(256),
+        temperature: r.f64("gradio_temperature").unwrap_or(0.0),
+    };
 
     // 5. Datasets.
     let datasets = read_datasets(r.ctx, map, "datasets", &chat_template);
@@ -755,6 +793,7 @@ pub(super) fn resolve(ctx: &mut Ctx<'_>, map: &Mapping) -> Settings {
         max_shard_size,
         evaluate,
         export,
+        serve,
     }
 }
 

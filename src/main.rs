@@ -281,6 +281,26 @@ fn open(c: &Common) -> Result<Workspace, KilnError> {
     Ok(ws)
 }
 
+/// For commands that act on one configuration (train, inference, merge-lora, evaluate, export,
+/// serve, preprocess): a sweep must be narrowed first.
+fn open_single(c: &Common) -> Result<Workspace> {
+    let ws = open(c)?;
+    if ws.is_sweep() {
+        let ids: Vec<String> = ws
+            .variants
+            .iter()
+            .map(|v| format!("{} ({})", v.id.as_deref().unwrap_or("-"), v.label))
+            .collect();
+        anyhow::bail!(
+            "{} is a sweep of {} variants: {}; this command works on one — use `kiln run` for the sweep, or copy the config without `sweep:` and set the values you want",
+            c.config.display(),
+            ws.variants.len(),
+            ids.join(", ")
+        );
+    }
+    Ok(ws)
+}
+
 fn short(k: &Option<String>) -> String {
     k.as_deref()
         .map(|k| k[..12.min(k.len())].to_string())
@@ -696,7 +716,7 @@ fn merge_lora(
     output_dir: Option<PathBuf>,
 ) -> Result<()> {
     common.set.push("merge_lora=true".into());
-    let ws = open(common)?;
+    let ws = open_single(common)?;
     if ws.settings.train.adapter.is_none() && lora_model_dir.is_none() {
         anyhow::bail!(
             "{}: nothing to merge: full fine-tuning writes complete weights (model.safetensors in output_dir); set `adapter: lora` or pass --lora-model-dir",
@@ -780,11 +800,38 @@ fn real_main() -> Result<ExitCode> {
             let ws = open(&common)?;
             let st = ws.scheduler().assess()?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&serde_json::json!({ "stages": st }))?
-                );
+                let mut out = serde_json::json!({ "stages": st });
+                if ws.is_sweep() {
+                    out["variants"] = ws
+                        .variants
+                        .iter()
+                        .map(|v| {
+                            serde_json::json!({
+                                "id": v.id, "label": v.label,
+                                "stages": v.names.iter().map(|(_, m)| m.clone()).collect::<Vec<_>>(),
+                            })
+                        })
+                        .collect();
+                }
+                println!("{}", serde_json::to_string_pretty(&out)?);
             } else {
+                if ws.is_sweep() {
+                    println!("sweep: {} variants", ws.variants.len());
+                    for v in &ws.variants {
+                        println!("  {}  {}", v.id.as_deref().unwrap_or("-"), v.label);
+                    }
+                    let shared = ws
+                        .plan
+                        .stages
+                        .iter()
+                        .filter(|s| !s.name.contains('@'))
+                        .count();
+                    println!(
+                        "{shared} stages shared by every variant, {} per variant (name@variant)",
+                        ws.plan.stages.len() - shared
+                    );
+                    println!();
+                }
                 for s in &st {
                     let state = match s.state {
                         State::Fresh => "fresh",
@@ -852,7 +899,7 @@ fn real_main() -> Result<ExitCode> {
             debug_num_examples,
             json,
         } => {
-            let ws = open(&common)?;
+            let ws = open_single(&common)?;
             let quiet_json = debug && json;
             if quiet_json {
                 ws.scheduler().run(
@@ -906,7 +953,7 @@ fn real_main() -> Result<ExitCode> {
             }
         }
         Cmd::Train { common, debug } => {
-            let ws = open(&common)?;
+            let ws = open_single(&common)?;
             if ws.plan.index_of("train").is_none() {
                 anyhow::bail!(
                     "{}: nothing to train: set `adapter: lora` (full fine-tuning is not supported yet)",
@@ -959,7 +1006,7 @@ fn real_main() -> Result<ExitCode> {
             if let Some(b) = base_model {
                 common.set.push(format!("base_model={b}"));
             }
-            let ws = open(&common)?;
+            let ws = open_single(&common)?;
             let (model, tok, what) = ws.load_chat_model(lora_model_dir.as_deref())?;
             eprintln!("loaded {what}");
             let template = kiln::plan::configured_template(&ws.settings.chat_template);
@@ -969,7 +1016,7 @@ fn real_main() -> Result<ExitCode> {
             chat_loop(&mut chat, prompt)?;
         }
         Cmd::Evaluate { mut common } => {
-            let mut ws = open(&common)?;
+            let mut ws = open_single(&common)?;
             if ws.settings.evaluate.is_none() {
                 common.set.push("evaluate=true".into());
                 ws = Workspace::open(&common.config, &common.set)?;
@@ -1011,7 +1058,7 @@ fn real_main() -> Result<ExitCode> {
                 .map_err(|e| anyhow::anyhow!("kiln export: {e}"))?;
             let q = quant.map(|q| format!(", quant: {q}")).unwrap_or_default();
             common.set.push(format!("export=[{{format: {format}{q}}}]"));
-            let ws = open(&common)?;
+            let ws = open_single(&common)?;
             let name = format!("export.{}", f.label());
             do_run(
                 &ws,
@@ -1054,7 +1101,7 @@ fn real_main() -> Result<ExitCode> {
             queue,
             max_body_bytes,
         } => {
-            let ws = open(&common)?;
+            let ws = open_single(&common)?;
             let (model, tok, what) = ws.load_chat_model(lora_model_dir.as_deref())?;
             let sv = &ws.settings.serve;
             let defaults = kiln::serve::default_settings(

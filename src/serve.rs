@@ -117,9 +117,11 @@ fn parse_request(
                     role: r.into(),
                     content: c,
                 }),
-            _ => return Err(format!(
+            _ => {
+                return Err(format!(
                 "messages[{i}]: needs `role` (system, user, assistant, tool) and string `content`"
-            )),
+            ))
+            }
         }
     }
     let mut s = defaults.clone();

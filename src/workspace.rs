@@ -26,8 +26,30 @@ pub enum KilnError {
     NotBuilt(String),
 }
 
-pub struct Workspace {
+/// One configuration of the workspace: the config itself, or one point of its `sweep:`.
+pub struct VariantView {
+    /// None when the config has no sweep.
+    pub id: Option<String>,
+    pub label: String,
     pub settings: Settings,
+    /// The variant's own stage names (`train`) → names in the merged plan (`train@1a2b3c4d`).
+    pub names: Vec<(String, String)>,
+}
+
+impl VariantView {
+    /// The plan name of this variant's stage `base` (`train` → `train@1a2b3c4d`).
+    pub fn stage(&self, base: &str) -> Option<&str> {
+        self.names
+            .iter()
+            .find(|(b, _)| b == base)
+            .map(|(_, m)| m.as_str())
+    }
+}
+
+pub struct Workspace {
+    /// The first variant's settings (all of them when there is no sweep).
+    pub settings: Settings,
+    pub variants: Vec<VariantView>,
     pub warnings: Vec<Problem>,
     pub cache: Cache,
     pub index: Index,
@@ -49,22 +71,64 @@ pub fn cache_root(settings: Option<&Settings>) -> PathBuf {
 
 impl Workspace {
     pub fn open(config_path: &Path, overrides: &[String]) -> Result<Self, KilnError> {
-        let loaded = config::load(config_path, overrides)?;
-        let cache = Cache::open(&cache_root(Some(&loaded.settings)))?;
+        let loaded = config::load_variants(config_path, overrides)?;
+        let first = &loaded[0].1.settings;
+        let cache = Cache::open(&cache_root(Some(first)))?;
         let index = cache.index()?;
-        let plan = plan::build(&loaded.settings, &FileHashCache { index: &index })?;
+        let hashes = FileHashCache { index: &index };
+        let mut plans = Vec::with_capacity(loaded.len());
+        for (v, l) in &loaded {
+            let id = v.as_ref().map(|v| v.id.clone()).unwrap_or_default();
+            plans.push((id, plan::build(&l.settings, &hashes)?));
+        }
+        let own_names: Vec<Vec<String>> = plans
+            .iter()
+            .map(|(_, p)| p.stages.iter().map(|s| s.name.clone()).collect())
+            .collect();
+        let (plan, maps) = if plans.len() == 1 {
+            let (_, p) = plans.pop().ok_or(KilnError::NotBuilt("no plan".into()))?;
+            let map = (0..p.stages.len()).collect();
+            (p, vec![map])
+        } else {
+            plan::merge(plans)?
+        };
+        let mut warnings = Vec::new();
+        let mut variants = Vec::with_capacity(loaded.len());
+        for (((v, l), map), own) in loaded.into_iter().zip(maps).zip(own_names) {
+            for w in l.warnings {
+                if !warnings.contains(&w) {
+                    warnings.push(w);
+                }
+            }
+            variants.push(VariantView {
+                id: v.as_ref().map(|v| v.id.clone()),
+                label: v.map(|v| v.label).unwrap_or_default(),
+                settings: l.settings,
+                names: own
+                    .into_iter()
+                    .zip(map)
+                    .map(|(n, i)| (n, plan.stages[i].name.clone()))
+                    .collect(),
+            });
+        }
         let config_id = std::fs::canonicalize(config_path)
             .unwrap_or_else(|_| config_path.to_path_buf())
             .display()
             .to_string();
         Ok(Self {
-            settings: loaded.settings,
-            warnings: loaded.warnings,
+            settings: variants[0].settings.clone(),
+            variants,
+            warnings,
             cache,
             index,
             plan,
             config_id,
         })
+    }
+
+    /// Whether the config is a sweep (more than one variant, or a `sweep:` with one point).
+    pub fn is_sweep(&self) -> bool {
+        self.variants.iter().any(|v| v.id.is_some())
     }
 
     pub fn scheduler(&self) -> Scheduler<'_> {
@@ -91,52 +155,47 @@ impl Workspace {
         }
     }
 
-    /// `output_dir` resolved against the config's directory.
+    /// `output_dir` resolved against the config's directory (the first variant's).
     pub fn output_dir(&self) -> PathBuf {
-        if self.settings.output_dir.is_absolute() {
-            self.settings.output_dir.clone()
-        } else {
-            self.settings
-                .config_path
-                .parent()
-                .map(|d| d.join(&self.settings.output_dir))
-                .unwrap_or_else(|| self.settings.output_dir.clone())
-        }
+        resolve_output_dir(&self.settings)
     }
 
-    /// Copies the final artifacts into `output_dir`, the layout Axolotl users know: the train
-    /// stage's adapter at the top, the merged model in `merged/`, evaluation results in `eval/`, exports in `export/<format>.<quant>/`. `output_dir` is a view: the
-    /// cache entry stays the source of truth. Returns the directory written, or None when no
-    /// such stage is built.
+    /// Copies the final artifacts into `output_dir` (each sweep variant's own), the layout
+    /// Axolotl users know: the train stage's adapter at the top, the merged model in `merged/`,
+    /// evaluation results in `eval/`, exports in `export/<format>.<quant>/`. `output_dir` is a
+    /// view: the cache entry stays the source of truth. Returns the (first) directory written,
+    /// or None when no such stage is built.
     pub fn materialize_outputs(&self) -> Result<Option<PathBuf>, KilnError> {
-        let out = self.output_dir();
-        let mut wrote = false;
-        let mut views: Vec<(String, String)> =
-            [("train", ""), ("merge", "merged"), ("evaluate", "eval")]
-                .iter()
-                .map(|(a, b)| (a.to_string(), b.to_string()))
-                .collect();
-        for st in &self.plan.stages {
-            if let Some(label) = st.name.strip_prefix("export.") {
-                views.push((st.name.clone(), format!("export/{label}")));
+        let mut first = None;
+        for v in &self.variants {
+            let out = resolve_output_dir(&v.settings);
+            let mut views: Vec<(String, String)> = Vec::new();
+            for (own, merged) in &v.names {
+                let sub = match own.as_str() {
+                    "train" => String::new(),
+                    "merge" => "merged".into(),
+                    "evaluate" => "eval".into(),
+                    n => match n.strip_prefix("export.") {
+                        Some(label) => format!("export/{label}"),
+                        None => continue,
+                    },
+                };
+                views.push((merged.clone(), sub));
+            }
+            for (stage, sub) in views {
+                let Ok(src) = self.entry_of(&stage) else {
+                    continue;
+                };
+                let dest = if sub.is_empty() {
+                    out.clone()
+                } else {
+                    out.join(sub)
+                };
+                copy_entry(&src, &dest)?;
+                first.get_or_insert(out.clone());
             }
         }
-        for (stage, sub) in views {
-            if self.plan.index_of(&stage).is_none() {
-                continue;
-            }
-            let Ok(src) = self.entry_of(&stage) else {
-                continue;
-            };
-            let dest = if sub.is_empty() {
-                out.clone()
-            } else {
-                out.join(sub)
-            };
-            copy_entry(&src, &dest)?;
-            wrote = true;
-        }
-        Ok(wrote.then_some(out))
+        Ok(first)
     }
 
     /// The model a user chats with: the merged model when the plan merges and it is built;
@@ -270,6 +329,17 @@ pub struct DebugExample {
     pub labels: Vec<i64>,
     #[serde(skip)]
     pub pieces: Vec<String>,
+}
+
+fn resolve_output_dir(s: &Settings) -> PathBuf {
+    if s.output_dir.is_absolute() {
+        s.output_dir.clone()
+    } else {
+        s.config_path
+            .parent()
+            .map(|d| d.join(&s.output_dir))
+            .unwrap_or_else(|| s.output_dir.clone())
+    }
 }
 
 /// Copies a cache entry's files into `dest` (each written beside and renamed, so a reader never

@@ -8,6 +8,7 @@
 pub mod axolotl_keys;
 pub mod locate;
 mod resolve;
+pub mod sweep;
 
 pub use resolve::*;
 
@@ -142,6 +143,66 @@ pub fn load(path: &Path, overrides: &[String]) -> Result<Loaded, ConfigError> {
 }
 
 pub fn load_str(path: &Path, text: &str, overrides: &[String]) -> Result<Loaded, ConfigError> {
+    let mut map = parse_mapping(path, text, overrides)?;
+    if map.remove("sweep").is_some() {
+        return Err(ConfigError::Invalid(vec![Problem {
+            file: path.to_path_buf(),
+            key: "sweep".into(),
+            line: None,
+            column: None,
+            message: "this command works on one configuration, and the config is a sweep".into(),
+            fix: Some("pick a variant with --set (e.g. --set learning_rate=1e-4 and remove `sweep:`), or use `kiln plan` / `kiln run` / `kiln compare`".into()),
+        }]));
+    }
+    resolve_mapping(path, text, map)
+}
+
+/// A config that may hold a `sweep:`: one (variant, settings) per point of the sweep, each with
+/// its own `output_dir/<variant id>`; a config without a sweep gives one unnamed variant.
+pub fn load_variants(
+    path: &Path,
+    overrides: &[String],
+) -> Result<Vec<(Option<sweep::Variant>, Loaded)>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut map = parse_mapping(path, &text, overrides)?;
+    let Some(sw) = map.remove("sweep") else {
+        return Ok(vec![(None, resolve_mapping(path, &text, map)?)]);
+    };
+    let variants = sweep::expand(path, &sw)?;
+    let base_out = map
+        .get("output_dir")
+        .and_then(|v| v.as_str())
+        .unwrap_or("./outputs")
+        .to_string();
+    let mut out = Vec::with_capacity(variants.len());
+    for v in variants {
+        let mut m = map.clone();
+        for (k, val) in &v.sets {
+            sweep::set_key(&mut m, k, val.clone());
+        }
+        sweep::set_key(
+            &mut m,
+            "output_dir",
+            Value::String(format!("{}/{}", base_out.trim_end_matches('/'), v.id)),
+        );
+        let loaded = resolve_mapping(path, &text, m).map_err(|e| match e {
+            ConfigError::Invalid(mut ps) => {
+                for p in &mut ps {
+                    p.message = format!("{} (sweep variant {})", p.message, v.label);
+                }
+                ConfigError::Invalid(ps)
+            }
+            other => other,
+        })?;
+        out.push((Some(v), loaded));
+    }
+    Ok(out)
+}
+
+fn parse_mapping(path: &Path, text: &str, overrides: &[String]) -> Result<Mapping, ConfigError> {
     let mut value: Value = if text.trim().is_empty() {
         Value::Mapping(Mapping::new())
     } else {
@@ -156,19 +217,20 @@ pub fn load_str(path: &Path, text: &str, overrides: &[String]) -> Result<Loaded,
     for o in overrides {
         apply_override(&mut value, o)?;
     }
-    let map = match value {
-        Value::Mapping(m) => m,
-        _ => {
-            return Err(ConfigError::Invalid(vec![Problem {
-                file: path.to_path_buf(),
-                key: String::new(),
-                line: Some(1),
-                column: Some(1),
-                message: "the config must be a mapping of keys to values".into(),
-                fix: Some("start the file with `base_model: ...`".into()),
-            }]))
-        }
-    };
+    match value {
+        Value::Mapping(m) => Ok(m),
+        _ => Err(ConfigError::Invalid(vec![Problem {
+            file: path.to_path_buf(),
+            key: String::new(),
+            line: Some(1),
+            column: Some(1),
+            message: "the config must be a mapping of keys to values".into(),
+            fix: Some("start the file with `base_model: ...`".into()),
+        }])),
+    }
+}
+
+fn resolve_mapping(path: &Path, text: &str, map: Mapping) -> Result<Loaded, ConfigError> {
     let dir = path
         .parent()
         .map(|p| {

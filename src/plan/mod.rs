@@ -448,3 +448,91 @@ impl Plan {
 pub fn params_value(s: &PlannedStage) -> Value {
     s.stage.params()
 }
+
+/// A stage's definition: kind, version, params, inputs, and its dependencies' definitions. Two
+/// stages with equal definitions have equal keys once built, so sweep variants share them.
+fn definition(stages: &[PlannedStage], defs: &[String], i: usize) -> String {
+    let s = &stages[i];
+    let mut h = KeyHasher::new();
+    h.str("kiln.def")
+        .str(s.kind().as_str())
+        .u64(s.stage.version() as u64)
+        .json(&s.stage.params());
+    for (id, input) in &s.inputs {
+        h.str(id).str(&input.digest);
+    }
+    for d in &s.deps {
+        h.str(&defs[d.stage]);
+        match d.files {
+            None => h.str("*"),
+            Some(f) => h.str(&f.join(",")),
+        };
+    }
+    h.finish()
+}
+
+/// Merges the plans of a sweep's variants into one graph: stages with equal definitions appear
+/// once under their plain name (`tokenize[0]`, `pack`); stages that differ between variants are
+/// named `name@variant` (`train@1a2b3c4d`). Returns the merged plan and, per variant, the merged
+/// index of each of its stages.
+pub fn merge(variants: Vec<(String, Plan)>) -> Result<(Plan, Vec<Vec<usize>>), PlanError> {
+    // Definitions of every stage of every variant.
+    let defs: Vec<Vec<String>> = variants
+        .iter()
+        .map(|(_, p)| {
+            let mut d: Vec<String> = Vec::with_capacity(p.stages.len());
+            for i in 0..p.stages.len() {
+                let x = definition(&p.stages, &d, i);
+                d.push(x);
+            }
+            d
+        })
+        .collect();
+    // A name is shared when every variant that has it defines it the same way.
+    let mut by_name: std::collections::HashMap<String, std::collections::HashSet<String>> =
+        Default::default();
+    for ((_, p), d) in variants.iter().zip(&defs) {
+        for (s, def) in p.stages.iter().zip(d) {
+            by_name
+                .entry(s.name.clone())
+                .or_default()
+                .insert(def.clone());
+        }
+    }
+    let mut merged: Vec<PlannedStage> = Vec::new();
+    let mut seen: std::collections::HashMap<String, usize> = Default::default();
+    let mut maps = Vec::with_capacity(variants.len());
+    for ((id, p), d) in variants.into_iter().zip(defs) {
+        let mut map = Vec::with_capacity(p.stages.len());
+        for (s, def) in p.stages.into_iter().zip(d) {
+            if let Some(&j) = seen.get(&def) {
+                map.push(j);
+                continue;
+            }
+            let shared = by_name.get(&s.name).map(|x| x.len() == 1).unwrap_or(true);
+            let name = if shared {
+                s.name.clone()
+            } else {
+                format!("{}@{id}", s.name)
+            };
+            let deps = s
+                .deps
+                .iter()
+                .map(|dep| Dep {
+                    stage: map[dep.stage],
+                    files: dep.files,
+                })
+                .collect();
+            merged.push(PlannedStage {
+                name,
+                stage: s.stage,
+                inputs: s.inputs,
+                deps,
+            });
+            seen.insert(def, merged.len() - 1);
+            map.push(merged.len() - 1);
+        }
+        maps.push(map);
+    }
+    Ok((finish(merged)?, maps))
+}

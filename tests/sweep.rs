@@ -1,0 +1,130 @@
+//! Sweeps: variants share the data stages and the base model, build each training once, keep
+//! their ids when values are added, and get their own output directories.
+
+mod common;
+use common::*;
+
+const BASE: &str =
+    "adapter: lora\nlora_r: 4\nlora_alpha: 8\nlora_target_linear: true\nmax_steps: 2\nseed: 3\n";
+
+fn project(sweep: &str) -> Project {
+    let p = Project::new(&format!("{BASE}{sweep}"));
+    write_tiny_model_dir(&p.path("model"), 17);
+    p
+}
+
+fn count(names: &[String], prefix: &str) -> usize {
+    names
+        .iter()
+        .filter(|n| *n == prefix || n.starts_with(&format!("{prefix}@")))
+        .count()
+}
+
+#[test]
+fn a_four_variant_sweep_builds_the_data_once_and_each_training_once() {
+    one_thread();
+    let p = project("sweep:\n  learning_rate: [1e-3, 2e-3]\n  lora_r: [2, 4]\n");
+    let ws = p.ws(&[]);
+    assert_eq!(ws.variants.len(), 4);
+    let names: Vec<String> = ws.plan.stages.iter().map(|s| s.name.clone()).collect();
+    assert_eq!(count(&names, "pack"), 1, "{names:?}");
+    assert_eq!(count(&names, "tokenize[0]"), 1);
+    assert_eq!(count(&names, "fetch.model"), 1);
+    assert_eq!(count(&names, "train"), 4, "{names:?}");
+    assert!(
+        names.iter().all(|n| n != "train"),
+        "train stages are per variant"
+    );
+
+    let (s, _) = p.run(&[]);
+    assert_eq!(count(&s.built, "pack"), 1);
+    assert_eq!(count(&s.built, "train"), 4, "{:?}", s.built);
+    // Each variant's adapter in its own output_dir/<id>/, trained with its own values.
+    let ws = p.ws(&[]);
+    ws.materialize_outputs().unwrap();
+    for v in &ws.variants {
+        let id = v.id.clone().unwrap();
+        let cfg: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(p.path(&format!("outputs/{id}/adapter_config.json"))).unwrap(),
+        )
+        .unwrap();
+        let r = if v.label.contains("lora_r=2") { 2 } else { 4 };
+        assert_eq!(cfg["r"], r, "{}", v.label);
+        assert_eq!(
+            v.settings.output_dir,
+            std::path::PathBuf::from(format!("./outputs/{id}"))
+        );
+    }
+    // Nothing changed: nothing to build.
+    let (s, _) = p.run(&[]);
+    assert!(s.built.is_empty(), "{:?}", s.built);
+
+    // Adding a value: old variants keep their ids; only the new ones train.
+    let old: Vec<String> = ws.variants.iter().map(|v| v.id.clone().unwrap()).collect();
+    let cfg = std::fs::read_to_string(&p.config)
+        .unwrap()
+        .replace("[1e-3, 2e-3]", "[1e-3, 2e-3, 5e-3]");
+    std::fs::write(&p.config, cfg).unwrap();
+    let ws = p.ws(&[]);
+    assert_eq!(ws.variants.len(), 6);
+    let ids: Vec<String> = ws.variants.iter().map(|v| v.id.clone().unwrap()).collect();
+    assert!(old.iter().all(|o| ids.contains(o)), "{old:?} vs {ids:?}");
+    let (s, _) = p.run(&[]);
+    assert_eq!(count(&s.built, "train"), 2, "{:?}", s.built);
+    assert!(
+        s.built.iter().all(|n| n.starts_with("train@")),
+        "{:?}",
+        s.built
+    );
+}
+
+#[test]
+fn paired_values_change_together_and_a_data_key_splits_the_data_stages() {
+    let p = project(
+        "sweep:\n  sequence_len: [256, 512]\n  _:\n    - {lora_r: 2, lora_alpha: 4}\n    - {lora_r: 8, lora_alpha: 16}\n",
+    );
+    let ws = p.ws(&[]);
+    let labels: Vec<&str> = ws.variants.iter().map(|v| v.label.as_str()).collect();
+    assert_eq!(labels.len(), 4);
+    assert!(
+        labels.contains(&"lora_alpha=16 lora_r=8 sequence_len=256"),
+        "{labels:?}"
+    );
+    assert!(!labels.iter().any(|l| l.contains("lora_alpha=16 lora_r=2")));
+    let names: Vec<String> = ws.plan.stages.iter().map(|s| s.name.clone()).collect();
+    // sequence_len splits tokenize/pack into two; the fetches stay shared.
+    assert_eq!(count(&names, "tokenize[0]"), 2, "{names:?}");
+    assert_eq!(count(&names, "pack"), 2);
+    assert_eq!(count(&names, "fetch.model"), 1);
+    assert_eq!(count(&names, "train"), 4);
+}
+
+#[test]
+fn sweep_errors_name_the_key_and_single_config_commands_refuse_a_sweep() {
+    let p = project("sweep:\n  learning_rate: 1e-3\n");
+    let e = kiln::workspace::Workspace::open(&p.config, &[])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("sweep.learning_rate") && e.contains("list"),
+        "{e}"
+    );
+
+    let p = project("sweep:\n  learning_rate: [1e-3, 2e-3]\n  lora_dropot: [0.0]\n");
+    let e = kiln::workspace::Workspace::open(&p.config, &[])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("lora_dropot") && e.contains("did you mean"),
+        "{e}"
+    );
+
+    let p = project("sweep:\n  learning_rate: [1e-3, 2e-3]\n");
+    let e = kiln::config::load(&p.config, &[])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("sweep"), "{e}");
+}

@@ -11,6 +11,7 @@ pub mod data;
 pub mod events;
 pub mod hash;
 pub mod infer;
+pub mod lock;
 pub mod model;
 pub mod plan;
 pub mod scheduler;

@@ -67,6 +67,13 @@ enum Cmd {
         /// Rebuild this stage (name or kind) even if fresh.
         #[arg(long)]
         force: Vec<String>,
+        /// Check mode for CI: build nothing; fail, naming each stage and why, if anything would
+        /// rebuild or differs from kiln.lock.
+        #[arg(long)]
+        locked: bool,
+        /// --locked, and never touch the network (hub revisions from the local HF cache only).
+        #[arg(long)]
+        frozen: bool,
     },
     /// Validate, fetch, tokenize and pack, then print dataset statistics.
     Preprocess {
@@ -382,6 +389,9 @@ fn do_run(ws: &Workspace, opts: &RunOptions) -> Result<kiln::scheduler::RunSumma
         Ok(s) => {
             ws.index
                 .finish_run(run_id, "ok", s.built.len() as u64, s.fresh.len() as u64)?;
+            if let Some(p) = kiln::lock::write(ws)? {
+                println!("updated {}", p.display());
+            }
             if s.built.is_empty() {
                 println!(
                     "nothing to do: all {} stages fresh ({:.0} ms)",
@@ -880,8 +890,34 @@ fn real_main() -> Result<ExitCode> {
             common,
             target,
             force,
+            locked,
+            frozen,
         } => {
+            if frozen {
+                std::env::set_var("HF_HUB_OFFLINE", "1");
+            }
             let ws = open(&common)?;
+            if locked || frozen {
+                let problems = kiln::lock::check(&ws)?;
+                let (path, _) = kiln::lock::location(&common.config);
+                if problems.is_empty() {
+                    println!(
+                        "locked: all {} stages fresh and as in {}",
+                        ws.plan.stages.len(),
+                        path.display()
+                    );
+                    return Ok(ExitCode::SUCCESS);
+                }
+                for p in &problems {
+                    eprintln!("  {:<22} {}", p.stage, p.reason);
+                }
+                anyhow::bail!(
+                    "--locked: {} of {} stages would rebuild or differ from {}",
+                    problems.len(),
+                    ws.plan.stages.len(),
+                    path.display()
+                );
+            }
             do_run(
                 &ws,
                 &RunOptions {

@@ -43,6 +43,9 @@ pub struct StageStatus {
     pub state: State,
     pub reason: Option<String>,
     pub deps: Vec<String>,
+    /// Everything the key hashed (when the key is known): for lock files and explanations.
+    #[serde(skip)]
+    pub record: Option<StageRecord>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -235,16 +238,18 @@ impl Scheduler<'_> {
                     state: State::Stale,
                     reason: Some(format!("waiting on {}", self.plan.stages[w].name)),
                     deps,
+                    record: None,
                 }
             } else {
                 let key = stage_key(s, &upstream);
                 let fresh = self.cache.manifest(&key)?.is_some();
+                let record = self.record(i, &key, &upstream);
                 let reason = if fresh {
                     None
                 } else {
                     Some(match self.index.last_seen(&self.config_id, &s.name)? {
                         None => "never built".to_string(),
-                        Some(before) => explain(&before, &self.record(i, &key, &upstream)),
+                        Some(before) => explain(&before, &record),
                     })
                 };
                 keys[i] = Some(key.clone());
@@ -255,6 +260,7 @@ impl Scheduler<'_> {
                     state: if fresh { State::Fresh } else { State::Stale },
                     reason,
                     deps,
+                    record: Some(record),
                 }
             };
             out[i] = Some(status);

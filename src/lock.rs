@@ -1,0 +1,198 @@
+//! `kiln.lock` beside the config (like Cargo.lock / dvc.lock): for every built stage its key,
+//! everything the key hashed (params, resolved inputs — file digests, hub commits — and upstream
+//! digests), the blake3 of its outputs, and the kiln version. One file per directory, a section
+//! per config file, so several pipelines can live side by side.
+//!
+//! `kiln run` writes it; `kiln run --locked` checks the current plan against it without building
+//! anything, and fails, naming each stage and why, when something would rebuild or a resolved
+//! input differs from the lock.
+
+use crate::cache::StageRecord;
+use crate::scheduler::{explain, StageStatus, State};
+use crate::workspace::{KilnError, Workspace};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub const LOCK_FILE: &str = "kiln.lock";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LockedStage {
+    pub name: String,
+    pub kind: String,
+    pub key: String,
+    /// blake3 over the entry's file list (path, size, blake3 of each file).
+    pub output: String,
+    pub version: u32,
+    pub params: Value,
+    pub inputs: Value,
+    pub upstream: Value,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ConfigLock {
+    pub kiln_version: String,
+    pub stages: Vec<LockedStage>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct LockFile {
+    pub version: u32,
+    pub configs: BTreeMap<String, ConfigLock>,
+}
+
+impl LockedStage {
+    fn record(&self) -> StageRecord {
+        StageRecord {
+            key: self.key.clone(),
+            name: self.name.clone(),
+            kind: self.kind.clone(),
+            version: self.version,
+            params: self.params.clone(),
+            inputs: self.inputs.clone(),
+            upstream: self.upstream.clone(),
+        }
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> KilnError + '_ {
+    move |e| KilnError::NotBuilt(format!("{}: {e}", path.display()))
+}
+
+/// `kiln.lock` in the config's directory, and the config's section name (its file name).
+pub fn location(config: &Path) -> (PathBuf, String) {
+    let dir = config
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = config
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    (dir.join(LOCK_FILE), name)
+}
+
+pub fn read(path: &Path) -> Result<Option<LockFile>, KilnError> {
+    match std::fs::read(path) {
+        Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
+            KilnError::NotBuilt(format!(
+                "{}: not a kiln lock file ({e}); delete it and run `kiln run` to write a new one",
+                path.display()
+            ))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io(path)(e)),
+    }
+}
+
+/// The lock section for the current state: every fresh stage, in plan order.
+pub fn current(ws: &Workspace, statuses: &[StageStatus]) -> Result<ConfigLock, KilnError> {
+    let mut stages = Vec::new();
+    for s in statuses {
+        let (Some(key), Some(rec), State::Fresh) = (&s.key, &s.record, s.state) else {
+            continue;
+        };
+        let Some(m) = ws.cache.manifest(key)? else {
+            continue;
+        };
+        stages.push(LockedStage {
+            name: s.name.clone(),
+            kind: s.kind.clone(),
+            key: key.clone(),
+            output: m.digest,
+            version: rec.version,
+            params: rec.params.clone(),
+            inputs: rec.inputs.clone(),
+            upstream: rec.upstream.clone(),
+        });
+    }
+    Ok(ConfigLock {
+        kiln_version: env!("CARGO_PKG_VERSION").to_string(),
+        stages,
+    })
+}
+
+/// Writes (or updates) this config's section; leaves the file untouched when nothing changed.
+/// Returns the path when it was written.
+pub fn write(ws: &Workspace) -> Result<Option<PathBuf>, KilnError> {
+    let statuses = ws.scheduler().assess()?;
+    let (path, section) = location(&ws.settings.config_path);
+    let mut file = read(&path)?.unwrap_or(LockFile {
+        version: 1,
+        configs: BTreeMap::new(),
+    });
+    let now = current(ws, &statuses)?;
+    if file.configs.get(&section) == Some(&now) {
+        return Ok(None);
+    }
+    file.configs.insert(section, now);
+    let mut bytes =
+        serde_json::to_vec_pretty(&file).map_err(|e| KilnError::NotBuilt(e.to_string()))?;
+    bytes.push(b'\n');
+    let tmp = path.with_extension("lock.tmp");
+    std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io(&path))?;
+    Ok(Some(path))
+}
+
+/// One reason `--locked` fails.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LockProblem {
+    pub stage: String,
+    pub reason: String,
+}
+
+/// Compares the current plan with the lock without building anything.
+pub fn check(ws: &Workspace) -> Result<Vec<LockProblem>, KilnError> {
+    let (path, section) = location(&ws.settings.config_path);
+    let Some(file) = read(&path)? else {
+        return Err(KilnError::NotBuilt(format!(
+            "--locked: {} does not exist; run `kiln run {}` once and commit kiln.lock",
+            path.display(),
+            ws.settings.config_path.display()
+        )));
+    };
+    let Some(lock) = file.configs.get(&section) else {
+        return Err(KilnError::NotBuilt(format!(
+            "--locked: {} has no entry for {section}; run `kiln run` once and commit kiln.lock",
+            path.display()
+        )));
+    };
+    let statuses = ws.scheduler().assess()?;
+    let mut problems = Vec::new();
+    for s in &statuses {
+        let locked = lock.stages.iter().find(|l| l.name == s.name);
+        let reason = match (locked, &s.key, &s.record) {
+            (None, _, _) => Some("not in kiln.lock (a new stage)".to_string()),
+            (Some(l), Some(key), Some(rec)) if *key != l.key => Some(format!(
+                "differs from kiln.lock: {}",
+                explain(&l.record(), rec)
+            )),
+            (Some(_), None, _) => Some(format!(
+                "would rebuild: {}",
+                s.reason.clone().unwrap_or_default()
+            )),
+            (Some(_), Some(_), _) if s.state == State::Stale => Some(format!(
+                "would rebuild: {} (matches kiln.lock, but the cache has no entry)",
+                s.reason.clone().unwrap_or_default()
+            )),
+            _ => None,
+        };
+        if let Some(reason) = reason {
+            problems.push(LockProblem {
+                stage: s.name.clone(),
+                reason,
+            });
+        }
+    }
+    for l in &lock.stages {
+        if !statuses.iter().any(|s| s.name == l.name) {
+            problems.push(LockProblem {
+                stage: l.name.clone(),
+                reason: "in kiln.lock but no longer in the plan".into(),
+            });
+        }
+    }
+    Ok(problems)
+}

@@ -6,6 +6,7 @@
 
 pub mod bench;
 pub mod cache;
+pub mod compare;
 pub mod config;
 pub mod data;
 pub mod events;

@@ -190,6 +190,19 @@ enum Cmd {
         #[arg(long, default_value_t = 1_000_000)]
         max_body_bytes: usize,
     },
+    /// A params × metrics table of a sweep's variants (final train loss, best eval loss,
+    /// perplexity, tokens/s, train time), sorted by a metric.
+    Compare {
+        #[command(flatten)]
+        common: Common,
+        /// final_loss, best_eval_loss (default), eval_perplexity, tokens_per_s, train_seconds.
+        #[arg(long, default_value = "best_eval_loss")]
+        sort: String,
+        #[arg(long)]
+        json: bool,
+        #[arg(long, conflicts_with = "json")]
+        csv: bool,
+    },
     /// Past runs recorded in the cache index: config, stages built vs reused, duration, outcome.
     Runs {
         /// How many of the newest runs to show.
@@ -1169,6 +1182,84 @@ fn real_main() -> Result<ExitCode> {
                 use std::io::Write;
                 let _ = std::io::stdout().flush();
             })?;
+        }
+        Cmd::Compare {
+            common,
+            sort,
+            json,
+            csv,
+        } => {
+            if !kiln::compare::METRICS.contains(&sort.as_str()) {
+                anyhow::bail!(
+                    "--sort: unknown metric `{sort}`; use one of {}",
+                    kiln::compare::METRICS.join(", ")
+                );
+            }
+            let ws = open(&common)?;
+            let rows = kiln::compare::rows(&ws, &sort)?;
+            let keys: Vec<String> = ws
+                .variants
+                .first()
+                .map(|v| v.values.iter().map(|(k, _)| k.clone()).collect())
+                .unwrap_or_default();
+            let fmt = |x: Option<f64>| x.map(|v| format!("{v:.4}")).unwrap_or_default();
+            if json {
+                for r in &rows {
+                    let mut o = serde_json::json!({"variant": r.variant, "built": r.built});
+                    for (k, v) in &r.values {
+                        o[k] = serde_json::Value::String(v.clone());
+                    }
+                    for (k, v) in &r.metrics {
+                        o[k] = serde_json::json!(v);
+                    }
+                    println!("{o}");
+                }
+            } else if csv {
+                let mut head = vec!["variant".to_string()];
+                head.extend(keys.iter().cloned());
+                head.extend(kiln::compare::METRICS.iter().map(|s| s.to_string()));
+                println!("{}", head.join(","));
+                for r in &rows {
+                    let mut cells = vec![r.variant.clone()];
+                    cells.extend(r.values.iter().map(|(_, v)| v.clone()));
+                    cells.extend(r.metrics.iter().map(|(_, v)| fmt(*v)));
+                    println!("{}", cells.join(","));
+                }
+            } else {
+                let mut head = vec!["variant".to_string()];
+                head.extend(keys.iter().cloned());
+                head.extend(kiln::compare::METRICS.iter().map(|s| s.to_string()));
+                let mut table = vec![head];
+                for r in &rows {
+                    let mut cells = vec![r.variant.clone()];
+                    cells.extend(r.values.iter().map(|(_, v)| v.clone()));
+                    if r.built {
+                        cells.extend(r.metrics.iter().map(|(_, v)| fmt(*v)));
+                    } else {
+                        cells.push("(not built)".into());
+                    }
+                    table.push(cells);
+                }
+                let cols = table.iter().map(|r| r.len()).max().unwrap_or(0);
+                let widths: Vec<usize> = (0..cols)
+                    .map(|c| {
+                        table
+                            .iter()
+                            .filter_map(|r| r.get(c))
+                            .map(|s| s.len())
+                            .max()
+                            .unwrap_or(0)
+                    })
+                    .collect();
+                for r in &table {
+                    let line: Vec<String> = r
+                        .iter()
+                        .enumerate()
+                        .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+                        .collect();
+                    println!("{}", line.join("  ").trim_end());
+                }
+            }
         }
         Cmd::MergeLora {
             mut common,

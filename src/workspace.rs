@@ -31,6 +31,8 @@ pub struct VariantView {
     /// None when the config has no sweep.
     pub id: Option<String>,
     pub label: String,
+    /// The swept keys and values (`learning_rate`, `0.0001`), sorted by key.
+    pub values: Vec<(String, String)>,
     pub settings: Settings,
     /// The variant's own stage names (`train`) → names in the merged plan (`train@1a2b3c4d`).
     pub names: Vec<(String, String)>,
@@ -100,8 +102,18 @@ impl Workspace {
                     warnings.push(w);
                 }
             }
+            let values = v
+                .as_ref()
+                .map(|v| {
+                    v.sets
+                        .iter()
+                        .map(|(k, x)| (k.clone(), crate::config::sweep::show(x)))
+                        .collect()
+                })
+                .unwrap_or_default();
             variants.push(VariantView {
                 id: v.as_ref().map(|v| v.id.clone()),
+                values,
                 label: v.map(|v| v.label).unwrap_or_default(),
                 settings: l.settings,
                 names: own

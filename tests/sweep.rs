@@ -128,3 +128,55 @@ fn sweep_errors_name_the_key_and_single_config_commands_refuse_a_sweep() {
         .to_string();
     assert!(e.contains("sweep"), "{e}");
 }
+
+#[test]
+fn kiln_compare_tabulates_the_variants_sorted_by_a_metric() {
+    let p = project("eval_steps: 1\nsweep:\n  learning_rate: [1e-3, 5e-2]\n  lora_r: [2, 4]\n");
+    let kiln = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(args)
+            .current_dir(p.dir.path())
+            .env("KILN_NUM_THREADS", "1")
+            .env_remove("KILN_CACHE")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    // Before building: every variant listed, none built.
+    let table = kiln(&["compare", "kiln.yml"]);
+    assert_eq!(table.matches("(not built)").count(), 4, "{table}");
+    kiln(&["run", "kiln.yml"]);
+    let csv = kiln(&["compare", "kiln.yml", "--sort", "final_loss", "--csv"]);
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(
+        lines[0],
+        "variant,learning_rate,lora_r,final_loss,best_eval_loss,eval_perplexity,tokens_per_s,train_seconds"
+    );
+    assert_eq!(lines.len(), 5, "{csv}");
+    let losses: Vec<f64> = lines[1..]
+        .iter()
+        .map(|l| l.split(',').nth(3).unwrap().parse().unwrap())
+        .collect();
+    assert!(
+        losses.windows(2).all(|w| w[0] <= w[1]),
+        "not sorted: {losses:?}"
+    );
+    for l in &lines[1..] {
+        let cells: Vec<&str> = l.split(',').collect();
+        let eval: f64 = cells[4].parse().unwrap();
+        let ppl: f64 = cells[5].parse().unwrap();
+        assert!((eval.exp() - ppl).abs() / ppl < 1e-3, "{l}");
+        assert!(cells[6].parse::<f64>().unwrap() > 0.0, "{l}");
+    }
+    let json = kiln(&["compare", "kiln.yml", "--json"]);
+    let first: serde_json::Value = serde_json::from_str(json.lines().next().unwrap()).unwrap();
+    assert!(
+        first["best_eval_loss"].is_f64() && first["learning_rate"].is_string(),
+        "{first}"
+    );
+}

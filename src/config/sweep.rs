@@ -18,7 +18,8 @@ pub struct Variant {
     pub sets: Vec<(String, Value)>,
 }
 
-fn show(v: &Value) -> String {
+/// A value as a sweep label shows it.
+pub fn show(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
         Value::Number(n) => n.to_string(),

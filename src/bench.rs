@@ -335,3 +335,65 @@ pub fn generate(model: &Path) -> Result<Vec<Figure>, KilnError> {
     measure(&m, "f32 + unmerged LoRA r16")?;
     Ok(figures)
 }
+
+/// `kiln bench plan`: planning a 64-variant sweep (4 learning rates × 4 ranks × 4 warmups over
+/// a built data pipeline): the in-process median of 5 plans after a warm-up, and `kiln plan` as
+/// a separate process.
+pub fn plan(work: &Path, model: &Path, kiln_exe: Option<&Path>) -> Result<Vec<Figure>, KilnError> {
+    let io = |e: std::io::Error| KilnError::NotBuilt(format!("bench: {e}"));
+    std::fs::create_dir_all(work).map_err(io)?;
+    let work = &std::fs::canonicalize(work).map_err(io)?;
+    let model = std::fs::canonicalize(model).map_err(io)?;
+    std::fs::write(work.join("rows500.jsonl"), alpaca_rows(500, 3)).map_err(io)?;
+    let cfg = work.join("sweep64.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "base_model: {}\ndatasets:\n  - path: rows500.jsonl\n    type: alpaca\nsequence_len: 512\nsample_packing: true\nval_set_size: 0.05\ncache_dir: cache-sweep\nadapter: lora\nmerge_lora: true\nevaluate: true\nsweep:\n  learning_rate: [1e-4, 2e-4, 3e-4, 4e-4]\n  lora_r: [4, 8, 16, 32]\n  warmup_ratio: [0.0, 0.1, 0.2, 0.3]\n",
+            model.display()
+        ),
+    )
+    .map_err(io)?;
+    // Build the shared data stages once, so the plan sees a realistic, partly built cache.
+    let ws = Workspace::open(&cfg, &[])?;
+    let opts = RunOptions {
+        targets: vec!["pack".into()],
+        force: vec![],
+    };
+    ws.scheduler().run(&opts, &mut |_| {})?;
+    let stages = ws.plan.stages.len();
+    drop(ws);
+    let mut times = Vec::new();
+    for _ in 0..6 {
+        let t = Instant::now();
+        let ws = Workspace::open(&cfg, &[])?;
+        let st = ws.scheduler().assess()?;
+        std::hint::black_box(st);
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    times.remove(0);
+    times.sort_by(|a, b| a.total_cmp(b));
+    let mut figs = vec![fig(
+        &format!("plan 64-variant sweep ({stages} stages), in-process"),
+        times[times.len() / 2],
+        "ms",
+        "median of 5; target < 200 ms",
+    )];
+    if let Some(exe) = kiln_exe {
+        let t = Instant::now();
+        let out = std::process::Command::new(exe)
+            .arg("plan")
+            .arg(&cfg)
+            .output()
+            .map_err(io)?;
+        if out.status.success() {
+            figs.push(fig(
+                "  `kiln plan` as a process",
+                t.elapsed().as_secs_f64() * 1000.0,
+                "ms",
+                "startup, config, hashing fast path, assess, print",
+            ));
+        }
+    }
+    Ok(figs)
+}

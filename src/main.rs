@@ -90,7 +90,7 @@ enum Cmd {
     },
     /// Print benchmark figures (preprocess: cold/again/no-op/throughput) on generated data.
     Bench {
-        /// What to measure: `preprocess` or `generate`.
+        /// What to measure: `preprocess`, `generate` or `plan`.
         #[arg(default_value = "preprocess")]
         what: String,
         /// The model whose tokenizer to use (.gguf or HF directory).
@@ -1267,9 +1267,9 @@ fn real_main() -> Result<ExitCode> {
             output_dir,
         } => merge_lora(&mut common, lora_model_dir, output_dir)?,
         Cmd::Bench { what, model, work } => {
-            if what != "preprocess" && what != "generate" {
+            if !["preprocess", "generate", "plan"].contains(&what.as_str()) {
                 anyhow::bail!(
-                    "kiln bench: unknown benchmark `{what}` (available: preprocess, generate)"
+                    "kiln bench: unknown benchmark `{what}` (available: preprocess, generate, plan)"
                 );
             }
             init_threads(None);
@@ -1286,6 +1286,8 @@ fn real_main() -> Result<ExitCode> {
             );
             let figures = if what == "generate" {
                 kiln::bench::generate(&model)?
+            } else if what == "plan" {
+                kiln::bench::plan(&work, &model, exe.as_deref())?
             } else {
                 kiln::bench::preprocess(&work, &model, exe.as_deref())?
             };

@@ -196,3 +196,144 @@ pub fn check(ws: &Workspace) -> Result<Vec<LockProblem>, KilnError> {
     }
     Ok(problems)
 }
+
+/// What `kiln verify` found for one stage.
+#[derive(Debug, Clone, Serialize)]
+pub struct Verdict {
+    pub stage: String,
+    pub reproduced: bool,
+    /// Files whose bytes differ from the locked build (when the original entry is available).
+    pub differing: Vec<String>,
+    pub seconds: f64,
+}
+
+fn link_tree(src: &Path, dst: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dst)?;
+    for e in std::fs::read_dir(src)? {
+        let e = e?;
+        let to = dst.join(e.file_name());
+        if e.file_type()?.is_dir() {
+            link_tree(&e.path(), &to)?;
+        } else if std::fs::hard_link(e.path(), &to).is_err() {
+            std::fs::copy(e.path(), &to)?;
+        }
+    }
+    Ok(())
+}
+
+/// Rebuilds `stages` (names or kinds; empty = every locked stage except fetches) in a scratch
+/// cache and compares their output digests with the lock. The other stages' entries are linked
+/// in from the main cache, so only the chosen ones are rebuilt.
+pub fn verify(
+    ws: &Workspace,
+    config: &Path,
+    overrides: &[String],
+    stages: &[String],
+    emit: &mut dyn FnMut(crate::events::Event),
+) -> Result<Vec<Verdict>, KilnError> {
+    let (path, section) = location(config);
+    let lock = read(&path)?
+        .and_then(|f| f.configs.get(&section).cloned())
+        .ok_or_else(|| {
+            KilnError::NotBuilt(format!(
+                "verify: no kiln.lock entry for {section} in {}; run `kiln run` first",
+                path.display()
+            ))
+        })?;
+    let chosen: Vec<&LockedStage> = lock
+        .stages
+        .iter()
+        .filter(|l| {
+            if stages.is_empty() {
+                l.kind != "fetch"
+            } else {
+                stages.iter().any(|s| *s == l.name || *s == l.kind)
+            }
+        })
+        .collect();
+    if chosen.is_empty() {
+        return Err(KilnError::NotBuilt(format!(
+            "verify: no locked stage matches {}",
+            stages.join(", ")
+        )));
+    }
+    let scratch = ws.cache.root().join("tmp").join(format!(
+        "verify-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    ));
+    let result = (|| {
+        // Seed the scratch cache with every other locked entry.
+        let sc = crate::cache::Cache::open(&scratch)?;
+        for l in &lock.stages {
+            if chosen.iter().any(|c| c.name == l.name) {
+                continue;
+            }
+            let src = ws.cache.entry_dir(&l.key);
+            if src.exists() {
+                link_tree(&src, &sc.entry_dir(&l.key)).map_err(io(&src))?;
+            }
+        }
+        drop(sc);
+        let sws = Workspace::open_in(config, overrides, Some(&scratch))?;
+        let targets: Vec<String> = chosen.iter().map(|c| c.name.clone()).collect();
+        let mut seconds: BTreeMap<String, f64> = BTreeMap::new();
+        sws.scheduler().run(
+            &crate::scheduler::RunOptions {
+                targets,
+                force: vec![],
+            },
+            &mut |e| {
+                if let crate::events::Event::StageFinished {
+                    name, duration_ms, ..
+                } = &e
+                {
+                    seconds.insert(name.clone(), *duration_ms as f64 / 1000.0);
+                }
+                emit(e)
+            },
+        )?;
+        let st = sws.scheduler().assess()?;
+        let mut verdicts = Vec::new();
+        for c in &chosen {
+            let key = st
+                .iter()
+                .find(|s| s.name == c.name)
+                .and_then(|s| s.key.clone())
+                .unwrap_or_default();
+            let rebuilt = sws.cache.manifest(&key)?;
+            let reproduced = rebuilt.as_ref().map(|m| m.digest == c.output) == Some(true);
+            let mut differing = Vec::new();
+            if let (false, Some(new), Some(old)) =
+                (reproduced, rebuilt.as_ref(), ws.cache.manifest(&c.key)?)
+            {
+                for f in &new.files {
+                    if old
+                        .files
+                        .iter()
+                        .all(|o| o.path != f.path || o.blake3 != f.blake3)
+                    {
+                        differing.push(f.path.clone());
+                    }
+                }
+                for o in &old.files {
+                    if new.files.iter().all(|f| f.path != o.path) {
+                        differing.push(format!("{} (missing)", o.path));
+                    }
+                }
+            }
+            verdicts.push(Verdict {
+                stage: c.name.clone(),
+                reproduced,
+                differing,
+                seconds: seconds.get(&c.name).copied().unwrap_or(0.0),
+            });
+        }
+        Ok(verdicts)
+    })();
+    let _ = std::fs::remove_dir_all(&scratch);
+    result
+}

@@ -203,6 +203,15 @@ enum Cmd {
         #[arg(long, conflicts_with = "json")]
         csv: bool,
     },
+    /// Rebuild locked stages in a scratch cache and compare their outputs with kiln.lock:
+    /// "train: reproduced bit-for-bit" or which files differ.
+    Verify {
+        #[command(flatten)]
+        common: Common,
+        /// Stage names or kinds to rebuild (repeatable; default: every locked stage but fetch).
+        #[arg(long)]
+        stages: Vec<String>,
+    },
     /// Past runs recorded in the cache index: config, stages built vs reused, duration, outcome.
     Runs {
         /// How many of the newest runs to show.
@@ -1259,6 +1268,39 @@ fn real_main() -> Result<ExitCode> {
                         .collect();
                     println!("{}", line.join("  ").trim_end());
                 }
+            }
+        }
+        Cmd::Verify { common, stages } => {
+            let ws = open(&common)?;
+            let tty = std::io::stderr().is_terminal();
+            let verdicts =
+                kiln::lock::verify(&ws, &common.config, &common.set, &stages, &mut |e| {
+                    if matches!(e, Event::StageStarted { .. } | Event::Progress { .. }) {
+                        print_event(&e, tty)
+                    }
+                })?;
+            let mut bad = 0;
+            for v in &verdicts {
+                if v.reproduced {
+                    println!("{}: reproduced bit-for-bit ({:.1}s)", v.stage, v.seconds);
+                } else {
+                    bad += 1;
+                    let files = if v.differing.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; differing files: {}", v.differing.join(", "))
+                    };
+                    println!(
+                        "{}: MISMATCH: the rebuilt output differs from kiln.lock{files}",
+                        v.stage
+                    );
+                }
+            }
+            if bad > 0 {
+                anyhow::bail!(
+                    "verify: {bad} of {} stages did not reproduce (see docs/caching.md for what breaks bit-reproducibility: thread count, CPU features, kiln version)",
+                    verdicts.len()
+                );
             }
         }
         Cmd::MergeLora {

@@ -73,9 +73,22 @@ pub fn cache_root(settings: Option<&Settings>) -> PathBuf {
 
 impl Workspace {
     pub fn open(config_path: &Path, overrides: &[String]) -> Result<Self, KilnError> {
+        Self::open_in(config_path, overrides, None)
+    }
+
+    /// [`Workspace::open`] with the cache at `cache_dir` instead of the configured one (`kiln
+    /// verify` rebuilds in a scratch cache).
+    pub fn open_in(
+        config_path: &Path,
+        overrides: &[String],
+        cache_dir: Option<&Path>,
+    ) -> Result<Self, KilnError> {
         let loaded = config::load_variants(config_path, overrides)?;
         let first = &loaded[0].1.settings;
-        let cache = Cache::open(&cache_root(Some(first)))?;
+        let root = cache_dir
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| cache_root(Some(first)));
+        let cache = Cache::open(&root)?;
         let index = cache.index()?;
         let hashes = FileHashCache { index: &index };
         let mut plans = Vec::with_capacity(loaded.len());

@@ -103,3 +103,49 @@ fn locked_runs_pass_when_nothing_changed_and_name_what_did() {
     assert_eq!(code, Some(1));
     assert!(stderr.contains("learning_rate changed"), "{stderr}");
 }
+
+#[test]
+fn verify_rebuilds_in_a_scratch_cache_and_reports_bit_for_bit() {
+    let p = Project::new("adapter: lora\nlora_r: 2\nlora_alpha: 4\nmax_steps: 2\n");
+    write_tiny_model_dir(&p.path("model"), 17);
+    let (code, _, stderr) = kiln(&p, &["run", "kiln.yml"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let entries = p.ws(&[]).cache.keys().unwrap().len();
+
+    let (code, stdout, stderr) = kiln(&p, &["verify", "kiln.yml", "--stages", "train"]);
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("train: reproduced bit-for-bit"), "{stdout}");
+    assert!(!stdout.contains("pack:"), "only the chosen stage: {stdout}");
+
+    let (code, stdout, stderr) = kiln(&p, &["verify", "kiln.yml"]);
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    for s in ["tokenize[0]", "tokenize[1]", "pack", "train"] {
+        assert!(
+            stdout.contains(&format!("{s}: reproduced bit-for-bit")),
+            "{stdout}"
+        );
+    }
+    // The main cache is untouched and the scratch cache is gone.
+    assert_eq!(p.ws(&[]).cache.keys().unwrap().len(), entries);
+    let tmp = p.path("cache/tmp");
+    let left: Vec<_> = std::fs::read_dir(&tmp)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+
+    // A lock that says otherwise: a mismatch, exit 1.
+    let lp = p.path("kiln.lock");
+    let mut lock: serde_json::Value = serde_json::from_slice(&std::fs::read(&lp).unwrap()).unwrap();
+    for s in lock["configs"]["kiln.yml"]["stages"]
+        .as_array_mut()
+        .unwrap()
+    {
+        if s["name"] == "train" {
+            s["output"] = serde_json::Value::String("0".repeat(64));
+        }
+    }
+    std::fs::write(&lp, lock.to_string()).unwrap();
+    let (code, stdout, _) = kiln(&p, &["verify", "kiln.yml", "--stages", "train"]);
+    assert_eq!(code, Some(1));
+    assert!(stdout.contains("train: MISMATCH"), "{stdout}");
+}

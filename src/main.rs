@@ -212,6 +212,27 @@ enum Cmd {
         #[arg(long)]
         stages: Vec<String>,
     },
+    /// Why a stage is stale or fresh, traced back to the input that changed.
+    Why {
+        /// The stage (`train`, `tokenize[0]`, `train@1a2b3c4d`).
+        stage: String,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// What produced an artifact: stages, parameters, input files and kiln version, from a
+    /// path kiln wrote (output_dir, merged/, export/...), any file in the cache, or a key.
+    Lineage {
+        /// A path or a cache key (at least 6 hex digits).
+        target: String,
+        /// The reverse: every stage and config that used this entry.
+        #[arg(long)]
+        used_by: bool,
+        #[arg(long)]
+        json: bool,
+        /// Cache directory (default: $KILN_CACHE or ./cache).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Past runs recorded in the cache index: config, stages built vs reused, duration, outcome.
     Runs {
         /// How many of the newest runs to show.
@@ -740,6 +761,66 @@ fn chat_loop(chat: &mut kiln::infer::ChatSession, prompt: Option<String>) -> Res
         }
     }
     Ok(())
+}
+
+fn print_lineage(
+    n: &kiln::lineage::Node,
+    depth: usize,
+    seen: &mut std::collections::HashSet<String>,
+) {
+    let pad = "  ".repeat(depth);
+    let mut extra = Vec::new();
+    if n.version > 0 {
+        extra.push(format!("v{}", n.version));
+    }
+    if let Some(s) = n.size {
+        extra.push(human_bytes(s as u64));
+    }
+    if !n.present {
+        extra.push("removed from the cache".into());
+    }
+    println!(
+        "{pad}{} {}  {} ({})",
+        n.name,
+        &n.key[..12.min(n.key.len())],
+        n.kind,
+        extra.join(", ")
+    );
+    if !seen.insert(n.key.clone()) {
+        println!("{pad}  (see above)");
+        return;
+    }
+    if let serde_json::Value::Object(p) = &n.params {
+        let shown: Vec<String> = p
+            .iter()
+            .filter(|(k, v)| !v.is_null() && *k != "files" && *k != "chat_template")
+            .map(|(k, v)| {
+                let s = v.to_string();
+                let s = if s.len() > 40 {
+                    format!("{}…", &s[..40])
+                } else {
+                    s
+                };
+                format!("{k}={s}")
+            })
+            .collect();
+        if !shown.is_empty() {
+            println!("{pad}  params: {}", shown.join(" "));
+        }
+    }
+    if let serde_json::Value::Object(inputs) = &n.inputs {
+        for (id, i) in inputs {
+            let label = i.get("label").and_then(|l| l.as_str()).unwrap_or("");
+            let digest = i.get("digest").and_then(|d| d.as_str()).unwrap_or("");
+            println!(
+                "{pad}  input {id}: {label} blake3 {}",
+                &digest[..16.min(digest.len())]
+            );
+        }
+    }
+    for u in &n.upstream {
+        print_lineage(u, depth + 1, seen);
+    }
 }
 
 fn merge_lora(
@@ -1301,6 +1382,81 @@ fn real_main() -> Result<ExitCode> {
                     "verify: {bad} of {} stages did not reproduce (see docs/caching.md for what breaks bit-reproducibility: thread count, CPU features, kiln version)",
                     verdicts.len()
                 );
+            }
+        }
+        Cmd::Why { stage, common } => {
+            let ws = open(&common)?;
+            let st = ws.scheduler().assess()?;
+            let find = |n: &str| st.iter().find(|s| s.name == n);
+            let Some(mut cur) = find(&stage) else {
+                let names: Vec<&str> = st.iter().map(|s| s.name.as_str()).collect();
+                anyhow::bail!("no stage `{stage}`; stages: {}", names.join(", "));
+            };
+            if cur.state == State::Fresh {
+                println!(
+                    "{stage} is fresh: its key {} is in the cache (parameters, inputs and upstream outputs unchanged)",
+                    short(&cur.key)
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            let mut depth = 0;
+            loop {
+                let reason = cur.reason.clone().unwrap_or_default();
+                println!("{}{}: {reason}", "  ".repeat(depth), cur.name);
+                let next = reason
+                    .strip_prefix("waiting on ")
+                    .or_else(|| {
+                        reason
+                            .strip_prefix("upstream ")
+                            .and_then(|r| r.strip_suffix(" changed"))
+                    })
+                    .and_then(&find);
+                match next {
+                    Some(n) if depth < 64 => {
+                        cur = n;
+                        depth += 1;
+                    }
+                    _ => break,
+                }
+            }
+        }
+        Cmd::Lineage {
+            target,
+            used_by,
+            json,
+            dir,
+        } => {
+            let cache = Cache::open(&dir.unwrap_or_else(|| cache_root(None)))?;
+            let index = cache.index()?;
+            let key = kiln::lineage::resolve(&cache, &target)?;
+            if used_by {
+                let uses = kiln::lineage::used_by(&cache, &index, &key)?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&uses)?);
+                } else {
+                    println!("used by {} entries:", uses.len());
+                    for u in &uses {
+                        let cfgs: Vec<String> = u
+                            .configs
+                            .iter()
+                            .map(|(c, n)| format!("{c} ({n})"))
+                            .collect();
+                        println!(
+                            "  {:<22} {}{}  {}",
+                            u.name,
+                            &u.key[..12.min(u.key.len())],
+                            if u.present { "" } else { " (removed)" },
+                            cfgs.join(", ")
+                        );
+                    }
+                }
+            } else {
+                let n = kiln::lineage::lineage(&cache, &index, &key)?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&n)?);
+                } else {
+                    print_lineage(&n, 0, &mut std::collections::HashSet::new());
+                }
             }
         }
         Cmd::MergeLora {

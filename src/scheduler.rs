@@ -339,6 +339,7 @@ impl Scheduler<'_> {
             }
             let key = stage_key(s, &upstream);
             let rec = self.record(i, &key, &upstream);
+            let up_keys: Vec<String> = ups.iter().map(|(_, k, _)| k.clone()).collect();
             // Reuse a finished entry: checked before taking the lock, and again after it, since
             // another kiln process may have built the key while we waited.
             let mut reuse = |key: &String| -> Result<bool, SchedError> {
@@ -350,6 +351,7 @@ impl Scheduler<'_> {
                     key: key.clone(),
                 });
                 self.index.record_seen(&self.config_id, &rec)?;
+                self.index.record_edges(key, &up_keys)?;
                 summary.fresh.push(s.name.clone());
                 Ok(true)
             };
@@ -420,6 +422,7 @@ impl Scheduler<'_> {
                 };
                 let mut cx = RunCx {
                     name: &s.name,
+                    key: &key,
                     out: staging.dir(),
                     work: &work,
                     upstream: &upstream_dirs,
@@ -448,6 +451,7 @@ impl Scheduler<'_> {
                 &self.config_id,
             )?;
             self.index.record_seen(&self.config_id, &rec)?;
+            self.index.record_edges(&key, &up_keys)?;
             emit(Event::StageFinished {
                 name: s.name.clone(),
                 key: key.clone(),

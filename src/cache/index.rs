@@ -47,6 +47,9 @@ CREATE TABLE IF NOT EXISTS runs(
   id INTEGER PRIMARY KEY AUTOINCREMENT, config TEXT NOT NULL, variant TEXT NOT NULL DEFAULT '',
   started INTEGER NOT NULL, finished INTEGER, outcome TEXT NOT NULL, built INTEGER NOT NULL DEFAULT 0,
   reused INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS edges(
+  key TEXT NOT NULL, upstream TEXT NOT NULL, PRIMARY KEY(key, upstream));
+CREATE INDEX IF NOT EXISTS edges_up ON edges(upstream);
 CREATE TABLE IF NOT EXISTS metrics(
   stage_key TEXT NOT NULL, step INTEGER NOT NULL, name TEXT NOT NULL, value REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS metrics_key ON metrics(stage_key, name, step);
@@ -259,6 +262,55 @@ impl Index {
 }
 
 impl Index {
+    /// Which entries a stage key was built from (lineage).
+    pub fn record_edges(&self, key: &str, upstream: &[String]) -> Result<(), CacheError> {
+        for u in upstream {
+            self.conn
+                .execute(
+                    "INSERT OR IGNORE INTO edges VALUES(?1, ?2)",
+                    params![key, u],
+                )
+                .map_err(self.sql())?;
+        }
+        Ok(())
+    }
+
+    /// Keys `key` was built from.
+    pub fn upstream_of(&self, key: &str) -> Result<Vec<String>, CacheError> {
+        self.strings(
+            "SELECT upstream FROM edges WHERE key = ?1 ORDER BY rowid",
+            key,
+        )
+    }
+
+    /// Keys built from `key`.
+    pub fn downstream_of(&self, key: &str) -> Result<Vec<String>, CacheError> {
+        self.strings(
+            "SELECT key FROM edges WHERE upstream = ?1 ORDER BY rowid",
+            key,
+        )
+    }
+
+    /// Configs whose last plan used `key`, with the stage name there.
+    pub fn configs_using(&self, key: &str) -> Result<Vec<(String, String)>, CacheError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT config, name FROM seen WHERE key = ?1 ORDER BY config")
+            .map_err(self.sql())?;
+        let rows = st
+            .query_map(params![key], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(self.sql())?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(self.sql())
+    }
+
+    fn strings(&self, sql: &str, arg: &str) -> Result<Vec<String>, CacheError> {
+        let mut st = self.conn.prepare(sql).map_err(self.sql())?;
+        let rows = st
+            .query_map(params![arg], |r| r.get(0))
+            .map_err(self.sql())?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(self.sql())
+    }
+
     /// Every metric recorded for a stage key, in insertion order: (step, name, value).
     pub fn metrics(&self, stage_key: &str) -> Result<Vec<(i64, String, f64)>, CacheError> {
         let mut st = self

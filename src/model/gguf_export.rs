@@ -298,14 +298,14 @@ pub struct GgufSummary {
     pub tensors: usize,
 }
 
-/// Writes `model` to `out` as GGUF.
+/// Writes `model` to `out` as GGUF, with `extra` metadata keys added.
 pub fn write_gguf(
     model: &Llama,
     tok_dir: &Path,
     source_gguf: Option<&Path>,
     chat_template: Option<&str>,
     quant: Quant,
-    name: &str,
+    extra: &[(String, Value)],
     out: &Path,
 ) -> Result<GgufSummary, ModelError> {
     let cfg = &model.cfg;
@@ -316,7 +316,10 @@ pub fn write_gguf(
     };
     let mut md: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::String(arch.into())),
-        ("general.name".into(), Value::String(name.into())),
+        (
+            "general.name".into(),
+            Value::String("kiln fine-tune".into()),
+        ),
         ("general.file_type".into(), Value::U32(quant.file_type())),
         ("general.quantization_version".into(), Value::U32(2)),
         (
@@ -364,6 +367,9 @@ pub fn write_gguf(
             Value::String(env!("CARGO_PKG_VERSION").into()),
         ),
     ];
+    // Extra keys (lineage, or a `general.name`) replace defaults of the same name.
+    md.retain(|(k, _)| extra.iter().all(|(e, _)| e != k));
+    md.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
     md.extend(tokenizer_metadata(
         tok_dir,
         source_gguf,

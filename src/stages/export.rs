@@ -12,6 +12,7 @@ use crate::data::pack::PackedSplit;
 use crate::model::adapter::PeftAdapter;
 use crate::model::gguf_export::{write_gguf, Quant};
 use crate::model::{weights, Llama};
+use candle_core::quantized::gguf_file::Value as GValue;
 use candle_core::{DType, Device};
 use serde_json::{json, Value};
 
@@ -110,13 +111,35 @@ impl Stage for Export {
                 let file = format!("model-{}.gguf", q.as_str());
                 let path = cx.out.join(&file);
                 let src = base.dir.join("model.gguf");
+                // Lineage in the file itself: `kiln lineage <kiln.key>` expands it.
+                let extra = vec![
+                    ("kiln.key".to_string(), GValue::String(cx.key.to_string())),
+                    (
+                        "kiln.upstream".to_string(),
+                        GValue::Array(
+                            cx.upstream
+                                .iter()
+                                .map(|u| {
+                                    GValue::String(format!(
+                                        "{}={}",
+                                        u.name,
+                                        u.dir
+                                            .file_name()
+                                            .map(|n| n.to_string_lossy().to_string())
+                                            .unwrap_or_default()
+                                    ))
+                                })
+                                .collect(),
+                        ),
+                    ),
+                ];
                 let summary = write_gguf(
                     &model,
                     &tok_dir,
                     src.exists().then_some(src.as_path()),
                     self.chat_template.as_deref(),
                     q,
-                    "kiln fine-tune",
+                    &extra,
                     &path,
                 )?;
                 report["file"] = json!(file);
@@ -156,6 +179,7 @@ impl Stage for Export {
                 });
             }
         }
+        write_json(&cx.out.join("lineage.json"), &super::lineage_record(cx))?;
         write_json(&cx.out.join("export.json"), &report)
     }
 }

@@ -92,6 +92,8 @@ pub struct Upstream {
 /// What a running stage gets: where to write, what it read from upstream, where to report.
 pub struct RunCx<'a> {
     pub name: &'a str,
+    /// This build's key (lineage records written beside artifacts name it).
+    pub key: &'a str,
     pub out: &'a Path,
     /// A directory that survives an interrupted build of the same key (checkpoints live here);
     /// removed once the entry is published.
@@ -178,4 +180,19 @@ impl AnyStage {
 pub fn write_json(path: &Path, v: &impl serde::Serialize) -> Result<(), StageError> {
     let bytes = serde_json::to_vec_pretty(v).map_err(|e| StageError::Invalid(e.to_string()))?;
     std::fs::write(path, bytes).map_err(io_err(path))
+}
+
+/// `lineage.json` for an artifact: this stage's key and its upstream entries (name, key, output
+/// digest) — `kiln lineage KEY` expands the rest from the index.
+pub fn lineage_record(cx: &RunCx<'_>) -> Value {
+    serde_json::json!({
+        "kiln_version": env!("CARGO_PKG_VERSION"),
+        "stage": cx.name,
+        "key": cx.key,
+        "upstream": cx.upstream.iter().map(|u| serde_json::json!({
+            "name": u.name,
+            "key": u.dir.file_name().map(|n| n.to_string_lossy().to_string()),
+            "digest": u.manifest.digest,
+        })).collect::<Vec<_>>(),
+    })
 }

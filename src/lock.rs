@@ -285,6 +285,7 @@ pub fn verify(
             &crate::scheduler::RunOptions {
                 targets,
                 force: vec![],
+                keep_going: false,
             },
             &mut |e| {
                 if let crate::events::Event::StageFinished {

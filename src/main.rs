@@ -74,6 +74,10 @@ enum Cmd {
         /// --locked, and never touch the network (hub revisions from the local HF cache only).
         #[arg(long)]
         frozen: bool,
+        /// Keep building what does not depend on a failed stage (a failed sweep variant does not
+        /// stop the others); exit 1 at the end listing the failures.
+        #[arg(long)]
+        keep_going: bool,
     },
     /// Validate, fetch, tokenize and pack, then print dataset statistics.
     Preprocess {
@@ -430,12 +434,13 @@ fn do_run(ws: &Workspace, opts: &RunOptions) -> Result<kiln::scheduler::RunSumma
     let res = ws.scheduler().run(opts, &mut |e| print_event(&e, tty));
     match &res {
         Ok(s) => {
+            let outcome = if s.failed.is_empty() { "ok" } else { "failed" };
             ws.index
-                .finish_run(run_id, "ok", s.built.len() as u64, s.fresh.len() as u64)?;
+                .finish_run(run_id, outcome, s.built.len() as u64, s.fresh.len() as u64)?;
             if let Some(p) = kiln::lock::write(ws)? {
                 println!("updated {}", p.display());
             }
-            if s.built.is_empty() {
+            if s.built.is_empty() && s.failed.is_empty() {
                 println!(
                     "nothing to do: all {} stages fresh ({:.0} ms)",
                     s.fresh.len(),
@@ -844,6 +849,7 @@ fn merge_lora(
                 &RunOptions {
                     targets: vec!["fetch.model".into()],
                     force: vec![],
+                    keep_going: false,
                 },
             )?;
             let model_dir = ws.entry_of("fetch.model")?;
@@ -884,6 +890,7 @@ fn merge_lora(
                 &RunOptions {
                     targets: vec!["merge".into()],
                     force: vec![],
+                    keep_going: false,
                 },
             )?;
             ws.materialize_outputs()?;
@@ -995,6 +1002,7 @@ fn real_main() -> Result<ExitCode> {
             force,
             locked,
             frozen,
+            keep_going,
         } => {
             if frozen {
                 std::env::set_var("HF_HUB_OFFLINE", "1");
@@ -1021,15 +1029,30 @@ fn real_main() -> Result<ExitCode> {
                     path.display()
                 );
             }
-            do_run(
+            let summary = do_run(
                 &ws,
                 &RunOptions {
                     targets: target,
                     force,
+                    keep_going,
                 },
             )?;
             if let Some(out) = ws.materialize_outputs()? {
                 println!("outputs in {}", out.display());
+            }
+            if !summary.failed.is_empty() {
+                for (name, err) in &summary.failed {
+                    eprintln!("  FAILED {name}: {err}");
+                }
+                if !summary.skipped.is_empty() {
+                    eprintln!("  not attempted: {}", summary.skipped.join(", "));
+                }
+                anyhow::bail!(
+                    "{} stages failed ({} built, {} reused); rerun to retry only what did not finish",
+                    summary.failed.len(),
+                    summary.built.len(),
+                    summary.fresh.len()
+                );
             }
         }
         Cmd::Preprocess {
@@ -1045,6 +1068,7 @@ fn real_main() -> Result<ExitCode> {
                     &RunOptions {
                         targets: vec!["pack".into()],
                         force: vec![],
+                        keep_going: false,
                     },
                     &mut |_| {},
                 )?;
@@ -1054,6 +1078,7 @@ fn real_main() -> Result<ExitCode> {
                     &RunOptions {
                         targets: vec!["pack".into()],
                         force: vec![],
+                        keep_going: false,
                     },
                 )?;
                 print_stats(&ws)?;
@@ -1105,6 +1130,7 @@ fn real_main() -> Result<ExitCode> {
                     &RunOptions {
                         targets: vec!["pack".into()],
                         force: vec![],
+                        keep_going: false,
                     },
                 )?;
                 let d = ws.debug_train_step()?;
@@ -1127,6 +1153,7 @@ fn real_main() -> Result<ExitCode> {
                 &RunOptions {
                     targets: vec!["train".into()],
                     force: vec![],
+                    keep_going: false,
                 },
             )?;
             if let Some(out) = ws.materialize_outputs()? {
@@ -1165,6 +1192,7 @@ fn real_main() -> Result<ExitCode> {
                 &RunOptions {
                     targets: vec!["evaluate".into()],
                     force: vec![],
+                    keep_going: false,
                 },
             )?;
             let dir = ws.entry_of("evaluate")?;
@@ -1204,6 +1232,7 @@ fn real_main() -> Result<ExitCode> {
                 &RunOptions {
                     targets: vec![name.clone()],
                     force: vec![],
+                    keep_going: false,
                 },
             )?;
             let dir = ws.entry_of(&name)?;

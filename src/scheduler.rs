@@ -52,12 +52,19 @@ pub struct StageStatus {
 pub struct RunOptions {
     pub targets: Vec<String>,
     pub force: Vec<String>,
+    /// On a failed stage, keep building everything that does not depend on it (sweeps: one
+    /// failed variant does not stop the others); failures are listed in the summary.
+    pub keep_going: bool,
 }
 
 #[derive(Debug, Default, Clone)]
 pub struct RunSummary {
     pub built: Vec<String>,
     pub fresh: Vec<String>,
+    /// With `keep_going`: stages that failed, with the error.
+    pub failed: Vec<(String, String)>,
+    /// With `keep_going`: stages not attempted because an upstream stage failed.
+    pub skipped: Vec<String>,
 }
 
 pub struct Scheduler<'a> {
@@ -313,12 +320,24 @@ impl Scheduler<'_> {
             .collect();
         let n = self.plan.stages.len();
         let mut keys: Vec<Option<String>> = vec![None; n];
+        let mut blocked = vec![false; n];
         let mut summary = RunSummary::default();
         for &i in &self.plan.order {
             if !need[i] {
                 continue;
             }
             let s = &self.plan.stages[i];
+            if let Some(d) = s.deps.iter().find(|d| blocked[d.stage]) {
+                blocked[i] = true;
+                emit(Event::Warning {
+                    message: format!(
+                        "skipping {}: {} did not build",
+                        s.name, self.plan.stages[d.stage].name
+                    ),
+                });
+                summary.skipped.push(s.name.clone());
+                continue;
+            }
             let mut upstream = Vec::new();
             let mut ups = Vec::new();
             for d in &s.deps {
@@ -435,6 +454,11 @@ impl Scheduler<'_> {
                     name: s.name.clone(),
                     error: source.to_string(),
                 });
+                if opts.keep_going {
+                    blocked[i] = true;
+                    summary.failed.push((s.name.clone(), source.to_string()));
+                    continue;
+                }
                 return Err(SchedError::StageFailed {
                     name: s.name.clone(),
                     source,

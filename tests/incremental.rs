@@ -198,6 +198,7 @@ fn target_builds_only_what_it_needs() {
         RunOptions {
             targets: vec!["tokenize[0]".into()],
             force: vec![],
+            keep_going: false,
         },
     );
     assert_eq!(s.built, vec!["fetch.model", "fetch.data[0]", "tokenize[0]"]);
@@ -206,6 +207,7 @@ fn target_builds_only_what_it_needs() {
         RunOptions {
             targets: vec!["tokenize".into()],
             force: vec![],
+            keep_going: false,
         },
     );
     assert_eq!(s.built, vec!["fetch.data[1]", "tokenize[1]"]);
@@ -214,6 +216,7 @@ fn target_builds_only_what_it_needs() {
         RunOptions {
             targets: vec![],
             force: vec!["pack".into()],
+            keep_going: false,
         },
     );
     assert_eq!(s.built, vec!["pack"]);
@@ -241,6 +244,7 @@ fn corrupted_entry_is_detected_and_rebuilt() {
         RunOptions {
             targets: vec![],
             force: vec!["pack".into()],
+            keep_going: false,
         },
     );
     assert!(ev

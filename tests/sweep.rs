@@ -180,3 +180,49 @@ fn kiln_compare_tabulates_the_variants_sorted_by_a_metric() {
         "{first}"
     );
 }
+
+#[test]
+fn keep_going_finishes_the_other_variants_and_a_rerun_retries_only_the_failed_one() {
+    let p = project("max_grad_norm: 0\nsweep:\n  learning_rate: [1e-3, 1e38]\n");
+    let kiln = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(args)
+            .current_dir(p.dir.path())
+            .env("KILN_NUM_THREADS", "1")
+            .env_remove("KILN_CACHE")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let ws = p.ws(&[]);
+    let good = ws
+        .variants
+        .iter()
+        .find(|v| v.label.contains("0.001"))
+        .unwrap();
+    let bad = ws
+        .variants
+        .iter()
+        .find(|v| !v.label.contains("0.001"))
+        .unwrap();
+    let (good_train, bad_train) = (
+        good.stage("train").unwrap().to_string(),
+        bad.stage("train").unwrap().to_string(),
+    );
+    // Without --keep-going the first failure stops the run (exit 1).
+    let (code, out, stderr) = kiln(&["run", "kiln.yml", "--keep-going"]);
+    assert_eq!(code, Some(1), "{out}\n{stderr}");
+    assert!(stderr.contains(&format!("FAILED {bad_train}")), "{stderr}");
+    assert!(stderr.contains("loss became"), "{stderr}");
+    assert!(out.contains(&format!("built  {good_train}")), "{out}");
+    assert!(p.ws(&[]).entry_of(&good_train).is_ok());
+    // A rerun retries only the failed variant.
+    let (code, out, _) = kiln(&["run", "kiln.yml", "--keep-going"]);
+    assert_eq!(code, Some(1));
+    assert!(out.contains(&format!("build  {bad_train}")), "{out}");
+    assert!(!out.contains(&format!("build  {good_train}")), "{out}");
+}

@@ -1120,7 +1120,7 @@ fn real_main() -> Result<ExitCode> {
             let ws = open_single(&common)?;
             if ws.plan.index_of("train").is_none() {
                 anyhow::bail!(
-                    "{}: nothing to train: set `adapter: lora` (full fine-tuning is not supported yet)",
+                    "{}: nothing to train: the config's adapter is not trainable here (use `adapter: lora`, or no adapter for full fine-tuning)",
                     common.config.display()
                 );
             }

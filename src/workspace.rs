@@ -255,6 +255,19 @@ impl Workspace {
                 self.entry_of("fetch.model")?
             }
         };
+        if lora_model_dir.is_none() && self.plan.index_of("train").is_some() {
+            // A full fine-tune's output is the whole model.
+            if let Ok(dir) = self.entry_of("train") {
+                if !dir.join(crate::model::adapter::ADAPTER_CONFIG).exists() {
+                    let m = load_model(&dir, &device)?;
+                    return Ok((
+                        m,
+                        tok_of(&dir)?,
+                        "fully fine-tuned model (train stage)".into(),
+                    ));
+                }
+            }
+        }
         let mut model = load_model(&model_dir, &device)?;
         let adapter_dir = match lora_model_dir {
             Some(d) => Some(d.to_path_buf()),

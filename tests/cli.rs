@@ -26,19 +26,20 @@ fn plan_json_run_and_noop() {
     assert_eq!(code, 0);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let stages = v["stages"].as_array().unwrap();
-    assert_eq!(stages.len(), 6);
+    // No adapter: full fine-tuning, so a train stage after the data stages.
+    assert_eq!(stages.len(), 7);
     for s in stages {
         for k in ["name", "kind", "key", "state", "reason", "deps"] {
             assert!(s.get(k).is_some(), "missing {k} in {s}");
         }
-        assert!(["fetch", "tokenize", "pack"].contains(&s["kind"].as_str().unwrap()));
+        assert!(["fetch", "tokenize", "pack", "train"].contains(&s["kind"].as_str().unwrap()));
     }
     assert_eq!(stages[0]["reason"], "never built");
     let (code, out, err) = kiln(&p, &["preprocess", "kiln.yml"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("batches per epoch"), "{out}");
     assert!(out.contains("efficiency"));
-    let (code, out, _) = kiln(&p, &["run", "kiln.yml"]);
+    let (code, out, _) = kiln(&p, &["run", "kiln.yml", "--target", "pack"]);
     assert_eq!(code, 0);
     assert!(out.contains("nothing to do: all 6 stages fresh"), "{out}");
     let (code, out, _) = kiln(&p, &["dag", "kiln.yml", "--dot"]);
@@ -137,15 +138,18 @@ fn empty_dataset_and_bad_template_are_clear_errors() {
 #[test]
 fn cache_gc_keeps_referenced_entries() {
     let p = Project::new("");
-    kiln(&p, &["run", "kiln.yml"]);
-    kiln(&p, &["run", "kiln.yml", "--set", "seed=9"]);
+    kiln(&p, &["run", "kiln.yml", "--target", "pack"]);
+    kiln(
+        &p,
+        &["run", "kiln.yml", "--target", "pack", "--set", "seed=9"],
+    );
     let (code, out, _) = kiln(&p, &["cache", "gc", "--dir", "cache", "--keep", "kiln.yml"]);
     assert_eq!(code, 0, "{out}");
     assert!(
         out.contains("removed 1 entries"),
         "the seed=9 pack entry goes: {out}"
     );
-    let (_, out, _) = kiln(&p, &["run", "kiln.yml"]);
+    let (_, out, _) = kiln(&p, &["run", "kiln.yml", "--target", "pack"]);
     assert!(out.contains("nothing to do"), "{out}");
 }
 
@@ -156,7 +160,7 @@ fn kill_dash_nine_mid_run_never_leaves_a_finished_looking_entry() {
     std::fs::write(p.path("data/alpaca.jsonl"), alpaca_rows(30000)).unwrap();
     for delay_ms in [30u64, 120, 300, 600] {
         let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .args(["run", "kiln.yml"])
+            .args(["run", "kiln.yml", "--target", "pack"])
             .current_dir(p.dir.path())
             .env("KILN_NUM_THREADS", "1")
             .env_remove("KILN_CACHE")
@@ -180,7 +184,7 @@ fn kill_dash_nine_mid_run_never_leaves_a_finished_looking_entry() {
         }
     }
     // The next run finishes the job, and cleans the dead staging directories.
-    let (code, out, err) = kiln(&p, &["run", "kiln.yml"]);
+    let (code, out, err) = kiln(&p, &["run", "kiln.yml", "--target", "pack"]);
     assert_eq!(code, 0, "{out}{err}");
     let ws = p.ws(&[]);
     assert!(
@@ -197,8 +201,8 @@ fn kill_dash_nine_mid_run_never_leaves_a_finished_looking_entry() {
 #[test]
 fn runs_lists_past_runs_with_built_and_reused_counts() {
     let p = Project::new("");
-    kiln(&p, &["run", "kiln.yml"]);
-    kiln(&p, &["run", "kiln.yml"]);
+    kiln(&p, &["run", "kiln.yml", "--target", "pack"]);
+    kiln(&p, &["run", "kiln.yml", "--target", "pack"]);
     let (code, out, err) = kiln(&p, &["runs", "--dir", "cache", "--json"]);
     assert_eq!(code, 0, "{err}");
     let rows: Vec<serde_json::Value> = out

@@ -223,10 +223,12 @@ fn hub_model_and_dataset_fetch_pin_commits_and_work_offline() {
     let cfg = dir.path().join("kiln.yml");
     std::fs::write(&cfg, "base_model: kiln-test/tiny\ndatasets:\n  - path: kiln-test/qa\n    type: alpaca\n    split: train\nsequence_len: 512\ncache_dir: cache\n").unwrap();
     let ws = kiln::workspace::Workspace::open(&cfg, &[]).unwrap();
-    let s = ws
-        .scheduler()
-        .run(&Default::default(), &mut |_| {})
-        .unwrap();
+    // The hub model here is a tokenizer only: build the data stages.
+    let data_only = kiln::scheduler::RunOptions {
+        targets: vec!["pack".into()],
+        ..Default::default()
+    };
+    let s = ws.scheduler().run(&data_only, &mut |_| {}).unwrap();
     assert_eq!(
         s.built,
         vec!["fetch.model", "fetch.data[0]", "tokenize[0]", "pack"]
@@ -250,10 +252,7 @@ fn hub_model_and_dataset_fetch_pin_commits_and_work_offline() {
     assert_eq!(ws.pack_stats().unwrap().datasets[0].1.records, 15);
     let by_name =
         kiln::workspace::Workspace::open(&cfg, &["datasets[0].name=extra".into()]).unwrap();
-    by_name
-        .scheduler()
-        .run(&Default::default(), &mut |_| {})
-        .unwrap();
+    by_name.scheduler().run(&data_only, &mut |_| {}).unwrap();
     assert_eq!(
         by_name.pack_stats().unwrap().datasets[0].1.records,
         3,
@@ -270,7 +269,7 @@ fn hub_model_and_dataset_fetch_pin_commits_and_work_offline() {
         .scheduler()
         .assess()
         .unwrap();
-    assert!(stale_names(&plan).is_empty(), "{plan:?}");
+    assert!(stale_data_names(&plan).is_empty(), "{plan:?}");
     assert_eq!(hub.requests.lock().unwrap().len(), before);
     std::env::remove_var("HF_HUB_OFFLINE");
 

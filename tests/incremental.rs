@@ -31,9 +31,9 @@ fn training_keys_leave_data_stages_fresh() {
     ] {
         let plan = p.plan(&[set]);
         assert!(
-            stale_names(&plan).is_empty(),
+            stale_data_names(&plan).is_empty(),
             "{set} made {:?} stale",
-            stale_names(&plan)
+            stale_data_names(&plan)
         );
     }
 }
@@ -63,7 +63,7 @@ fn seed_only_restales_pack() {
     let p = Project::new("seed: 42\n");
     p.run(&[]);
     let plan = p.plan(&["seed=7"]);
-    assert_eq!(stale_names(&plan), vec!["pack"]);
+    assert_eq!(stale_data_names(&plan), vec!["pack"]);
     assert_eq!(
         status(&plan, "pack").reason.as_deref(),
         Some("seed changed 42 → 7")
@@ -77,7 +77,7 @@ fn train_on_inputs_restales_tokenize() {
     p.run(&[]);
     let plan = p.plan(&["train_on_inputs=true"]);
     assert_eq!(
-        stale_names(&plan),
+        stale_data_names(&plan),
         vec!["tokenize[0]", "tokenize[1]", "pack"]
     );
     assert_eq!(

@@ -489,7 +489,7 @@ fn exported_gguf_runs_in_llama_cpp() {
     std::fs::write(
         &cfg,
         format!(
-            "base_model: {}\ndatasets:\n  - path: chat.jsonl\n    type: chat_template\nsequence_len: 256\nval_set_size: 0.1\ncache_dir: cache\nexport:\n  - {{format: gguf, quant: q8_0}}\n  - {{format: gguf, quant: q4_k_m}}\n",
+            "base_model: {}\ndatasets:\n  - path: chat.jsonl\n    type: chat_template\nsequence_len: 256\nval_set_size: 0.1\ncache_dir: cache\nadapter: lora\nmax_steps: 1\nlearning_rate: 1e-6\nexport:\n  - {{format: gguf, quant: q8_0}}\n  - {{format: gguf, quant: q4_k_m}}\n",
             td.join("SmolLM2-135M-Instruct.Q4_1.gguf").display()
         ),
     )

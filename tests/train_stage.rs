@@ -305,3 +305,104 @@ fn neftune_noise_changes_training_reproducibly() {
     .unwrap();
     assert_eq!(noised, again, "the noise comes from kiln's seeded PRNG");
 }
+
+#[test]
+fn no_adapter_means_full_fine_tuning_with_a_complete_model_out() {
+    one_thread();
+    let mk = || {
+        let p = Project::new("max_steps: 4\nwarmup_steps: 1\nseed: 3\nsave_steps: 2\nevaluate: true\nexport:\n  - {format: gguf, quant: q8_0}\n");
+        write_tiny_model_dir(&p.path("model"), 17);
+        let cfg = std::fs::read_to_string(&p.config)
+            .unwrap()
+            .replace("learning_rate: 2e-4", "learning_rate: 3e-3");
+        std::fs::write(&p.config, cfg).unwrap();
+        p
+    };
+    let p = mk();
+    let (s, events) = p.run(&[]);
+    for st in ["train", "evaluate", "export.gguf.q8_0"] {
+        assert!(s.built.contains(&st.to_string()), "{:?}", s.built);
+    }
+    let losses: Vec<f64> = events
+        .iter()
+        .filter_map(|e| match e {
+            kiln::events::Event::Metric { name, value, .. } if name == "loss" => Some(*value),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(losses.len(), 4);
+    assert!(losses[3] < losses[0], "loss went {losses:?}");
+    let ws = p.ws(&[]);
+    let dir = ws.entry_of("train").unwrap();
+    assert!(dir.join("model.safetensors").exists());
+    assert!(dir.join("config.json").exists() && dir.join("tokenizer.json").exists());
+    assert!(!dir.join("adapter_config.json").exists());
+    assert!(dir.join("checkpoint-2/model.safetensors").exists());
+    // Every weight moved, including norms and the (tied) embeddings.
+    let dev = candle_core::Device::Cpu;
+    let base = candle_core::safetensors::load(p.path("model/model.safetensors"), &dev).unwrap();
+    let tuned = candle_core::safetensors::load(dir.join("model.safetensors"), &dev).unwrap();
+    assert_eq!(base.len(), tuned.len());
+    for name in [
+        "model.embed_tokens.weight",
+        "model.norm.weight",
+        "model.layers.1.mlp.down_proj.weight",
+        "model.layers.0.input_layernorm.weight",
+    ] {
+        let d = (&base[name] - &tuned[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d > 0.0, "{name} did not train");
+    }
+    // The evaluate stage reads the trained model directly.
+    let r: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(ws.entry_of("evaluate").unwrap().join("eval_results.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(r["eval_loss"].as_f64().unwrap() > 0.0);
+    // Reproducible.
+    let q = mk();
+    q.run(&[]);
+    assert_eq!(
+        std::fs::read(dir.join("model.safetensors")).unwrap(),
+        std::fs::read(
+            q.ws(&[])
+                .entry_of("train")
+                .unwrap()
+                .join("model.safetensors")
+        )
+        .unwrap()
+    );
+    // Nothing to merge; chat loads the trained model.
+    let kiln = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(args)
+            .current_dir(p.dir.path())
+            .env("KILN_NUM_THREADS", "1")
+            .env_remove("KILN_CACHE")
+            .output()
+            .unwrap()
+    };
+    let out = kiln(&["merge-lora", "kiln.yml"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing to merge"));
+    let out = kiln(&[
+        "inference",
+        "kiln.yml",
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "3",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("fully fine-tuned model"));
+}

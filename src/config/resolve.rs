@@ -633,10 +633,10 @@ pub(super) fn resolve(ctx: &mut Ctx<'_>, map: &Mapping) -> Settings {
         neftune_noise_alpha: r.f64("neftune_noise_alpha").filter(|a| *a > 0.0),
     };
     match train.adapter.as_deref() {
-        None => r.ctx.warn(
-            &[key("adapter")],
-            "not supported yet: full fine-tuning (no `adapter`); kiln builds the data stages only",
-            Some("set `adapter: lora` to train a LoRA adapter".into()),
+        None if merge_lora => r.ctx.warn(
+            &[key("merge_lora")],
+            "has no effect with full fine-tuning (no `adapter`): the trained model is already complete",
+            Some("remove `merge_lora`, or set `adapter: lora`".into()),
         ),
         Some("qlora") => r.ctx.error(
             &[key("adapter")],

@@ -23,8 +23,11 @@ pub struct Linear {
 
 impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
-        let frozen_ok =
-            x.device().is_cpu() && x.dtype() == DType::F32 && self.weight.dtype() == DType::F32;
+        // A trained weight (full fine-tuning) needs its gradient: candle's matmul gives it.
+        let frozen_ok = x.device().is_cpu()
+            && x.dtype() == DType::F32
+            && self.weight.dtype() == DType::F32
+            && !self.weight.is_variable();
         let mut y = if frozen_ok {
             x.contiguous()?.apply_op1(super::frozen::FrozenLinear {
                 weight: self.weight.contiguous()?,
@@ -144,6 +147,42 @@ impl Llama {
             out.push((format!("{p}.mlp.gate_proj"), &mut l.mlp.gate_proj));
             out.push((format!("{p}.mlp.up_proj"), &mut l.mlp.up_proj));
             out.push((format!("{p}.mlp.down_proj"), &mut l.mlp.down_proj));
+        }
+        out
+    }
+
+    /// Every weight tensor under its HF name, mutably (full fine-tuning turns them into Vars).
+    pub fn tensors_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        let mut out: Vec<(String, &mut Tensor)> = Vec::new();
+        out.push(("model.embed_tokens.weight".into(), &mut self.embed_tokens));
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.push((
+                format!("{p}.input_layernorm.weight"),
+                &mut l.input_layernorm,
+            ));
+            out.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                &mut l.post_attention_layernorm,
+            ));
+            for (n, lin) in [
+                ("self_attn.q_proj", &mut l.attn.q_proj),
+                ("self_attn.k_proj", &mut l.attn.k_proj),
+                ("self_attn.v_proj", &mut l.attn.v_proj),
+                ("self_attn.o_proj", &mut l.attn.o_proj),
+                ("mlp.gate_proj", &mut l.mlp.gate_proj),
+                ("mlp.up_proj", &mut l.mlp.up_proj),
+                ("mlp.down_proj", &mut l.mlp.down_proj),
+            ] {
+                out.push((format!("{p}.{n}.weight"), &mut lin.weight));
+                if let Some(b) = &mut lin.bias {
+                    out.push((format!("{p}.{n}.bias"), b));
+                }
+            }
+        }
+        out.push(("model.norm.weight".into(), &mut self.norm));
+        if let Some(h) = &mut self.lm_head {
+            out.push(("lm_head.weight".into(), h));
         }
         out
     }

@@ -223,10 +223,13 @@ pub fn build(s: &Settings, hashes: &FileHashCache<'_>) -> Result<Plan, PlanError
             files: None,
         }],
     );
-    if t.adapter.as_deref() == Some("lora") {
+    // No adapter = full fine-tuning (Axolotl's meaning).
+    let full = t.adapter.is_none();
+    if t.adapter.as_deref() == Some("lora") || full {
         stages.push(PlannedStage {
             name: "train".into(),
             stage: AnyStage::Train(Box::new(Train {
+                full,
                 lora: LoraSpec {
                     r: t.lora_r as usize,
                     alpha: t.lora_alpha,
@@ -267,20 +270,25 @@ pub fn build(s: &Settings, hashes: &FileHashCache<'_>) -> Result<Plan, PlanError
             ],
         });
         let train_idx = stages.len() - 1;
-        model_deps = (
-            EvalModel::BaseWithAdapter,
-            vec![
-                Dep {
-                    stage: 0,
-                    files: None,
-                },
-                Dep {
-                    stage: train_idx,
-                    files: None,
-                },
-            ],
-        );
-        if s.merge_lora {
+        let train_dep = Dep {
+            stage: train_idx,
+            files: None,
+        };
+        model_deps = if full {
+            (EvalModel::Trained, vec![train_dep])
+        } else {
+            (
+                EvalModel::BaseWithAdapter,
+                vec![
+                    Dep {
+                        stage: 0,
+                        files: None,
+                    },
+                    train_dep,
+                ],
+            )
+        };
+        if s.merge_lora && !full {
             stages.push(PlannedStage {
                 name: "merge".into(),
                 stage: AnyStage::Merge(Merge {

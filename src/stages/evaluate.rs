@@ -39,6 +39,8 @@ pub enum EvalModel {
     BaseWithAdapter,
     /// [fetch.model]
     Base,
+    /// [train] — a full fine-tune: the train stage's output is the whole model.
+    Trained,
 }
 
 impl EvalModel {
@@ -47,6 +49,7 @@ impl EvalModel {
             EvalModel::Merged => "merged",
             EvalModel::BaseWithAdapter => "base+adapter",
             EvalModel::Base => "base",
+            EvalModel::Trained => "trained",
         }
     }
 }
@@ -138,7 +141,7 @@ impl Stage for Evaluate {
         let device = Device::Cpu;
         let ups = cx.upstream;
         let (model, tok, rest) = match self.model {
-            EvalModel::Merged => {
+            EvalModel::Merged | EvalModel::Trained => {
                 let [m, rest @ ..] = ups else {
                     return Err(StageError::Invalid("evaluate: no model upstream".into()));
                 };

@@ -87,7 +87,9 @@ impl Stage for Export {
         let (base, model_dir, tok_dir, pack) = match (self.model, ups) {
             (EvalModel::Base, [f, p]) => (f, f.dir.clone(), f.dir.clone(), p),
             (EvalModel::BaseWithAdapter, [f, a, p]) => (f, f.dir.clone(), a.dir.clone(), p),
-            (EvalModel::Merged, [f, m, p]) => (f, m.dir.clone(), m.dir.clone(), p),
+            (EvalModel::Merged | EvalModel::Trained, [f, m, p]) => {
+                (f, m.dir.clone(), m.dir.clone(), p)
+            }
             _ => {
                 return Err(StageError::Invalid(
                     "export: unexpected upstream stages".into(),

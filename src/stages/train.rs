@@ -15,6 +15,8 @@ use std::time::Instant;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Train {
+    /// Full fine-tuning (no `adapter`): every weight trains; the output is the whole model.
+    pub full: bool,
     pub lora: LoraSpec,
     pub lora_dropout: f64,
     pub learning_rate: f64,
@@ -125,6 +127,28 @@ pub fn load_model(dir: &Path, device: &Device) -> Result<Llama, StageError> {
 }
 
 impl Train {
+    /// The trainable variables with their names: LoRA deltas, or every weight (full).
+    fn trainable(
+        &self,
+        model: &mut Llama,
+        device: &Device,
+    ) -> Result<Vec<(String, candle_core::Var)>, StageError> {
+        Ok(if self.full {
+            crate::train::attach_full(model)?
+        } else {
+            attach_lora(model, &self.lora, self.seed, device)?
+        })
+    }
+
+    /// The weights file of a checkpoint.
+    fn weights_file(&self) -> &'static str {
+        if self.full {
+            "model.safetensors"
+        } else {
+            "adapter_model.safetensors"
+        }
+    }
+
     fn adapter_config(&self) -> Value {
         let mut targets: Vec<String> = if self.lora.target_linear {
             [
@@ -170,14 +194,16 @@ impl Train {
             .iter()
             .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
             .collect();
-        save_tensors(&a, &tmp.join("adapter_model.safetensors"))?;
+        save_tensors(&a, &tmp.join(self.weights_file()))?;
         let mut o = std::collections::HashMap::new();
         for i in 0..opt.vars.len() {
             o.insert(format!("m.{i}"), opt.m[i].clone());
             o.insert(format!("v.{i}"), opt.v[i].clone());
         }
         save_tensors(&o, &tmp.join("optimizer.safetensors"))?;
-        write_json(&tmp.join("adapter_config.json"), adapter_cfg)?;
+        if !self.full {
+            write_json(&tmp.join("adapter_config.json"), adapter_cfg)?;
+        }
         write_json(
             &tmp.join("trainer_state.json"),
             &json!({"global_step": step, "log_history": history}),
@@ -247,6 +273,12 @@ impl Stage for Train {
         if let Some(a) = self.neftune_noise_alpha {
             p["neftune_noise_alpha"] = json!(a);
         }
+        if self.full {
+            if let Some(o) = p.as_object_mut() {
+                o.retain(|k, _| !k.starts_with("lora_") && k != "peft_use_rslora");
+                o.insert("adapter".into(), json!("full"));
+            }
+        }
         p
     }
 
@@ -258,7 +290,7 @@ impl Stage for Train {
         };
         let device = Device::Cpu;
         let mut model = load_model(&model_up.dir, &device)?;
-        let vars = attach_lora(&mut model, &self.lora, self.seed, &device)?;
+        let vars = self.trainable(&mut model, &device)?;
         let mut opt = AdamW::new(
             vars.iter().map(|(_, v)| v.clone()).collect(),
             self.weight_decay,
@@ -309,7 +341,7 @@ impl Stage for Train {
         let mut start = 0u64;
         // Resume: a checkpoint left by an interrupted build of this same key.
         if let Some((n, ck)) = latest_checkpoint(cx.work).filter(|(n, _)| *n < total) {
-            let a = candle_core::safetensors::load(ck.join("adapter_model.safetensors"), &device)?;
+            let a = candle_core::safetensors::load(ck.join(self.weights_file()), &device)?;
             for (name, v) in &vars {
                 let t = a
                     .get(name)
@@ -408,13 +440,23 @@ impl Stage for Train {
                 self.write_checkpoint(cx.work, s, &vars, &opt, &adapter_cfg, &history)?;
             }
         }
-        // PEFT layout.
-        let tensors: std::collections::HashMap<String, candle_core::Tensor> = vars
-            .iter()
-            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-            .collect();
-        save_tensors(&tensors, &cx.out.join("adapter_model.safetensors"))?;
-        write_json(&cx.out.join("adapter_config.json"), &adapter_cfg)?;
+        if self.full {
+            // HF layout: the whole model.
+            crate::model::weights::save_sharded(
+                &model.to_weights(),
+                cx.out,
+                super::merge::DEFAULT_MAX_SHARD,
+                candle_core::DType::F32,
+            )?;
+        } else {
+            // PEFT layout.
+            let tensors: std::collections::HashMap<String, candle_core::Tensor> = vars
+                .iter()
+                .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+                .collect();
+            save_tensors(&tensors, &cx.out.join("adapter_model.safetensors"))?;
+            write_json(&cx.out.join("adapter_config.json"), &adapter_cfg)?;
+        }
         for (n, ck) in checkpoints(cx.work) {
             let dest = cx.out.join(format!("checkpoint-{n}"));
             std::fs::create_dir_all(&dest).map_err(io_err(&dest))?;
@@ -460,7 +502,7 @@ impl Train {
     pub fn debug_step(&self, model_dir: &Path, pack_dir: &Path) -> Result<DebugStep, StageError> {
         let device = Device::Cpu;
         let mut model = load_model(model_dir, &device)?;
-        let vars = attach_lora(&mut model, &self.lora, self.seed, &device)?;
+        let vars = self.trainable(&mut model, &device)?;
         let trainable_params = vars.iter().map(|(_, v)| v.as_tensor().elem_count()).sum();
         let mut opt = AdamW::new(
             vars.iter().map(|(_, v)| v.clone()).collect(),

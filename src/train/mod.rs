@@ -75,6 +75,18 @@ pub fn attach_lora(
     Ok(vars)
 }
 
+/// Full fine-tuning: every weight becomes a trainable variable (its storage shared with the
+/// model, so optimizer updates are seen by the next forward). Returns them with their HF names.
+pub fn attach_full(model: &mut Llama) -> Result<Vec<(String, Var)>, ModelError> {
+    let mut vars = Vec::new();
+    for (name, t) in model.tensors_mut() {
+        let v = Var::from_tensor(&t.to_dtype(DType::F32)?)?;
+        *t = v.as_tensor().clone();
+        vars.push((name, v));
+    }
+    Ok(vars)
+}
+
 /// One packed row (or several of equal length) ready for the model.
 pub struct Batch {
     pub ids: Tensor,

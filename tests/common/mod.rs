@@ -148,7 +148,12 @@ impl Project {
         self.run_opts(sets, RunOptions::default())
     }
 
-    pub fn run_opts(&self, sets: &[&str], opts: RunOptions) -> (RunSummary, Vec<Event>) {
+    pub fn run_opts(&self, sets: &[&str], mut opts: RunOptions) -> (RunSummary, Vec<Event>) {
+        // A tokenizer-only model (no weights) builds the data stages; a config without an
+        // adapter would otherwise fully fine-tune it.
+        if opts.targets.is_empty() && !self.path("model/model.safetensors").exists() {
+            opts.targets = vec!["pack".into()];
+        }
         let ws = self.ws(sets);
         let mut events = Vec::new();
         let s = ws.scheduler().run(&opts, &mut |e| events.push(e)).unwrap();
@@ -165,6 +170,16 @@ pub fn status<'a>(plan: &'a [StageStatus], name: &str) -> &'a StageStatus {
 pub fn stale_names(plan: &[StageStatus]) -> Vec<String> {
     plan.iter()
         .filter(|s| s.state == kiln::scheduler::State::Stale)
+        .map(|s| s.name.clone())
+        .collect()
+}
+
+/// Stale data stages only (fetch, tokenize, pack): for fixtures whose model is a tokenizer
+/// without weights, where the train stage can never be built.
+pub fn stale_data_names(plan: &[StageStatus]) -> Vec<String> {
+    plan.iter()
+        .filter(|s| s.state == kiln::scheduler::State::Stale)
+        .filter(|s| ["fetch", "tokenize", "pack"].contains(&s.kind.as_str()))
         .map(|s| s.name.clone())
         .collect()
 }

@@ -331,6 +331,7 @@ pub fn generate(model: &Path) -> Result<Vec<Figure>, KilnError> {
         target_modules: vec![],
         target_linear: true,
         rslora: false,
+        dora: false,
     };
     crate::train::attach_lora(&mut m, &spec, 1, &device).map_err(StageError::from)?;
     measure(&m, "f32 + unmerged LoRA r16")?;

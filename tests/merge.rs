@@ -195,3 +195,53 @@ fn an_adapter_for_another_model_is_refused_naming_the_module() {
         "{e}"
     );
 }
+
+#[test]
+fn dora_trains_a_magnitude_vector_and_merges_to_the_same_logits() {
+    one_thread();
+    let p = Project::new("adapter: lora\npeft_use_dora: true\nlora_r: 4\nlora_alpha: 8\nlora_target_linear: true\nmax_steps: 4\nwarmup_steps: 1\nseed: 3\nmerge_lora: true\n");
+    write_tiny_model_dir(&p.path("model"), 17);
+    let cfg = std::fs::read_to_string(&p.config)
+        .unwrap()
+        .replace("learning_rate: 2e-4", "learning_rate: 2e-2");
+    std::fs::write(&p.config, cfg).unwrap();
+    let (_, events) = p.run(&[]);
+    let losses: Vec<f64> = events
+        .iter()
+        .filter_map(|e| match e {
+            kiln::events::Event::Metric { name, value, .. } if name == "loss" => Some(*value),
+            _ => None,
+        })
+        .collect();
+    assert!(losses[3] < losses[0], "{losses:?}");
+    let ws = p.ws(&[]);
+    let adapter = ws.entry_of("train").unwrap();
+    let dev = Device::Cpu;
+    let t =
+        candle_core::safetensors::load(adapter.join("adapter_model.safetensors"), &dev).unwrap();
+    let m = &t["base_model.model.model.layers.1.mlp.down_proj.lora_magnitude_vector"];
+    assert_eq!(m.dims(), &[32]);
+    assert_eq!(t.len(), 3 * 7 * 2, "A, B and a magnitude per adapted layer");
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(adapter.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["use_dora"], true);
+
+    let base_dir = ws.entry_of("fetch.model").unwrap();
+    let merged = load_model(&ws.entry_of("merge").unwrap(), &dev).unwrap();
+    let mut with_adapter = load_model(&base_dir, &dev).unwrap();
+    PeftAdapter::load(&adapter, &dev)
+        .unwrap()
+        .apply(&mut with_adapter)
+        .unwrap();
+    let base = load_model(&base_dir, &dev).unwrap();
+    let ids: Vec<u32> = (0..24).map(|i| (i * 5 + 1) % 60).collect();
+    let lm = merged.forward_one(&ids, &dev).unwrap();
+    let la = with_adapter.forward_one(&ids, &dev).unwrap();
+    let d = max_abs_diff(&lm, &la);
+    assert!(d < 1e-4, "merged DoRA vs applied DoRA differ by {d}");
+    assert!(max_abs_diff(&lm, &base.forward_one(&ids, &dev).unwrap()) > 1e-3);
+    // A DoRA config keys the train stage differently from plain LoRA.
+    let plan = p.plan(&["peft_use_dora=false"]);
+    assert_eq!(status(&plan, "train").state, kiln::scheduler::State::Stale);
+}

@@ -455,6 +455,7 @@ fn quickstart_lora_steps_on_smollm2_lower_the_loss_and_generation_still_works() 
         target_modules: vec![],
         target_linear: true,
         rslora: false,
+        dora: false,
     };
     let vars = kiln::train::attach_lora(&mut model, &spec, 0, &dev).unwrap();
     let trained =

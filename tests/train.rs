@@ -13,6 +13,7 @@ fn spec() -> LoraSpec {
         target_modules: vec![],
         target_linear: true,
         rslora: false,
+        dora: false,
     }
 }
 

@@ -136,6 +136,7 @@ pub struct TrainSettings {
     pub evals_per_epoch: Option<u64>,
     pub saves_per_epoch: Option<u64>,
     pub peft_use_rslora: bool,
+    pub peft_use_dora: bool,
     pub neftune_noise_alpha: Option<f64>,
 }
 
@@ -264,6 +265,7 @@ fn classify(key: &str) -> Option<KeyClass> {
         | "save_steps"
         | "save_total_limit"
         | "peft_use_rslora"
+        | "peft_use_dora"
         | "neftune_noise_alpha"
         | "evals_per_epoch"
         | "saves_per_epoch"
@@ -630,6 +632,7 @@ pub(super) fn resolve(ctx: &mut Ctx<'_>, map: &Mapping) -> Settings {
         evals_per_epoch: r.u64("evals_per_epoch"),
         saves_per_epoch: r.u64("saves_per_epoch"),
         peft_use_rslora: r.bool("peft_use_rslora").unwrap_or(false),
+        peft_use_dora: r.bool("peft_use_dora").unwrap_or(false),
         neftune_noise_alpha: r.f64("neftune_noise_alpha").filter(|a| *a > 0.0),
     };
     match train.adapter.as_deref() {

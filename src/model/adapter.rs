@@ -1,6 +1,6 @@
 //! PEFT LoRA adapters read back from disk (`adapter_model.safetensors` + `adapter_config.json`),
 //! applied to a loaded model (unmerged, for inference and evaluation) or merged into its weights:
-//! W' = W + s·B·A with s = alpha/r (alpha/√r under rsLoRA), r and alpha per module when the
+//! W' = W + s·B·A (DoRA: rescaled per row to the trained magnitude) with s = alpha/r (alpha/√r under rsLoRA), r and alpha per module when the
 //! adapter carries `rank_pattern` / `alpha_pattern`.
 
 use super::llama::LoraDelta;
@@ -18,6 +18,8 @@ pub struct ModuleDelta {
     pub a: Tensor,
     pub b: Tensor,
     pub scale: f64,
+    /// DoRA's magnitude vector (out,), when the adapter is a DoRA one.
+    pub magnitude: Option<Tensor>,
 }
 
 /// A LoRA adapter keyed by HF module path (`model.layers.0.self_attn.q_proj`).
@@ -56,12 +58,7 @@ impl PeftAdapter {
                 format!("peft_type {peft_type} is not supported; kiln applies LoRA adapters"),
             ));
         }
-        if cfg["use_dora"].as_bool() == Some(true) {
-            return Err(err(
-                &cp,
-                "DoRA adapters (use_dora: true) are not supported yet",
-            ));
-        }
+        let dora = cfg["use_dora"].as_bool() == Some(true);
         if cfg["fan_in_fan_out"].as_bool() == Some(true) {
             return Err(err(&cp, "fan_in_fan_out adapters are not supported yet"));
         }
@@ -80,8 +77,16 @@ impl PeftAdapter {
         }
         let tensors = candle_core::safetensors::load(&wp, device).map_err(|e| err(&wp, e))?;
         let mut pairs: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
+        let mut magnitudes: BTreeMap<String, Tensor> = BTreeMap::new();
         for (name, t) in tensors {
             let rest = name.strip_prefix("base_model.model.").unwrap_or(&name);
+            let magnitude = rest
+                .strip_suffix(".lora_magnitude_vector")
+                .or_else(|| rest.strip_suffix(".lora_magnitude_vector.weight"));
+            if let Some(m) = magnitude {
+                magnitudes.insert(m.to_string(), t.to_dtype(DType::F32)?.flatten_all()?);
+                continue;
+            }
             let (module, which) = if let Some(m) = rest.strip_suffix(".lora_A.weight") {
                 (m, 0)
             } else if let Some(m) = rest.strip_suffix(".lora_B.weight") {
@@ -125,7 +130,37 @@ impl PeftAdapter {
             } else {
                 alpha / r as f64
             };
-            modules.insert(module, ModuleDelta { a, b, scale });
+            let magnitude = magnitudes.remove(&module);
+            match (&magnitude, dora) {
+                (None, true) => {
+                    return Err(err(
+                        &wp,
+                        format!("a DoRA adapter (use_dora: true) without lora_magnitude_vector for `{module}`"),
+                    ))
+                }
+                (Some(m), _) if m.dims1()? != b.dims2()?.0 => {
+                    return Err(err(
+                        &wp,
+                        format!("`{module}`: the DoRA magnitude vector does not match lora_B's rows"),
+                    ))
+                }
+                _ => {}
+            }
+            modules.insert(
+                module,
+                ModuleDelta {
+                    a,
+                    b,
+                    scale,
+                    magnitude,
+                },
+            );
+        }
+        if let Some(m) = magnitudes.keys().next() {
+            return Err(err(
+                &wp,
+                format!("`{m}` has a DoRA magnitude but no lora_A / lora_B"),
+            ));
         }
         if modules.is_empty() {
             return Err(err(&wp, "the adapter holds no LoRA weights"));
@@ -173,19 +208,26 @@ impl PeftAdapter {
                     a: Var::from_tensor(&d.a)?,
                     b: Var::from_tensor(&d.b)?,
                     scale: d.scale,
+                    magnitude: d.magnitude.as_ref().map(Var::from_tensor).transpose()?,
                 });
             }
         }
         Ok(())
     }
 
-    /// Folds the deltas into the base weights: W' = W + s·B·A, computed in f32.
+    /// Folds the deltas into the base weights, computed in f32: W' = W + s·B·A, and for DoRA
+    /// W' = m / ‖W + s·B·A‖ (per row) · (W + s·B·A).
     pub fn merge_into(&self, model: &mut Llama) -> Result<(), ModelError> {
         self.check(model)?;
         for (path, lin) in model.linears_mut() {
             if let Some(d) = self.modules.get(&path) {
                 let delta = (d.b.matmul(&d.a)? * d.scale)?;
-                lin.weight = (lin.weight.to_dtype(DType::F32)? + delta)?;
+                let mut w = (lin.weight.to_dtype(DType::F32)? + delta)?;
+                if let Some(m) = &d.magnitude {
+                    let norm = w.sqr()?.sum_keepdim(1)?.sqrt()?;
+                    w = w.broadcast_mul(&m.unsqueeze(1)?.div(&norm)?)?;
+                }
+                lin.weight = w;
                 lin.lora = None;
             }
         }

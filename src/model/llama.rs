@@ -12,6 +12,23 @@ pub struct LoraDelta {
     pub a: candle_core::Var,
     pub b: candle_core::Var,
     pub scale: f64,
+    /// DoRA's magnitude vector m (out,): the output is rescaled row-wise to
+    /// m / ‖W + s·B·A‖ (the norm detached, as in the DoRA paper and PEFT).
+    pub magnitude: Option<candle_core::Var>,
+}
+
+impl LoraDelta {
+    /// ‖W + s·B·A‖ per output row, without gradient.
+    pub fn dora_norm(&self, weight: &Tensor) -> Result<Tensor, ModelError> {
+        let delta = (self
+            .b
+            .as_tensor()
+            .detach()
+            .matmul(&self.a.as_tensor().detach())?
+            * self.scale)?;
+        let w = (weight.detach().to_dtype(DType::F32)? + delta)?;
+        Ok(w.sqr()?.sum_keepdim(1)?.sqrt()?.squeeze(1)?)
+    }
 }
 
 /// A linear layer `y = x Wᵀ (+ b)`, the base weight frozen, optionally with a LoRA delta.
@@ -40,6 +57,10 @@ impl Linear {
                 .broadcast_matmul(&l.a.as_tensor().t()?)?
                 .broadcast_matmul(&l.b.as_tensor().t()?)?;
             y = (y + (d * l.scale)?)?;
+            if let Some(m) = &l.magnitude {
+                let k = m.as_tensor().div(&l.dora_norm(&self.weight)?)?;
+                y = y.broadcast_mul(&k)?;
+            }
         }
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,

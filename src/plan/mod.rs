@@ -236,6 +236,7 @@ pub fn build(s: &Settings, hashes: &FileHashCache<'_>) -> Result<Plan, PlanError
                     target_modules: t.lora_target_modules.clone(),
                     target_linear: t.lora_target_linear || t.lora_target_modules.is_empty(),
                     rslora: t.peft_use_rslora,
+                    dora: t.peft_use_dora,
                 },
                 lora_dropout: t.lora_dropout,
                 learning_rate: t.learning_rate,

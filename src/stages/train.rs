@@ -172,7 +172,7 @@ impl Train {
             "r": self.lora.r, "lora_alpha": self.lora.alpha, "lora_dropout": self.lora_dropout,
             "target_modules": targets, "bias": "none", "fan_in_fan_out": false,
             "inference_mode": true, "init_lora_weights": true, "use_rslora": self.lora.rslora,
-            "use_dora": false, "modules_to_save": null, "revision": null
+            "use_dora": self.lora.dora, "modules_to_save": null, "revision": null
         })
     }
 
@@ -272,6 +272,9 @@ impl Stage for Train {
         });
         if let Some(a) = self.neftune_noise_alpha {
             p["neftune_noise_alpha"] = json!(a);
+        }
+        if self.lora.dora {
+            p["peft_use_dora"] = json!(true);
         }
         if self.full {
             if let Some(o) = p.as_object_mut() {

@@ -16,6 +16,8 @@ pub struct LoraSpec {
     pub target_modules: Vec<String>,
     pub target_linear: bool,
     pub rslora: bool,
+    /// DoRA (`peft_use_dora`): a trained magnitude vector per adapted layer.
+    pub dora: bool,
 }
 
 impl LoraSpec {
@@ -66,10 +68,29 @@ pub fn attach_lora(
         let b = Var::zeros((out_f, spec.r), DType::F32, device)?;
         vars.push((format!("base_model.model.{path}.lora_A.weight"), a.clone()));
         vars.push((format!("base_model.model.{path}.lora_B.weight"), b.clone()));
+        let magnitude = if spec.dora {
+            // m starts at ‖W‖ per row, so the adapted layer starts equal to the base one.
+            let m = lin
+                .weight
+                .to_dtype(DType::F32)?
+                .sqr()?
+                .sum_keepdim(1)?
+                .sqrt()?
+                .squeeze(1)?;
+            let m = Var::from_tensor(&m)?;
+            vars.push((
+                format!("base_model.model.{path}.lora_magnitude_vector"),
+                m.clone(),
+            ));
+            Some(m)
+        } else {
+            None
+        };
         lin.lora = Some(LoraDelta {
             a,
             b,
             scale: spec.scale(),
+            magnitude,
         });
     }
     Ok(vars)

@@ -16,6 +16,7 @@ pub mod lineage;
 pub mod lock;
 pub mod model;
 pub mod plan;
+pub mod plot;
 pub mod scheduler;
 pub mod serve;
 pub mod stages;

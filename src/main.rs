@@ -216,6 +216,14 @@ enum Cmd {
         #[arg(long)]
         stages: Vec<String>,
     },
+    /// Train (solid) and eval (dashed) loss curves of every built variant on one SVG chart.
+    Plot {
+        #[command(flatten)]
+        common: Common,
+        /// Output file (.svg).
+        #[arg(short = 'o', long, default_value = "curves.svg")]
+        output: PathBuf,
+    },
     /// Why a stage is stale or fresh, traced back to the input that changed.
     Why {
         /// The stage (`train`, `tokenize[0]`, `train@1a2b3c4d`).
@@ -1412,6 +1420,31 @@ fn real_main() -> Result<ExitCode> {
                     verdicts.len()
                 );
             }
+        }
+        Cmd::Plot { common, output } => {
+            let ext = output
+                .extension()
+                .and_then(|e| e.to_str())
+                .unwrap_or("")
+                .to_ascii_lowercase();
+            if ext != "svg" {
+                anyhow::bail!(
+                    "kiln plot: {}: not supported yet: .{ext} output; write .svg (browsers and image tools open it)",
+                    output.display()
+                );
+            }
+            let ws = open(&common)?;
+            let series = kiln::plot::series(&ws)?;
+            if series.is_empty() {
+                anyhow::bail!(
+                    "kiln plot: no variant of {} has a built train stage yet; run it first",
+                    common.config.display()
+                );
+            }
+            let title = format!("{} — loss", common.config.display());
+            std::fs::write(&output, kiln::plot::svg(&series, &title))
+                .with_context(|| format!("writing {}", output.display()))?;
+            println!("{} curves in {}", series.len(), output.display());
         }
         Cmd::Why { stage, common } => {
             let ws = open(&common)?;

@@ -226,3 +226,35 @@ fn keep_going_finishes_the_other_variants_and_a_rerun_retries_only_the_failed_on
     assert!(out.contains(&format!("build  {bad_train}")), "{out}");
     assert!(!out.contains(&format!("build  {good_train}")), "{out}");
 }
+
+#[test]
+fn kiln_plot_draws_each_variants_curves_into_an_svg() {
+    let p = project("eval_steps: 1\nsweep:\n  learning_rate: [1e-3, 5e-3]\n");
+    let kiln = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(args)
+            .current_dir(p.dir.path())
+            .env("KILN_NUM_THREADS", "1")
+            .env_remove("KILN_CACHE")
+            .output()
+            .unwrap()
+    };
+    let out = kiln(&["plot", "kiln.yml", "-o", "c.svg"]);
+    assert!(!out.status.success(), "nothing built yet");
+    assert!(kiln(&["run", "kiln.yml"]).status.success());
+    let out = kiln(&["plot", "kiln.yml", "-o", "c.svg"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let svg = std::fs::read_to_string(p.path("c.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    // Two variants: a train polyline and an eval polyline each, labelled by their values.
+    assert_eq!(svg.matches("<polyline").count(), 4, "{svg}");
+    assert_eq!(svg.matches("stroke-dasharray").count(), 2);
+    assert!(svg.contains("learning_rate=0.001") && svg.contains("learning_rate=0.005"));
+    let out = kiln(&["plot", "kiln.yml", "-o", "c.png"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("write .svg"));
+}

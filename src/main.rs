@@ -35,6 +35,9 @@ struct Common {
     /// Override a config key without editing the file (repeatable): `--set learning_rate=1e-4`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
+    /// In a sweep, work on this variant only (its id, or a unique prefix; see `kiln plan`).
+    #[arg(long)]
+    variant: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -334,8 +337,39 @@ fn init_threads(ws: Option<&Workspace>) {
     }
 }
 
-fn open(c: &Common) -> Result<Workspace, KilnError> {
-    let ws = Workspace::open(&c.config, &c.set)?;
+fn open(c: &Common) -> Result<Workspace> {
+    let mut sets = c.set.clone();
+    if let Some(id) = &c.variant {
+        // The variant as a plain config: its values set, its output_dir, no sweep. Its stages
+        // have the same keys as in the sweep, so everything built there is reused.
+        let all = kiln::config::load_variants(&c.config, &c.set)?;
+        let hits: Vec<_> = all
+            .iter()
+            .filter_map(|(v, l)| v.as_ref().map(|v| (v, l)))
+            .filter(|(v, _)| v.id.starts_with(id.as_str()))
+            .collect();
+        let [(v, l)] = hits[..] else {
+            let ids: Vec<String> = all
+                .iter()
+                .filter_map(|(v, _)| v.as_ref().map(|v| format!("{} ({})", v.id, v.label)))
+                .collect();
+            anyhow::bail!(
+                "--variant {id}: {} variants match; the sweep has: {}",
+                hits.len(),
+                if ids.is_empty() {
+                    "no variants (not a sweep)".to_string()
+                } else {
+                    ids.join(", ")
+                }
+            );
+        };
+        for (k, val) in &v.sets {
+            sets.push(format!("{k}={}", serde_json::to_string(val)?));
+        }
+        sets.push(format!("output_dir={}", l.settings.output_dir.display()));
+        sets.push("sweep=null".into());
+    }
+    let ws = Workspace::open(&c.config, &sets)?;
     for w in &ws.warnings {
         eprintln!("warning: {}", w.to_string().replace('\n', "\n  "));
     }
@@ -354,7 +388,7 @@ fn open_single(c: &Common) -> Result<Workspace> {
             .map(|v| format!("{} ({})", v.id.as_deref().unwrap_or("-"), v.label))
             .collect();
         anyhow::bail!(
-            "{} is a sweep of {} variants: {}; this command works on one — use `kiln run` for the sweep, or copy the config without `sweep:` and set the values you want",
+            "{} is a sweep of {} variants: {}; this command works on one — pick it with --variant ID",
             c.config.display(),
             ws.variants.len(),
             ids.join(", ")
@@ -1193,7 +1227,7 @@ fn real_main() -> Result<ExitCode> {
             let mut ws = open_single(&common)?;
             if ws.settings.evaluate.is_none() {
                 common.set.push("evaluate=true".into());
-                ws = Workspace::open(&common.config, &common.set)?;
+                ws = open_single(&common)?;
             }
             do_run(
                 &ws,

@@ -258,3 +258,70 @@ fn kiln_plot_draws_each_variants_curves_into_an_svg() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("write .svg"));
 }
+
+#[test]
+fn variant_picks_one_point_of_a_sweep_for_single_model_commands() {
+    let p = project("sweep:\n  learning_rate: [1e-3, 5e-3]\n");
+    let kiln = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(args)
+            .current_dir(p.dir.path())
+            .env("KILN_NUM_THREADS", "1")
+            .env_remove("KILN_CACHE")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let ws = p.ws(&[]);
+    let v = ws
+        .variants
+        .iter()
+        .find(|v| v.label.contains("0.005"))
+        .unwrap();
+    let id = v.id.clone().unwrap();
+    let train = v.stage("train").unwrap().to_string();
+    let (ok, _, stderr) = kiln(&["inference", "kiln.yml", "--prompt", "hi"]);
+    assert!(!ok && stderr.contains("--variant"), "{stderr}");
+    assert!(kiln(&["run", "kiln.yml"]).0);
+    // The variant's stages are the sweep's: nothing to build, the same train entry.
+    let (ok, out, stderr) = kiln(&["train", "kiln.yml", "--variant", &id[..4]]);
+    assert!(ok, "{stderr}");
+    assert!(out.contains("nothing to do"), "{out}");
+    let narrowed = kiln::workspace::Workspace::open(
+        &p.config,
+        &[
+            "learning_rate=0.005".into(),
+            format!("output_dir=./outputs/{id}"),
+            "sweep=null".into(),
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        narrowed.entry_of("train").unwrap(),
+        ws.entry_of(&train).unwrap()
+    );
+    let (ok, _, stderr) = kiln(&[
+        "inference",
+        "kiln.yml",
+        "--variant",
+        &id,
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "2",
+    ]);
+    assert!(ok, "{stderr}");
+    let (ok, _, stderr) = kiln(&[
+        "inference",
+        "kiln.yml",
+        "--variant",
+        "zzzz",
+        "--prompt",
+        "hi",
+    ]);
+    assert!(!ok && stderr.contains("0 variants match"), "{stderr}");
+}

@@ -144,7 +144,7 @@ pub fn load(path: &Path, overrides: &[String]) -> Result<Loaded, ConfigError> {
 
 pub fn load_str(path: &Path, text: &str, overrides: &[String]) -> Result<Loaded, ConfigError> {
     let mut map = parse_mapping(path, text, overrides)?;
-    if map.remove("sweep").is_some() {
+    if map.remove("sweep").is_some_and(|v| !v.is_null()) {
         return Err(ConfigError::Invalid(vec![Problem {
             file: path.to_path_buf(),
             key: "sweep".into(),
@@ -168,7 +168,7 @@ pub fn load_variants(
         source,
     })?;
     let mut map = parse_mapping(path, &text, overrides)?;
-    let Some(sw) = map.remove("sweep") else {
+    let Some(sw) = map.remove("sweep").filter(|v| !v.is_null()) else {
         return Ok(vec![(None, resolve_mapping(path, &text, map)?)]);
     };
     let variants = sweep::expand(path, &sw)?;

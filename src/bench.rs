@@ -205,7 +205,7 @@ pub fn preprocess(
         &RunOptions {
             targets: vec!["tokenize[0]".into()],
             force: vec![],
-            keep_going: false,
+            ..Default::default()
         },
         &mut |_| {},
     )?;
@@ -361,7 +361,7 @@ pub fn plan(work: &Path, model: &Path, kiln_exe: Option<&Path>) -> Result<Vec<Fi
     let opts = RunOptions {
         targets: vec!["pack".into()],
         force: vec![],
-        keep_going: false,
+        ..Default::default()
     };
     ws.scheduler().run(&opts, &mut |_| {})?;
     let stages = ws.plan.stages.len();

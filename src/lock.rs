@@ -285,7 +285,7 @@ pub fn verify(
             &crate::scheduler::RunOptions {
                 targets,
                 force: vec![],
-                keep_going: false,
+                ..Default::default()
             },
             &mut |e| {
                 if let crate::events::Event::StageFinished {

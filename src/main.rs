@@ -81,6 +81,12 @@ enum Cmd {
         /// stop the others); exit 1 at the end listing the failures.
         #[arg(long)]
         keep_going: bool,
+        /// Build up to N independent stages at once.
+        #[arg(long, short = 'j', default_value_t = 1)]
+        jobs: usize,
+        /// Of those, at most this many train stages (each uses every core).
+        #[arg(long, default_value_t = 1)]
+        train_jobs: usize,
     },
     /// Validate, fetch, tokenize and pack, then print dataset statistics.
     Preprocess {
@@ -891,7 +897,7 @@ fn merge_lora(
                 &RunOptions {
                     targets: vec!["fetch.model".into()],
                     force: vec![],
-                    keep_going: false,
+                    ..Default::default()
                 },
             )?;
             let model_dir = ws.entry_of("fetch.model")?;
@@ -932,7 +938,7 @@ fn merge_lora(
                 &RunOptions {
                     targets: vec!["merge".into()],
                     force: vec![],
-                    keep_going: false,
+                    ..Default::default()
                 },
             )?;
             ws.materialize_outputs()?;
@@ -1045,6 +1051,8 @@ fn real_main() -> Result<ExitCode> {
             locked,
             frozen,
             keep_going,
+            jobs,
+            train_jobs,
         } => {
             if frozen {
                 std::env::set_var("HF_HUB_OFFLINE", "1");
@@ -1077,6 +1085,8 @@ fn real_main() -> Result<ExitCode> {
                     targets: target,
                     force,
                     keep_going,
+                    jobs,
+                    train_jobs,
                 },
             )?;
             if let Some(out) = ws.materialize_outputs()? {
@@ -1110,7 +1120,7 @@ fn real_main() -> Result<ExitCode> {
                     &RunOptions {
                         targets: vec!["pack".into()],
                         force: vec![],
-                        keep_going: false,
+                        ..Default::default()
                     },
                     &mut |_| {},
                 )?;
@@ -1120,7 +1130,7 @@ fn real_main() -> Result<ExitCode> {
                     &RunOptions {
                         targets: vec!["pack".into()],
                         force: vec![],
-                        keep_going: false,
+                        ..Default::default()
                     },
                 )?;
                 print_stats(&ws)?;
@@ -1172,7 +1182,7 @@ fn real_main() -> Result<ExitCode> {
                     &RunOptions {
                         targets: vec!["pack".into()],
                         force: vec![],
-                        keep_going: false,
+                        ..Default::default()
                     },
                 )?;
                 let d = ws.debug_train_step()?;
@@ -1195,7 +1205,7 @@ fn real_main() -> Result<ExitCode> {
                 &RunOptions {
                     targets: vec!["train".into()],
                     force: vec![],
-                    keep_going: false,
+                    ..Default::default()
                 },
             )?;
             if let Some(out) = ws.materialize_outputs()? {
@@ -1234,7 +1244,7 @@ fn real_main() -> Result<ExitCode> {
                 &RunOptions {
                     targets: vec!["evaluate".into()],
                     force: vec![],
-                    keep_going: false,
+                    ..Default::default()
                 },
             )?;
             let dir = ws.entry_of("evaluate")?;
@@ -1274,7 +1284,7 @@ fn real_main() -> Result<ExitCode> {
                 &RunOptions {
                     targets: vec![name.clone()],
                     force: vec![],
-                    keep_going: false,
+                    ..Default::default()
                 },
             )?;
             let dir = ws.entry_of(&name)?;

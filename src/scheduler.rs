@@ -55,6 +55,10 @@ pub struct RunOptions {
     /// On a failed stage, keep building everything that does not depend on it (sweeps: one
     /// failed variant does not stop the others); failures are listed in the summary.
     pub keep_going: bool,
+    /// Stages built at once (0 or 1 = one at a time).
+    pub jobs: usize,
+    /// Of those, train stages at once (0 = 1): each uses every core.
+    pub train_jobs: usize,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -302,6 +306,9 @@ impl Scheduler<'_> {
         ))
     }
 
+    /// Builds what the targets need. Up to `opts.jobs` stages run at once (at most
+    /// `opts.train_jobs` of them train stages, which use every core); the main thread keeps all
+    /// bookkeeping — keys, locks, publishing, the index, events — and workers only run stages.
     fn run_once(
         &self,
         opts: &RunOptions,
@@ -319,177 +326,320 @@ impl Scheduler<'_> {
             })
             .collect();
         let n = self.plan.stages.len();
+        let jobs = opts.jobs.max(1);
+        let train_jobs = opts.train_jobs.max(1);
         let mut keys: Vec<Option<String>> = vec![None; n];
         let mut blocked = vec![false; n];
+        let mut done = vec![false; n];
         let mut summary = RunSummary::default();
-        for &i in &self.plan.order {
-            if !need[i] {
-                continue;
-            }
-            let s = &self.plan.stages[i];
-            if let Some(d) = s.deps.iter().find(|d| blocked[d.stage]) {
-                blocked[i] = true;
-                emit(Event::Warning {
-                    message: format!(
-                        "skipping {}: {} did not build",
-                        s.name, self.plan.stages[d.stage].name
-                    ),
-                });
-                summary.skipped.push(s.name.clone());
-                continue;
-            }
-            let mut upstream = Vec::new();
-            let mut ups = Vec::new();
-            for d in &s.deps {
-                let k = keys[d.stage].clone().ok_or_else(|| {
-                    SchedError::Usage(format!(
-                        "internal: {} ran before {}",
-                        s.name, self.plan.stages[d.stage].name
-                    ))
-                })?;
-                let m = self.cache.manifest(&k)?.ok_or_else(|| {
-                    SchedError::Usage(format!(
-                        "internal: entry of {} vanished",
-                        self.plan.stages[d.stage].name
-                    ))
-                })?;
-                upstream.push((self.plan.stages[d.stage].name.clone(), dep_digest(&m, d)));
-                ups.push((d, k, m));
-            }
-            let key = stage_key(s, &upstream);
-            let rec = self.record(i, &key, &upstream);
-            let up_keys: Vec<String> = ups.iter().map(|(_, k, _)| k.clone()).collect();
-            // Reuse a finished entry: checked before taking the lock, and again after it, since
-            // another kiln process may have built the key while we waited.
-            let mut reuse = |key: &String| -> Result<bool, SchedError> {
-                if forced[i] || self.cache.manifest(key)?.is_none() {
-                    return Ok(false);
+        let mut running: std::collections::HashMap<usize, Building> = Default::default();
+        // Set on a corrupt upstream entry or a failure without keep_going: launch nothing more,
+        // let running stages finish, then stop.
+        let mut stop: Option<Result<Outcome, SchedError>> = None;
+        let (tx, rx) = std::sync::mpsc::channel::<(usize, Msg)>();
+        std::thread::scope(|scope| -> Result<Outcome, SchedError> {
+            loop {
+                // Launch (or settle) every stage whose upstream is done, in plan order.
+                let mut progressed = true;
+                while progressed && stop.is_none() {
+                    progressed = false;
+                    for &i in &self.plan.order {
+                        if !need[i] || done[i] || blocked[i] || running.contains_key(&i) {
+                            continue;
+                        }
+                        let s = &self.plan.stages[i];
+                        if let Some(d) = s.deps.iter().find(|d| blocked[d.stage]) {
+                            blocked[i] = true;
+                            emit(Event::Warning {
+                                message: format!(
+                                    "skipping {}: {} did not build",
+                                    s.name, self.plan.stages[d.stage].name
+                                ),
+                            });
+                            summary.skipped.push(s.name.clone());
+                            progressed = true;
+                            continue;
+                        }
+                        if !s.deps.iter().all(|d| done[d.stage]) {
+                            continue;
+                        }
+                        let is_train = s.kind() == crate::stages::StageKind::Train;
+                        let trains = running.values().filter(|b| b.train).count();
+                        let slot = running.len() < jobs && (!is_train || trains < train_jobs);
+                        match self.prepare(i, &keys, forced[i], slot, &mut summary, emit)? {
+                            Prep::Fresh(key) => {
+                                keys[i] = Some(key);
+                                done[i] = true;
+                                progressed = true;
+                            }
+                            Prep::NoSlot => {}
+                            Prep::Restart => {
+                                stop = Some(Ok(Outcome::Restart));
+                                break;
+                            }
+                            Prep::Build(bj) => {
+                                let (b, job) = *bj;
+                                let tx = tx.clone();
+                                scope.spawn(move || {
+                                    let mut send = |e: Event| {
+                                        let _ = tx.send((i, Msg::Event(e)));
+                                    };
+                                    let mut cx = RunCx {
+                                        name: &s.name,
+                                        key: &job.key,
+                                        out: &job.out,
+                                        work: &job.work,
+                                        upstream: &job.upstream,
+                                        emit: &mut send,
+                                    };
+                                    let r = s.stage.run(&mut cx);
+                                    let _ = tx.send((i, Msg::Done(r)));
+                                });
+                                running.insert(i, b);
+                                progressed = true;
+                            }
+                        }
+                    }
                 }
-                emit(Event::StageFresh {
-                    name: s.name.clone(),
-                    key: key.clone(),
-                });
-                self.index.record_seen(&self.config_id, &rec)?;
-                self.index.record_edges(key, &up_keys)?;
-                summary.fresh.push(s.name.clone());
-                Ok(true)
-            };
-            if reuse(&key)? {
-                keys[i] = Some(key);
-                continue;
-            }
-            // Verify exactly what this stage will read from upstream.
-            for (d, k, m) in &ups {
-                let damage = self.cache.verify_files(k, m, d.files);
-                if !damage.is_empty() {
-                    let name = self.plan.stages[d.stage].name.clone();
-                    emit(Event::Corrupt {
-                        name,
-                        key: k.clone(),
-                        damage: damage.iter().map(|x| x.to_string()).collect(),
-                    });
-                    self.cache.quarantine(k)?;
-                    self.index.forget_stage(k)?;
-                    return Ok(Outcome::Restart);
+                if running.is_empty() {
+                    return stop.unwrap_or(Ok(Outcome::Done(std::mem::take(&mut summary))));
+                }
+                let Ok((i, msg)) = rx.recv() else {
+                    return Err(SchedError::Usage(
+                        "internal: a stage worker vanished".into(),
+                    ));
+                };
+                match msg {
+                    Msg::Event(e) => {
+                        if let (
+                            Event::Metric {
+                                step, name, value, ..
+                            },
+                            Some(b),
+                        ) = (&e, running.get(&i))
+                        {
+                            // Metrics are history, not output: a failed write must not fail
+                            // the stage.
+                            let _ = self.index.add_metric(&b.key, *step as i64, name, *value);
+                        }
+                        emit(e)
+                    }
+                    Msg::Done(result) => {
+                        let Some(b) = running.remove(&i) else {
+                            continue;
+                        };
+                        let s = &self.plan.stages[i];
+                        match result {
+                            Ok(()) => {
+                                let key = self.publish(i, b, emit)?;
+                                summary.built.push(s.name.clone());
+                                keys[i] = Some(key);
+                                done[i] = true;
+                            }
+                            Err(source) => {
+                                emit(Event::StageFailed {
+                                    name: s.name.clone(),
+                                    error: source.to_string(),
+                                });
+                                blocked[i] = true;
+                                if opts.keep_going {
+                                    summary.failed.push((s.name.clone(), source.to_string()));
+                                } else if stop.is_none() {
+                                    stop = Some(Err(SchedError::StageFailed {
+                                        name: s.name.clone(),
+                                        source,
+                                    }));
+                                }
+                            }
+                        }
+                    }
                 }
             }
-            let _lock = self.cache.lock(&key)?;
-            if reuse(&key)? {
-                keys[i] = Some(key);
-                continue;
+        })
+    }
+
+    /// Computes stage `i`'s key; reuses a finished entry, or (when `slot`) verifies upstream,
+    /// takes the key's lock, creates the staging directory and says why it builds.
+    fn prepare(
+        &self,
+        i: usize,
+        keys: &[Option<String>],
+        forced: bool,
+        slot: bool,
+        summary: &mut RunSummary,
+        emit: &mut dyn FnMut(Event),
+    ) -> Result<Prep, SchedError> {
+        let s = &self.plan.stages[i];
+        let mut upstream = Vec::new();
+        let mut ups = Vec::new();
+        for d in &s.deps {
+            let k = keys[d.stage].clone().ok_or_else(|| {
+                SchedError::Usage(format!(
+                    "internal: {} ran before {}",
+                    s.name, self.plan.stages[d.stage].name
+                ))
+            })?;
+            let m = self.cache.manifest(&k)?.ok_or_else(|| {
+                SchedError::Usage(format!(
+                    "internal: entry of {} vanished",
+                    self.plan.stages[d.stage].name
+                ))
+            })?;
+            upstream.push((self.plan.stages[d.stage].name.clone(), dep_digest(&m, d)));
+            ups.push((d, k, m));
+        }
+        let key = stage_key(s, &upstream);
+        let rec = self.record(i, &key, &upstream);
+        let up_keys: Vec<String> = ups.iter().map(|(_, k, _)| k.clone()).collect();
+        // Reuse a finished entry: checked before taking the lock, and again after it, since
+        // another kiln process may have built the key while we waited.
+        let mut reuse = |key: &String| -> Result<bool, SchedError> {
+            if forced || self.cache.manifest(key)?.is_none() {
+                return Ok(false);
             }
-            let reason = if forced[i] {
-                "forced (--force)".to_string()
-            } else {
-                match self.index.last_seen(&self.config_id, &s.name)? {
-                    None => "never built".into(),
-                    Some(before) => explain(&before, &rec),
-                }
-            };
-            let previous_digest = match self.index.last_seen(&self.config_id, &s.name)? {
-                Some(b) => self.cache.manifest(&b.key).ok().flatten().map(|m| m.digest),
-                None => None,
-            };
-            emit(Event::StageStarted {
+            emit(Event::StageFresh {
                 name: s.name.clone(),
                 key: key.clone(),
-                reason,
             });
-            let started = Instant::now();
-            let staging = self.cache.staging(&key)?;
-            let work = self.cache.work_dir(&key)?;
-            let upstream_dirs: Vec<Upstream> = ups
+            self.index.record_seen(&self.config_id, &rec)?;
+            self.index.record_edges(key, &up_keys)?;
+            summary.fresh.push(s.name.clone());
+            Ok(true)
+        };
+        if reuse(&key)? {
+            return Ok(Prep::Fresh(key));
+        }
+        if !slot {
+            return Ok(Prep::NoSlot);
+        }
+        // Verify exactly what this stage will read from upstream.
+        for (d, k, m) in &ups {
+            let damage = self.cache.verify_files(k, m, d.files);
+            if !damage.is_empty() {
+                let name = self.plan.stages[d.stage].name.clone();
+                emit(Event::Corrupt {
+                    name,
+                    key: k.clone(),
+                    damage: damage.iter().map(|x| x.to_string()).collect(),
+                });
+                self.cache.quarantine(k)?;
+                self.index.forget_stage(k)?;
+                return Ok(Prep::Restart);
+            }
+        }
+        let lock = self.cache.lock(&key)?;
+        if reuse(&key)? {
+            return Ok(Prep::Fresh(key));
+        }
+        let reason = if forced {
+            "forced (--force)".to_string()
+        } else {
+            match self.index.last_seen(&self.config_id, &s.name)? {
+                None => "never built".into(),
+                Some(before) => explain(&before, &rec),
+            }
+        };
+        let previous_digest = match self.index.last_seen(&self.config_id, &s.name)? {
+            Some(b) => self.cache.manifest(&b.key).ok().flatten().map(|m| m.digest),
+            None => None,
+        };
+        emit(Event::StageStarted {
+            name: s.name.clone(),
+            key: key.clone(),
+            reason,
+        });
+        let staging = self.cache.staging(&key)?;
+        let job = Job {
+            key: key.clone(),
+            out: staging.dir().to_path_buf(),
+            work: self.cache.work_dir(&key)?,
+            upstream: ups
                 .into_iter()
                 .map(|(d, k, m)| Upstream {
                     name: self.plan.stages[d.stage].name.clone(),
                     dir: self.cache.entry_dir(&k),
                     manifest: m,
                 })
-                .collect();
-            let result = {
-                let index = self.index;
-                let metric_key = key.clone();
-                let mut sink = |e: Event| {
-                    if let Event::Metric {
-                        step, name, value, ..
-                    } = &e
-                    {
-                        // Metrics are history, not output: a failed write must not fail the stage.
-                        let _ = index.add_metric(&metric_key, *step as i64, name, *value);
-                    }
-                    emit(e)
-                };
-                let mut cx = RunCx {
-                    name: &s.name,
-                    key: &key,
-                    out: staging.dir(),
-                    work: &work,
-                    upstream: &upstream_dirs,
-                    emit: &mut sink,
-                };
-                s.stage.run(&mut cx)
-            };
-            if let Err(source) = result {
-                emit(Event::StageFailed {
-                    name: s.name.clone(),
-                    error: source.to_string(),
-                });
-                if opts.keep_going {
-                    blocked[i] = true;
-                    summary.failed.push((s.name.clone(), source.to_string()));
-                    continue;
-                }
-                return Err(SchedError::StageFailed {
-                    name: s.name.clone(),
-                    source,
-                });
-            }
-            let manifest = self.cache.publish(staging, &s.name, s.kind().as_str())?;
-            self.cache.remove_work_dir(&key);
-            let ms = started.elapsed().as_millis() as u64;
-            self.index.record_stage(
-                &rec,
-                &manifest.digest,
-                ms,
-                manifest.total_size(),
-                &self.config_id,
-            )?;
-            self.index.record_seen(&self.config_id, &rec)?;
-            self.index.record_edges(&key, &up_keys)?;
-            emit(Event::StageFinished {
-                name: s.name.clone(),
-                key: key.clone(),
-                duration_ms: ms,
-                bytes: manifest.total_size(),
-            });
-            if previous_digest.as_deref() == Some(manifest.digest.as_str()) {
-                emit(Event::EarlyCutoff {
-                    name: s.name.clone(),
-                });
-            }
-            summary.built.push(s.name.clone());
-            keys[i] = Some(key);
-        }
-        Ok(Outcome::Done(summary))
+                .collect(),
+        };
+        Ok(Prep::Build(Box::new((
+            Building {
+                key,
+                rec,
+                up_keys,
+                staging,
+                previous_digest,
+                started: Instant::now(),
+                train: s.kind() == crate::stages::StageKind::Train,
+                _lock: lock,
+            },
+            job,
+        ))))
     }
+
+    /// Publishes a finished build and records it.
+    fn publish(
+        &self,
+        i: usize,
+        b: Building,
+        emit: &mut dyn FnMut(Event),
+    ) -> Result<String, SchedError> {
+        let s = &self.plan.stages[i];
+        let manifest = self.cache.publish(b.staging, &s.name, s.kind().as_str())?;
+        self.cache.remove_work_dir(&b.key);
+        let ms = b.started.elapsed().as_millis() as u64;
+        self.index.record_stage(
+            &b.rec,
+            &manifest.digest,
+            ms,
+            manifest.total_size(),
+            &self.config_id,
+        )?;
+        self.index.record_seen(&self.config_id, &b.rec)?;
+        self.index.record_edges(&b.key, &b.up_keys)?;
+        emit(Event::StageFinished {
+            name: s.name.clone(),
+            key: b.key.clone(),
+            duration_ms: ms,
+            bytes: manifest.total_size(),
+        });
+        if b.previous_digest.as_deref() == Some(manifest.digest.as_str()) {
+            emit(Event::EarlyCutoff {
+                name: s.name.clone(),
+            });
+        }
+        Ok(b.key)
+    }
+}
+
+/// A stage being built: what the main thread keeps until the worker is done.
+struct Building {
+    key: String,
+    rec: StageRecord,
+    up_keys: Vec<String>,
+    staging: crate::cache::Staging,
+    previous_digest: Option<String>,
+    started: Instant,
+    train: bool,
+    _lock: crate::cache::KeyLock,
+}
+
+/// What a worker needs to run a stage.
+struct Job {
+    key: String,
+    out: std::path::PathBuf,
+    work: std::path::PathBuf,
+    upstream: Vec<Upstream>,
+}
+
+enum Prep {
+    Fresh(String),
+    NoSlot,
+    Restart,
+    Build(Box<(Building, Job)>),
+}
+
+enum Msg {
+    Event(Event),
+    Done(Result<(), StageError>),
 }

@@ -248,7 +248,7 @@ impl Workspace {
                     &crate::scheduler::RunOptions {
                         targets: vec!["fetch.model".into()],
                         force: vec![],
-                        keep_going: false,
+                        ..Default::default()
                     },
                     &mut |_| {},
                 )?;

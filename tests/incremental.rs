@@ -198,7 +198,7 @@ fn target_builds_only_what_it_needs() {
         RunOptions {
             targets: vec!["tokenize[0]".into()],
             force: vec![],
-            keep_going: false,
+            ..Default::default()
         },
     );
     assert_eq!(s.built, vec!["fetch.model", "fetch.data[0]", "tokenize[0]"]);
@@ -207,7 +207,7 @@ fn target_builds_only_what_it_needs() {
         RunOptions {
             targets: vec!["tokenize".into()],
             force: vec![],
-            keep_going: false,
+            ..Default::default()
         },
     );
     assert_eq!(s.built, vec!["fetch.data[1]", "tokenize[1]"]);
@@ -216,7 +216,7 @@ fn target_builds_only_what_it_needs() {
         RunOptions {
             targets: vec![],
             force: vec!["pack".into()],
-            keep_going: false,
+            ..Default::default()
         },
     );
     assert_eq!(s.built, vec!["pack"]);
@@ -244,7 +244,7 @@ fn corrupted_entry_is_detected_and_rebuilt() {
         RunOptions {
             targets: vec![],
             force: vec!["pack".into()],
-            keep_going: false,
+            ..Default::default()
         },
     );
     assert!(ev

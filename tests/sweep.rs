@@ -325,3 +325,63 @@ fn variant_picks_one_point_of_a_sweep_for_single_model_commands() {
     ]);
     assert!(!ok && stderr.contains("0 variants match"), "{stderr}");
 }
+
+#[test]
+fn jobs_build_independent_stages_at_once_one_train_at_a_time_with_the_same_bytes() {
+    let sweep = "sweep:\n  learning_rate: [1e-3, 5e-3]\n";
+    let p = project(sweep);
+    let q = project(sweep);
+    let run = |p: &Project, extra: &[&str]| {
+        let mut args = vec!["run", "kiln.yml"];
+        args.extend_from_slice(extra);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(&args)
+            .current_dir(p.dir.path())
+            .env("KILN_NUM_THREADS", "1")
+            .env_remove("KILN_CACHE")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let out = run(&p, &["--jobs", "4"]);
+    let pos = |needle: &str| {
+        out.find(needle)
+            .unwrap_or_else(|| panic!("no {needle:?} in\n{out}"))
+    };
+    // The two datasets tokenize at the same time…
+    assert!(
+        pos("build  tokenize[1]") < pos("built  tokenize[0]"),
+        "{out}"
+    );
+    // …but the two trainings never overlap.
+    let ws = p.ws(&[]);
+    let trains: Vec<String> = ws
+        .variants
+        .iter()
+        .map(|v| v.stage("train").unwrap().to_string())
+        .collect();
+    let (a, b) = if pos(&format!("build  {}", trains[0])) < pos(&format!("build  {}", trains[1])) {
+        (&trains[0], &trains[1])
+    } else {
+        (&trains[1], &trains[0])
+    };
+    assert!(
+        pos(&format!("built  {a}")) < pos(&format!("build  {b}")),
+        "{out}"
+    );
+    // Same bytes as one at a time.
+    run(&q, &[]);
+    let qs = q.ws(&[]);
+    for t in &trains {
+        assert_eq!(
+            std::fs::read(ws.entry_of(t).unwrap().join("adapter_model.safetensors")).unwrap(),
+            std::fs::read(qs.entry_of(t).unwrap().join("adapter_model.safetensors")).unwrap()
+        );
+    }
+    assert!(run(&p, &["-j", "4"]).contains("nothing to do"));
+}

@@ -56,7 +56,7 @@ fn run(cfg: &std::path::Path) -> kiln::workspace::Workspace {
     let opts = kiln::scheduler::RunOptions {
         targets: vec!["pack".into()],
         force: vec![],
-        keep_going: false,
+        ..Default::default()
     };
     ws.scheduler().run(&opts, &mut |_| {}).unwrap();
     ws
@@ -424,7 +424,7 @@ fn quickstart_lora_steps_on_smollm2_lower_the_loss_and_generation_still_works() 
     let opts = kiln::scheduler::RunOptions {
         targets: vec!["train".into()],
         force: vec![],
-        keep_going: false,
+        ..Default::default()
     };
     ws.scheduler()
         .run(&opts, &mut |e| {

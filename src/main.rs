@@ -375,7 +375,14 @@ fn open(c: &Common) -> Result<Workspace> {
         sets.push(format!("output_dir={}", l.settings.output_dir.display()));
         sets.push("sweep=null".into());
     }
-    let ws = Workspace::open(&c.config, &sets)?;
+    let mut ws = Workspace::open(&c.config, &sets)?;
+    if let Some(id) = &c.variant {
+        ws.variant = ws
+            .output_dir()
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .or(Some(id.clone()));
+    }
     for w in &ws.warnings {
         eprintln!("warning: {}", w.to_string().replace('\n', "\n  "));
     }
@@ -478,7 +485,7 @@ fn print_event(e: &Event, tty: bool) {
 fn do_run(ws: &Workspace, opts: &RunOptions) -> Result<kiln::scheduler::RunSummary, KilnError> {
     let tty = std::io::stderr().is_terminal();
     let t = Instant::now();
-    let run_id = ws.index.start_run(&ws.config_id, "")?;
+    let run_id = ws.index.start_run(&ws.config_id, &ws.run_label())?;
     let res = ws.scheduler().run(opts, &mut |e| print_event(&e, tty));
     match &res {
         Ok(s) => {
@@ -995,7 +1002,7 @@ fn real_main() -> Result<ExitCode> {
                         .filter(|s| !s.name.contains('@'))
                         .count();
                     println!(
-                        "{shared} stages shared by every variant, {} per variant (name@variant)",
+                        "{shared} stages shared by every variant, {} specific to one (name@variant)",
                         ws.plan.stages.len() - shared
                     );
                     println!();
@@ -1157,12 +1164,17 @@ fn real_main() -> Result<ExitCode> {
                 if json {
                     println!(
                         "{}",
-                        serde_json::json!({"id": r.id, "config": r.config, "started": r.started, "seconds": secs, "outcome": r.outcome, "built": r.built, "reused": r.reused})
+                        serde_json::json!({"id": r.id, "config": r.config, "variant": r.variant, "started": r.started, "seconds": secs, "outcome": r.outcome, "built": r.built, "reused": r.reused})
                     );
                 } else {
                     let secs = secs.map(|s| s.to_string()).unwrap_or_else(|| "-".into());
+                    let variant = if r.variant.is_empty() {
+                        String::new()
+                    } else {
+                        format!("  [{}]", r.variant)
+                    };
                     println!(
-                        "{:>5}  {:<8} {:>5} {:>6} {:>9}  {}",
+                        "{:>5}  {:<8} {:>5} {:>6} {:>9}  {}{variant}",
                         r.id, r.outcome, r.built, r.reused, secs, r.config
                     );
                 }

@@ -57,6 +57,8 @@ pub struct Workspace {
     pub index: Index,
     pub plan: Plan,
     pub config_id: String,
+    /// Set when a command narrowed a sweep to one variant (`--variant`): recorded with runs.
+    pub variant: Option<String>,
 }
 
 /// Cache location: `KILN_CACHE`, else the config's `cache_dir`, else `./cache`.
@@ -148,7 +150,18 @@ impl Workspace {
             index,
             plan,
             config_id,
+            variant: None,
         })
+    }
+
+    /// What `kiln runs` shows in its variant column: the chosen variant, "sweep of N variants",
+    /// or "" for a plain config.
+    pub fn run_label(&self) -> String {
+        match &self.variant {
+            Some(v) => v.clone(),
+            None if self.is_sweep() => format!("sweep of {} variants", self.variants.len()),
+            None => String::new(),
+        }
     }
 
     /// Whether the config is a sweep (more than one variant, or a `sweep:` with one point).

@@ -384,4 +384,13 @@ fn jobs_build_independent_stages_at_once_one_train_at_a_time_with_the_same_bytes
         );
     }
     assert!(run(&p, &["-j", "4"]).contains("nothing to do"));
+    // Runs record what they covered.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["runs", "--dir", "cache", "--json"])
+        .current_dir(p.dir.path())
+        .output()
+        .unwrap();
+    let first: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().next().unwrap()).unwrap();
+    assert_eq!(first["variant"], "sweep of 2 variants");
 }

@@ -27,6 +27,8 @@ pub struct StageRecord {
 pub struct RunRecord {
     pub id: i64,
     pub config: String,
+    /// The sweep variant(s) the run covered ("" for a plain config).
+    pub variant: String,
     pub started: i64,
     pub finished: Option<i64>,
     pub outcome: String,
@@ -226,18 +228,19 @@ impl Index {
     pub fn runs(&self, limit: usize) -> Result<Vec<RunRecord>, CacheError> {
         let mut st = self
             .conn
-            .prepare("SELECT id, config, started, finished, outcome, built, reused FROM runs ORDER BY id DESC LIMIT ?1")
+            .prepare("SELECT id, config, variant, started, finished, outcome, built, reused FROM runs ORDER BY id DESC LIMIT ?1")
             .map_err(self.sql())?;
         let rows = st
             .query_map(params![limit as i64], |r| {
                 Ok(RunRecord {
                     id: r.get(0)?,
                     config: r.get(1)?,
-                    started: r.get(2)?,
-                    finished: r.get(3)?,
-                    outcome: r.get(4)?,
-                    built: r.get(5)?,
-                    reused: r.get(6)?,
+                    variant: r.get(2)?,
+                    started: r.get(3)?,
+                    finished: r.get(4)?,
+                    outcome: r.get(5)?,
+                    built: r.get(6)?,
+                    reused: r.get(7)?,
                 })
             })
             .map_err(self.sql())?;

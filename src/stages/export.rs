@@ -69,7 +69,8 @@ pub struct Export {
 
 impl Stage for Export {
     const KIND: StageKind = StageKind::Export;
-    const VERSION: u32 = 1;
+    // v2: lineage.json and kiln.key / kiln.upstream GGUF metadata in the output.
+    const VERSION: u32 = 2;
 
     fn params(&self) -> Value {
         json!({

@@ -103,7 +103,7 @@ enum Cmd {
     },
     /// Print benchmark figures (preprocess: cold/again/no-op/throughput) on generated data.
     Bench {
-        /// What to measure: `preprocess`, `generate` or `plan`.
+        /// What to measure: `preprocess`, `generate`, `plan` or `train`.
         #[arg(default_value = "preprocess")]
         what: String,
         /// The model whose tokenizer to use (.gguf or HF directory).
@@ -1583,9 +1583,9 @@ fn real_main() -> Result<ExitCode> {
             output_dir,
         } => merge_lora(&mut common, lora_model_dir, output_dir)?,
         Cmd::Bench { what, model, work } => {
-            if !["preprocess", "generate", "plan"].contains(&what.as_str()) {
+            if !["preprocess", "generate", "plan", "train"].contains(&what.as_str()) {
                 anyhow::bail!(
-                    "kiln bench: unknown benchmark `{what}` (available: preprocess, generate, plan)"
+                    "kiln bench: unknown benchmark `{what}` (available: preprocess, generate, plan, train)"
                 );
             }
             init_threads(None);
@@ -1602,6 +1602,8 @@ fn real_main() -> Result<ExitCode> {
             );
             let figures = if what == "generate" {
                 kiln::bench::generate(&model)?
+            } else if what == "train" {
+                kiln::bench::train(&model)?
             } else if what == "plan" {
                 kiln::bench::plan(&work, &model, exe.as_deref())?
             } else {

@@ -248,29 +248,15 @@ pub fn generate(model: &Path) -> Result<Vec<Figure>, KilnError> {
     use crate::stages::StageError;
     let device = candle_core::Device::Cpu;
     let tmp = std::env::temp_dir().join(format!("kiln-bench-generate-{}", std::process::id()));
-    let (mut m, tok) = if model.is_file() {
-        std::fs::create_dir_all(&tmp).map_err(|e| KilnError::NotBuilt(e.to_string()))?;
-        let link = tmp.join("model.gguf");
-        let _ = std::fs::remove_file(&link);
-        std::os::unix::fs::symlink(
-            std::fs::canonicalize(model).map_err(|e| KilnError::NotBuilt(e.to_string()))?,
-            &link,
-        )
-        .map_err(|e| KilnError::NotBuilt(e.to_string()))?;
-        let t = crate::text::gguf::tokenizer_files(&link).map_err(StageError::from)?;
-        crate::stages::write_json(&tmp.join("tokenizer.json"), &t.tokenizer_json)?;
-        crate::stages::write_json(&tmp.join("tokenizer_config.json"), &t.tokenizer_config)?;
-        (
-            crate::stages::train::load_model(&tmp, &device)?,
-            crate::text::TextTokenizer::load_dir(&tmp).map_err(StageError::from)?,
-        )
-    } else {
-        (
-            crate::stages::train::load_model(model, &device)?,
-            crate::text::TextTokenizer::load_dir(model).map_err(StageError::from)?,
-        )
-    };
+    let dir = model_dir(model, &tmp)?;
+    let loaded = (|| -> Result<_, KilnError> {
+        Ok((
+            crate::stages::train::load_model(&dir, &device)?,
+            crate::text::TextTokenizer::load_dir(&dir).map_err(StageError::from)?,
+        ))
+    })();
     let _ = std::fs::remove_dir_all(&tmp);
+    let (mut m, tok) = loaded?;
     let mut rng = SplitMix64::new(7);
     let mut user = String::new();
     while tok
@@ -409,19 +395,7 @@ pub fn train(model: &Path) -> Result<Vec<Figure>, KilnError> {
     use crate::train::{attach_full, attach_lora, train_step, AdamW, Batch, LoraSpec};
     let device = candle_core::Device::Cpu;
     let tmp = std::env::temp_dir().join(format!("kiln-bench-train-{}", std::process::id()));
-    let dir = if model.is_file() {
-        std::fs::create_dir_all(&tmp).map_err(|e| KilnError::NotBuilt(e.to_string()))?;
-        let link = tmp.join("model.gguf");
-        let _ = std::fs::remove_file(&link);
-        std::os::unix::fs::symlink(
-            std::fs::canonicalize(model).map_err(|e| KilnError::NotBuilt(e.to_string()))?,
-            &link,
-        )
-        .map_err(|e| KilnError::NotBuilt(e.to_string()))?;
-        tmp.clone()
-    } else {
-        model.to_path_buf()
-    };
+    let dir = model_dir(model, &tmp)?;
     // A 256-token row of pseudo-random ids (every token trained), one sample.
     let mut rng = SplitMix64::new(11);
     let seq = 256usize;
@@ -484,4 +458,21 @@ pub fn train(model: &Path) -> Result<Vec<Figure>, KilnError> {
     }
     let _ = std::fs::remove_dir_all(&tmp);
     Ok(figs)
+}
+
+/// A directory `load_model` and the tokenizer loader read: `model` itself, or for a .gguf file a
+/// scratch directory holding a link to it and the tokenizer files rebuilt from its metadata.
+fn model_dir(model: &Path, tmp: &Path) -> Result<std::path::PathBuf, KilnError> {
+    if !model.is_file() {
+        return Ok(model.to_path_buf());
+    }
+    let io = |e: std::io::Error| KilnError::NotBuilt(format!("bench: {e}"));
+    std::fs::create_dir_all(tmp).map_err(io)?;
+    let link = tmp.join("model.gguf");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(std::fs::canonicalize(model).map_err(io)?, &link).map_err(io)?;
+    let t = crate::text::gguf::tokenizer_files(&link).map_err(crate::stages::StageError::from)?;
+    crate::stages::write_json(&tmp.join("tokenizer.json"), &t.tokenizer_json)?;
+    crate::stages::write_json(&tmp.join("tokenizer_config.json"), &t.tokenizer_config)?;
+    Ok(tmp.to_path_buf())
 }

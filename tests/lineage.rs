@@ -6,18 +6,7 @@ mod common;
 use common::*;
 
 fn kiln(p: &Project, args: &[&str]) -> (Option<i32>, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(args)
-        .current_dir(p.dir.path())
-        .env("KILN_NUM_THREADS", "1")
-        .env_remove("KILN_CACHE")
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
+    p.kiln(args)
 }
 
 fn names(n: &serde_json::Value, out: &mut Vec<String>) {

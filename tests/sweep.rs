@@ -184,20 +184,7 @@ fn kiln_compare_tabulates_the_variants_sorted_by_a_metric() {
 #[test]
 fn keep_going_finishes_the_other_variants_and_a_rerun_retries_only_the_failed_one() {
     let p = project("max_grad_norm: 0\nsweep:\n  learning_rate: [1e-3, 1e38]\n");
-    let kiln = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .args(args)
-            .current_dir(p.dir.path())
-            .env("KILN_NUM_THREADS", "1")
-            .env_remove("KILN_CACHE")
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).to_string(),
-            String::from_utf8_lossy(&out.stderr).to_string(),
-        )
-    };
+    let kiln = |args: &[&str]| p.kiln(args);
     let ws = p.ws(&[]);
     let good = ws
         .variants

@@ -148,6 +148,23 @@ impl Project {
         self.run_opts(sets, RunOptions::default())
     }
 
+    /// Runs the kiln binary in the project directory (one compute thread, the config's cache):
+    /// (exit code, stdout, stderr).
+    pub fn kiln(&self, args: &[&str]) -> (Option<i32>, String, String) {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(args)
+            .current_dir(self.dir.path())
+            .env("KILN_NUM_THREADS", "1")
+            .env_remove("KILN_CACHE")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    }
+
     pub fn run_opts(&self, sets: &[&str], mut opts: RunOptions) -> (RunSummary, Vec<Event>) {
         // A tokenizer-only model (no weights) builds the data stages; a config without an
         // adapter would otherwise fully fine-tune it.

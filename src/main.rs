@@ -890,6 +890,7 @@ fn merge_lora(
 ) -> Result<()> {
     common.set.push("merge_lora=true".into());
     let ws = open_single(common)?;
+    let lora_model_dir = lora_model_dir.or_else(|| ws.settings.lora_model_dir.clone());
     if ws.settings.train.adapter.is_none() && lora_model_dir.is_none() {
         anyhow::bail!(
             "{}: nothing to merge: full fine-tuning writes complete weights (model.safetensors in output_dir); set `adapter: lora` or pass --lora-model-dir",
@@ -1237,6 +1238,7 @@ fn real_main() -> Result<ExitCode> {
                 common.set.push(format!("base_model={b}"));
             }
             let ws = open_single(&common)?;
+            let lora_model_dir = lora_model_dir.or_else(|| ws.settings.lora_model_dir.clone());
             let (model, tok, what) = ws.load_chat_model(lora_model_dir.as_deref())?;
             eprintln!("loaded {what}");
             let template = kiln::plan::configured_template(&ws.settings.chat_template);
@@ -1334,6 +1336,7 @@ fn real_main() -> Result<ExitCode> {
             max_body_bytes,
         } => {
             let ws = open_single(&common)?;
+            let lora_model_dir = lora_model_dir.or_else(|| ws.settings.lora_model_dir.clone());
             let (model, tok, what) = ws.load_chat_model(lora_model_dir.as_deref())?;
             let sv = &ws.settings.serve;
             let defaults = kiln::serve::default_settings(

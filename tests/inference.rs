@@ -199,6 +199,44 @@ fn kiln_inference_answers_a_prompt_and_keeps_a_conversation() {
     assert_eq!(code, Some(0), "{stderr}");
     assert_eq!(out.lines().count(), 3, "{out:?}");
     assert!(stderr.contains("conversation cleared"), "{stderr}");
+
+    // Axolotl's `lora_model_dir` names the adapter to chat with.
+    let (code, _, stderr) = kiln(
+        &p,
+        &[
+            "inference",
+            "kiln.yml",
+            "--set",
+            "lora_model_dir=outputs",
+            "--prompt",
+            "x",
+            "--max-new-tokens",
+            "2",
+        ],
+        "",
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains("LoRA adapter") && stderr.contains("outputs"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = kiln(
+        &p,
+        &[
+            "inference",
+            "kiln.yml",
+            "--set",
+            "lora_model_dir=data",
+            "--prompt",
+            "x",
+        ],
+        "",
+    );
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("lora_model_dir") && stderr.contains("no adapter_config.json"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -188,6 +188,9 @@ pub struct Settings {
     pub merge_lora: bool,
     /// `evaluate:` (kiln): the plan has an evaluate stage.
     pub evaluate: Option<EvalSettings>,
+    /// `lora_model_dir`: a PEFT adapter directory that inference, serve and merge-lora use
+    /// instead of the train stage's (relative to the config).
+    pub lora_model_dir: Option<PathBuf>,
     /// `kiln serve` defaults from Axolotl's gradio_* keys: title, host, port, max_new_tokens,
     /// temperature.
     pub serve: ServeSettings,
@@ -284,7 +287,11 @@ fn classify(key: &str) -> Option<KeyClass> {
         | "gradio_server_name"
         | "gradio_server_port"
         | "gradio_max_new_tokens"
-        | "gradio_temperature" => Handled,
+        | "gradio_temperature"
+        | "lora_model_dir" => Handled,
+        "auto_resume_from_checkpoints" => {
+            NoEffect("kiln always resumes an interrupted train stage from its newest checkpoint")
+        }
         "gradio_share" => NoEffect("`kiln serve` serves on your machine only; no share links"),
         "merge_method" => NoEffect("kiln merges every layer in f32 on the CPU"),
         "dataset_prepared_path" => {
@@ -727,6 +734,17 @@ pub(super) fn resolve(ctx: &mut Ctx<'_>, map: &Mapping) -> Settings {
 
     let evaluate = read_evaluate(r.ctx, map);
     let export = read_export(r.ctx, map);
+    let lora_model_dir = r.string("lora_model_dir").map(|d| r.ctx.dir.join(d));
+    if let Some(d) = lora_model_dir
+        .as_ref()
+        .filter(|d| !d.join("adapter_config.json").is_file())
+    {
+        r.ctx.error(
+            &[key("lora_model_dir")],
+            format!("{}: no adapter_config.json there", d.display()),
+            Some("point it at a PEFT adapter directory (adapter_config.json + adapter_model.safetensors)".into()),
+        );
+    }
     let port = r.u64("gradio_server_port").unwrap_or(7860);
     if port > u16::MAX as u64 {
         r.ctx.error(
@@ -797,6 +815,7 @@ pub(super) fn resolve(ctx: &mut Ctx<'_>, map: &Mapping) -> Settings {
         evaluate,
         export,
         serve,
+        lora_model_dir,
     }
 }
 

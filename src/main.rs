@@ -515,6 +515,17 @@ fn do_run(ws: &Workspace, opts: &RunOptions) -> Result<kiln::scheduler::RunSumma
     Ok(res?)
 }
 
+/// Builds one stage (name or kind) and what it needs, reporting like `kiln run`.
+fn run_target(ws: &Workspace, target: &str) -> Result<kiln::scheduler::RunSummary, KilnError> {
+    do_run(
+        ws,
+        &RunOptions {
+            targets: vec![target.into()],
+            ..Default::default()
+        },
+    )
+}
+
 fn print_stats(ws: &Workspace) -> Result<(), KilnError> {
     let st = ws.pack_stats()?;
     println!();
@@ -900,14 +911,7 @@ fn merge_lora(
     let dest = output_dir.unwrap_or_else(|| ws.output_dir().join("merged"));
     match lora_model_dir {
         Some(adapter) => {
-            do_run(
-                &ws,
-                &RunOptions {
-                    targets: vec!["fetch.model".into()],
-                    force: vec![],
-                    ..Default::default()
-                },
-            )?;
+            run_target(&ws, "fetch.model")?;
             let model_dir = ws.entry_of("fetch.model")?;
             // Build beside the destination and rename: never a half-written model that looks whole.
             let parent = dest.parent().unwrap_or(std::path::Path::new("."));
@@ -941,14 +945,7 @@ fn merge_lora(
             );
         }
         None => {
-            do_run(
-                &ws,
-                &RunOptions {
-                    targets: vec!["merge".into()],
-                    force: vec![],
-                    ..Default::default()
-                },
-            )?;
+            run_target(&ws, "merge")?;
             ws.materialize_outputs()?;
             kiln::workspace::copy_entry(&ws.entry_of("merge")?, &dest)?;
         }
@@ -1133,14 +1130,7 @@ fn real_main() -> Result<ExitCode> {
                     &mut |_| {},
                 )?;
             } else {
-                do_run(
-                    &ws,
-                    &RunOptions {
-                        targets: vec!["pack".into()],
-                        force: vec![],
-                        ..Default::default()
-                    },
-                )?;
+                run_target(&ws, "pack")?;
                 print_stats(&ws)?;
             }
             if debug {
@@ -1190,14 +1180,7 @@ fn real_main() -> Result<ExitCode> {
                 );
             }
             if debug {
-                do_run(
-                    &ws,
-                    &RunOptions {
-                        targets: vec!["pack".into()],
-                        force: vec![],
-                        ..Default::default()
-                    },
-                )?;
+                run_target(&ws, "pack")?;
                 let d = ws.debug_train_step()?;
                 println!(
                     "debug step: loss {:.4}, grad norm {:.4}, {:.2} s for {} tokens ({:.1} tokens/s), {} trainable parameters, peak RSS {}",
@@ -1213,14 +1196,7 @@ fn real_main() -> Result<ExitCode> {
                 print_debug(&ws, 1, false)?;
                 return Ok(ExitCode::SUCCESS);
             }
-            do_run(
-                &ws,
-                &RunOptions {
-                    targets: vec!["train".into()],
-                    force: vec![],
-                    ..Default::default()
-                },
-            )?;
+            run_target(&ws, "train")?;
             if let Some(out) = ws.materialize_outputs()? {
                 println!("outputs in {}", out.display());
             }
@@ -1253,14 +1229,7 @@ fn real_main() -> Result<ExitCode> {
                 common.set.push("evaluate=true".into());
                 ws = open_single(&common)?;
             }
-            do_run(
-                &ws,
-                &RunOptions {
-                    targets: vec!["evaluate".into()],
-                    force: vec![],
-                    ..Default::default()
-                },
-            )?;
+            run_target(&ws, "evaluate")?;
             let dir = ws.entry_of("evaluate")?;
             let r: serde_json::Value =
                 serde_json::from_slice(&std::fs::read(dir.join("eval_results.json"))?)?;
@@ -1293,14 +1262,7 @@ fn real_main() -> Result<ExitCode> {
             common.set.push(format!("export=[{{format: {format}{q}}}]"));
             let ws = open_single(&common)?;
             let name = format!("export.{}", f.label());
-            do_run(
-                &ws,
-                &RunOptions {
-                    targets: vec![name.clone()],
-                    force: vec![],
-                    ..Default::default()
-                },
-            )?;
+            run_target(&ws, &name)?;
             let dir = ws.entry_of(&name)?;
             let r: serde_json::Value =
                 serde_json::from_slice(&std::fs::read(dir.join("export.json"))?)?;

@@ -104,19 +104,8 @@ fn evaluate_output_is_reproducible_byte_for_byte() {
 #[test]
 fn kiln_evaluate_adds_the_stage_and_writes_output_dir_eval() {
     let p = project("");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["evaluate", "kiln.yml"])
-        .current_dir(p.dir.path())
-        .env("KILN_NUM_THREADS", "1")
-        .env_remove("KILN_CACHE")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (code, stdout, stderr) = p.kiln(&["evaluate", "kiln.yml"]);
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
     assert!(stdout.contains("eval loss"), "{stdout}");
     assert!(stdout.contains("perplexity"), "{stdout}");
     assert!(p.path("outputs/eval/eval_results.json").exists());

@@ -147,19 +147,9 @@ fn gguf_exports_read_back_to_the_fine_tuned_model() {
 #[test]
 fn kiln_export_writes_the_gguf_into_output_dir_and_reports_perplexity() {
     let p = project("");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["export", "kiln.yml", "--format", "gguf", "--quant", "q4_0"])
-        .current_dir(p.dir.path())
-        .env("KILN_NUM_THREADS", "1")
-        .env_remove("KILN_CACHE")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (code, stdout, stderr) =
+        p.kiln(&["export", "kiln.yml", "--format", "gguf", "--quant", "q4_0"]);
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
     assert!(stdout.contains("val perplexity"), "{stdout}");
     assert!(p.path("outputs/export/gguf.q4_0/model-q4_0.gguf").exists());
 

@@ -106,20 +106,7 @@ fn kiln_merge_lora_writes_output_dir_merged_and_merges_a_given_adapter() {
         .replace("max_shard_size: 40KB\n", "");
     std::fs::write(&p.config, cfg).unwrap();
     assert!(p.plan(&[]).iter().all(|s| s.name != "merge"));
-    let kiln = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .args(args)
-            .current_dir(p.dir.path())
-            .env("KILN_NUM_THREADS", "1")
-            .env_remove("KILN_CACHE")
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).to_string(),
-            String::from_utf8_lossy(&out.stderr).to_string(),
-        )
-    };
+    let kiln = |args: &[&str]| p.kiln(args);
     let (code, stdout, stderr) = kiln(&["merge-lora", "kiln.yml"]);
     assert_eq!(code, Some(0), "{stdout}\n{stderr}");
     let merged = p.path("outputs/merged");

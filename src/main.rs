@@ -229,7 +229,7 @@ enum Cmd {
     Plot {
         #[command(flatten)]
         common: Common,
-        /// Output file (.svg).
+        /// Output file: .svg or .png (the extension picks the format).
         #[arg(short = 'o', long, default_value = "curves.svg")]
         output: PathBuf,
     },
@@ -1448,9 +1448,9 @@ fn real_main() -> Result<ExitCode> {
                 .and_then(|e| e.to_str())
                 .unwrap_or("")
                 .to_ascii_lowercase();
-            if ext != "svg" {
+            if ext != "svg" && ext != "png" {
                 anyhow::bail!(
-                    "kiln plot: {}: not supported yet: .{ext} output; write .svg (browsers and image tools open it)",
+                    "kiln plot: {}: cannot write .{ext}; name the output .svg or .png",
                     output.display()
                 );
             }
@@ -1463,7 +1463,13 @@ fn real_main() -> Result<ExitCode> {
                 );
             }
             let title = format!("{} — loss", common.config.display());
-            std::fs::write(&output, kiln::plot::svg(&series, &title))
+            let svg = kiln::plot::svg(&series, &title);
+            let bytes = if ext == "png" {
+                kiln::plot::png(&svg, 2.0).context("kiln plot")?
+            } else {
+                svg.into_bytes()
+            };
+            kiln::workspace::write_atomic(&output, &bytes)
                 .with_context(|| format!("writing {}", output.display()))?;
             println!("{} curves in {}", series.len(), output.display());
         }

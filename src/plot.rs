@@ -1,5 +1,6 @@
 //! `kiln plot`: train (solid) and eval (dashed) loss curves of a sweep's variants on one SVG
 //! chart, labelled by the values that differ between them. Written by hand: an SVG is text.
+//! PNG output rasterizes that same SVG with resvg, so both formats show the same chart.
 
 use crate::scheduler::State;
 use crate::workspace::{KilnError, Workspace};
@@ -59,6 +60,30 @@ fn esc(s: &str) -> String {
         .replace('>', "&gt;")
 }
 
+/// Round tick values (1, 2 or 5 × 10^k apart) inside `[lo, hi]`, at most about `n` of them;
+/// whole numbers only when `integer` (training steps).
+fn ticks(lo: f64, hi: f64, n: usize, integer: bool) -> Vec<f64> {
+    let raw = (hi - lo) / n.max(1) as f64;
+    let mag = 10f64.powf(raw.log10().floor());
+    let mut step = [1.0, 2.0, 5.0, 10.0]
+        .iter()
+        .map(|m| m * mag)
+        .find(|s| *s >= raw)
+        .unwrap_or(10.0 * mag);
+    if integer {
+        step = step.max(1.0).round();
+    }
+    let first = (lo / step).ceil() as i64;
+    let last = (hi / step).floor() as i64;
+    (first..=last).map(|k| k as f64 * step).collect()
+}
+
+/// A y tick's label with as many decimals as the axis range needs.
+fn tick_label(v: f64, range: f64) -> String {
+    let decimals = (-(range / 6.0).log10().floor()).clamp(0.0, 6.0) as usize + 1;
+    format!("{v:.decimals$}")
+}
+
 /// Renders the series as an SVG document.
 pub fn svg(series: &[Series], title: &str) -> String {
     let (w, h) = (900.0, 520.0);
@@ -97,17 +122,22 @@ pub fn svg(series: &[Series], title: &str) -> String {
         top + ph,
         top + ph
     ));
-    for i in 0..=5 {
-        let f = i as f64 / 5.0;
-        let yv = y0 + f * (y1 - y0);
-        let xv = x0 + f * (x1 - x0);
+    for yv in ticks(y0, y1, 6, false) {
         o.push_str(&format!(
-            "<line x1=\"{left}\" y1=\"{y:.1}\" x2=\"{r:.1}\" y2=\"{y:.1}\" stroke=\"#eee\"/><text x=\"{tx:.1}\" y=\"{ty:.1}\" text-anchor=\"end\">{yv:.3}</text>\n<text x=\"{xx:.1}\" y=\"{xy:.1}\" text-anchor=\"middle\">{xv:.0}</text>\n",
+            "<line x1=\"{left}\" y1=\"{y:.1}\" x2=\"{r:.1}\" y2=\"{y:.1}\" stroke=\"#eee\"/><text x=\"{tx:.1}\" y=\"{ty:.1}\" text-anchor=\"end\">{}</text>\n",
+            tick_label(yv, y1 - y0),
             y = sy(yv),
             r = left + pw,
             tx = left - 6.0,
             ty = sy(yv) + 4.0,
-            xx = sx(xv),
+        ));
+    }
+    for xv in ticks(x0, x1, 8, true) {
+        o.push_str(&format!(
+            "<line x1=\"{x:.1}\" y1=\"{b:.1}\" x2=\"{x:.1}\" y2=\"{b2:.1}\" stroke=\"#333\"/><text x=\"{x:.1}\" y=\"{xy:.1}\" text-anchor=\"middle\">{xv:.0}</text>\n",
+            x = sx(xv),
+            b = top + ph,
+            b2 = top + ph + 4.0,
             xy = top + ph + 18.0,
         ));
     }
@@ -154,4 +184,87 @@ pub fn svg(series: &[Series], title: &str) -> String {
         left + pw + 16.0
     ));
     o
+}
+
+/// Why a chart could not be rasterized.
+#[derive(Debug, thiserror::Error)]
+pub enum PlotError {
+    #[error("no fonts found on this system for the chart's labels; install some (Debian: `apt install fonts-dejavu-core`) or write .svg instead")]
+    NoFonts,
+    #[error("rendering the chart: {0}")]
+    Render(String),
+}
+
+/// Rasterizes an SVG chart (from [`svg`]) to PNG bytes at `scale`× its size, drawing its text with
+/// the system's sans-serif font.
+pub fn png(svg: &str, scale: f32) -> Result<Vec<u8>, PlotError> {
+    let mut opt = resvg::usvg::Options::default();
+    let db = opt.fontdb_mut();
+    db.load_system_fonts();
+    if db.is_empty() {
+        return Err(PlotError::NoFonts);
+    }
+    // The chart asks for `sans-serif`; fontconfig's alias may name a font that isn't installed
+    // (fontdb then draws no text at all), so point it at one that is.
+    let families: Vec<String> = db
+        .faces()
+        .flat_map(|f| f.families.iter().map(|(n, _)| n.clone()))
+        .collect();
+    let sans = db
+        .family_name(&resvg::usvg::fontdb::Family::SansSerif)
+        .to_string();
+    if !families.contains(&sans) {
+        let pick = [
+            "DejaVu Sans",
+            "Noto Sans",
+            "Liberation Sans",
+            "Arial",
+            "Helvetica",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .find(|f| families.contains(f))
+        .or_else(|| families.iter().find(|f| f.contains("Sans")).cloned())
+        .or_else(|| families.first().cloned());
+        if let Some(f) = pick {
+            db.set_sans_serif_family(f);
+        }
+    }
+    let tree =
+        resvg::usvg::Tree::from_str(svg, &opt).map_err(|e| PlotError::Render(e.to_string()))?;
+    let size = tree
+        .size()
+        .to_int_size()
+        .scale_by(scale)
+        .ok_or_else(|| PlotError::Render(format!("bad scale {scale}")))?;
+    let mut pixmap = resvg::tiny_skia::Pixmap::new(size.width(), size.height())
+        .ok_or_else(|| PlotError::Render("empty chart".into()))?;
+    resvg::render(
+        &tree,
+        resvg::tiny_skia::Transform::from_scale(scale, scale),
+        &mut pixmap.as_mut(),
+    );
+    pixmap
+        .encode_png()
+        .map_err(|e| PlotError::Render(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ticks_are_round_and_inside_the_range() {
+        assert_eq!(ticks(1.0, 2.0, 8, true), vec![1.0, 2.0]);
+        assert_eq!(
+            ticks(0.0, 100.0, 5, true),
+            vec![0.0, 20.0, 40.0, 60.0, 80.0, 100.0]
+        );
+        let t: Vec<String> = ticks(6.67, 7.63, 6, false)
+            .iter()
+            .map(|v| tick_label(*v, 0.96))
+            .collect();
+        assert_eq!(t, ["6.80", "7.00", "7.20", "7.40", "7.60"]);
+        assert_eq!(tick_label(7.2, 0.96), "7.20");
+    }
 }

@@ -383,6 +383,18 @@ pub struct DebugExample {
     pub pieces: Vec<String>,
 }
 
+/// Writes `bytes` to `path` through a temporary file beside it and a rename, so a reader (or a
+/// crash) never sees a half-written file under the final name.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".kiln-tmp");
+    let tmp = path.with_file_name(name);
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
 fn resolve_output_dir(s: &Settings) -> PathBuf {
     if s.output_dir.is_absolute() {
         s.output_dir.clone()

@@ -215,7 +215,7 @@ fn keep_going_finishes_the_other_variants_and_a_rerun_retries_only_the_failed_on
 }
 
 #[test]
-fn kiln_plot_draws_each_variants_curves_into_an_svg() {
+fn kiln_plot_draws_each_variants_curves_into_an_svg_and_a_png() {
     let p = project("eval_steps: 1\nsweep:\n  learning_rate: [1e-3, 5e-3]\n");
     let kiln = |args: &[&str]| {
         std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
@@ -241,9 +241,38 @@ fn kiln_plot_draws_each_variants_curves_into_an_svg() {
     assert_eq!(svg.matches("<polyline").count(), 4, "{svg}");
     assert_eq!(svg.matches("stroke-dasharray").count(), 2);
     assert!(svg.contains("learning_rate=0.001") && svg.contains("learning_rate=0.005"));
+    // PNG: the same chart rasterized (2x), a valid image with the curves' colours in it.
     let out = kiln(&["plot", "kiln.yml", "-o", "c.png"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let png = std::fs::read(p.path("c.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    let (w, h) = (
+        u32::from_be_bytes(png[16..20].try_into().unwrap()),
+        u32::from_be_bytes(png[20..24].try_into().unwrap()),
+    );
+    assert_eq!((w, h), (1800, 1040));
+    assert!(!p.path("c.png.kiln-tmp").exists());
+    let img = resvg::tiny_skia::Pixmap::decode_png(&png).unwrap();
+    let has = |rgb: (u8, u8, u8), x0: u32, x1: u32| {
+        img.pixels().iter().enumerate().any(|(i, px)| {
+            let x = i as u32 % w;
+            (x0..x1).contains(&x) && (px.red(), px.green(), px.blue()) == rgb
+        })
+    };
+    // Both variants' curves are drawn in the plot area, and the legend has text in it.
+    assert!(has((0x1f, 0x77, 0xb4), 140, 1280), "first variant's colour");
+    assert!(
+        has((0xd6, 0x27, 0x28), 140, 1280),
+        "second variant's colour"
+    );
+    assert!(has((0, 0, 0), 1340, 1800), "legend text was rendered");
+    let out = kiln(&["plot", "kiln.yml", "-o", "c.jpg"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("write .svg"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(".svg or .png"));
 }
 
 #[test]

@@ -97,6 +97,55 @@ fn smollm2_gguf_tokenizer_matches_reference_ids() {
     );
 }
 
+/// The tokenizer fast path equals the `tokenizers` crate on SmolLM2's tokenizer (rebuilt from the
+/// GGUF: digits split, GPT-2 pattern) and Qwen3's (NFC, Qwen2 split pattern, 151k vocab, real
+/// merges) over generated alpaca rows, Moby-Dick, HumanEval's code and corner-case text.
+#[test]
+fn tokenizer_fast_path_equals_the_tokenizers_crate_on_real_tokenizers() {
+    let td = testdata();
+    let dir = tempfile::tempdir().unwrap();
+    let files =
+        kiln::text::gguf::tokenizer_files(&td.join("SmolLM2-135M-Instruct.Q4_1.gguf")).unwrap();
+    std::fs::write(
+        dir.path().join("tokenizer.json"),
+        files.tokenizer_json.to_string(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("tokenizer_config.json"),
+        files.tokenizer_config.to_string(),
+    )
+    .unwrap();
+    let smol = TextTokenizer::load_dir(dir.path()).unwrap();
+    let qwen = TextTokenizer::load_dir(&td.join("qwen3")).unwrap();
+
+    let mut texts: Vec<String> = Vec::new();
+    for line in kiln::bench::alpaca_rows(300, 9).lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        for k in ["instruction", "input", "output"] {
+            texts.push(v[k].as_str().unwrap().to_string());
+        }
+    }
+    let moby = std::fs::read_to_string(td.join("moby-dick.txt")).unwrap();
+    texts.extend(moby.split("\n\n").take(600).map(String::from));
+    let gz = std::fs::File::open(td.join("HumanEval.jsonl.gz")).unwrap();
+    let mut he = String::new();
+    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(gz), &mut he).unwrap();
+    for line in he.lines().take(80) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        texts.push(format!(
+            "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n{}<|im_end|>\n",
+            v["prompt"].as_str().unwrap(),
+            v["canonical_solution"].as_str().unwrap()
+        ));
+    }
+    texts.extend(corner_texts(2000, 11));
+    for t in [&smol, &qwen] {
+        let n = assert_same(t, &texts);
+        assert!(n > texts.len(), "most texts take the fast path: {n}");
+    }
+}
+
 #[test]
 fn humaneval_gz_as_alpaca_with_smollm2() {
     let td = testdata();

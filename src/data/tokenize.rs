@@ -6,7 +6,7 @@ use super::format::{format_record, FormatCtx, Formatted};
 use super::read::Record;
 use super::DataError;
 use crate::config::{DataFormat, ExcessLength};
-use crate::text::TextTokenizer;
+use crate::text::{EncodeCache, TextTokenizer};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -73,17 +73,14 @@ pub fn encode(
     tok: &TextTokenizer,
     f: &Formatted,
     train_on_inputs: bool,
+    cache: &mut EncodeCache,
 ) -> Result<Encoded, String> {
-    let enc = tok
-        .tokenizer
-        .encode(f.text.as_str(), f.add_special_tokens)
-        .map_err(|e| format!("tokenizer failed: {e}"))?;
-    let mut ids = enc.get_ids().to_vec();
-    let specials = enc.get_special_tokens_mask();
+    let enc = tok.encode_offsets(f.text.as_str(), f.add_special_tokens, cache)?;
+    let mut ids = enc.ids;
     let mut trained: Vec<u8> = enc
-        .get_offsets()
+        .offsets
         .iter()
-        .zip(specials)
+        .zip(&enc.special)
         .map(|(&(s, e), &special)| {
             let hit = s < e && f.trained.iter().any(|&(a, b)| s < b && e > a);
             let inserted = special == 1 && s == e;
@@ -116,9 +113,9 @@ pub fn tokenize_records(
     let encoded: Vec<Result<Encoded, (usize, String)>> = records
         .par_iter()
         .enumerate()
-        .map(|(i, r)| {
+        .map_init(EncodeCache::default, |cache, (i, r)| {
             let f = format_record(fmt, &r.value, fctx).map_err(|m| (i, m))?;
-            encode(tok, &f, opts.train_on_inputs).map_err(|m| (i, m))
+            encode(tok, &f, opts.train_on_inputs, cache).map_err(|m| (i, m))
         })
         .collect();
     let mut set = TokenSet::new();

@@ -1,6 +1,7 @@
 //! Tokenizer loading (tokenizer.json + tokenizer_config.json, or rebuilt from GGUF metadata) and
 //! chat templates. Needs no model weights; never prints.
 
+pub mod fastbpe;
 pub mod gguf;
 pub mod template;
 
@@ -29,7 +30,12 @@ pub struct TextTokenizer {
     pub bos_token: Option<String>,
     pub eos_token: Option<String>,
     pub chat_template: Option<String>,
+    /// The byte-level BPE fast path, when this tokenizer's pipeline is one it reproduces.
+    pub fast: Option<fastbpe::FastBpe>,
 }
+
+/// Per-thread state for [`TextTokenizer::encode_offsets`]: the fast path's word cache.
+pub type EncodeCache = std::collections::HashMap<Vec<u8>, Vec<u32>, foldhash::fast::RandomState>;
 
 impl TextTokenizer {
     /// Loads `tokenizer.json` and (if present) `tokenizer_config.json` from a directory.
@@ -53,10 +59,37 @@ impl TextTokenizer {
             Err(_) => Value::Null,
         };
         Ok(Self {
+            fast: fastbpe::FastBpe::from_tokenizer(&tokenizer),
             tokenizer,
             bos_token: token_field(&cfg, "bos_token"),
             eos_token: token_field(&cfg, "eos_token"),
             chat_template: chat_template_field(&cfg),
+        })
+    }
+
+    /// Ids, byte offsets and special-token mask of `text`, exactly as
+    /// `tokenizers::Tokenizer::encode` gives them; through the fast path when it applies.
+    pub fn encode_offsets(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+        cache: &mut EncodeCache,
+    ) -> Result<fastbpe::Enc, String> {
+        if let Some(e) = self
+            .fast
+            .as_ref()
+            .and_then(|f| f.encode(text, add_special_tokens, cache))
+        {
+            return Ok(e);
+        }
+        let enc = self
+            .tokenizer
+            .encode(text, add_special_tokens)
+            .map_err(|e| format!("tokenizer failed: {e}"))?;
+        Ok(fastbpe::Enc {
+            ids: enc.get_ids().to_vec(),
+            offsets: enc.get_offsets().to_vec(),
+            special: enc.get_special_tokens_mask().to_vec(),
         })
     }
 

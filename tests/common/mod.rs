@@ -300,3 +300,121 @@ pub fn write_tiny_model_dir(dir: &Path, seed: u64) {
     candle_core::safetensors::save(&w, dir.join("model.safetensors")).unwrap();
     std::fs::write(dir.join("config.json"), cfg.to_hf().to_string()).unwrap();
 }
+
+/// Random ASCII text from pieces that exercise the split patterns (contractions in both cases,
+/// digit runs, whitespace runs ending in and before newlines, punctuation runs, added tokens).
+pub fn corner_texts(n: usize, seed: u64) -> Vec<String> {
+    const PIECES: &[&str] = &[
+        "a",
+        "the",
+        "The",
+        "cat",
+        "Hello",
+        " ",
+        "  ",
+        "   ",
+        "\n",
+        "\n\n",
+        "\r\n",
+        "\t",
+        " \n",
+        "\n ",
+        "'s",
+        "'S",
+        "'re",
+        "'RE",
+        "'ve",
+        "'ll",
+        "'d",
+        "'m",
+        "'t",
+        "'",
+        "''",
+        "don't",
+        "I'M",
+        "1",
+        "12",
+        "123",
+        "2024",
+        "3.14",
+        ",",
+        ".",
+        "!",
+        "?!",
+        "...",
+        "--",
+        "(",
+        ")",
+        "{",
+        "}",
+        "#",
+        "###",
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|endoftext|>",
+        "<|im_",
+        "|>",
+        "\x0b",
+        "\x0c",
+        "\x01",
+        "\x7f",
+        "_",
+        "x_y",
+        "é",
+        "—",
+        "日本",
+        "😀",
+    ];
+    let mut s = seed;
+    let mut next = move || {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (s >> 33) as usize
+    };
+    (0..n)
+        .map(|_| {
+            let len = next() % 24;
+            (0..len).map(|_| PIECES[next() % PIECES.len()]).collect()
+        })
+        .collect()
+}
+
+/// Compares the fast path with the `tokenizers` crate on `texts`; returns how many went through
+/// the fast path.
+pub fn assert_same(t: &kiln::text::TextTokenizer, texts: &[String]) -> usize {
+    let fast = t
+        .fast
+        .as_ref()
+        .expect("the fast path applies to this tokenizer");
+    let mut cache = kiln::text::EncodeCache::default();
+    let mut fast_hits = 0;
+    for text in texts {
+        for special in [false, true] {
+            let want = t.tokenizer.encode(text.as_str(), special).unwrap();
+            let Some(got) = fast.encode(text, special, &mut cache) else {
+                assert!(
+                    !text.is_ascii() || text.bytes().any(|b| t.token_id(&byte_char(b)).is_none()),
+                    "ASCII text must take the fast path: {text:?}"
+                );
+                continue;
+            };
+            fast_hits += 1;
+            assert_eq!(got.ids, want.get_ids(), "ids of {text:?}");
+            assert_eq!(got.offsets, want.get_offsets(), "offsets of {text:?}");
+            assert_eq!(
+                got.special,
+                want.get_special_tokens_mask(),
+                "special mask of {text:?}"
+            );
+            let api = t.encode_offsets(text, special, &mut cache).unwrap();
+            assert_eq!(api.ids, want.get_ids());
+        }
+    }
+    fast_hits
+}
+
+/// GPT-2's byte-level character for byte `b`, as a one-character string.
+pub fn byte_char(b: u8) -> String {
+    byte_alphabet()[b as usize].to_string()
+}

@@ -125,7 +125,8 @@ fn only_file(up: &Upstream) -> Result<std::path::PathBuf, StageError> {
 
 impl Stage for Evaluate {
     const KIND: StageKind = StageKind::Evaluate;
-    const VERSION: u32 = 1;
+    // v2: val loss through the fused cross-entropy op (low bits differ).
+    const VERSION: u32 = 2;
 
     fn params(&self) -> Value {
         json!({

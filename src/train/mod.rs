@@ -2,10 +2,12 @@
 //! with decoupled weight decay and global-norm clipping. Optimizer state is kiln's own (not
 //! candle's) so checkpoints can save and restore it exactly.
 
+pub mod ce;
+
 use crate::data::pack::SplitMix64;
 use crate::model::llama::{packed_causal_mask, LoraDelta};
 use crate::model::{Llama, ModelError};
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 
 /// Which linear layers get LoRA, and how.
 #[derive(Debug, Clone, PartialEq)]
@@ -113,10 +115,11 @@ pub struct Batch {
     pub ids: Tensor,
     pub positions: Tensor,
     pub mask: Tensor,
-    /// 1.0 where the *next* token is trained (aligned with logits[:, :-1]), shape (b, t-1).
-    pub loss_mask: Tensor,
-    /// Targets: ids shifted left, shape (b, t-1).
-    pub targets: Tensor,
+    /// Per position (b·t, row-major): 1.0 where the *next* token is trained, else 0.0 (the last
+    /// position of each row, padding, untrained tokens).
+    pub loss_weights: Vec<f32>,
+    /// Per position (b·t): the next token's id (0 where the weight is 0).
+    pub targets: Vec<u32>,
     pub trained_tokens: usize,
     /// NEFTune noise for the input embeddings (training only).
     pub embed_noise: Option<Tensor>,
@@ -161,11 +164,11 @@ impl Batch {
             // Padding continues as its own "sample" (position 0 restarts it), so it never mixes in.
             p.extend((0..(t - n) as u32).map(|i| if i == 0 { 0 } else { i }));
             ids.extend(r_ids.iter().copied().chain(std::iter::repeat_n(0, t - n)));
-            for i in 0..t - 1 {
+            for i in 0..t {
                 let next_trained = i + 1 < n && r_tr[i + 1] == 1 && r_pos[i + 1] != 0;
                 lm.push(if next_trained { 1f32 } else { 0f32 });
                 trained_tokens += next_trained as usize;
-                tg.push(if i + 1 < n { r_ids[i + 1] } else { 0 });
+                tg.push(if next_trained { r_ids[i + 1] } else { 0 });
             }
             pos.extend(&p);
             all_pos.push(p);
@@ -174,8 +177,8 @@ impl Batch {
             ids: Tensor::from_vec(ids, (b, t), device)?,
             positions: Tensor::from_vec(pos, (b, t), device)?,
             mask: packed_causal_mask(&all_pos, device)?,
-            loss_mask: Tensor::from_vec(lm, (b, t - 1), device)?,
-            targets: Tensor::from_vec(tg, (b, t - 1), device)?,
+            loss_weights: lm,
+            targets: tg,
             trained_tokens,
             embed_noise: None,
         })
@@ -191,13 +194,13 @@ pub fn loss_sum(model: &Llama, batch: &Batch) -> Result<Tensor, ModelError> {
         &batch.mask,
         batch.embed_noise.as_ref(),
     )?;
-    let t = logits.dim(1)?;
-    let logits = logits.narrow(1, 0, t - 1)?;
-    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    let picked = logp
-        .gather(&batch.targets.unsqueeze(D::Minus1)?, D::Minus1)?
-        .squeeze(D::Minus1)?;
-    Ok((picked * &batch.loss_mask)?.sum_all()?.neg()?)
+    let (b, t, v) = logits.dims3()?;
+    let logits = logits.reshape((b * t, v))?.contiguous()?;
+    let losses = logits.apply_op1(ce::CrossEntropy::new(
+        batch.targets.clone(),
+        batch.loss_weights.clone(),
+    ))?;
+    Ok(losses.sum_all()?)
 }
 
 /// AdamW (decoupled weight decay) with bias correction, as PyTorch's `torch.optim.AdamW`.

@@ -132,6 +132,7 @@ fn a_messy_axolotl_example_config_validates_with_warnings() {
     assert!(
         matches!(&s.base_model, kiln::config::ModelSource::Hub { repo, .. } if repo == "NousResearch/Llama-3.2-1B")
     );
+    assert_eq!(s.train.lora_dropout, 0.05);
     let mut warned: Vec<String> = l
         .warnings
         .iter()
@@ -146,10 +147,27 @@ fn a_messy_axolotl_example_config_validates_with_warnings() {
             "flash_attention: has no effect in kiln: a PyTorch kernel choice; kiln uses its own kernels",
             "gradient_checkpointing: not supported yet: gradient_checkpointing",
             "load_in_8bit: not supported yet: load_in_8bit",
-            "lora_dropout: not supported yet: lora_dropout > 0 (kiln trains LoRA without dropout for now)",
             "loss_watchdog_patience: not supported yet: loss_watchdog_patience",
             "loss_watchdog_threshold: not supported yet: loss_watchdog_threshold",
             "optimizer: not supported yet: optimizer `adamw_8bit` (kiln trains with adamw_torch)",
         ]
     );
+}
+
+#[test]
+fn lora_dropout_must_be_a_probability_and_waits_for_dora() {
+    let p = problems(&format!("{BASE}adapter: lora\nlora_dropout: 1.5\n"));
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].key, "lora_dropout");
+    assert!(p[0].message.contains("not a dropout probability"), "{p:?}");
+    let p = problems(&format!(
+        "{BASE}adapter: lora\nlora_dropout: 0.1\npeft_use_dora: true\n"
+    ));
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert!(
+        p[0].message
+            .starts_with("not supported yet: lora_dropout > 0 together with peft_use_dora"),
+        "{p:?}"
+    );
+    assert!(problems(&format!("{BASE}adapter: lora\nlora_dropout: 0.05\n")).is_empty());
 }

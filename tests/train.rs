@@ -145,3 +145,36 @@ fn packed_loss_equals_unpacked_loss() {
     // Oracle: the samples run one by one; tolerance 1e-4 (sums of ~8 f32 token losses).
     assert!((lp - (la + lb)).abs() < 1e-4, "packed {lp} vs {la} + {lb}");
 }
+
+#[test]
+fn lora_dropout_masks_only_seeded_training_batches_and_is_reproducible() {
+    one_thread();
+    let dev = Device::Cpu;
+    let mut m = tiny_model(11);
+    let vars = attach_lora(&mut m, &spec(), 1, &dev).unwrap();
+    // B starts at zero, so dropout on A's input cannot change the loss yet: give B values.
+    for (name, v) in &vars {
+        if name.contains("lora_B") {
+            let n = v.as_tensor().elem_count();
+            let vals: Vec<f32> = (0..n).map(|i| ((i % 7) as f32 - 3.0) * 0.05).collect();
+            v.set(&candle_core::Tensor::from_vec(vals, v.as_tensor().shape(), &dev).unwrap())
+                .unwrap();
+        }
+    }
+    let batch = || Batch::new(&[row(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 3)], &dev).unwrap();
+    let loss = |b: &Batch| loss_sum(&m, b).unwrap().to_scalar::<f32>().unwrap();
+    let plain = loss(&batch());
+    kiln::train::enable_lora_dropout(&mut m, 0.5);
+    let loss = |b: &Batch| loss_sum(&m, b).unwrap().to_scalar::<f32>().unwrap();
+    assert_eq!(loss(&batch()), plain, "no seed (evaluation): no dropout");
+    let seeded = |s: u64| {
+        let mut b = batch();
+        b.dropout_seed = Some(s);
+        b
+    };
+    let a = loss(&seeded(7));
+    assert_ne!(a, plain, "a seeded training batch drops inputs");
+    assert_eq!(loss(&seeded(7)), a, "the same seed draws the same masks");
+    assert_ne!(loss(&seeded(8)), a, "another micro-batch draws other masks");
+    assert_eq!(loss(&batch()), plain, "and dropout is off again afterwards");
+}

@@ -115,33 +115,8 @@ fn with_checkpoints(p: &Project) {
     std::fs::write(&p.config, cfg + "save_steps: 2\nsave_total_limit: 2\n").unwrap();
 }
 
-#[test]
-fn killed_training_resumes_from_its_checkpoint_and_ends_bit_identical() {
-    one_thread();
-    // Reference: uninterrupted.
-    let a = project();
-    with_checkpoints(&a);
-    a.run(&[]);
-    let a_dir = a.ws(&[]).entry_of("train").unwrap();
-    let kept: Vec<String> = {
-        let mut v: Vec<String> = std::fs::read_dir(&a_dir)
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().to_string())
-            .filter(|n| n.starts_with("checkpoint-"))
-            .collect();
-        v.sort();
-        v
-    };
-    assert_eq!(
-        kept,
-        vec!["checkpoint-10", "checkpoint-8"],
-        "save_total_limit keeps the newest 2"
-    );
-
-    // Interrupted with SIGKILL once a checkpoint exists, then rerun.
-    let b = project();
-    with_checkpoints(&b);
+/// Runs `kiln train` on `p` and SIGKILLs it as soon as a checkpoint is complete.
+fn kill_after_first_checkpoint(b: &Project) {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
         .args(["train", "kiln.yml"])
         .current_dir(b.dir.path())
@@ -183,6 +158,37 @@ fn killed_training_resumes_from_its_checkpoint_and_ends_bit_identical() {
     let _ = child.kill();
     let _ = child.wait();
     assert!(seen, "no checkpoint appeared before the run ended");
+}
+
+#[test]
+fn killed_training_resumes_from_its_checkpoint_and_ends_bit_identical() {
+    one_thread();
+    // Reference: uninterrupted.
+    let a = project();
+    with_checkpoints(&a);
+    a.run(&[]);
+    let a_dir = a.ws(&[]).entry_of("train").unwrap();
+    let kept: Vec<String> = {
+        let mut v: Vec<String> = std::fs::read_dir(&a_dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .filter(|n| n.starts_with("checkpoint-"))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        kept,
+        vec!["checkpoint-10", "checkpoint-8"],
+        "save_total_limit keeps the newest 2"
+    );
+
+    // Interrupted with SIGKILL once a checkpoint exists, then rerun.
+    let b = project();
+    with_checkpoints(&b);
+    kill_after_first_checkpoint(&b);
+    let work = b.path("cache/work");
     let plan = b.plan(&[]);
     assert_eq!(
         status(&plan, "train").state,
@@ -304,6 +310,55 @@ fn neftune_noise_changes_training_reproducibly() {
     )
     .unwrap();
     assert_eq!(noised, again, "the noise comes from kiln's seeded PRNG");
+}
+
+#[test]
+fn lora_dropout_trains_reproducibly_and_resumes_bit_identical() {
+    one_thread();
+    let adapter = |p: &Project| {
+        std::fs::read(
+            p.ws(&[])
+                .entry_of("train")
+                .unwrap()
+                .join("adapter_model.safetensors"),
+        )
+        .unwrap()
+    };
+    let plain = project();
+    plain.run(&[]);
+    let with_dropout = |p: &Project| {
+        let cfg = std::fs::read_to_string(&p.config).unwrap();
+        std::fs::write(&p.config, cfg + "lora_dropout: 0.2\n").unwrap();
+    };
+    let a = project();
+    with_dropout(&a);
+    a.run(&[]);
+    assert_ne!(
+        adapter(&plain),
+        adapter(&a),
+        "dropout changes the trajectory"
+    );
+    // Same config in a fresh cache: the same bytes.
+    let b = project();
+    with_dropout(&b);
+    b.run(&[]);
+    assert_eq!(adapter(&a), adapter(&b));
+    // Killed once a checkpoint exists, then resumed: the same bytes as uninterrupted.
+    let c = project();
+    with_dropout(&c);
+    with_checkpoints(&c);
+    let d = project();
+    with_dropout(&d);
+    with_checkpoints(&d);
+    d.run(&[]);
+    let reference = adapter(&d);
+    kill_after_first_checkpoint(&c);
+    let (_, events) = c.run(&[]);
+    assert!(
+        events.iter().any(|e| matches!(e, kiln::events::Event::Warning { message } if message.contains("resuming from checkpoint-"))),
+        "{events:?}"
+    );
+    assert_eq!(adapter(&c), reference, "resumed with the same masks");
 }
 
 #[test]

@@ -653,9 +653,14 @@ pub(super) fn resolve(ctx: &mut Ctx<'_>, map: &Mapping) -> Settings {
             "not supported yet: adapter `qlora` (4-bit base weights)",
             Some("use `adapter: lora` (kiln keeps base weights in f32)".into()),
         ),
-        Some("lora") if train.lora_dropout > 0.0 => r.ctx.unsupported(
+        Some("lora") if !(0.0..1.0).contains(&train.lora_dropout) => r.ctx.error(
             &[key("lora_dropout")],
-            "lora_dropout > 0 (kiln trains LoRA without dropout for now)",
+            format!("{} is not a dropout probability", train.lora_dropout),
+            Some("use a value in [0, 1), e.g. 0.05".into()),
+        ),
+        Some("lora") if train.lora_dropout > 0.0 && train.peft_use_dora => r.ctx.unsupported(
+            &[key("lora_dropout")],
+            "lora_dropout > 0 together with peft_use_dora (DoRA trains without dropout for now)",
         ),
         _ => {}
     }

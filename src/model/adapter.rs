@@ -209,6 +209,7 @@ impl PeftAdapter {
                     b: Var::from_tensor(&d.b)?,
                     scale: d.scale,
                     magnitude: d.magnitude.as_ref().map(Var::from_tensor).transpose()?,
+                    dropout: None,
                 });
             }
         }

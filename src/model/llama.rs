@@ -15,6 +15,57 @@ pub struct LoraDelta {
     /// DoRA's magnitude vector m (out,): the output is rescaled row-wise to
     /// m / ‖W + s·B·A‖ (the norm detached, as in the DoRA paper and PEFT).
     pub magnitude: Option<candle_core::Var>,
+    /// LoRA dropout on this layer's input to A, with the layer's own salt for its masks.
+    pub dropout: Option<(std::sync::Arc<LoraDropout>, u64)>,
+}
+
+/// PEFT's `lora_dropout`: while training, each adapted layer's input to A is zeroed with
+/// probability p and the rest scaled by 1/(1−p). The masks come from kiln's PRNG, seeded per
+/// micro-batch (and per layer), so a run, and a run resumed from a checkpoint, draw the same
+/// masks. Off (no masks) unless a seed is set: evaluation and inference never drop.
+pub struct LoraDropout {
+    pub p: f32,
+    /// u64::MAX = off.
+    seed: std::sync::atomic::AtomicU64,
+}
+
+impl LoraDropout {
+    pub fn new(p: f32) -> Self {
+        Self {
+            p,
+            seed: std::sync::atomic::AtomicU64::new(u64::MAX),
+        }
+    }
+
+    /// Turns the masks on with this micro-batch's seed, or off.
+    pub fn set(&self, seed: Option<u64>) {
+        self.seed.store(
+            seed.map(|s| s & !(1 << 63)).unwrap_or(u64::MAX),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// The mask (0 or 1/(1−p)) for an input shaped like `x`, when on.
+    pub fn mask(&self, salt: u64, x: &Tensor) -> Result<Option<Tensor>, ModelError> {
+        let seed = self.seed.load(std::sync::atomic::Ordering::Relaxed);
+        if seed == u64::MAX || self.p <= 0.0 {
+            return Ok(None);
+        }
+        let mut rng =
+            crate::data::pack::SplitMix64::new(seed ^ salt.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let keep = 1.0 / (1.0 - self.p);
+        let threshold = (self.p as f64 * (1u64 << 53) as f64) as u64;
+        let v: Vec<f32> = (0..x.elem_count())
+            .map(|_| {
+                if (rng.next_u64() >> 11) < threshold {
+                    0.0
+                } else {
+                    keep
+                }
+            })
+            .collect();
+        Ok(Some(Tensor::from_vec(v, x.shape(), x.device())?))
+    }
 }
 
 impl LoraDelta {
@@ -53,7 +104,13 @@ impl Linear {
             x.broadcast_matmul(&self.weight.t()?)?
         };
         if let Some(l) = &self.lora {
-            let d = x
+            let dropped = match &l.dropout {
+                Some((d, salt)) => d.mask(*salt, x)?.map(|m| x.mul(&m)).transpose()?,
+                None => None,
+            };
+            let d = dropped
+                .as_ref()
+                .unwrap_or(x)
                 .broadcast_matmul(&l.a.as_tensor().t()?)?
                 .broadcast_matmul(&l.b.as_tensor().t()?)?;
             y = (y + (d * l.scale)?)?;
@@ -96,6 +153,8 @@ pub struct Llama {
     pub norm: Tensor,
     /// None when tied to the embeddings.
     pub lm_head: Option<Tensor>,
+    /// Shared by every adapted layer when training with `lora_dropout` > 0.
+    pub lora_dropout: Option<std::sync::Arc<LoraDropout>>,
     pub(crate) cos: Tensor,
     pub(crate) sin: Tensor,
 }
@@ -308,6 +367,7 @@ impl Llama {
             .reshape((max, 1))?;
         let freqs = pos.matmul(&inv)?;
         Ok(Self {
+            lora_dropout: None,
             cos: freqs.cos()?,
             sin: freqs.sin()?,
             cfg,

@@ -136,7 +136,9 @@ impl Train {
         Ok(if self.full {
             crate::train::attach_full(model)?
         } else {
-            attach_lora(model, &self.lora, self.seed, device)?
+            let vars = attach_lora(model, &self.lora, self.seed, device)?;
+            crate::train::enable_lora_dropout(model, self.lora_dropout);
+            vars
         })
     }
 
@@ -389,6 +391,11 @@ impl Stage for Train {
                     let noise_seed = self.seed ^ (step << 20) ^ micro.len() as u64 ^ 0x6e65_6674;
                     batch =
                         batch.with_neftune(alpha, model.cfg.hidden_size, noise_seed, &device)?;
+                }
+                if model.lora_dropout.is_some() {
+                    // From the step and micro-batch only: a resumed run draws the same masks.
+                    batch.dropout_seed =
+                        Some(self.seed ^ (step << 20) ^ micro.len() as u64 ^ 0x6472_6f70);
                 }
                 micro.push(batch);
             }

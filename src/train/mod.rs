@@ -5,7 +5,7 @@
 pub mod ce;
 
 use crate::data::pack::SplitMix64;
-use crate::model::llama::{packed_causal_mask, LoraDelta};
+use crate::model::llama::{packed_causal_mask, LoraDelta, LoraDropout};
 use crate::model::{Llama, ModelError};
 use candle_core::{DType, Device, Tensor, Var};
 
@@ -93,9 +93,25 @@ pub fn attach_lora(
             b,
             scale: spec.scale(),
             magnitude,
+            dropout: None,
         });
     }
     Ok(vars)
+}
+
+/// Turns on LoRA dropout with probability `p` for every adapted layer of `model` (after
+/// [`attach_lora`]); masks are drawn only for batches with a `dropout_seed`.
+pub fn enable_lora_dropout(model: &mut Llama, p: f64) {
+    if p <= 0.0 {
+        return;
+    }
+    let d = std::sync::Arc::new(LoraDropout::new(p as f32));
+    for (salt, (_, lin)) in model.linears_mut().into_iter().enumerate() {
+        if let Some(l) = &mut lin.lora {
+            l.dropout = Some((d.clone(), salt as u64));
+        }
+    }
+    model.lora_dropout = Some(d);
 }
 
 /// Full fine-tuning: every weight becomes a trainable variable (its storage shared with the
@@ -123,6 +139,8 @@ pub struct Batch {
     pub trained_tokens: usize,
     /// NEFTune noise for the input embeddings (training only).
     pub embed_noise: Option<Tensor>,
+    /// Seed of this micro-batch's LoRA dropout masks (training only).
+    pub dropout_seed: Option<u64>,
 }
 
 impl Batch {
@@ -181,6 +199,7 @@ impl Batch {
             targets: tg,
             trained_tokens,
             embed_noise: None,
+            dropout_seed: None,
         })
     }
 }
@@ -188,12 +207,19 @@ impl Batch {
 /// Sum of token losses over trained positions (divide by the trained-token count of the whole
 /// effective batch for the mean).
 pub fn loss_sum(model: &Llama, batch: &Batch) -> Result<Tensor, ModelError> {
+    if let Some(d) = &model.lora_dropout {
+        d.set(batch.dropout_seed);
+    }
     let logits = model.forward_noised(
         &batch.ids,
         &batch.positions,
         &batch.mask,
         batch.embed_noise.as_ref(),
-    )?;
+    );
+    if let Some(d) = &model.lora_dropout {
+        d.set(None);
+    }
+    let logits = logits?;
     let (b, t, v) = logits.dims3()?;
     let logits = logits.reshape((b * t, v))?.contiguous()?;
     let losses = logits.apply_op1(ce::CrossEntropy::new(

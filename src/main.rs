@@ -121,6 +121,10 @@ enum Cmd {
         /// the data stages but publishes no train entry.
         #[arg(long)]
         debug: bool,
+        /// Start from this `checkpoint-N/` directory (Axolotl's `resume_from_checkpoint`; the
+        /// checkpoint's files become hashed inputs of the train stage).
+        #[arg(long, value_name = "DIR")]
+        resume_from_checkpoint: Option<PathBuf>,
     },
     /// Merge the trained LoRA adapter into the base model: a standalone HF-layout model in
     /// `output_dir/merged` (the cached `merge` stage).
@@ -1171,7 +1175,18 @@ fn real_main() -> Result<ExitCode> {
                 }
             }
         }
-        Cmd::Train { common, debug } => {
+        Cmd::Train {
+            mut common,
+            debug,
+            resume_from_checkpoint,
+        } => {
+            if let Some(dir) = resume_from_checkpoint {
+                let dir = std::path::absolute(&dir)
+                    .with_context(|| format!("--resume-from-checkpoint {}", dir.display()))?;
+                common
+                    .set
+                    .push(format!("resume_from_checkpoint={}", dir.display()));
+            }
             let ws = open_single(&common)?;
             if ws.plan.index_of("train").is_none() {
                 anyhow::bail!(

@@ -362,6 +362,88 @@ fn lora_dropout_trains_reproducibly_and_resumes_bit_identical() {
 }
 
 #[test]
+fn resume_from_checkpoint_starts_from_a_given_checkpoint_and_hashes_it() {
+    one_thread();
+    let adapter = |p: &Project| {
+        std::fs::read(
+            p.ws(&[])
+                .entry_of("train")
+                .unwrap()
+                .join("adapter_model.safetensors"),
+        )
+        .unwrap()
+    };
+    let a = project();
+    with_checkpoints(&a);
+    a.run(&[]);
+    let ck = a.ws(&[]).entry_of("train").unwrap().join("checkpoint-8");
+    // Copied out of the cache, as a user would keep one.
+    let b = project();
+    with_checkpoints(&b);
+    let mine = b.path("ck8");
+    std::fs::create_dir_all(&mine).unwrap();
+    for f in [
+        "adapter_model.safetensors",
+        "optimizer.safetensors",
+        "trainer_state.json",
+    ] {
+        std::fs::copy(ck.join(f), mine.join(f)).unwrap();
+    }
+    let cfg = std::fs::read_to_string(&b.config).unwrap();
+    std::fs::write(&b.config, cfg + "resume_from_checkpoint: ck8\n").unwrap();
+    let plan = b.plan(&[]);
+    assert_eq!(status(&plan, "fetch.checkpoint").state, State::Stale);
+    let (_, events) = b.run(&[]);
+    assert!(
+        events.iter().any(|e| matches!(e, kiln::events::Event::Warning { message } if message.contains("resuming from checkpoint-8"))),
+        "{events:?}"
+    );
+    assert_eq!(
+        adapter(&a),
+        adapter(&b),
+        "steps 9-12 from the checkpoint end where A ended"
+    );
+    // The checkpoint is an input: changing its bytes makes the train stage stale.
+    let st = mine.join("trainer_state.json");
+    let mut state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&st).unwrap()).unwrap();
+    assert_eq!(state["global_step"], 8);
+    state["global_step"] = 6.into();
+    std::fs::write(&st, state.to_string()).unwrap();
+    let plan = b.plan(&[]);
+    assert_eq!(status(&plan, "train").state, State::Stale);
+    assert!(
+        status(&plan, "fetch.checkpoint")
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("trainer_state.json")),
+        "{:?}",
+        status(&plan, "fetch.checkpoint").reason
+    );
+
+    // The CLI flag, and a clear error for a directory that is not a checkpoint.
+    let c = project();
+    with_checkpoints(&c);
+    let (code, out, err) = c.kiln(&[
+        "train",
+        "kiln.yml",
+        "--resume-from-checkpoint",
+        mine.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        format!("{out}{err}").contains("resuming from checkpoint-6"),
+        "{out}{err}"
+    );
+    let (code, _, err) = c.kiln(&["train", "kiln.yml", "--resume-from-checkpoint", "nowhere"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("resume_from_checkpoint") && err.contains("not a checkpoint"),
+        "{err}"
+    );
+}
+
+#[test]
 fn no_adapter_means_full_fine_tuning_with_a_complete_model_out() {
     one_thread();
     let mk = || {

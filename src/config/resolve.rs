@@ -138,6 +138,9 @@ pub struct TrainSettings {
     pub peft_use_rslora: bool,
     pub peft_use_dora: bool,
     pub neftune_noise_alpha: Option<f64>,
+    /// `resume_from_checkpoint`: a kiln `checkpoint-N/` directory the train stage starts from
+    /// (its files are fetched inputs of the stage).
+    pub resume_from_checkpoint: Option<PathBuf>,
 }
 
 /// The evaluate stage's settings (`evaluate: true` or a mapping).
@@ -288,7 +291,8 @@ fn classify(key: &str) -> Option<KeyClass> {
         | "gradio_server_port"
         | "gradio_max_new_tokens"
         | "gradio_temperature"
-        | "lora_model_dir" => Handled,
+        | "lora_model_dir"
+        | "resume_from_checkpoint" => Handled,
         "auto_resume_from_checkpoints" => {
             NoEffect("kiln always resumes an interrupted train stage from its newest checkpoint")
         }
@@ -641,6 +645,9 @@ pub(super) fn resolve(ctx: &mut Ctx<'_>, map: &Mapping) -> Settings {
         peft_use_rslora: r.bool("peft_use_rslora").unwrap_or(false),
         peft_use_dora: r.bool("peft_use_dora").unwrap_or(false),
         neftune_noise_alpha: r.f64("neftune_noise_alpha").filter(|a| *a > 0.0),
+        resume_from_checkpoint: r
+            .string("resume_from_checkpoint")
+            .map(|d| r.ctx.dir.join(d)),
     };
     match train.adapter.as_deref() {
         None if merge_lora => r.ctx.warn(
@@ -737,6 +744,20 @@ pub(super) fn resolve(ctx: &mut Ctx<'_>, map: &Mapping) -> Settings {
         ),
     }
 
+    if let Some(d) = train
+        .resume_from_checkpoint
+        .as_ref()
+        .filter(|d| !d.join("trainer_state.json").is_file())
+    {
+        r.ctx.error(
+            &[key("resume_from_checkpoint")],
+            format!(
+                "{}: not a checkpoint (no trainer_state.json there)",
+                d.display()
+            ),
+            Some("point it at a `checkpoint-N/` directory a kiln train stage wrote".into()),
+        );
+    }
     let evaluate = read_evaluate(r.ctx, map);
     let export = read_export(r.ctx, map);
     let lora_model_dir = r.string("lora_model_dir").map(|d| r.ctx.dir.join(d));

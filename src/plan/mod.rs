@@ -226,6 +226,34 @@ pub fn build(s: &Settings, hashes: &FileHashCache<'_>) -> Result<Plan, PlanError
     // No adapter = full fine-tuning (Axolotl's meaning).
     let full = t.adapter.is_none();
     if t.adapter.as_deref() == Some("lora") || full {
+        let mut train_deps = vec![
+            Dep {
+                stage: 0,
+                files: None,
+            },
+            Dep {
+                stage: pack_idx,
+                files: None,
+            },
+        ];
+        if let Some(dir) = &t.resume_from_checkpoint {
+            let (fd, inputs) = fetch::resolve_checkpoint(dir, full, hashes).map_err(|source| {
+                PlanError::Resolve {
+                    stage: "fetch.checkpoint".into(),
+                    source,
+                }
+            })?;
+            stages.push(PlannedStage {
+                name: "fetch.checkpoint".into(),
+                stage: AnyStage::FetchData(fd),
+                inputs,
+                deps: vec![],
+            });
+            train_deps.push(Dep {
+                stage: stages.len() - 1,
+                files: None,
+            });
+        }
         stages.push(PlannedStage {
             name: "train".into(),
             stage: AnyStage::Train(Box::new(Train {
@@ -257,18 +285,10 @@ pub fn build(s: &Settings, hashes: &FileHashCache<'_>) -> Result<Plan, PlanError
                 eval_steps: t.eval_steps,
                 evals_per_epoch: t.evals_per_epoch,
                 neftune_noise_alpha: t.neftune_noise_alpha,
+                from_checkpoint: t.resume_from_checkpoint.is_some(),
             })),
             inputs: Inputs::new(),
-            deps: vec![
-                Dep {
-                    stage: 0,
-                    files: None,
-                },
-                Dep {
-                    stage: pack_idx,
-                    files: None,
-                },
-            ],
+            deps: train_deps,
         });
         let train_idx = stages.len() - 1;
         let train_dep = Dep {

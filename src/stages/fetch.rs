@@ -197,6 +197,36 @@ fn pattern_match(pat: &str, name: &str) -> bool {
     }
 }
 
+/// The files of a kiln `checkpoint-N/` directory that a train stage resumes from: the weights
+/// (adapter, or the whole model for full fine-tuning), optimizer state and trainer state.
+pub fn resolve_checkpoint(
+    dir: &Path,
+    full: bool,
+    hashes: &FileHashCache<'_>,
+) -> Result<(FetchData, Inputs), ResolveError> {
+    let weights = if full {
+        "model.safetensors"
+    } else {
+        "adapter_model.safetensors"
+    };
+    let mut inputs = Inputs::new();
+    let mut files = Vec::new();
+    for name in [weights, "optimizer.safetensors", "trainer_state.json"] {
+        let p = dir.join(name);
+        if !p.is_file() {
+            return Err(ResolveError::Local {
+                path: dir.to_path_buf(),
+                message: format!(
+                    "resume_from_checkpoint: no {name} there; point it at a `checkpoint-N/` directory of a kiln train stage with the same adapter{}",
+                    if full { " (full fine-tuning)" } else { "" }
+                ),
+            });
+        }
+        files.push(local_file(&p, name.to_string(), hashes, &mut inputs)?);
+    }
+    Ok((FetchData { files }, inputs))
+}
+
 pub fn resolve_data(
     src: &DataSource,
     split: Option<&str>,

@@ -39,6 +39,8 @@ pub struct Train {
     pub eval_steps: Option<f64>,
     pub evals_per_epoch: Option<u64>,
     pub neftune_noise_alpha: Option<f64>,
+    /// `resume_from_checkpoint`: a third upstream holds the checkpoint to start from.
+    pub from_checkpoint: bool,
 }
 
 /// Mean loss over every trained token of the validation split (no gradients kept).
@@ -276,6 +278,9 @@ impl Stage for Train {
         if let Some(a) = self.neftune_noise_alpha {
             p["neftune_noise_alpha"] = json!(a);
         }
+        if self.from_checkpoint {
+            p["resume_from_checkpoint"] = json!(true);
+        }
         if self.lora.dora {
             p["peft_use_dora"] = json!(true);
         }
@@ -289,11 +294,15 @@ impl Stage for Train {
     }
 
     fn run(&self, cx: &mut RunCx<'_>) -> Result<(), StageError> {
-        let [model_up, pack_up] = cx.upstream else {
-            return Err(StageError::Invalid(
-                "train needs the model and pack upstream".into(),
-            ));
-        };
+        let (model_up, pack_up, given) =
+            match cx.upstream {
+                [m, p] if !self.from_checkpoint => (m, p, None),
+                [m, p, c] if self.from_checkpoint => (m, p, Some(c)),
+                _ => return Err(StageError::Invalid(
+                    "train needs the model and pack upstream (and the checkpoint to resume from)"
+                        .into(),
+                )),
+            };
         let device = Device::Cpu;
         let mut model = load_model(&model_up.dir, &device)?;
         let vars = self.trainable(&mut model, &device)?;
@@ -345,13 +354,45 @@ impl Stage for Train {
         let adapter_cfg = self.adapter_config();
         let mut history: Vec<Value> = Vec::new();
         let mut start = 0u64;
-        // Resume: a checkpoint left by an interrupted build of this same key.
-        if let Some((n, ck)) = latest_checkpoint(cx.work).filter(|(n, _)| *n < total) {
+        // Resume: a checkpoint left by an interrupted build of this same key, else the one
+        // `resume_from_checkpoint` names (fetched into the cache as this stage's input).
+        let given = match given {
+            Some(c) => {
+                let sp = c.dir.join("trainer_state.json");
+                let st: Value =
+                    serde_json::from_slice(&std::fs::read(&sp).map_err(io_err(&sp))?)
+                        .map_err(|e| StageError::Invalid(format!("{}: {e}", sp.display())))?;
+                let n = st["global_step"].as_u64().ok_or_else(|| {
+                    StageError::Invalid(format!("{}: no global_step", sp.display()))
+                })?;
+                if n >= total {
+                    return Err(StageError::Invalid(format!(
+                        "resume_from_checkpoint: the checkpoint is at step {n}, but this run has only {total} steps; raise max_steps or num_epochs"
+                    )));
+                }
+                Some((n, c.dir.clone()))
+            }
+            None => None,
+        };
+        let own = latest_checkpoint(cx.work).filter(|(n, _)| *n < total);
+        let resume = match (own, given) {
+            (Some(o), Some(g)) => Some(if o.0 >= g.0 { o } else { g }),
+            (o, g) => o.or(g),
+        };
+        if let Some((n, ck)) = resume {
             let a = candle_core::safetensors::load(ck.join(self.weights_file()), &device)?;
             for (name, v) in &vars {
                 let t = a
                     .get(name)
-                    .ok_or_else(|| StageError::Invalid(format!("{}: no {name}", ck.display())))?;
+                    .ok_or_else(|| StageError::Invalid(format!("{}: no {name}; the checkpoint comes from a run with other adapter settings (lora_target_modules, full fine-tuning?)", ck.display())))?;
+                if t.shape() != v.shape() {
+                    return Err(StageError::Invalid(format!(
+                        "{}: {name} has shape {:?}, this run's has {:?}; the checkpoint comes from a run with another lora_r or model",
+                        ck.display(),
+                        t.dims(),
+                        v.dims()
+                    )));
+                }
                 v.set(t)?;
             }
             let o = candle_core::safetensors::load(ck.join("optimizer.safetensors"), &device)?;

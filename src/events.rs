@@ -44,4 +44,25 @@ pub enum Event {
     },
     /// Something the user should know that does not stop the run.
     Warning { message: String },
+    /// A training step's log line (every `logging_steps`): shown as a progress bar in a
+    /// terminal, a plain line otherwise. Its figures are also sent as `Metric`s.
+    TrainLog(TrainLog),
+}
+
+/// What a train stage reports every `logging_steps`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainLog {
+    pub stage: String,
+    pub step: u64,
+    pub total: u64,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens_per_s: f64,
+    pub samples_per_s: f64,
+    pub elapsed_s: f64,
+    /// Remaining time at the pace so far.
+    pub eta_s: f64,
+    /// The process's peak resident memory.
+    pub peak_rss_bytes: Option<u64>,
 }

@@ -475,6 +475,8 @@ fn print_event(e: &Event, tty: bool) {
             )
         }
         Event::Warning { message } => eprintln!("warning: {message}"),
+        // A train log's own figures are printed by its TrainLog line.
+        Event::Metric { name, .. } if TRAIN_LOG_METRICS.contains(&name.as_str()) => {}
         Event::Metric {
             stage,
             step,
@@ -483,6 +485,108 @@ fn print_event(e: &Event, tty: bool) {
         } => {
             println!("         {stage} step {step:>5}  {name:<12} {value:.6}")
         }
+        Event::TrainLog(l) => println!(
+            "         {} step {}/{}  {}",
+            l.stage,
+            l.step,
+            l.total,
+            train_figures(l)
+        ),
+    }
+}
+
+/// The metrics a train stage sends with each [`Event::TrainLog`].
+const TRAIN_LOG_METRICS: &[&str] = &["loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s"];
+
+fn clock(secs: f64) -> String {
+    let s = secs.max(0.0).round() as u64;
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, s % 3600 / 60)
+    } else {
+        format!("{}m{:02}s", s / 60, s % 60)
+    }
+}
+
+/// A train log's figures on one line.
+fn train_figures(l: &kiln::events::TrainLog) -> String {
+    let mem = l
+        .peak_rss_bytes
+        .map(|b| format!("  peak {}", human_bytes(b)))
+        .unwrap_or_default();
+    format!(
+        "loss {:.4}  lr {:.2e}  grad_norm {:.3}  {:.1} tokens/s  {:.2} samples/s  elapsed {}  eta {}{mem}",
+        l.loss,
+        l.lr,
+        l.grad_norm,
+        l.tokens_per_s,
+        l.samples_per_s,
+        clock(l.elapsed_s),
+        clock(l.eta_s)
+    )
+}
+
+/// Prints run events. In a terminal a train stage's logs drive a progress bar on stderr (other
+/// lines print above it); otherwise each log is a plain line.
+struct Printer {
+    tty: bool,
+    /// The bar, for which stage, and its last log (printed as a line when the bar goes).
+    bar: Option<(String, indicatif::ProgressBar, kiln::events::TrainLog)>,
+}
+
+impl Printer {
+    fn new(tty: bool) -> Self {
+        Self { tty, bar: None }
+    }
+
+    fn event(&mut self, e: &Event) {
+        match e {
+            Event::TrainLog(l) if self.tty => {
+                if self.bar.as_ref().is_none_or(|(s, _, _)| *s != l.stage) {
+                    self.clear();
+                    let bar = indicatif::ProgressBar::new(l.total);
+                    let style = indicatif::ProgressStyle::with_template(
+                        "  {prefix} [{bar:20}] {pos}/{len} {wide_msg}",
+                    )
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                    .progress_chars("=> ");
+                    bar.set_style(style);
+                    bar.set_prefix(l.stage.clone());
+                    self.bar = Some((l.stage.clone(), bar, l.clone()));
+                }
+                if let Some((_, bar, last)) = &mut self.bar {
+                    bar.set_position(l.step);
+                    let mem = l
+                        .peak_rss_bytes
+                        .map(|b| format!(" {}", human_bytes(b)))
+                        .unwrap_or_default();
+                    bar.set_message(format!(
+                        "loss {:.4} lr {:.1e} gn {:.2} {:.0} tok/s {}<{}{mem}",
+                        l.loss,
+                        l.lr,
+                        l.grad_norm,
+                        l.tokens_per_s,
+                        clock(l.elapsed_s),
+                        clock(l.eta_s)
+                    ));
+                    *last = l.clone();
+                }
+            }
+            Event::StageFinished { .. } | Event::StageFailed { .. } => {
+                self.clear();
+                print_event(e, self.tty);
+            }
+            _ => match &self.bar {
+                Some((_, bar, _)) => bar.suspend(|| print_event(e, self.tty)),
+                None => print_event(e, self.tty),
+            },
+        }
+    }
+
+    fn clear(&mut self) {
+        if let Some((_, bar, last)) = self.bar.take() {
+            bar.finish_and_clear();
+            print_event(&Event::TrainLog(last), false);
+        }
     }
 }
 
@@ -490,7 +594,9 @@ fn do_run(ws: &Workspace, opts: &RunOptions) -> Result<kiln::scheduler::RunSumma
     let tty = std::io::stderr().is_terminal();
     let t = Instant::now();
     let run_id = ws.index.start_run(&ws.config_id, &ws.run_label())?;
-    let res = ws.scheduler().run(opts, &mut |e| print_event(&e, tty));
+    let mut printer = Printer::new(tty);
+    let res = ws.scheduler().run(opts, &mut |e| printer.event(&e));
+    printer.clear();
     match &res {
         Ok(s) => {
             let outcome = if s.failed.is_empty() { "ok" } else { "failed" };

@@ -421,12 +421,18 @@ impl Stage for Train {
         }
         let started = Instant::now();
         let mut tokens = 0usize;
+        let mut samples = 0usize;
         for step in start..total {
             let mut micro = Vec::with_capacity(gas);
             for _ in 0..gas {
                 let rows: Vec<(Vec<u32>, Vec<u8>, Vec<u32>)> =
                     (0..mbs).map(|_| data.row(next_bin(&mut order))).collect();
                 tokens += rows.iter().map(|r| r.0.len()).sum::<usize>();
+                // Samples, not packed rows: a packed row holds several (position 0 starts one).
+                samples += rows
+                    .iter()
+                    .map(|r| r.2.iter().filter(|&&p| p == 0).count().max(1))
+                    .sum::<usize>();
                 let mut batch = Batch::new(&rows, &device)?;
                 if let Some(alpha) = self.neftune_noise_alpha {
                     let noise_seed = self.seed ^ (step << 20) ^ micro.len() as u64 ^ 0x6e65_6674;
@@ -452,11 +458,26 @@ impl Stage for Train {
             history.push(json!({"step": s, "loss": loss, "lr": lr, "grad_norm": gnorm}));
             if s % self.logging_steps.max(1) == 0 || s == total {
                 let secs = started.elapsed().as_secs_f64().max(1e-9);
+                let done_here = (s - start) as f64;
+                let log = crate::events::TrainLog {
+                    stage: cx.name.to_string(),
+                    step: s,
+                    total,
+                    loss,
+                    lr,
+                    grad_norm: gnorm,
+                    tokens_per_s: tokens as f64 / secs,
+                    samples_per_s: samples as f64 / secs,
+                    elapsed_s: secs,
+                    eta_s: secs / done_here * (total - s) as f64,
+                    peak_rss_bytes: peak_rss_bytes(),
+                };
                 for (name, value) in [
                     ("loss", loss),
                     ("lr", lr),
                     ("grad_norm", gnorm),
-                    ("tokens_per_s", tokens as f64 / secs),
+                    ("tokens_per_s", log.tokens_per_s),
+                    ("samples_per_s", log.samples_per_s),
                 ] {
                     (cx.emit)(Event::Metric {
                         stage: cx.name.to_string(),
@@ -465,12 +486,7 @@ impl Stage for Train {
                         value,
                     });
                 }
-                (cx.emit)(Event::Progress {
-                    name: cx.name.to_string(),
-                    done: s,
-                    total,
-                    unit: "steps",
-                });
+                (cx.emit)(Event::TrainLog(log));
             }
             if let Some(val) = val.as_ref().filter(|_| s % eval_every == 0 || s == total) {
                 if let Some(eval_loss) = evaluate(&model, val, mbs, &device)? {

@@ -129,3 +129,65 @@ fn frozen_linear_matches_matmul_forward_and_input_gradient() {
         .unwrap();
     assert!(d < 1e-5, "input gradient differs by {d}");
 }
+
+/// A one-layer Mistral-style tiny model with a sliding window of `w` tokens (None = plain).
+fn windowed(w: Option<usize>) -> kiln::model::Llama {
+    let mut cfg = common::tiny_config();
+    cfg.num_hidden_layers = 1;
+    cfg.architecture = "mistral".into();
+    cfg.sliding_window = w;
+    let weights = common::tiny_weights(&cfg, 5);
+    kiln::model::Llama::from_weights(cfg, weights, &Device::Cpu).unwrap()
+}
+
+fn all_logits(m: &kiln::model::Llama, ids: &[u32]) -> Vec<Vec<f32>> {
+    let dev = Device::Cpu;
+    let t = ids.len();
+    let pos: Vec<u32> = (0..t as u32).collect();
+    let mask = packed_causal_mask(std::slice::from_ref(&pos), &dev).unwrap();
+    let x = m
+        .forward(
+            &Tensor::from_vec(ids.to_vec(), (1, t), &dev).unwrap(),
+            &Tensor::from_vec(pos, (1, t), &dev).unwrap(),
+            &mask,
+        )
+        .unwrap();
+    x.squeeze(0).unwrap().to_vec2::<f32>().unwrap()
+}
+
+#[test]
+fn mistral_sliding_window_limits_attention_in_training_and_cached_decoding() {
+    let ids: Vec<u32> = vec![5, 9, 13, 2, 7, 30, 11, 4, 8, 21];
+    let mut other = ids.clone();
+    other[0] = 40;
+    // One layer, window 3: position i sees tokens i-2..=i only, so token 0 cannot reach 3+.
+    let m = windowed(Some(3));
+    let (a, b) = (all_logits(&m, &ids), all_logits(&m, &other));
+    for i in 3..ids.len() {
+        assert_eq!(a[i], b[i], "position {i} is outside token 0's window");
+    }
+    assert_ne!(a[2], b[2], "position 2 still sees token 0");
+    // Without the window token 0 reaches every position.
+    let plain = windowed(None);
+    let (pa, pb) = (all_logits(&plain, &ids), all_logits(&plain, &other));
+    assert_ne!(pa[9], pb[9]);
+    // Within the window the two models agree.
+    assert_eq!(all_logits(&m, &ids[..3]), all_logits(&plain, &ids[..3]));
+
+    // KV-cached decoding (a prompt, then one token at a time) gives the full forward's logits.
+    let mut cache = kiln::model::generate::Cache::new(&m);
+    let mut got = vec![m.forward_cached(&ids[..4], &mut cache).unwrap()];
+    for &t in &ids[4..] {
+        got.push(m.forward_cached(&[t], &mut cache).unwrap());
+    }
+    for (k, g) in got.iter().enumerate() {
+        let g = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let want = &a[3 + k];
+        let diff = g
+            .iter()
+            .zip(want)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(diff < 1e-4, "position {}: max diff {diff}", 3 + k);
+    }
+}

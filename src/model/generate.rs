@@ -2,7 +2,7 @@
 //! kernels are fine here), sampling (temperature, top-k, top-p, seeded), and streaming
 //! detokenization that never emits half a UTF-8 character.
 
-use super::llama::{packed_causal_mask, repeat_kv};
+use super::llama::{packed_causal_mask, repeat_kv, sliding_window_mask};
 use super::{Llama, ModelError};
 use crate::data::pack::SplitMix64;
 use candle_core::{DType, Tensor};
@@ -63,6 +63,14 @@ impl Llama {
             Some(full.narrow(2, start, t)?.contiguous()?)
         } else {
             None
+        };
+        let window = match cfg.sliding_window {
+            Some(w) => sliding_window_mask(start, t, start + t, w, &device)?,
+            None => None,
+        };
+        let mask = match (mask, window) {
+            (Some(m), Some(w)) => Some(m.broadcast_add(&w)?),
+            (m, w) => m.or(w),
         };
         let ids_t = Tensor::from_vec(ids.to_vec(), (1, t), &device)?;
         let mut x = self

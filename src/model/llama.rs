@@ -214,6 +214,29 @@ pub fn packed_causal_mask(
     Ok(Tensor::from_vec(m, (b, 1, t, t), device)?)
 }
 
+/// Mistral's sliding window as an additive mask (1, 1, t_q, t_k) for queries at absolute
+/// positions `q_start..q_start + t_q` over keys `0..t_k`: a query sees only keys less than
+/// `window` positions back (HF's `sliding_window`). None when no key is that far back.
+pub fn sliding_window_mask(
+    q_start: usize,
+    t_q: usize,
+    t_k: usize,
+    window: usize,
+    device: &Device,
+) -> Result<Option<Tensor>, ModelError> {
+    if window == 0 || q_start + t_q <= window {
+        return Ok(None);
+    }
+    let mut m = vec![0f32; t_q * t_k];
+    for i in 0..t_q {
+        let q = q_start + i;
+        for j in 0..t_k.min((q + 1).saturating_sub(window)) {
+            m[i * t_k + j] = -1e9;
+        }
+    }
+    Ok(Some(Tensor::from_vec(m, (1, 1, t_q, t_k), device)?))
+}
+
 impl Llama {
     /// Every linear layer with its HF module path (`model.layers.0.self_attn.q_proj`).
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
@@ -428,6 +451,14 @@ impl Llama {
             x = (x + noise)?;
         }
         let scale = 1.0 / (hd as f64).sqrt();
+        // Packed samples sit in one row contiguously, so row distance is sample distance.
+        let windowed = match cfg.sliding_window {
+            Some(w) => sliding_window_mask(0, t, t, w, ids.device())?
+                .map(|wm| mask.broadcast_add(&wm))
+                .transpose()?,
+            None => None,
+        };
+        let mask = windowed.as_ref().unwrap_or(mask);
         for l in &self.layers {
             let h = rms_norm(&x, &l.input_layernorm, cfg.rms_norm_eps)?;
             let q = l

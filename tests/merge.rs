@@ -232,3 +232,71 @@ fn dora_trains_a_magnitude_vector_and_merges_to_the_same_logits() {
     let plan = p.plan(&["peft_use_dora=false"]);
     assert_eq!(status(&plan, "train").state, kiln::scheduler::State::Stale);
 }
+
+#[test]
+fn modules_to_save_train_whole_tensors_that_merge_and_apply_alike() {
+    one_thread();
+    let p = Project::new("adapter: lora\nlora_r: 4\nlora_alpha: 8\nlora_target_modules: [q_proj, v_proj]\nlora_modules_to_save: [lm_head, norm]\nmax_steps: 4\nwarmup_steps: 1\nseed: 3\nmerge_lora: true\n");
+    write_untied_tiny_model_dir(&p.path("model"), 17);
+    let cfg = std::fs::read_to_string(&p.config)
+        .unwrap()
+        .replace("learning_rate: 2e-4", "learning_rate: 5e-3");
+    std::fs::write(&p.config, cfg).unwrap();
+    p.run(&[]);
+    let ws = p.ws(&[]);
+    let adapter_dir = ws.entry_of("train").unwrap();
+    let base_dir = ws.entry_of("fetch.model").unwrap();
+    // PEFT's layout: the whole tensors under base_model.model.<name>, listed in the config.
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(adapter_dir.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        cfg["modules_to_save"],
+        serde_json::json!(["lm_head", "norm"])
+    );
+    let dev = Device::Cpu;
+    let a = candle_core::safetensors::load(adapter_dir.join("adapter_model.safetensors"), &dev)
+        .unwrap();
+    let base = candle_core::safetensors::load(base_dir.join("model.safetensors"), &dev).unwrap();
+    for (k, hf) in [
+        ("base_model.model.lm_head.weight", "lm_head.weight"),
+        ("base_model.model.model.norm.weight", "model.norm.weight"),
+    ] {
+        let t = a.get(k).unwrap_or_else(|| panic!("no {k}"));
+        assert!(max_abs_diff(t, &base[hf]) > 1e-4, "{k} was trained");
+    }
+    assert!(!a.contains_key("base_model.model.model.embed_tokens.weight"));
+    // Merged = base + adapter (deltas and replaced tensors) = what inference applies.
+    let merged = load_model(&ws.entry_of("merge").unwrap(), &dev).unwrap();
+    let mut applied = load_model(&base_dir, &dev).unwrap();
+    PeftAdapter::load(&adapter_dir, &dev)
+        .unwrap()
+        .apply(&mut applied)
+        .unwrap();
+    let ids: Vec<u32> = (0..24).map(|i| (i * 7 + 3) % 60).collect();
+    let lm = merged.forward_one(&ids, &dev).unwrap();
+    let la = applied.forward_one(&ids, &dev).unwrap();
+    assert!(max_abs_diff(&lm, &la) < 1e-4);
+    assert!(
+        max_abs_diff(
+            merged.lm_head.as_ref().unwrap(),
+            &a["base_model.model.lm_head.weight"]
+        ) == 0.0
+    );
+
+    // A tied model cannot hold a separate head: a clear error, not a silent tie-break.
+    let t = Project::new(
+        "adapter: lora\nlora_r: 4\nlora_alpha: 8\nlora_modules_to_save: [lm_head]\nmax_steps: 1\n",
+    );
+    write_tiny_model_dir(&t.path("model"), 17);
+    let (code, _, err) = t.kiln(&["train", "kiln.yml"]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("ties lm_head to embed_tokens"), "{err}");
+    // And a name that matches nothing says so.
+    let u = Project::new(
+        "adapter: lora\nlora_r: 4\nlora_alpha: 8\nlora_modules_to_save: [score]\nmax_steps: 1\n",
+    );
+    write_tiny_model_dir(&u.path("model"), 17);
+    let (_, _, err) = u.kiln(&["train", "kiln.yml"]);
+    assert!(err.contains("`score` matches no module"), "{err}");
+}

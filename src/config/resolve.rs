@@ -116,6 +116,9 @@ pub struct TrainSettings {
     pub lora_alpha: f64,
     pub lora_dropout: f64,
     pub lora_target_modules: Vec<String>,
+    /// `lora_modules_to_save`: modules trained in full beside the LoRA deltas (PEFT's
+    /// `modules_to_save`), e.g. `lm_head`, `embed_tokens`, `norm`.
+    pub lora_modules_to_save: Vec<String>,
     pub lora_target_linear: bool,
     pub micro_batch_size: u64,
     pub gradient_accumulation_steps: u64,
@@ -253,6 +256,7 @@ fn classify(key: &str) -> Option<KeyClass> {
         | "lora_alpha"
         | "lora_dropout"
         | "lora_target_modules"
+        | "lora_modules_to_save"
         | "lora_target_linear"
         | "micro_batch_size"
         | "gradient_accumulation_steps"
@@ -621,6 +625,7 @@ pub(super) fn resolve(ctx: &mut Ctx<'_>, map: &Mapping) -> Settings {
         lora_alpha: r.f64("lora_alpha").unwrap_or(16.0),
         lora_dropout: r.f64("lora_dropout").unwrap_or(0.0),
         lora_target_modules: r.str_list("lora_target_modules").unwrap_or_default(),
+        lora_modules_to_save: r.str_list("lora_modules_to_save").unwrap_or_default(),
         lora_target_linear: r.bool("lora_target_linear").unwrap_or(false),
         micro_batch_size: r.positive("micro_batch_size", mbs, 1),
         gradient_accumulation_steps: r.positive("gradient_accumulation_steps", gas, 1),

@@ -26,6 +26,28 @@ pub struct ModuleDelta {
 pub struct PeftAdapter {
     pub dir: PathBuf,
     pub modules: BTreeMap<String, ModuleDelta>,
+    /// `modules_to_save`: whole tensors that replace the base model's (HF tensor name, e.g.
+    /// `model.norm.weight`).
+    pub saved: BTreeMap<String, Tensor>,
+}
+
+/// Does PEFT's module name `pattern` (`lm_head`, `norm`, `model.norm`) select `module`?
+pub fn module_matches(module: &str, pattern: &str) -> bool {
+    module == pattern || module.ends_with(&format!(".{pattern}"))
+}
+
+/// `modules_to_save` on a model whose head is its embedding matrix: PEFT trains a separate copy
+/// of one of them, which kiln's tied model cannot hold.
+pub fn check_tied_modules_to_save(tied: bool, names: &[String]) -> Result<(), String> {
+    if let Some(n) = names
+        .iter()
+        .find(|n| tied && (n.as_str() == "lm_head" || n.ends_with("embed_tokens")))
+    {
+        return Err(format!(
+            "modules_to_save `{n}`: this model ties lm_head to embed_tokens, so a separately trained copy of one is not supported yet"
+        ));
+    }
+    Ok(())
 }
 
 fn err(path: &Path, message: impl std::fmt::Display) -> ModelError {
@@ -76,6 +98,15 @@ impl PeftAdapter {
             return Err(err(&wp, format!("no such file{hint}")));
         }
         let tensors = candle_core::safetensors::load(&wp, device).map_err(|e| err(&wp, e))?;
+        let to_save: Vec<String> = cfg["modules_to_save"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut saved: BTreeMap<String, Tensor> = BTreeMap::new();
         let mut pairs: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
         let mut magnitudes: BTreeMap<String, Tensor> = BTreeMap::new();
         for (name, t) in tensors {
@@ -91,6 +122,13 @@ impl PeftAdapter {
                 (m, 0)
             } else if let Some(m) = rest.strip_suffix(".lora_B.weight") {
                 (m, 1)
+            } else if rest
+                .strip_suffix(".weight")
+                .or_else(|| rest.strip_suffix(".bias"))
+                .is_some_and(|m| to_save.iter().any(|p| module_matches(m, p)))
+            {
+                saved.insert(rest.to_string(), t.to_dtype(DType::F32)?);
+                continue;
             } else {
                 return Err(err(
                     &wp,
@@ -165,14 +203,54 @@ impl PeftAdapter {
         if modules.is_empty() {
             return Err(err(&wp, "the adapter holds no LoRA weights"));
         }
+        if let Some(p) = to_save.iter().find(|p| {
+            !saved
+                .keys()
+                .any(|k| module_matches(k.rsplit_once('.').map_or(k.as_str(), |x| x.0), p))
+        }) {
+            return Err(err(
+                &wp,
+                format!("adapter_config.json lists `{p}` in modules_to_save but the weights hold no tensor for it"),
+            ));
+        }
         Ok(Self {
             dir: dir.to_path_buf(),
             modules,
+            saved,
         })
     }
 
     /// Checks every module exists in `model` with matching shapes.
     fn check(&self, model: &mut Llama) -> Result<(), ModelError> {
+        let to_save: Vec<String> = self
+            .saved
+            .keys()
+            .map(|k| k.rsplit_once('.').map_or(k.clone(), |x| x.0.to_string()))
+            .collect();
+        check_tied_modules_to_save(model.lm_head.is_none(), &to_save)
+            .map_err(|m| err(&self.dir, m))?;
+        let tensors: HashMap<String, Vec<usize>> = model
+            .tensors_mut()
+            .into_iter()
+            .map(|(n, t)| (n, t.dims().to_vec()))
+            .collect();
+        for (name, t) in &self.saved {
+            match tensors.get(name) {
+                Some(d) if d.as_slice() == t.dims() => {}
+                Some(d) => {
+                    return Err(err(
+                        &self.dir,
+                        format!("`{name}` is {d:?} in the base model but {:?} in the adapter; was it trained on another model?", t.dims()),
+                    ))
+                }
+                None => {
+                    return Err(err(
+                        &self.dir,
+                        format!("the adapter saves `{name}`, which the base model does not have"),
+                    ))
+                }
+            }
+        }
         let mut shapes: HashMap<String, (usize, usize)> = HashMap::new();
         for (path, lin) in model.linears_mut() {
             shapes.insert(path, lin.weight.dims2()?);
@@ -202,6 +280,7 @@ impl PeftAdapter {
     /// Attaches the deltas unmerged (frozen: the Vars are not trained).
     pub fn apply(&self, model: &mut Llama) -> Result<(), ModelError> {
         self.check(model)?;
+        self.replace_saved(model);
         for (path, lin) in model.linears_mut() {
             if let Some(d) = self.modules.get(&path) {
                 lin.lora = Some(LoraDelta {
@@ -220,6 +299,7 @@ impl PeftAdapter {
     /// W' = m / ‖W + s·B·A‖ (per row) · (W + s·B·A).
     pub fn merge_into(&self, model: &mut Llama) -> Result<(), ModelError> {
         self.check(model)?;
+        self.replace_saved(model);
         for (path, lin) in model.linears_mut() {
             if let Some(d) = self.modules.get(&path) {
                 let delta = (d.b.matmul(&d.a)? * d.scale)?;
@@ -233,5 +313,14 @@ impl PeftAdapter {
             }
         }
         Ok(())
+    }
+
+    /// Puts the `modules_to_save` tensors in place of the base model's.
+    fn replace_saved(&self, model: &mut Llama) {
+        for (name, t) in model.tensors_mut() {
+            if let Some(new) = self.saved.get(&name) {
+                *t = new.clone();
+            }
+        }
     }
 }

@@ -286,6 +286,11 @@ pub fn build(s: &Settings, hashes: &FileHashCache<'_>) -> Result<Plan, PlanError
                 evals_per_epoch: t.evals_per_epoch,
                 neftune_noise_alpha: t.neftune_noise_alpha,
                 from_checkpoint: t.resume_from_checkpoint.is_some(),
+                modules_to_save: if full {
+                    Vec::new()
+                } else {
+                    t.lora_modules_to_save.clone()
+                },
             })),
             inputs: Inputs::new(),
             deps: train_deps,

@@ -41,6 +41,8 @@ pub struct Train {
     pub neftune_noise_alpha: Option<f64>,
     /// `resume_from_checkpoint`: a third upstream holds the checkpoint to start from.
     pub from_checkpoint: bool,
+    /// `lora_modules_to_save`: modules trained whole beside the LoRA deltas.
+    pub modules_to_save: Vec<String>,
 }
 
 /// Mean loss over every trained token of the validation split (no gradients kept).
@@ -138,8 +140,12 @@ impl Train {
         Ok(if self.full {
             crate::train::attach_full(model)?
         } else {
-            let vars = attach_lora(model, &self.lora, self.seed, device)?;
+            let mut vars = attach_lora(model, &self.lora, self.seed, device)?;
             crate::train::enable_lora_dropout(model, self.lora_dropout);
+            vars.extend(crate::train::attach_modules_to_save(
+                model,
+                &self.modules_to_save,
+            )?);
             vars
         })
     }
@@ -176,7 +182,9 @@ impl Train {
             "r": self.lora.r, "lora_alpha": self.lora.alpha, "lora_dropout": self.lora_dropout,
             "target_modules": targets, "bias": "none", "fan_in_fan_out": false,
             "inference_mode": true, "init_lora_weights": true, "use_rslora": self.lora.rslora,
-            "use_dora": self.lora.dora, "modules_to_save": null, "revision": null
+            "use_dora": self.lora.dora,
+            "modules_to_save": if self.modules_to_save.is_empty() { Value::Null } else { json!(self.modules_to_save) },
+            "revision": null
         })
     }
 
@@ -280,6 +288,9 @@ impl Stage for Train {
         }
         if self.from_checkpoint {
             p["resume_from_checkpoint"] = json!(true);
+        }
+        if !self.modules_to_save.is_empty() {
+            p["lora_modules_to_save"] = json!(self.modules_to_save);
         }
         if self.lora.dora {
             p["peft_use_dora"] = json!(true);

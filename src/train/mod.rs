@@ -114,6 +114,53 @@ pub fn enable_lora_dropout(model: &mut Llama, p: f64) {
     model.lora_dropout = Some(d);
 }
 
+/// PEFT's `modules_to_save` (Axolotl's `lora_modules_to_save`): the tensors of the named
+/// modules (`lm_head`, `embed_tokens`, `norm`, `input_layernorm`…) train in full beside the
+/// LoRA deltas, under PEFT's saved names (`base_model.model.lm_head.weight`). Call after
+/// [`attach_lora`]: a module cannot be both LoRA-adapted and saved whole.
+pub fn attach_modules_to_save(
+    model: &mut Llama,
+    names: &[String],
+) -> Result<Vec<(String, Var)>, ModelError> {
+    use crate::model::adapter::{check_tied_modules_to_save, module_matches};
+    if names.is_empty() {
+        return Ok(Vec::new());
+    }
+    check_tied_modules_to_save(model.lm_head.is_none(), names).map_err(ModelError::Config)?;
+    for (path, lin) in model.linears_mut() {
+        if lin.lora.is_some() {
+            if let Some(p) = names.iter().find(|p| module_matches(&path, p)) {
+                return Err(ModelError::Config(format!(
+                    "lora_modules_to_save `{p}` is also a LoRA target ({path}); a module is either adapted or saved whole"
+                )));
+            }
+        }
+    }
+    let mut vars = Vec::new();
+    let mut used = vec![false; names.len()];
+    for (name, t) in model.tensors_mut() {
+        let module = name.rsplit_once('.').map_or(name.as_str(), |x| x.0);
+        let mut hit = false;
+        for (i, p) in names.iter().enumerate() {
+            if module_matches(module, p) {
+                used[i] = true;
+                hit = true;
+            }
+        }
+        if hit {
+            let v = Var::from_tensor(&t.to_dtype(DType::F32)?)?;
+            *t = v.as_tensor().clone();
+            vars.push((format!("base_model.model.{name}"), v));
+        }
+    }
+    if let Some((p, _)) = names.iter().zip(&used).find(|(_, u)| !**u) {
+        return Err(ModelError::Config(format!(
+            "lora_modules_to_save `{p}` matches no module of this model (e.g. lm_head, embed_tokens, norm, input_layernorm)"
+        )));
+    }
+    Ok(vars)
+}
+
 /// Full fine-tuning: every weight becomes a trainable variable (its storage shared with the
 /// model, so optimizer updates are seen by the next forward). Returns them with their HF names.
 pub fn attach_full(model: &mut Llama) -> Result<Vec<(String, Var)>, ModelError> {

@@ -301,6 +301,23 @@ pub fn write_tiny_model_dir(dir: &Path, seed: u64) {
     std::fs::write(dir.join("config.json"), cfg.to_hf().to_string()).unwrap();
 }
 
+/// [`write_tiny_model_dir`] with an untied head: its own `lm_head.weight`.
+pub fn write_untied_tiny_model_dir(dir: &Path, seed: u64) {
+    write_model_dir(dir, Some(CHATML));
+    let mut cfg = tiny_config();
+    cfg.vocab_size = tiny_tokenizer_json()["model"]["vocab"]
+        .as_object()
+        .unwrap()
+        .len();
+    cfg.max_position_embeddings = 1024;
+    cfg.tie_word_embeddings = false;
+    let mut w = tiny_weights(&cfg, seed);
+    let head = tiny_weights(&cfg, seed + 1)["model.embed_tokens.weight"].clone();
+    w.insert("lm_head.weight".into(), head);
+    candle_core::safetensors::save(&w, dir.join("model.safetensors")).unwrap();
+    std::fs::write(dir.join("config.json"), cfg.to_hf().to_string()).unwrap();
+}
+
 /// Random ASCII text from pieces that exercise the split patterns (contractions in both cases,
 /// digit runs, whitespace runs ending in and before newlines, punctuation runs, added tokens).
 pub fn corner_texts(n: usize, seed: u64) -> Vec<String> {

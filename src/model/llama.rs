@@ -160,6 +160,12 @@ pub struct Llama {
 }
 
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor, ModelError> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 {
+        // One pass forward and one backward (see model/norm.rs).
+        return Ok(x
+            .contiguous()?
+            .apply_op2(&w.contiguous()?, super::norm::RmsNorm { eps: eps as f32 })?);
+    }
     let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
     let x = x.broadcast_div(&(ms + eps)?.sqrt()?)?;
     Ok(x.broadcast_mul(w)?)

@@ -8,6 +8,7 @@ pub mod frozen;
 pub mod generate;
 pub mod gguf_export;
 pub mod llama;
+pub mod norm;
 pub mod weights;
 
 pub use config::LlamaConfig;

@@ -125,7 +125,7 @@ fn only_file(up: &Upstream) -> Result<std::path::PathBuf, StageError> {
 
 impl Stage for Evaluate {
     const KIND: StageKind = StageKind::Evaluate;
-    // v2: val loss through the fused cross-entropy op (low bits differ).
+    // v2: val loss through the fused cross-entropy and RMSNorm ops (low bits differ).
     const VERSION: u32 = 2;
 
     fn params(&self) -> Value {

@@ -70,7 +70,8 @@ pub struct Export {
 impl Stage for Export {
     const KIND: StageKind = StageKind::Export;
     // v2: lineage.json and kiln.key / kiln.upstream GGUF metadata in the output.
-    const VERSION: u32 = 2;
+    // v3: perplexities through the fused cross-entropy and RMSNorm ops (low bits differ).
+    const VERSION: u32 = 3;
 
     fn params(&self) -> Value {
         json!({

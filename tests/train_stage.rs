@@ -123,6 +123,17 @@ fn kiln_train_materializes_the_adapter_in_output_dir() {
     }
 }
 
+/// The bytes of the built train stage's adapter.
+fn adapter(p: &Project) -> Vec<u8> {
+    std::fs::read(
+        p.ws(&[])
+            .entry_of("train")
+            .unwrap()
+            .join("adapter_model.safetensors"),
+    )
+    .unwrap()
+}
+
 fn with_checkpoints(p: &Project) {
     let cfg = std::fs::read_to_string(&p.config)
         .unwrap()
@@ -330,15 +341,6 @@ fn neftune_noise_changes_training_reproducibly() {
 #[test]
 fn lora_dropout_trains_reproducibly_and_resumes_bit_identical() {
     one_thread();
-    let adapter = |p: &Project| {
-        std::fs::read(
-            p.ws(&[])
-                .entry_of("train")
-                .unwrap()
-                .join("adapter_model.safetensors"),
-        )
-        .unwrap()
-    };
     let plain = project();
     plain.run(&[]);
     let with_dropout = |p: &Project| {
@@ -379,15 +381,6 @@ fn lora_dropout_trains_reproducibly_and_resumes_bit_identical() {
 #[test]
 fn resume_from_checkpoint_starts_from_a_given_checkpoint_and_hashes_it() {
     one_thread();
-    let adapter = |p: &Project| {
-        std::fs::read(
-            p.ws(&[])
-                .entry_of("train")
-                .unwrap()
-                .join("adapter_model.safetensors"),
-        )
-        .unwrap()
-    };
     let a = project();
     with_checkpoints(&a);
     a.run(&[]);

@@ -193,13 +193,7 @@ fn dora_trains_a_magnitude_vector_and_merges_to_the_same_logits() {
         .replace("learning_rate: 2e-4", "learning_rate: 2e-2");
     std::fs::write(&p.config, cfg).unwrap();
     let (_, events) = p.run(&[]);
-    let losses: Vec<f64> = events
-        .iter()
-        .filter_map(|e| match e {
-            kiln::events::Event::Metric { name, value, .. } if name == "loss" => Some(*value),
-            _ => None,
-        })
-        .collect();
+    let losses = metric_values(&events, "loss");
     assert!(losses[3] < losses[0], "{losses:?}");
     let ws = p.ws(&[]);
     let adapter = ws.entry_of("train").unwrap();

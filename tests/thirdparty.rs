@@ -67,18 +67,7 @@ fn smollm2_gguf_tokenizer_matches_reference_ids() {
     let gguf = testdata().join("SmolLM2-135M-Instruct.Q4_1.gguf");
     let files = kiln::text::gguf::tokenizer_files(&gguf).unwrap();
     assert_eq!(files.architecture, "llama");
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("tokenizer.json"),
-        files.tokenizer_json.to_string(),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.path().join("tokenizer_config.json"),
-        files.tokenizer_config.to_string(),
-    )
-    .unwrap();
-    let t = TextTokenizer::load_dir(dir.path()).unwrap();
+    let (_dir, t) = gguf_tokenizer(&gguf);
     // Reference ids from the HF tokenizer of SmolLM2-135M-Instruct.
     let enc = t
         .tokenizer
@@ -103,20 +92,7 @@ fn smollm2_gguf_tokenizer_matches_reference_ids() {
 #[test]
 fn tokenizer_fast_path_equals_the_tokenizers_crate_on_real_tokenizers() {
     let td = testdata();
-    let dir = tempfile::tempdir().unwrap();
-    let files =
-        kiln::text::gguf::tokenizer_files(&td.join("SmolLM2-135M-Instruct.Q4_1.gguf")).unwrap();
-    std::fs::write(
-        dir.path().join("tokenizer.json"),
-        files.tokenizer_json.to_string(),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.path().join("tokenizer_config.json"),
-        files.tokenizer_config.to_string(),
-    )
-    .unwrap();
-    let smol = TextTokenizer::load_dir(dir.path()).unwrap();
+    let (_dir, smol) = gguf_tokenizer(&td.join("SmolLM2-135M-Instruct.Q4_1.gguf"));
     let qwen = TextTokenizer::load_dir(&td.join("qwen3")).unwrap();
 
     let mut texts: Vec<String> = Vec::new();

@@ -21,13 +21,7 @@ fn train_stage_writes_a_peft_adapter_and_is_reproducible() {
     let p = project();
     let (s, events) = p.run(&[]);
     assert!(s.built.contains(&"train".to_string()), "{:?}", s.built);
-    let losses: Vec<f64> = events
-        .iter()
-        .filter_map(|e| match e {
-            kiln::events::Event::Metric { name, value, .. } if name == "loss" => Some(*value),
-            _ => None,
-        })
-        .collect();
+    let losses = metric_values(&events, "loss");
     assert_eq!(losses.len(), 6);
     assert!(losses[5] < losses[0], "loss went {losses:?}");
     let ws = p.ws(&[]);
@@ -81,19 +75,8 @@ fn train_stage_writes_a_peft_adapter_and_is_reproducible() {
 #[test]
 fn kiln_train_materializes_the_adapter_in_output_dir() {
     let p = project();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["train", "kiln.yml", "--set", "max_steps=2"])
-        .current_dir(p.dir.path())
-        .env("KILN_NUM_THREADS", "1")
-        .env_remove("KILN_CACHE")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (code, stdout, stderr) = p.kiln(&["train", "kiln.yml", "--set", "max_steps=2"]);
+    assert_eq!(code, Some(0), "{stderr}");
     // Not a terminal: one plain log line per logging step with every figure.
     let line = stdout
         .lines()
@@ -468,13 +451,7 @@ fn no_adapter_means_full_fine_tuning_with_a_complete_model_out() {
     for st in ["train", "evaluate", "export.gguf.q8_0"] {
         assert!(s.built.contains(&st.to_string()), "{:?}", s.built);
     }
-    let losses: Vec<f64> = events
-        .iter()
-        .filter_map(|e| match e {
-            kiln::events::Event::Metric { name, value, .. } if name == "loss" => Some(*value),
-            _ => None,
-        })
-        .collect();
+    let losses = metric_values(&events, "loss");
     assert_eq!(losses.len(), 4);
     assert!(losses[3] < losses[0], "loss went {losses:?}");
     let ws = p.ws(&[]);

@@ -435,3 +435,32 @@ pub fn assert_same(t: &kiln::text::TextTokenizer, texts: &[String]) -> usize {
 pub fn byte_char(b: u8) -> String {
     byte_alphabet()[b as usize].to_string()
 }
+
+/// The values of every `Metric` event named `name`, in order.
+pub fn metric_values(events: &[kiln::events::Event], name: &str) -> Vec<f64> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            kiln::events::Event::Metric { name: n, value, .. } if n == name => Some(*value),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A directory holding the tokenizer kiln builds from a GGUF's metadata, loaded.
+pub fn gguf_tokenizer(gguf: &Path) -> (tempfile::TempDir, kiln::text::TextTokenizer) {
+    let files = kiln::text::gguf::tokenizer_files(gguf).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("tokenizer.json"),
+        files.tokenizer_json.to_string(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("tokenizer_config.json"),
+        files.tokenizer_config.to_string(),
+    )
+    .unwrap();
+    let t = kiln::text::TextTokenizer::load_dir(dir.path()).unwrap();
+    (dir, t)
+}

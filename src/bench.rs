@@ -249,23 +249,26 @@ fn stage_key(ws: &Workspace, name: &str) -> Result<String, KilnError> {
 }
 
 /// `kiln bench generate`: prompt processing and decode speed for a ~200-token ChatML prompt and
-/// 128 greedy tokens (no early stop), on the model as kiln loads it for inference (f32), and
-/// with an unmerged LoRA adapter of rank 16 on every linear layer (what `kiln inference` runs
-/// before a merge).
+/// 128 greedy tokens (no early stop) on kiln's inference engine: with the model's weights in
+/// f32 (as kiln loads a trained model), and from GGUF files kiln exports of the same model
+/// (q8_0, q4_0, q4_k_m), whose quantized weights the engine keeps as they are; for a .gguf
+/// model also from that file itself.
 pub fn generate(model: &Path) -> Result<Vec<Figure>, KilnError> {
-    use crate::model::generate::{generate, Cache, Sampler, SamplingOptions};
+    let tmp = std::env::temp_dir().join(format!("kiln-bench-generate-{}", std::process::id()));
+    let res = generate_in(model, &tmp);
+    let _ = std::fs::remove_dir_all(&tmp);
+    res
+}
+
+fn generate_in(model: &Path, tmp: &Path) -> Result<Vec<Figure>, KilnError> {
+    use crate::model::engine::Engine;
+    use crate::model::generate::{generate, Sampler, SamplingOptions};
+    use crate::model::gguf_export::{write_gguf, Quant};
     use crate::stages::StageError;
     let device = candle_core::Device::Cpu;
-    let tmp = std::env::temp_dir().join(format!("kiln-bench-generate-{}", std::process::id()));
-    let dir = model_dir(model, &tmp)?;
-    let loaded = (|| -> Result<_, KilnError> {
-        Ok((
-            crate::stages::train::load_model(&dir, &device)?,
-            crate::text::TextTokenizer::load_dir(&dir).map_err(StageError::from)?,
-        ))
-    })();
-    let _ = std::fs::remove_dir_all(&tmp);
-    let (mut m, tok) = loaded?;
+    let dir = model_dir(model, tmp)?;
+    let m = crate::stages::train::load_model(&dir, &device)?;
+    let tok = crate::text::TextTokenizer::load_dir(&dir).map_err(StageError::from)?;
     let mut rng = SplitMix64::new(7);
     let mut user = String::new();
     while tok
@@ -288,12 +291,16 @@ pub fn generate(model: &Path) -> Result<Vec<Figure>, KilnError> {
         .get_ids()
         .to_vec();
     let mut figures = Vec::new();
-    let mut measure = |m: &crate::model::Llama, label: &str| -> Result<(), KilnError> {
+    let mut measure = |e: &Engine, label: &str, llama_cpp: (&str, &str)| -> Result<(), KilnError> {
+        let label = format!(
+            "{label}, {:.0} MiB",
+            e.weight_bytes() as f64 / (1024.0 * 1024.0)
+        );
         // One warm-up pass, then the measured one.
         for round in 0..2 {
-            let mut cache = Cache::new(m);
+            let mut cache = e.new_cache();
             let st = generate(
-                m,
+                e,
                 &mut cache,
                 &ids,
                 if round == 0 { 8 } else { 128 },
@@ -307,29 +314,51 @@ pub fn generate(model: &Path) -> Result<Vec<Figure>, KilnError> {
                     name: format!("{label}: prompt ({} tokens)", st.prompt_tokens),
                     value: st.prompt_tokens as f64 / st.prompt_seconds.max(1e-9),
                     unit: "tokens/s",
-                    note: "llama.cpp f32 665".into(),
+                    note: llama_cpp.0.into(),
                 });
                 figures.push(Figure {
                     name: format!("{label}: decode ({} tokens)", st.generated_tokens),
                     value: st.generated_tokens as f64 / st.decode_seconds.max(1e-9),
                     unit: "tokens/s",
-                    note: "llama.cpp f32 32, transformers 20".into(),
+                    note: llama_cpp.1.into(),
                 });
             }
         }
         Ok(())
     };
-    measure(&m, "f32")?;
-    let spec = crate::train::LoraSpec {
-        r: 16,
-        alpha: 32.0,
-        target_modules: vec![],
-        target_linear: true,
-        rslora: false,
-        dora: false,
-    };
-    crate::train::attach_lora(&mut m, &spec, 1, &device).map_err(StageError::from)?;
-    measure(&m, "f32 + unmerged LoRA r16")?;
+    let f32 = Engine::from_llama(&m).map_err(StageError::from)?;
+    measure(
+        &f32,
+        "f32",
+        ("llama.cpp f32 665", "llama.cpp f32 32, transformers 20"),
+    )?;
+    drop(f32);
+    let source = dir.join("model.gguf");
+    for (q, notes) in [
+        (Quant::Q8_0, ("llama.cpp q8_0 404", "llama.cpp q8_0 51")),
+        (Quant::Q4_0, ("", "llama.cpp q4_1 57")),
+        (Quant::Q4KM, ("", "llama.cpp q4_1 57")),
+    ] {
+        let path = tmp.join(format!("export-{}.gguf", q.as_str()));
+        write_gguf(
+            &m,
+            &dir,
+            source.exists().then_some(source.as_path()),
+            None,
+            q,
+            &[],
+            &path,
+        )
+        .map_err(StageError::from)?;
+        let e = Engine::from_gguf(&path).map_err(StageError::from)?;
+        let _ = std::fs::remove_file(&path);
+        measure(&e, &format!("{} (kiln export)", q.as_str()), notes)?;
+    }
+    if source.exists() {
+        let e = Engine::from_gguf(&source).map_err(StageError::from)?;
+        let label = format!("source GGUF ({})", e.weight_formats());
+        measure(&e, &label, ("", "llama.cpp q4_1 57"))?;
+    }
     Ok(figures)
 }
 

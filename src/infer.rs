@@ -1,8 +1,9 @@
 //! A chat session over a loaded model: the chat template renders the history, the KV cache is
 //! reused across turns when the new prompt extends what it holds, and tokens stream out as text.
 
-use crate::model::generate::{generate, stop_tokens, Cache, GenStats, Sampler, SamplingOptions};
-use crate::model::{Llama, ModelError};
+use crate::model::engine::{Engine, EngineCache};
+use crate::model::generate::{generate, stop_tokens, GenStats, Sampler, SamplingOptions};
+use crate::model::ModelError;
 use crate::text::template::{ChatTemplate, Message};
 use crate::text::{TextError, TextTokenizer};
 
@@ -26,14 +27,14 @@ pub struct GenSettings {
 }
 
 pub struct ChatSession {
-    pub model: Llama,
+    pub model: Engine,
     pub tok: TextTokenizer,
     /// None: prompts are fed as raw text (base models without a template).
     template: Option<ChatTemplate>,
     pub system: Option<String>,
     pub history: Vec<Message>,
     pub settings: GenSettings,
-    cache: Cache,
+    cache: EngineCache,
     cached_ids: Vec<u32>,
     stop: Vec<u32>,
     turns: u64,
@@ -48,7 +49,7 @@ pub struct Reply {
 impl ChatSession {
     /// `template`: Jinja source; None = the tokenizer's own; `raw` = no template at all.
     pub fn new(
-        model: Llama,
+        model: Engine,
         tok: TextTokenizer,
         template: Option<String>,
         raw: bool,
@@ -70,7 +71,7 @@ impl ChatSession {
             )?)
         };
         let stop = stop_tokens(&tok);
-        let cache = Cache::new(&model);
+        let cache = model.new_cache();
         Ok(Self {
             model,
             tok,

@@ -155,6 +155,10 @@ enum Cmd {
         /// Use this base model instead of the config's (hub id, directory or .gguf).
         #[arg(long)]
         base_model: Option<String>,
+        /// Chat with this GGUF file (e.g. one `kiln export` wrote), its weights kept quantized;
+        /// tokenizer and chat template from its metadata.
+        #[arg(long, conflicts_with_all = ["lora_model_dir", "base_model"])]
+        gguf: Option<PathBuf>,
         /// Feed the prompt as plain text (no chat template), for base models.
         #[arg(long)]
         raw: bool,
@@ -194,6 +198,9 @@ enum Cmd {
         /// Apply this PEFT adapter directory instead of the config's train stage.
         #[arg(long)]
         lora_model_dir: Option<PathBuf>,
+        /// Serve this GGUF file (e.g. one `kiln export` wrote), its weights kept quantized.
+        #[arg(long, conflicts_with = "lora_model_dir")]
+        gguf: Option<PathBuf>,
         /// Default answer length (default: `gradio_max_new_tokens`, else 256).
         #[arg(long)]
         max_new_tokens: Option<usize>,
@@ -1328,6 +1335,7 @@ fn real_main() -> Result<ExitCode> {
             prompt,
             lora_model_dir,
             base_model,
+            gguf,
             raw,
             system,
         } => {
@@ -1336,7 +1344,10 @@ fn real_main() -> Result<ExitCode> {
             }
             let ws = open_single(&common)?;
             let lora_model_dir = lora_model_dir.or_else(|| ws.settings.lora_model_dir.clone());
-            let (model, tok, what) = ws.load_chat_model(lora_model_dir.as_deref())?;
+            let (model, tok, what) = match &gguf {
+                Some(p) => kiln::workspace::Workspace::load_gguf_chat_model(p)?,
+                None => ws.load_chat_model(lora_model_dir.as_deref())?,
+            };
             eprintln!("loaded {what}");
             let template = kiln::plan::configured_template(&ws.settings.chat_template);
             let mut chat = kiln::infer::ChatSession::new(model, tok, template, raw, gen.settings())
@@ -1413,6 +1424,7 @@ fn real_main() -> Result<ExitCode> {
             host,
             port,
             lora_model_dir,
+            gguf,
             max_new_tokens,
             temperature,
             queue,
@@ -1420,7 +1432,10 @@ fn real_main() -> Result<ExitCode> {
         } => {
             let ws = open_single(&common)?;
             let lora_model_dir = lora_model_dir.or_else(|| ws.settings.lora_model_dir.clone());
-            let (model, tok, what) = ws.load_chat_model(lora_model_dir.as_deref())?;
+            let (model, tok, what) = match &gguf {
+                Some(p) => kiln::workspace::Workspace::load_gguf_chat_model(p)?,
+                None => ws.load_chat_model(lora_model_dir.as_deref())?,
+            };
             let sv = &ws.settings.serve;
             let defaults = kiln::serve::default_settings(
                 max_new_tokens.unwrap_or(sv.max_new_tokens as usize),

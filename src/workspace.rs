@@ -4,6 +4,7 @@
 use crate::cache::{Cache, CacheError, FileHashCache, Index};
 use crate::config::{self, ConfigError, Problem, Settings};
 use crate::data::binfmt::TokenSet;
+use crate::model::engine::Engine;
 use crate::plan::{self, Plan, PlanError};
 use crate::scheduler::{SchedError, Scheduler, State};
 use crate::stages::pack::PackStats;
@@ -240,17 +241,30 @@ impl Workspace {
     /// else the base model with the trained adapter (or `lora_model_dir`) applied; else the
     /// base model alone when the config trains no adapter. Builds `fetch.model` if needed, never
     /// training. Returns the model, its tokenizer and a line saying what was loaded.
+    /// A GGUF file (e.g. one `kiln export` wrote) ready to chat: its weights kept in their
+    /// quantized formats, its tokenizer and chat template from its metadata.
+    pub fn load_gguf_chat_model(
+        path: &Path,
+    ) -> Result<(Engine, crate::text::TextTokenizer, String), KilnError> {
+        use crate::stages::StageError;
+        let m = Engine::from_gguf(path).map_err(StageError::from)?;
+        let tok = crate::text::TextTokenizer::from_gguf(path).map_err(StageError::from)?;
+        let what = format!("{} (weights: {})", path.display(), m.weight_formats());
+        Ok((m, tok, what))
+    }
+
     pub fn load_chat_model(
         &self,
         lora_model_dir: Option<&Path>,
-    ) -> Result<(crate::model::Llama, crate::text::TextTokenizer, String), KilnError> {
+    ) -> Result<(Engine, crate::text::TextTokenizer, String), KilnError> {
         use crate::stages::train::load_model;
+        let engine = |m: crate::model::Llama| Engine::from_llama(&m).map_err(StageError::from);
         use crate::stages::StageError;
         let device = candle_core::Device::Cpu;
         let tok_of = |d: &Path| crate::text::TextTokenizer::load_dir(d).map_err(StageError::from);
         if lora_model_dir.is_none() && self.plan.index_of("merge").is_some() {
             if let Ok(dir) = self.entry_of("merge") {
-                let m = load_model(&dir, &device)?;
+                let m = engine(load_model(&dir, &device)?)?;
                 return Ok((m, tok_of(&dir)?, "merged model (merge stage)".into()));
             }
         }
@@ -272,7 +286,7 @@ impl Workspace {
             // A full fine-tune's output is the whole model.
             if let Ok(dir) = self.entry_of("train") {
                 if !dir.join(crate::model::adapter::ADAPTER_CONFIG).exists() {
-                    let m = load_model(&dir, &device)?;
+                    let m = engine(load_model(&dir, &device)?)?;
                     return Ok((
                         m,
                         tok_of(&dir)?,
@@ -281,7 +295,6 @@ impl Workspace {
                 }
             }
         }
-        let mut model = load_model(&model_dir, &device)?;
         let adapter_dir = match lora_model_dir {
             Some(d) => Some(d.to_path_buf()),
             None if self.plan.index_of("train").is_some() => {
@@ -293,10 +306,12 @@ impl Workspace {
             }
             None => None,
         };
-        let (tok_dir, what) = match &adapter_dir {
+        let gguf = model_dir.join("model.gguf");
+        let (model, tok_dir, what) = match &adapter_dir {
             Some(d) => {
-                // Folded into the weights in memory: generation then costs what the base model
-                // does (unmerged deltas measured 27% slower decode).
+                // Folded into the (f32) weights in memory: generation then costs what the base
+                // model does.
+                let mut model = load_model(&model_dir, &device)?;
                 crate::model::adapter::PeftAdapter::load(d, &device)
                     .and_then(|a| a.merge_into(&mut model))
                     .map_err(StageError::from)?;
@@ -305,9 +320,22 @@ impl Workspace {
                 } else {
                     model_dir.clone()
                 };
-                (td, format!("base model + LoRA adapter {}", d.display()))
+                let what = format!("base model + LoRA adapter {}", d.display());
+                (engine(model)?, td, what)
             }
-            None => (model_dir.clone(), "base model (no adapter)".to_string()),
+            None if gguf.exists() => {
+                let m = Engine::from_gguf(&gguf).map_err(StageError::from)?;
+                let what = format!(
+                    "base model (no adapter; GGUF weights: {})",
+                    m.weight_formats()
+                );
+                (m, model_dir.clone(), what)
+            }
+            None => (
+                engine(load_model(&model_dir, &device)?)?,
+                model_dir.clone(),
+                "base model (no adapter)".to_string(),
+            ),
         };
         Ok((model, tok_of(&tok_dir)?, what))
     }

@@ -153,6 +153,34 @@ fn kiln_export_writes_the_gguf_into_output_dir_and_reports_perplexity() {
     assert!(stdout.contains("val perplexity"), "{stdout}");
     assert!(p.path("outputs/export/gguf.q4_0/model-q4_0.gguf").exists());
 
+    // The exported file chats on its own: quantized weights, tokenizer and chat template from
+    // the file.
+    let (code, stdout, stderr) = p.kiln(&[
+        "inference",
+        "kiln.yml",
+        "--gguf",
+        "outputs/export/gguf.q4_0/model-q4_0.gguf",
+        "--prompt",
+        "hello there",
+        "--max-new-tokens",
+        "4",
+    ]);
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("weights: ") && stderr.contains("q4_0 "),
+        "{stderr}"
+    );
+    let (code, _, stderr) = p.kiln(&[
+        "inference",
+        "kiln.yml",
+        "--gguf",
+        "outputs/export/gguf.q4_0/model-q4_0.gguf",
+        "--lora-model-dir",
+        "x",
+    ]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("--lora-model-dir"), "{stderr}");
+
     let bad = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
         .args(["export", "kiln.yml", "--quant", "q9_9"])
         .current_dir(p.dir.path())

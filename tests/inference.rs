@@ -5,47 +5,21 @@
 mod common;
 use candle_core::Device;
 use common::*;
-use kiln::model::generate::{generate, Cache, Sampler, SamplingOptions, TextStream};
-
-fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
+use kiln::model::engine::Engine;
+use kiln::model::generate::{generate, Sampler, SamplingOptions, TextStream};
 
 #[test]
-fn kv_cached_forward_equals_the_full_forward_and_greedy_agrees() {
+fn engine_generation_equals_uncached_greedy_decoding() {
     one_thread();
     let dev = Device::Cpu;
     let m = tiny_model(5);
     let ids: Vec<u32> = (0..20).map(|i| (i * 11 + 2) % 60).collect();
-    let full = m.forward_one(&ids, &dev).unwrap();
-    // Fed in uneven chunks: a prompt, then single tokens, then a chunk again.
-    let mut cache = Cache::new(&m);
-    let mut at = 0;
-    for chunk in [7usize, 1, 1, 5, 6] {
-        let logits = m.forward_cached(&ids[at..at + chunk], &mut cache).unwrap();
-        at += chunk;
-        let d = max_abs_diff(&logits, &full.get(at - 1).unwrap());
-        assert!(
-            d < 1e-4,
-            "after {at} tokens the cached logits differ by {d}"
-        );
-    }
-    assert_eq!(cache.len, 20);
-
     let uncached = m.greedy(&ids[..6], 10, None, &dev).unwrap();
-    let mut cache = Cache::new(&m);
+    let e = Engine::from_llama(&m).unwrap();
+    let mut cache = e.new_cache();
     let mut got = Vec::new();
     let st = generate(
-        &m,
+        &e,
         &mut cache,
         &ids[..6],
         10,
@@ -60,6 +34,8 @@ fn kv_cached_forward_equals_the_full_forward_and_greedy_agrees() {
     assert_eq!(got, uncached);
     assert_eq!(st.finish_reason, "length");
     assert_eq!(st.generated_tokens, 10);
+    // The last sampled token is not fed: the cache holds the prompt and 9 generated tokens.
+    assert_eq!(cache.len, 15);
 }
 
 #[test]
@@ -252,7 +228,14 @@ fn a_second_turn_reusing_the_cache_answers_like_a_fresh_session() {
     let session = || {
         let m = kiln::stages::train::load_model(dir.path(), &dev).unwrap();
         let tok = kiln::text::TextTokenizer::load_dir(dir.path()).unwrap();
-        kiln::infer::ChatSession::new(m, tok, None, false, settings.clone()).unwrap()
+        kiln::infer::ChatSession::new(
+            Engine::from_llama(&m).unwrap(),
+            tok,
+            None,
+            false,
+            settings.clone(),
+        )
+        .unwrap()
     };
     let mut a = session();
     let r1 = a.say("the first", &mut |_| true).unwrap();

@@ -174,14 +174,15 @@ fn mistral_sliding_window_limits_attention_in_training_and_cached_decoding() {
     // Within the window the two models agree.
     assert_eq!(all_logits(&m, &ids[..3]), all_logits(&plain, &ids[..3]));
 
-    // KV-cached decoding (a prompt, then one token at a time) gives the full forward's logits.
-    let mut cache = kiln::model::generate::Cache::new(&m);
-    let mut got = vec![m.forward_cached(&ids[..4], &mut cache).unwrap()];
+    // KV-cached decoding in the inference engine (a prompt, then one token at a time) gives the
+    // full forward's logits.
+    let e = kiln::model::engine::Engine::from_llama(&m).unwrap();
+    let mut cache = e.new_cache();
+    let mut got = vec![e.forward(&ids[..4], &mut cache).unwrap()];
     for &t in &ids[4..] {
-        got.push(m.forward_cached(&[t], &mut cache).unwrap());
+        got.push(e.forward(&[t], &mut cache).unwrap());
     }
     for (k, g) in got.iter().enumerate() {
-        let g = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let want = &a[3 + k];
         let diff = g
             .iter()

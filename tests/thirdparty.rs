@@ -405,13 +405,15 @@ fn smollm2_logits_match_candle_quantized_reference_and_greedy_answers() {
     let text = tok.tokenizer.decode(&out, true).unwrap();
     assert!(text.contains("Paris"), "{text}");
 
-    // The KV-cached path (what `kiln inference` uses) gives the same greedy tokens.
-    let mut cache = kiln::model::generate::Cache::new(&model);
+    // The inference engine (what `kiln inference` uses) gives the same greedy tokens, from the
+    // f32 model and from the GGUF file's own quantized weights.
+    let engine = kiln::model::engine::Engine::from_llama(&model).unwrap();
+    let mut cache = engine.new_cache();
     let mut sampler =
         kiln::model::generate::Sampler::new(kiln::model::generate::SamplingOptions::default());
     let mut cached = Vec::new();
     kiln::model::generate::generate(
-        &model,
+        &engine,
         &mut cache,
         &ids,
         12,
@@ -424,6 +426,32 @@ fn smollm2_logits_match_candle_quantized_reference_and_greedy_answers() {
     )
     .unwrap();
     assert_eq!(cached, out);
+    drop(engine);
+    let quantized = kiln::model::engine::Engine::from_gguf(&gguf).unwrap();
+    assert!(
+        quantized.weight_formats().contains("q4_1"),
+        "{}",
+        quantized.weight_formats()
+    );
+    let mut cache = quantized.new_cache();
+    let mut sampler =
+        kiln::model::generate::Sampler::new(kiln::model::generate::SamplingOptions::default());
+    let mut got = Vec::new();
+    kiln::model::generate::generate(
+        &quantized,
+        &mut cache,
+        &ids,
+        12,
+        &tok.eos_id().into_iter().collect::<Vec<_>>(),
+        &mut sampler,
+        &mut |t| {
+            got.push(t);
+            true
+        },
+    )
+    .unwrap();
+    let text = tok.tokenizer.decode(&got, true).unwrap();
+    assert!(text.contains("Paris"), "quantized engine: {text}");
 }
 
 #[test]

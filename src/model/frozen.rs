@@ -33,7 +33,7 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     dot_generic(a, b)
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx2") {
@@ -44,32 +44,75 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     dot_generic(a, b)
 }
 
-/// `x (m×k) · Wᵀ` with W (n×k) row-major, for small m.
-fn gemv(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+/// `x (m×k) · Wᵀ` with W (n×k) row-major, for small m, into `out` (m×n).
+fn gemv(x: &[f32], w: &[f32], m: usize, n: usize, k: usize, out: &mut [f32]) {
     use rayon::prelude::*;
-    let mut out_t = vec![0f32; n * m];
     let block = 64;
+    let fill = |bi: usize, chunk: &mut [f32]| {
+        for (j, o) in chunk.chunks_mut(m).enumerate() {
+            let row = &w[(bi * block + j) * k..(bi * block + j + 1) * k];
+            for (r, v) in o.iter_mut().enumerate() {
+                *v = dot(&x[r * k..(r + 1) * k], row);
+            }
+        }
+    };
+    if m == 1 {
+        out.par_chunks_mut(block)
+            .enumerate()
+            .for_each(|(bi, c)| fill(bi, c));
+        return;
+    }
+    let mut out_t = vec![0f32; n * m];
     out_t
         .par_chunks_mut(block * m)
         .enumerate()
-        .for_each(|(bi, chunk)| {
-            for (j, o) in chunk.chunks_mut(m).enumerate() {
-                let row = &w[(bi * block + j) * k..(bi * block + j + 1) * k];
-                for (r, v) in o.iter_mut().enumerate() {
-                    *v = dot(&x[r * k..(r + 1) * k], row);
-                }
-            }
-        });
-    if m == 1 {
-        return out_t;
-    }
-    let mut out = vec![0f32; m * n];
+        .for_each(|(bi, c)| fill(bi, c));
     for j in 0..n {
         for r in 0..m {
             out[r * n + j] = out_t[j * m + r];
         }
     }
-    out
+}
+
+/// `out (m×n) = x (m×k) · Wᵀ` with W (n×k) row-major: streamed dot products for a few rows,
+/// a blocked gemm above that.
+pub(crate) fn matmul_into(x: &[f32], w: &[f32], m: usize, n: usize, k: usize, out: &mut [f32]) {
+    if m <= GEMV_MAX_ROWS {
+        return gemv(x, w, m, n, k, out);
+    }
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n);
+    // SAFETY: out is m×n row-major (rs = n, cs = 1); x is m×k row-major; Wᵀ is read from the
+    // row-major n×k weight with rs = 1 (along k) and cs = k (along n). The slices are at least
+    // this large (asserted above).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            k as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
 }
 
 pub struct FrozenLinear {
@@ -113,46 +156,8 @@ impl CustomOp1 for FrozenLinear {
             return Err(err("weight and input disagree on the inner dimension"));
         }
         let m = x.len() / k.max(1);
-        if m <= GEMV_MAX_ROWS {
-            let mut out = dims.to_vec();
-            if let Some(last) = out.last_mut() {
-                *last = n;
-            }
-            return Ok((CpuStorage::F32(gemv(x, w, m, n, k)), Shape::from(out)));
-        }
         let mut dst = vec![0f32; m * n];
-        let threads = rayon::current_num_threads();
-        let par = if threads > 1 {
-            gemm::Parallelism::Rayon(threads)
-        } else {
-            gemm::Parallelism::None
-        };
-        // SAFETY: dst is m×n row-major (rs = n, cs = 1); x is m×k row-major; Wᵀ is read from the
-        // row-major n×k weight with rs = 1 (along k) and cs = k (along n). All slices are sized
-        // exactly for these extents, checked above.
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                dst.as_mut_ptr(),
-                1,
-                n as isize,
-                false,
-                x.as_ptr(),
-                1,
-                k as isize,
-                w.as_ptr(),
-                k as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                par,
-            );
-        }
+        matmul_into(x, w, m, n, k, &mut dst);
         let mut out = dims.to_vec();
         if let Some(last) = out.last_mut() {
             *last = n;

@@ -1,121 +1,10 @@
-//! Inference: a KV-cached forward pass (no gradients, so candle's fused RMSNorm / RoPE / softmax
-//! kernels are fine here), sampling (temperature, top-k, top-p, seeded), and streaming
-//! detokenization that never emits half a UTF-8 character.
+//! Generation over the inference engine ([`super::engine`]): sampling (temperature, top-k,
+//! top-p, seeded), the generate loop, and streaming detokenization that never emits half a
+//! UTF-8 character.
 
-use super::llama::{packed_causal_mask, repeat_kv, sliding_window_mask};
-use super::{Llama, ModelError};
+use super::engine::{Engine, EngineCache};
+use super::ModelError;
 use crate::data::pack::SplitMix64;
-use candle_core::{DType, Tensor};
-use candle_nn::kv_cache::KvCache;
-
-/// Keys and values of every layer for the tokens seen so far.
-pub struct Cache {
-    layers: Vec<KvCache>,
-    pub len: usize,
-}
-
-impl Cache {
-    pub fn new(model: &Llama) -> Self {
-        Self {
-            layers: (0..model.cfg.num_hidden_layers)
-                .map(|_| KvCache::new(2, 512))
-                .collect(),
-            len: 0,
-        }
-    }
-
-    pub fn reset(&mut self) {
-        for l in &mut self.layers {
-            l.reset();
-        }
-        self.len = 0;
-    }
-}
-
-impl Llama {
-    /// Feeds `ids` after what `cache` holds and returns the logits (vocab) of the last one.
-    pub fn forward_cached(&self, ids: &[u32], cache: &mut Cache) -> Result<Tensor, ModelError> {
-        let device = self.embed_tokens.device().clone();
-        let t = ids.len();
-        if t == 0 {
-            return Err(ModelError::Config("forward_cached: no tokens".into()));
-        }
-        let cfg = &self.cfg;
-        let start = cache.len;
-        if start + t > self.cos.dim(0)? {
-            return Err(ModelError::Config(format!(
-                "the conversation is {} tokens, beyond the model's max_position_embeddings {}; /reset it",
-                start + t,
-                self.cos.dim(0)?
-            )));
-        }
-        let (nh, nkv, hd) = (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim(),
-        );
-        let cos = self.cos.narrow(0, start, t)?;
-        let sin = self.sin.narrow(0, start, t)?;
-        // Causal mask over (t queries) × (start + t keys): query i sees keys ≤ start + i.
-        let mask = if t > 1 {
-            let pos: Vec<u32> = (0..(start + t) as u32).collect();
-            let full = packed_causal_mask(std::slice::from_ref(&pos), &device)?;
-            Some(full.narrow(2, start, t)?.contiguous()?)
-        } else {
-            None
-        };
-        let window = match cfg.sliding_window {
-            Some(w) => sliding_window_mask(start, t, start + t, w, &device)?,
-            None => None,
-        };
-        let mask = match (mask, window) {
-            (Some(m), Some(w)) => Some(m.broadcast_add(&w)?),
-            (m, w) => m.or(w),
-        };
-        let ids_t = Tensor::from_vec(ids.to_vec(), (1, t), &device)?;
-        let mut x = self
-            .embed_tokens
-            .index_select(&ids_t.flatten_all()?, 0)?
-            .reshape((1, t, cfg.hidden_size))?;
-        let eps = cfg.rms_norm_eps as f32;
-        let scale = 1.0 / (hd as f64).sqrt();
-        for (l, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let h = candle_nn::ops::rms_norm(&x, &l.input_layernorm, eps)?;
-            let q = l.attn.q_proj.forward(&h)?;
-            let k = l.attn.k_proj.forward(&h)?;
-            let v = l.attn.v_proj.forward(&h)?;
-            let q = q.reshape((1, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
-            let k = k.reshape((1, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-            let v = v.reshape((1, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-            let q = candle_nn::rotary_emb::rope(&q, &cos, &sin)?;
-            let k = candle_nn::rotary_emb::rope(&k, &cos, &sin)?;
-            let (k, v) = kv.append(&k, &v)?;
-            let k = repeat_kv(k.contiguous()?, nh / nkv)?;
-            let v = repeat_kv(v.contiguous()?, nh / nkv)?;
-            let mut att = (q.matmul(&k.t()?)? * scale)?;
-            if let Some(m) = &mask {
-                att = att.broadcast_add(m)?;
-            }
-            let att = candle_nn::ops::softmax_last_dim(&att)?;
-            let y = att.matmul(&v)?.transpose(1, 2)?.reshape((1, t, nh * hd))?;
-            x = (x + l.attn.o_proj.forward(&y)?)?;
-            let h = candle_nn::ops::rms_norm(&x, &l.post_attention_layernorm, eps)?;
-            let g = l.mlp.gate_proj.forward(&h)?;
-            let u = l.mlp.up_proj.forward(&h)?;
-            x = (x + l.mlp.down_proj.forward(&(candle_nn::ops::silu(&g)? * u)?)?)?;
-        }
-        cache.len += t;
-        let last = x.narrow(1, t - 1, 1)?;
-        let last = candle_nn::ops::rms_norm(&last, &self.norm, eps)?;
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        let head = super::llama::Linear {
-            weight: head.clone(),
-            bias: None,
-            lora: None,
-        };
-        Ok(head.forward(&last)?.flatten_all()?)
-    }
-}
 
 /// How to pick the next token.
 #[derive(Debug, Clone)]
@@ -149,11 +38,6 @@ impl Sampler {
     pub fn new(opts: SamplingOptions) -> Self {
         let rng = SplitMix64::new(opts.seed);
         Self { opts, rng }
-    }
-
-    pub fn sample(&mut self, logits: &Tensor) -> Result<u32, ModelError> {
-        let logits: Vec<f32> = logits.to_dtype(DType::F32)?.to_vec1()?;
-        Ok(self.sample_slice(&logits))
     }
 
     /// Greedy at temperature 0; otherwise softmax(logits / T), restricted to the top-k and then
@@ -268,8 +152,8 @@ pub struct GenStats {
 /// Generates after `prompt` (continuing `cache`), calling `on_token` with each new token; stops
 /// at a stop token (not passed on), at `max_new` tokens, or when `on_token` returns false.
 pub fn generate(
-    model: &Llama,
-    cache: &mut Cache,
+    model: &Engine,
+    cache: &mut EngineCache,
     prompt: &[u32],
     max_new: usize,
     stop: &[u32],
@@ -282,14 +166,14 @@ pub fn generate(
         ..Default::default()
     };
     let t0 = std::time::Instant::now();
-    let mut logits = model.forward_cached(prompt, cache)?;
+    let mut logits = model.forward(prompt, cache)?;
     st.prompt_seconds = t0.elapsed().as_secs_f64();
     let t1 = std::time::Instant::now();
     for n in 0..max_new {
-        let next = sampler.sample(&logits)?;
+        let next = sampler.sample_slice(&logits);
         if stop.contains(&next) {
             // Keep the stop token in the cache so a next turn continues after it.
-            model.forward_cached(&[next], cache)?;
+            model.forward(&[next], cache)?;
             st.finish_reason = "stop".into();
             st.stop_token = Some(next);
             break;
@@ -300,7 +184,7 @@ pub fn generate(
             break;
         }
         if n + 1 < max_new {
-            logits = model.forward_cached(&[next], cache)?;
+            logits = model.forward(&[next], cache)?;
         }
     }
     st.decode_seconds = t1.elapsed().as_secs_f64();

@@ -4,6 +4,7 @@
 
 pub mod adapter;
 pub mod config;
+pub mod engine;
 pub mod frozen;
 pub mod generate;
 pub mod gguf_export;

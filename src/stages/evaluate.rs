@@ -126,7 +126,7 @@ fn only_file(up: &Upstream) -> Result<std::path::PathBuf, StageError> {
 impl Stage for Evaluate {
     const KIND: StageKind = StageKind::Evaluate;
     // v2: val loss through the fused cross-entropy and RMSNorm ops (low bits differ).
-    const VERSION: u32 = 2;
+    const VERSION: u32 = 3;
 
     fn params(&self) -> Value {
         json!({
@@ -196,8 +196,10 @@ impl Stage for Evaluate {
         }
         if let [p] = prompts {
             let list = read_prompts(&only_file(p)?)?;
+            let engine = crate::model::engine::Engine::from_llama(&model)?;
+            drop(model);
             let mut chat = ChatSession::new(
-                model,
+                engine,
                 tok,
                 self.chat_template.clone(),
                 false,

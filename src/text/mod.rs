@@ -58,13 +58,28 @@ impl TextTokenizer {
             })?,
             Err(_) => Value::Null,
         };
-        Ok(Self {
+        Ok(Self::assemble(tokenizer, &cfg))
+    }
+
+    /// The tokenizer and chat template a GGUF file carries in its metadata.
+    pub fn from_gguf(path: &Path) -> Result<Self, TextError> {
+        let files = gguf::tokenizer_files(path)?;
+        let tokenizer = tokenizers::Tokenizer::from_bytes(files.tokenizer_json.to_string())
+            .map_err(|e| TextError::Gguf {
+                path: path.to_path_buf(),
+                message: format!("the tokenizer rebuilt from its metadata does not load: {e}"),
+            })?;
+        Ok(Self::assemble(tokenizer, &files.tokenizer_config))
+    }
+
+    fn assemble(tokenizer: tokenizers::Tokenizer, cfg: &Value) -> Self {
+        Self {
             fast: fastbpe::FastBpe::from_tokenizer(&tokenizer),
             tokenizer,
-            bos_token: token_field(&cfg, "bos_token"),
-            eos_token: token_field(&cfg, "eos_token"),
-            chat_template: chat_template_field(&cfg),
-        })
+            bos_token: token_field(cfg, "bos_token"),
+            eos_token: token_field(cfg, "eos_token"),
+            chat_template: chat_template_field(cfg),
+        }
     }
 
     /// Ids, byte offsets and special-token mask of `text`, exactly as

@@ -1,0 +1,814 @@
+//! kiln's inference engine: the Llama forward pass for generation, written against flat buffers
+//! instead of candle tensors. One call feeds a prompt or one token through every layer with a
+//! handful of allocations per call, fuses what the op-by-op path runs as separate tensor ops
+//! (q/k/v as one stacked matmul, gate/up likewise, RoPE and the KV-cache write in place,
+//! attention per token without materialising masks), and computes logits for the last
+//! position only.
+//!
+//! Weights stay in the format they were loaded in: f32 from a kiln model, or the quantized
+//! blocks of a GGUF file (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K…Q6_K) multiplied with candle's
+//! block dot products against the activations quantized to the matching 8-bit format, as
+//! llama.cpp does. Other GGUF types (F16, BF16…) are widened to f32 on load.
+
+use super::{Llama, LlamaConfig, ModelError};
+use candle_core::quantized::gguf_file::Content;
+use candle_core::quantized::k_quants::{
+    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
+    BlockQ8_0, GgmlType,
+};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
+use std::path::Path;
+
+/// Weight rows handed to one thread at a time.
+const ROW_BLOCK: usize = 32;
+
+/// From this many input rows on (prompt processing), a quantized matrix is widened to f32 and
+/// multiplied with the blocked f32 gemm: the widening costs one pass over the weights, and the
+/// gemm reuses each widened row for every input row from cache, where block dot products
+/// would re-decode the blocks once per input row.
+const WIDEN_ROWS: usize = 8;
+
+/// The rows of a weight matrix (out × in), in the format a matmul reads them.
+enum Rows {
+    F32(Vec<f32>),
+    Q4_0(Vec<BlockQ4_0>),
+    Q4_1(Vec<BlockQ4_1>),
+    Q5_0(Vec<BlockQ5_0>),
+    Q5_1(Vec<BlockQ5_1>),
+    Q8_0(Vec<BlockQ8_0>),
+    Q2K(Vec<BlockQ2K>),
+    Q3K(Vec<BlockQ3K>),
+    Q4K(Vec<BlockQ4K>),
+    Q5K(Vec<BlockQ5K>),
+    Q6K(Vec<BlockQ6K>),
+}
+
+/// Runs `$body` with `$v` bound to the block vector of any quantized variant, or `$f32` for f32.
+macro_rules! with_rows {
+    ($rows:expr, $v:ident => $body:expr, $f:ident => $fbody:expr) => {
+        match $rows {
+            Rows::F32($f) => $fbody,
+            Rows::Q4_0($v) => $body,
+            Rows::Q4_1($v) => $body,
+            Rows::Q5_0($v) => $body,
+            Rows::Q5_1($v) => $body,
+            Rows::Q8_0($v) => $body,
+            Rows::Q2K($v) => $body,
+            Rows::Q3K($v) => $body,
+            Rows::Q4K($v) => $body,
+            Rows::Q5K($v) => $body,
+            Rows::Q6K($v) => $body,
+        }
+    };
+}
+
+/// A weight matrix n × k (out × in).
+pub struct Mat {
+    pub n: usize,
+    pub k: usize,
+    rows: Rows,
+}
+
+/// A raw output pointer shared by threads that write disjoint elements.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: every user writes only elements no other thread writes (disjoint weight rows).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// Element `i` (a method, so closures capture the whole Sync wrapper).
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
+/// Copies GGUF block bytes into a typed vector. The block types are `repr(C)` plain data
+/// (f16 scales and byte arrays), so any bit pattern is a valid value.
+fn blocks<T: GgmlType>(bytes: &[u8]) -> Result<Vec<T>, ModelError> {
+    let size = std::mem::size_of::<T>();
+    if !bytes.len().is_multiple_of(size) {
+        return Err(ModelError::Config(format!(
+            "{:?} tensor of {} bytes is not a whole number of {size}-byte blocks",
+            T::DTYPE,
+            bytes.len()
+        )));
+    }
+    let n = bytes.len() / size;
+    let mut v: Vec<T> = Vec::with_capacity(n);
+    // SAFETY: the destination has capacity for n blocks = bytes.len() bytes, the regions do
+    // not overlap, and T is plain data valid for any bytes (see above).
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), v.as_mut_ptr() as *mut u8, bytes.len());
+        v.set_len(n);
+    }
+    Ok(v)
+}
+
+fn quant_matmul<T: GgmlType>(w: &[T], n: usize, k: usize, x: &[f32], t: usize, out: &mut [f32]) {
+    let kb = k / T::BLCK_SIZE;
+    if t >= WIDEN_ROWS {
+        let mut wide = vec![0f32; n * k];
+        wide.par_chunks_mut(ROW_BLOCK * k)
+            .zip(w.par_chunks(ROW_BLOCK * kb))
+            .for_each(|(o, b)| T::to_float(b, o));
+        return super::frozen::matmul_into(x, &wide, t, n, k, out);
+    }
+    let mut xq = vec![T::VecDotType::zeros(); t * kb];
+    for (r, q) in x.chunks_exact(k).zip(xq.chunks_exact_mut(kb)) {
+        T::VecDotType::from_float(r, q);
+    }
+    let xq = &xq;
+    let dst = OutPtr(out.as_mut_ptr());
+    let rows = |r0: usize, r1: usize| {
+        let row = |r: usize| &w[r * kb..(r + 1) * kb];
+        let mut r = r0;
+        while r + 4 <= r1 {
+            for tok in 0..t {
+                let xr = &xq[tok * kb..(tok + 1) * kb];
+                let d = T::vec_dot_4(k, row(r), row(r + 1), row(r + 2), row(r + 3), xr);
+                // SAFETY: out is t×n; this task alone writes rows r..r+4 of every token.
+                unsafe {
+                    let p = dst.at(tok * n + r);
+                    *p = d.0;
+                    *p.add(1) = d.1;
+                    *p.add(2) = d.2;
+                    *p.add(3) = d.3;
+                }
+            }
+            r += 4;
+        }
+        for r in r..r1 {
+            for tok in 0..t {
+                let d = T::vec_dot(k, row(r), &xq[tok * kb..(tok + 1) * kb]);
+                // SAFETY: as above.
+                unsafe { *dst.at(tok * n + r) = d };
+            }
+        }
+    };
+    if n <= ROW_BLOCK || rayon::current_num_threads() == 1 {
+        rows(0, n);
+    } else {
+        (0..n.div_ceil(ROW_BLOCK))
+            .into_par_iter()
+            .for_each(|b| rows(b * ROW_BLOCK, ((b + 1) * ROW_BLOCK).min(n)));
+    }
+}
+
+impl Mat {
+    fn f32(w: Vec<f32>, n: usize, k: usize) -> Self {
+        Self {
+            n,
+            k,
+            rows: Rows::F32(w),
+        }
+    }
+
+    /// Keeps the GGUF's quantized blocks when kiln has a kernel for them, else widens to f32.
+    fn from_qtensor(q: &QTensor) -> Result<Self, ModelError> {
+        let (n, k) = match q.shape().dims() {
+            [n, k] => (*n, *k),
+            d => {
+                return Err(ModelError::Config(format!(
+                    "expected a 2-d weight, got shape {d:?}"
+                )))
+            }
+        };
+        let data = || q.data();
+        let rows = match q.dtype() {
+            GgmlDType::Q4_0 => Rows::Q4_0(blocks(&data()?)?),
+            GgmlDType::Q4_1 => Rows::Q4_1(blocks(&data()?)?),
+            GgmlDType::Q5_0 => Rows::Q5_0(blocks(&data()?)?),
+            GgmlDType::Q5_1 => Rows::Q5_1(blocks(&data()?)?),
+            GgmlDType::Q8_0 => Rows::Q8_0(blocks(&data()?)?),
+            GgmlDType::Q2K => Rows::Q2K(blocks(&data()?)?),
+            GgmlDType::Q3K => Rows::Q3K(blocks(&data()?)?),
+            GgmlDType::Q4K => Rows::Q4K(blocks(&data()?)?),
+            GgmlDType::Q5K => Rows::Q5K(blocks(&data()?)?),
+            GgmlDType::Q6K => Rows::Q6K(blocks(&data()?)?),
+            _ => Rows::F32(q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?),
+        };
+        let m = Self { n, k, rows };
+        let have = with_rows!(&m.rows, v => v.len() * block_size_of(v), f => f.len());
+        if have != n * k {
+            return Err(ModelError::Config(format!(
+                "weight of shape ({n}, {k}) holds {have} values"
+            )));
+        }
+        Ok(m)
+    }
+
+    fn block_elems(&self) -> usize {
+        with_rows!(&self.rows, v => block_size_of(v), _f => 1)
+    }
+
+    fn block_bytes(&self) -> usize {
+        with_rows!(&self.rows, v => block_bytes_of(v), _f => 4)
+    }
+
+    /// Bytes the matrix occupies in memory.
+    pub fn bytes(&self) -> usize {
+        self.n * self.k / self.block_elems() * self.block_bytes()
+    }
+
+    /// The storage format's name, as GGUF spells it.
+    pub fn format(&self) -> &'static str {
+        match &self.rows {
+            Rows::F32(_) => "f32",
+            Rows::Q4_0(_) => "q4_0",
+            Rows::Q4_1(_) => "q4_1",
+            Rows::Q5_0(_) => "q5_0",
+            Rows::Q5_1(_) => "q5_1",
+            Rows::Q8_0(_) => "q8_0",
+            Rows::Q2K(_) => "q2_k",
+            Rows::Q3K(_) => "q3_k",
+            Rows::Q4K(_) => "q4_k",
+            Rows::Q5K(_) => "q5_k",
+            Rows::Q6K(_) => "q6_k",
+        }
+    }
+
+    /// Row `i` as f32 (an embedding lookup).
+    fn row(&self, i: usize, out: &mut [f32]) {
+        let k = self.k;
+        with_rows!(&self.rows, v => {
+            let kb = k / block_size_of(v);
+            GgmlType::to_float(&v[i * kb..(i + 1) * kb], out)
+        }, f => out.copy_from_slice(&f[i * k..(i + 1) * k]))
+    }
+
+    /// `out (t × n) = x (t × k) · Wᵀ`.
+    pub fn matmul(&self, x: &[f32], t: usize, out: &mut [f32]) {
+        let (n, k) = (self.n, self.k);
+        with_rows!(&self.rows, v => quant_matmul(v, n, k, x, t, out),
+            f => super::frozen::matmul_into(x, f, t, n, k, out))
+    }
+
+    /// Reorders the rows: row `i` of the result is row `perm[i]` of `self`.
+    fn permute_rows(&mut self, perm: &[usize]) {
+        fn go<T: Clone>(v: &mut Vec<T>, per_row: usize, perm: &[usize]) {
+            let mut out = Vec::with_capacity(v.len());
+            for &p in perm {
+                out.extend_from_slice(&v[p * per_row..(p + 1) * per_row]);
+            }
+            *v = out;
+        }
+        let k = self.k;
+        with_rows!(&mut self.rows, v => { let b = k / block_size_of(v); go(v, b, perm) }, f => go(f, k, perm))
+    }
+
+    /// The rows of several matrices stacked into one (same format and width), or the
+    /// matrices back when they cannot be.
+    fn stack(mut parts: Vec<Mat>) -> Result<Mat, Vec<Mat>> {
+        let same = parts.windows(2).all(|w| {
+            w[0].k == w[1].k
+                && std::mem::discriminant(&w[0].rows) == std::mem::discriminant(&w[1].rows)
+        });
+        if !same || parts.is_empty() {
+            return Err(parts);
+        }
+        let n = parts.iter().map(|p| p.n).sum();
+        let mut first = parts.remove(0);
+        for p in parts {
+            macro_rules! app {
+                ($($var:ident),*) => {
+                    match (&mut first.rows, p.rows) {
+                        $((Rows::$var(a), Rows::$var(b)) => a.extend(b),)*
+                        _ => unreachable!("formats checked above"),
+                    }
+                };
+            }
+            app!(F32, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2K, Q3K, Q4K, Q5K, Q6K);
+        }
+        first.n = n;
+        Ok(first)
+    }
+}
+
+fn block_size_of<T: GgmlType>(_: &[T]) -> usize {
+    T::BLCK_SIZE
+}
+
+fn block_bytes_of<T>(_: &[T]) -> usize {
+    std::mem::size_of::<T>()
+}
+
+/// Several projections of the same input whose outputs are concatenated (q|k|v, gate|up):
+/// one stacked matrix when their formats agree, else one matmul each.
+struct Proj {
+    parts: Vec<Mat>,
+    n: usize,
+}
+
+impl Proj {
+    fn new(mats: Vec<Mat>) -> Self {
+        let n = mats.iter().map(|m| m.n).sum();
+        let parts = match Mat::stack(mats) {
+            Ok(m) => vec![m],
+            Err(v) => v,
+        };
+        Self { parts, n }
+    }
+
+    fn matmul(&self, x: &[f32], t: usize, out: &mut [f32], scratch: &mut Vec<f32>) {
+        if let [m] = &self.parts[..] {
+            return m.matmul(x, t, &mut out[..t * self.n]);
+        }
+        let mut off = 0;
+        for m in &self.parts {
+            scratch.resize(t * m.n, 0.0);
+            m.matmul(x, t, scratch);
+            for tok in 0..t {
+                out[tok * self.n + off..tok * self.n + off + m.n]
+                    .copy_from_slice(&scratch[tok * m.n..(tok + 1) * m.n]);
+            }
+            off += m.n;
+        }
+    }
+
+    fn formats(&self) -> impl Iterator<Item = (&'static str, usize)> + '_ {
+        self.parts.iter().map(|m| (m.format(), m.bytes()))
+    }
+}
+
+struct Block {
+    attn_norm: Vec<f32>,
+    mlp_norm: Vec<f32>,
+    /// q | k | v.
+    qkv: Proj,
+    qkv_bias: Option<Vec<f32>>,
+    o: Mat,
+    /// gate | up.
+    gate_up: Proj,
+    down: Mat,
+}
+
+/// The model, ready to generate.
+pub struct Engine {
+    pub cfg: LlamaConfig,
+    embed: Mat,
+    /// None when tied to the embeddings.
+    head: Option<Mat>,
+    norm: Vec<f32>,
+    blocks: Vec<Block>,
+    inv_freq: Vec<f32>,
+}
+
+/// Keys and values of every layer for the tokens fed so far: per layer, per KV head, one row
+/// of head_dim per position.
+pub struct EngineCache {
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    cap: usize,
+    pub len: usize,
+}
+
+impl EngineCache {
+    pub fn reset(&mut self) {
+        self.len = 0;
+    }
+
+    /// Room for `need` positions, keeping what is cached.
+    fn reserve(&mut self, need: usize, nkv: usize, hd: usize) {
+        if need <= self.cap {
+            return;
+        }
+        let cap = need.max(self.cap * 2).max(256);
+        for buf in self.k.iter_mut().chain(self.v.iter_mut()) {
+            let mut grown = vec![0f32; nkv * cap * hd];
+            for g in 0..nkv {
+                let len = self.len * hd;
+                grown[g * cap * hd..g * cap * hd + len]
+                    .copy_from_slice(&buf[g * self.cap * hd..g * self.cap * hd + len]);
+            }
+            *buf = grown;
+        }
+        self.cap = cap;
+    }
+}
+
+fn to_vec(t: &Tensor) -> Result<Vec<f32>, ModelError> {
+    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+}
+
+fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let r = 1.0 / (ms + eps).sqrt();
+    for ((o, v), w) in out.iter_mut().zip(x).zip(w) {
+        *o = v * r * w;
+    }
+}
+
+/// HF's rotate-half RoPE on one head vector, in place.
+fn rope(v: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = v.len() / 2;
+    let (a, b) = v.split_at_mut(half);
+    for i in 0..half {
+        let (x1, x2) = (a[i], b[i]);
+        a[i] = x1 * cos[i] - x2 * sin[i];
+        b[i] = x2 * cos[i] + x1 * sin[i];
+    }
+}
+
+/// Row permutation taking llama.cpp's interleaved-RoPE Q/K rows (head, pair, 2) back to HF's
+/// half-split order (head, 2, pair): result row i is GGUF row perm[i].
+fn unpermute_order(rows: usize, n_head: usize) -> Vec<usize> {
+    let hd = rows / n_head;
+    let mut perm = Vec::with_capacity(rows);
+    for h in 0..n_head {
+        for a in 0..2 {
+            for p in 0..hd / 2 {
+                perm.push(h * hd + p * 2 + a);
+            }
+        }
+    }
+    perm
+}
+
+impl Engine {
+    /// From a loaded model (f32 weights). LoRA deltas must be merged first
+    /// ([`crate::model::adapter::PeftAdapter::merge_into`]).
+    pub fn from_llama(m: &Llama) -> Result<Self, ModelError> {
+        let mat = |w: &Tensor| -> Result<Mat, ModelError> {
+            let (n, k) = w.dims2()?;
+            Ok(Mat::f32(to_vec(w)?, n, k))
+        };
+        let lin = |l: &super::llama::Linear| -> Result<Mat, ModelError> {
+            if l.lora.is_some() {
+                return Err(ModelError::Config(
+                    "the inference engine needs LoRA deltas merged into the weights first".into(),
+                ));
+            }
+            mat(&l.weight)
+        };
+        let mut blocks = Vec::with_capacity(m.layers.len());
+        for l in &m.layers {
+            let a = &l.attn;
+            let qkv_bias = match (&a.q_proj.bias, &a.k_proj.bias, &a.v_proj.bias) {
+                (Some(q), Some(k), Some(v)) => Some([to_vec(q)?, to_vec(k)?, to_vec(v)?].concat()),
+                _ => None,
+            };
+            blocks.push(Block {
+                attn_norm: to_vec(&l.input_layernorm)?,
+                mlp_norm: to_vec(&l.post_attention_layernorm)?,
+                qkv: Proj::new(vec![lin(&a.q_proj)?, lin(&a.k_proj)?, lin(&a.v_proj)?]),
+                qkv_bias,
+                o: lin(&a.o_proj)?,
+                gate_up: Proj::new(vec![lin(&l.mlp.gate_proj)?, lin(&l.mlp.up_proj)?]),
+                down: lin(&l.mlp.down_proj)?,
+            });
+        }
+        Ok(Self::assemble(
+            m.cfg.clone(),
+            mat(&m.embed_tokens)?,
+            m.lm_head.as_ref().map(mat).transpose()?,
+            to_vec(&m.norm)?,
+            blocks,
+        ))
+    }
+
+    /// From a GGUF file, keeping its quantized weights as they are (Q/K rows reordered from
+    /// llama.cpp's interleaved RoPE layout to the half-split one, as whole rows).
+    pub fn from_gguf(path: &Path) -> Result<Self, ModelError> {
+        let load_err = |e: &dyn std::fmt::Display| ModelError::Load {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        };
+        let mut f = std::io::BufReader::with_capacity(
+            1 << 20,
+            std::fs::File::open(path).map_err(|e| load_err(&e))?,
+        );
+        let c = Content::read(&mut f).map_err(|e| load_err(&e))?;
+        let has_output = c.tensor_infos.contains_key("output.weight");
+        let cfg = LlamaConfig::from_gguf(&c, has_output)?;
+        let mut tensor = |name: &str| -> Result<QTensor, ModelError> {
+            if !c.tensor_infos.contains_key(name) {
+                return Err(ModelError::Load {
+                    path: path.to_path_buf(),
+                    message: format!("missing tensor `{name}`"),
+                });
+            }
+            c.tensor(&mut f, name, &Device::Cpu)
+                .map_err(|e| load_err(&format!("{name}: {e}")))
+        };
+        let vector = |q: QTensor| -> Result<Vec<f32>, ModelError> {
+            Ok(q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?)
+        };
+        let permute = cfg.architecture != "qwen2";
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("blk.{i}");
+            let mut q = Mat::from_qtensor(&tensor(&format!("{p}.attn_q.weight"))?)?;
+            let mut k = Mat::from_qtensor(&tensor(&format!("{p}.attn_k.weight"))?)?;
+            let v = Mat::from_qtensor(&tensor(&format!("{p}.attn_v.weight"))?)?;
+            let (qperm, kperm) = (unpermute_order(q.n, nh), unpermute_order(k.n, nkv));
+            if permute {
+                q.permute_rows(&qperm);
+                k.permute_rows(&kperm);
+            }
+            let qkv_bias = if cfg.attention_bias {
+                let mut qb = vector(tensor(&format!("{p}.attn_q.bias"))?)?;
+                let mut kb = vector(tensor(&format!("{p}.attn_k.bias"))?)?;
+                if permute {
+                    qb = qperm.iter().map(|&j| qb[j]).collect();
+                    kb = kperm.iter().map(|&j| kb[j]).collect();
+                }
+                let vb = vector(tensor(&format!("{p}.attn_v.bias"))?)?;
+                Some([qb, kb, vb].concat())
+            } else {
+                None
+            };
+            blocks.push(Block {
+                attn_norm: vector(tensor(&format!("{p}.attn_norm.weight"))?)?,
+                mlp_norm: vector(tensor(&format!("{p}.ffn_norm.weight"))?)?,
+                qkv: Proj::new(vec![q, k, v]),
+                qkv_bias,
+                o: Mat::from_qtensor(&tensor(&format!("{p}.attn_output.weight"))?)?,
+                gate_up: Proj::new(vec![
+                    Mat::from_qtensor(&tensor(&format!("{p}.ffn_gate.weight"))?)?,
+                    Mat::from_qtensor(&tensor(&format!("{p}.ffn_up.weight"))?)?,
+                ]),
+                down: Mat::from_qtensor(&tensor(&format!("{p}.ffn_down.weight"))?)?,
+            });
+        }
+        let embed = Mat::from_qtensor(&tensor("token_embd.weight")?)?;
+        let head = if has_output {
+            Some(Mat::from_qtensor(&tensor("output.weight")?)?)
+        } else {
+            None
+        };
+        let norm = vector(tensor("output_norm.weight")?)?;
+        let e = Self::assemble(cfg, embed, head, norm, blocks);
+        e.check_shapes().map_err(|m| load_err(&m))?;
+        Ok(e)
+    }
+
+    fn assemble(
+        cfg: LlamaConfig,
+        embed: Mat,
+        head: Option<Mat>,
+        norm: Vec<f32>,
+        blocks: Vec<Block>,
+    ) -> Self {
+        let hd = cfg.head_dim();
+        let inv_freq = (0..hd / 2)
+            .map(|i| 1.0 / (cfg.rope_theta as f32).powf(2.0 * i as f32 / hd as f32))
+            .collect();
+        Self {
+            cfg,
+            embed,
+            head,
+            norm,
+            blocks,
+            inv_freq,
+        }
+    }
+
+    /// Every matrix has the shape the config implies.
+    fn check_shapes(&self) -> Result<(), String> {
+        let c = &self.cfg;
+        let (h, hd) = (c.hidden_size, c.head_dim());
+        let qkv = (c.num_attention_heads + 2 * c.num_key_value_heads) * hd;
+        let want = |what: &str, m: (usize, usize), n: usize, k: usize| {
+            if m == (n, k) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{what} has shape {m:?}, the config implies ({n}, {k})"
+                ))
+            }
+        };
+        want("token_embd", (self.embed.n, self.embed.k), c.vocab_size, h)?;
+        if let Some(m) = &self.head {
+            want("output", (m.n, m.k), c.vocab_size, h)?;
+        }
+        for (i, b) in self.blocks.iter().enumerate() {
+            let k = |p: &Proj| p.parts.first().map(|m| m.k).unwrap_or(0);
+            want(&format!("layer {i} q|k|v"), (b.qkv.n, k(&b.qkv)), qkv, h)?;
+            want(
+                &format!("layer {i} attn_output"),
+                (b.o.n, b.o.k),
+                h,
+                c.num_attention_heads * hd,
+            )?;
+            want(
+                &format!("layer {i} gate|up"),
+                (b.gate_up.n, k(&b.gate_up)),
+                2 * c.intermediate_size,
+                h,
+            )?;
+            want(
+                &format!("layer {i} ffn_down"),
+                (b.down.n, b.down.k),
+                h,
+                c.intermediate_size,
+            )?;
+            if b.attn_norm.len() != h || b.mlp_norm.len() != h {
+                return Err(format!("layer {i}: norm weights are not {h} long"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn new_cache(&self) -> EngineCache {
+        let n = self.cfg.num_hidden_layers;
+        EngineCache {
+            k: vec![Vec::new(); n],
+            v: vec![Vec::new(); n],
+            cap: 0,
+            len: 0,
+        }
+    }
+
+    /// Weight formats and their share of the weight bytes, e.g. "q4_k 88%, q6_k 12%".
+    pub fn weight_formats(&self) -> String {
+        let mut by: Vec<(&'static str, usize)> = Vec::new();
+        let mut add = |f: &'static str, b: usize| match by.iter_mut().find(|(n, _)| *n == f) {
+            Some(e) => e.1 += b,
+            None => by.push((f, b)),
+        };
+        add(self.embed.format(), self.embed.bytes());
+        if let Some(h) = &self.head {
+            add(h.format(), h.bytes());
+        }
+        for b in &self.blocks {
+            for (f, n) in b.qkv.formats().chain(b.gate_up.formats()) {
+                add(f, n);
+            }
+            add(b.o.format(), b.o.bytes());
+            add(b.down.format(), b.down.bytes());
+        }
+        let total: usize = by.iter().map(|(_, b)| b).sum::<usize>().max(1);
+        by.sort_by_key(|e| std::cmp::Reverse(e.1));
+        by.iter()
+            .map(|(f, b)| format!("{f} {:.0}%", 100.0 * *b as f64 / total as f64))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Bytes of all weight matrices.
+    pub fn weight_bytes(&self) -> usize {
+        let mut n = self.embed.bytes() + self.head.as_ref().map(|h| h.bytes()).unwrap_or(0);
+        for b in &self.blocks {
+            n += b
+                .qkv
+                .parts
+                .iter()
+                .chain(&b.gate_up.parts)
+                .map(|m| m.bytes())
+                .sum::<usize>();
+            n += b.o.bytes() + b.down.bytes();
+        }
+        n
+    }
+
+    /// Feeds `ids` after what `cache` holds; returns the logits (vocab) of the last one.
+    pub fn forward(&self, ids: &[u32], cache: &mut EngineCache) -> Result<Vec<f32>, ModelError> {
+        let c = &self.cfg;
+        let t = ids.len();
+        if t == 0 {
+            return Err(ModelError::Config("forward: no tokens".into()));
+        }
+        let start = cache.len;
+        if start + t > c.max_position_embeddings {
+            return Err(ModelError::Config(format!(
+                "the conversation is {} tokens, beyond the model's max_position_embeddings {}; /reset it",
+                start + t,
+                c.max_position_embeddings
+            )));
+        }
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.embed.n) {
+            return Err(ModelError::Config(format!(
+                "token id {bad} is outside the vocabulary ({} tokens)",
+                self.embed.n
+            )));
+        }
+        let (h, nh, nkv, hd) = (
+            c.hidden_size,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim(),
+        );
+        let (nq, nk) = (nh * hd, nkv * hd);
+        let qkv_n = nq + 2 * nk;
+        let inter = c.intermediate_size;
+        let eps = c.rms_norm_eps as f32;
+        cache.reserve(start + t, nkv, hd);
+        let cap = cache.cap;
+
+        let mut x = vec![0f32; t * h];
+        for (row, &id) in x.chunks_exact_mut(h).zip(ids) {
+            self.embed.row(id as usize, row);
+        }
+        let half = hd / 2;
+        let mut cos = vec![0f32; t * half];
+        let mut sin = vec![0f32; t * half];
+        for i in 0..t {
+            let pos = (start + i) as f32;
+            for (j, f) in self.inv_freq.iter().enumerate() {
+                let a = pos * f;
+                cos[i * half + j] = a.cos();
+                sin[i * half + j] = a.sin();
+            }
+        }
+        let mut normed = vec![0f32; t * h];
+        let mut qkv = vec![0f32; t * qkv_n];
+        let mut att = vec![0f32; t * nq];
+        let mut proj = vec![0f32; t * h];
+        let mut gu = vec![0f32; t * 2 * inter];
+        let mut act = vec![0f32; t * inter];
+        let mut scratch = Vec::new();
+        let scale = 1.0 / (hd as f32).sqrt();
+        let window = c.sliding_window.filter(|&w| w > 0);
+
+        for (li, b) in self.blocks.iter().enumerate() {
+            for (xr, nr) in x.chunks_exact(h).zip(normed.chunks_exact_mut(h)) {
+                rms_norm(xr, &b.attn_norm, eps, nr);
+            }
+            b.qkv.matmul(&normed, t, &mut qkv, &mut scratch);
+            let (kc, vc) = (&mut cache.k[li], &mut cache.v[li]);
+            for (i, row) in qkv.chunks_exact_mut(qkv_n).enumerate() {
+                if let Some(bias) = &b.qkv_bias {
+                    row.iter_mut().zip(bias).for_each(|(r, b)| *r += b);
+                }
+                let (cs, sn) = (
+                    &cos[i * half..(i + 1) * half],
+                    &sin[i * half..(i + 1) * half],
+                );
+                for head in row[..nq + nk].chunks_exact_mut(hd) {
+                    rope(head, cs, sn);
+                }
+                let pos = start + i;
+                for g in 0..nkv {
+                    let at = (g * cap + pos) * hd;
+                    kc[at..at + hd].copy_from_slice(&row[nq + g * hd..nq + (g + 1) * hd]);
+                    vc[at..at + hd].copy_from_slice(&row[nq + nk + g * hd..nq + nk + (g + 1) * hd]);
+                }
+            }
+            let (kc, vc) = (&cache.k[li][..], &cache.v[li][..]);
+            let attend = |i: usize, out: &mut [f32], scores: &mut Vec<f32>| {
+                let pos = start + i;
+                let lo = window.map(|w| (pos + 1).saturating_sub(w)).unwrap_or(0);
+                let q = &qkv[i * qkv_n..i * qkv_n + nq];
+                for hh in 0..nh {
+                    let g = hh / (nh / nkv);
+                    let qh = &q[hh * hd..(hh + 1) * hd];
+                    let keys = &kc[(g * cap) * hd..(g * cap + pos + 1) * hd];
+                    scores.clear();
+                    let mut max = f32::NEG_INFINITY;
+                    for j in lo..=pos {
+                        let s = super::frozen::dot(qh, &keys[j * hd..(j + 1) * hd]) * scale;
+                        max = max.max(s);
+                        scores.push(s);
+                    }
+                    let mut sum = 0f32;
+                    for s in scores.iter_mut() {
+                        *s = (*s - max).exp();
+                        sum += *s;
+                    }
+                    let o = &mut out[hh * hd..(hh + 1) * hd];
+                    o.iter_mut().for_each(|v| *v = 0.0);
+                    let vals = &vc[(g * cap) * hd..];
+                    for (j, s) in (lo..=pos).zip(scores.iter()) {
+                        let w = s / sum;
+                        for (ov, vv) in o.iter_mut().zip(&vals[j * hd..(j + 1) * hd]) {
+                            *ov += w * vv;
+                        }
+                    }
+                }
+            };
+            if t == 1 {
+                attend(0, &mut att, &mut scratch);
+            } else {
+                att.par_chunks_mut(nq)
+                    .enumerate()
+                    .for_each_init(Vec::new, |s, (i, out)| attend(i, out, s));
+            }
+            b.o.matmul(&att, t, &mut proj);
+            x.iter_mut().zip(&proj).for_each(|(a, p)| *a += p);
+
+            for (xr, nr) in x.chunks_exact(h).zip(normed.chunks_exact_mut(h)) {
+                rms_norm(xr, &b.mlp_norm, eps, nr);
+            }
+            b.gate_up.matmul(&normed, t, &mut gu, &mut scratch);
+            for (a, row) in act.chunks_exact_mut(inter).zip(gu.chunks_exact(2 * inter)) {
+                let (g, u) = row.split_at(inter);
+                for ((a, g), u) in a.iter_mut().zip(g).zip(u) {
+                    *a = g / (1.0 + (-g).exp()) * u;
+                }
+            }
+            b.down.matmul(&act, t, &mut proj);
+            x.iter_mut().zip(&proj).for_each(|(a, p)| *a += p);
+        }
+        cache.len += t;
+        let mut last = vec![0f32; h];
+        rms_norm(&x[(t - 1) * h..], &self.norm, eps, &mut last);
+        let head = self.head.as_ref().unwrap_or(&self.embed);
+        let mut logits = vec![0f32; head.n];
+        head.matmul(&last, 1, &mut logits);
+        Ok(logits)
+    }
+}

@@ -10,11 +10,11 @@
 //! block dot products against the activations quantized to the matching 8-bit format, as
 //! llama.cpp does. Other GGUF types (F16, BF16…) are widened to f32 on load.
 
+use super::qkernels::{self as qk, QActs, QBlock};
 use super::{Llama, LlamaConfig, ModelError};
 use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::k_quants::{
-    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
-    BlockQ8_0, GgmlType,
+    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, GgmlType,
 };
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
@@ -33,11 +33,11 @@ const WIDEN_ROWS: usize = 8;
 /// The rows of a weight matrix (out × in), in the format a matmul reads them.
 enum Rows {
     F32(Vec<f32>),
-    Q4_0(Vec<BlockQ4_0>),
-    Q4_1(Vec<BlockQ4_1>),
-    Q5_0(Vec<BlockQ5_0>),
-    Q5_1(Vec<BlockQ5_1>),
-    Q8_0(Vec<BlockQ8_0>),
+    Q4_0(Vec<qk::Q4_0>),
+    Q4_1(Vec<qk::Q4_1>),
+    Q5_0(Vec<qk::Q5_0>),
+    Q5_1(Vec<qk::Q5_1>),
+    Q8_0(Vec<qk::Q8_0>),
     Q2K(Vec<BlockQ2K>),
     Q3K(Vec<BlockQ3K>),
     Q4K(Vec<BlockQ4K>),
@@ -85,14 +85,97 @@ impl OutPtr {
     }
 }
 
+/// A block format's operations, over kiln's kernels ([`qk`]: 32-value formats) or candle's
+/// (k-quants, 256-value super-blocks).
+trait Blocks: Sized + Send + Sync + 'static {
+    /// Values per block.
+    const BLOCK: usize;
+    /// Widens consecutive blocks to f32.
+    fn widen(blocks: &[Self], out: &mut [f32]);
+    /// `out (t × n) = x (t × k) · Wᵀ` for t below [`WIDEN_ROWS`].
+    fn matmul_small(w: &[Self], n: usize, k: usize, x: &[f32], t: usize, out: &mut [f32]);
+}
+
+macro_rules! own_blocks {
+    ($($t:ty),*) => {$(
+        impl Blocks for $t {
+            const BLOCK: usize = 32;
+            fn widen(blocks: &[Self], out: &mut [f32]) {
+                for (b, o) in blocks.iter().zip(out.chunks_exact_mut(32)) {
+                    b.to_float(o);
+                }
+            }
+            fn matmul_small(w: &[Self], n: usize, k: usize, x: &[f32], t: usize, out: &mut [f32]) {
+                own_matmul(w, n, k, x, t, out)
+            }
+        }
+    )*};
+}
+own_blocks!(qk::Q4_0, qk::Q4_1, qk::Q5_0, qk::Q5_1, qk::Q8_0);
+
+macro_rules! candle_blocks {
+    ($($t:ty),*) => {$(
+        impl Blocks for $t {
+            const BLOCK: usize = <$t as GgmlType>::BLCK_SIZE;
+            fn widen(blocks: &[Self], out: &mut [f32]) {
+                <$t as GgmlType>::to_float(blocks, out)
+            }
+            fn matmul_small(w: &[Self], n: usize, k: usize, x: &[f32], t: usize, out: &mut [f32]) {
+                candle_matmul(w, n, k, x, t, out)
+            }
+        }
+    )*};
+}
+candle_blocks!(BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K);
+
+/// Runs `rows(r0, r1)` over the weight rows 0..n, in blocks across threads when worth it.
+fn for_row_blocks(n: usize, rows: impl Fn(usize, usize) + Sync) {
+    if n <= ROW_BLOCK || rayon::current_num_threads() == 1 {
+        rows(0, n);
+    } else {
+        (0..n.div_ceil(ROW_BLOCK))
+            .into_par_iter()
+            .for_each(|b| rows(b * ROW_BLOCK, ((b + 1) * ROW_BLOCK).min(n)));
+    }
+}
+
+/// kiln's 32-value block kernels: four weight rows per call against each token's activations.
+fn own_matmul<B: QBlock>(w: &[B], n: usize, k: usize, x: &[f32], t: usize, out: &mut [f32]) {
+    let kb = k / 32;
+    let mut acts = QActs::default();
+    acts.quantize(&x[..t * k]);
+    let acts = &acts;
+    let dst = OutPtr(out.as_mut_ptr());
+    for_row_blocks(n, |r0, r1| {
+        let row = |r: usize| &w[r * kb..(r + 1) * kb];
+        let mut r = r0;
+        while r < r1 {
+            // A last group of fewer than four rows repeats its final row.
+            let ids = [
+                r,
+                (r + 1).min(r1 - 1),
+                (r + 2).min(r1 - 1),
+                (r + 3).min(r1 - 1),
+            ];
+            for tok in 0..t {
+                let d = B::dot4(ids.map(row), acts, tok * kb, kb);
+                for (j, v) in d.iter().enumerate().take(r1 - r) {
+                    // SAFETY: out is t×n; this task alone writes rows r0..r1 of every token.
+                    unsafe { *dst.at(tok * n + r + j) = *v };
+                }
+            }
+            r += 4;
+        }
+    });
+}
+
 /// Copies GGUF block bytes into a typed vector. The block types are `repr(C)` plain data
 /// (f16 scales and byte arrays), so any bit pattern is a valid value.
-fn blocks<T: GgmlType>(bytes: &[u8]) -> Result<Vec<T>, ModelError> {
+fn blocks<T: Blocks>(bytes: &[u8]) -> Result<Vec<T>, ModelError> {
     let size = std::mem::size_of::<T>();
     if !bytes.len().is_multiple_of(size) {
         return Err(ModelError::Config(format!(
-            "{:?} tensor of {} bytes is not a whole number of {size}-byte blocks",
-            T::DTYPE,
+            "a quantized tensor of {} bytes is not a whole number of {size}-byte blocks",
             bytes.len()
         )));
     }
@@ -107,15 +190,9 @@ fn blocks<T: GgmlType>(bytes: &[u8]) -> Result<Vec<T>, ModelError> {
     Ok(v)
 }
 
-fn quant_matmul<T: GgmlType>(w: &[T], n: usize, k: usize, x: &[f32], t: usize, out: &mut [f32]) {
+/// candle's block dot products (k-quants) on activations quantized to the matching format.
+fn candle_matmul<T: GgmlType>(w: &[T], n: usize, k: usize, x: &[f32], t: usize, out: &mut [f32]) {
     let kb = k / T::BLCK_SIZE;
-    if t >= WIDEN_ROWS {
-        let mut wide = vec![0f32; n * k];
-        wide.par_chunks_mut(ROW_BLOCK * k)
-            .zip(w.par_chunks(ROW_BLOCK * kb))
-            .for_each(|(o, b)| T::to_float(b, o));
-        return super::frozen::matmul_into(x, &wide, t, n, k, out);
-    }
     let mut xq = vec![T::VecDotType::zeros(); t * kb];
     for (r, q) in x.chunks_exact(k).zip(xq.chunks_exact_mut(kb)) {
         T::VecDotType::from_float(r, q);
@@ -148,13 +225,32 @@ fn quant_matmul<T: GgmlType>(w: &[T], n: usize, k: usize, x: &[f32], t: usize, o
             }
         }
     };
-    if n <= ROW_BLOCK || rayon::current_num_threads() == 1 {
-        rows(0, n);
-    } else {
-        (0..n.div_ceil(ROW_BLOCK))
-            .into_par_iter()
-            .for_each(|b| rows(b * ROW_BLOCK, ((b + 1) * ROW_BLOCK).min(n)));
-    }
+    for_row_blocks(n, rows);
+}
+
+/// Decoding with f32 weights: each weight row streamed once, dotted with every token.
+fn f32_gemv(w: &[f32], n: usize, k: usize, x: &[f32], t: usize, out: &mut [f32]) {
+    let dst = OutPtr(out.as_mut_ptr());
+    for_row_blocks(n, |r0, r1| {
+        for r in r0..r1 {
+            let row = &w[r * k..(r + 1) * k];
+            for tok in 0..t {
+                let v = qk::dot_f32(row, &x[tok * k..(tok + 1) * k]);
+                // SAFETY: out is t×n; this task alone writes rows r0..r1 of every token.
+                unsafe { *dst.at(tok * n + r) = v };
+            }
+        }
+    });
+}
+
+/// Widens the whole matrix and runs the f32 gemm (prompts; see [`WIDEN_ROWS`]).
+fn widened_matmul<B: Blocks>(w: &[B], n: usize, k: usize, x: &[f32], t: usize, out: &mut [f32]) {
+    let kb = k / B::BLOCK;
+    let mut wide = vec![0f32; n * k];
+    wide.par_chunks_mut(ROW_BLOCK * k)
+        .zip(w.par_chunks(ROW_BLOCK * kb))
+        .for_each(|(o, b)| B::widen(b, o));
+    super::frozen::matmul_into(x, &wide, t, n, k, out)
 }
 
 impl Mat {
@@ -192,6 +288,12 @@ impl Mat {
         };
         let m = Self { n, k, rows };
         let have = with_rows!(&m.rows, v => v.len() * block_size_of(v), f => f.len());
+        if k % m.block_elems() != 0 {
+            return Err(ModelError::Config(format!(
+                "{} weight rows of {k} values are not whole blocks",
+                m.format()
+            )));
+        }
         if have != n * k {
             return Err(ModelError::Config(format!(
                 "weight of shape ({n}, {k}) holds {have} values"
@@ -235,15 +337,23 @@ impl Mat {
         let k = self.k;
         with_rows!(&self.rows, v => {
             let kb = k / block_size_of(v);
-            GgmlType::to_float(&v[i * kb..(i + 1) * kb], out)
+            Blocks::widen(&v[i * kb..(i + 1) * kb], out)
         }, f => out.copy_from_slice(&f[i * k..(i + 1) * k]))
     }
 
     /// `out (t × n) = x (t × k) · Wᵀ`.
     pub fn matmul(&self, x: &[f32], t: usize, out: &mut [f32]) {
         let (n, k) = (self.n, self.k);
-        with_rows!(&self.rows, v => quant_matmul(v, n, k, x, t, out),
-            f => super::frozen::matmul_into(x, f, t, n, k, out))
+        with_rows!(&self.rows, v => if t >= WIDEN_ROWS {
+            widened_matmul(v, n, k, x, t, out)
+        } else {
+            Blocks::matmul_small(v, n, k, x, t, out)
+        },
+        f => if t >= WIDEN_ROWS {
+            super::frozen::matmul_into(x, f, t, n, k, out)
+        } else {
+            f32_gemv(f, n, k, x, t, out)
+        })
     }
 
     /// Reorders the rows: row `i` of the result is row `perm[i]` of `self`.
@@ -287,8 +397,8 @@ impl Mat {
     }
 }
 
-fn block_size_of<T: GgmlType>(_: &[T]) -> usize {
-    T::BLCK_SIZE
+fn block_size_of<T: Blocks>(_: &[T]) -> usize {
+    T::BLOCK
 }
 
 fn block_bytes_of<T>(_: &[T]) -> usize {
@@ -760,7 +870,7 @@ impl Engine {
                     scores.clear();
                     let mut max = f32::NEG_INFINITY;
                     for j in lo..=pos {
-                        let s = super::frozen::dot(qh, &keys[j * hd..(j + 1) * hd]) * scale;
+                        let s = qk::dot_f32(qh, &keys[j * hd..(j + 1) * hd]) * scale;
                         max = max.max(s);
                         scores.push(s);
                     }

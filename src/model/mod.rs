@@ -10,6 +10,7 @@ pub mod generate;
 pub mod gguf_export;
 pub mod llama;
 pub mod norm;
+pub mod qkernels;
 pub mod weights;
 
 pub use config::LlamaConfig;

@@ -213,3 +213,47 @@ fn engine_refuses_unmerged_adapters_and_bad_token_ids() {
     let err = Engine::from_llama(&m).err().unwrap().to_string();
     assert!(err.contains("merged"), "{err}");
 }
+
+#[test]
+fn engine_gives_the_same_bits_on_one_and_two_threads() {
+    // Every output value is computed whole by one thread, so splitting rows and heads across
+    // threads changes nothing. Two threads exercise the parallel paths (row blocks, heads of a
+    // decoded token once there is context, prompt attention per head).
+    let vocab = tiny_tokenizer_json()["model"]["vocab"]
+        .as_object()
+        .unwrap()
+        .len();
+    let cfg = LlamaConfig {
+        vocab_size: vocab,
+        hidden_size: 64,
+        intermediate_size: 128,
+        max_position_embeddings: 256,
+        ..tiny_config()
+    };
+    let m = Llama::from_weights(cfg.clone(), tiny_weights(&cfg, 41), &Device::Cpu).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    write_model_dir(dir.path(), Some(CHATML));
+    let path = dir.path().join("m.gguf");
+    write_gguf(&m, dir.path(), None, None, Quant::Q8_0, &[], &path).unwrap();
+    let ids = ids(60, vocab as u32);
+    for e in [
+        Engine::from_llama(&m).unwrap(),
+        Engine::from_gguf(&path).unwrap(),
+    ] {
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let mut cache = e.new_cache();
+                let mut out = vec![e.forward(&ids[..40], &mut cache).unwrap()];
+                for &t in &ids[40..] {
+                    out.push(e.forward(&[t], &mut cache).unwrap());
+                }
+                out
+            })
+        };
+        assert_eq!(run(1), run(2), "{}", e.weight_formats());
+    }
+}

@@ -128,15 +128,18 @@ macro_rules! candle_blocks {
 }
 candle_blocks!(BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K);
 
-/// Runs `rows(r0, r1)` over the weight rows 0..n, in blocks across threads when worth it.
+/// Runs `rows(r0, r1)` over the weight rows 0..n, in blocks across threads when worth it:
+/// about four blocks per thread (enough to even out a busy core, few enough that handing out
+/// blocks costs little next to streaming them), at least [`ROW_BLOCK`] rows each.
 fn for_row_blocks(n: usize, rows: impl Fn(usize, usize) + Sync) {
-    if n <= ROW_BLOCK || rayon::current_num_threads() == 1 {
-        rows(0, n);
-    } else {
-        (0..n.div_ceil(ROW_BLOCK))
-            .into_par_iter()
-            .for_each(|b| rows(b * ROW_BLOCK, ((b + 1) * ROW_BLOCK).min(n)));
+    let threads = rayon::current_num_threads();
+    if n <= ROW_BLOCK || threads == 1 {
+        return rows(0, n);
     }
+    let block = n.div_ceil(threads * 4).max(ROW_BLOCK).next_multiple_of(4);
+    (0..n.div_ceil(block))
+        .into_par_iter()
+        .for_each(|b| rows(b * block, ((b + 1) * block).min(n)));
 }
 
 /// kiln's 32-value block kernels: four weight rows per call against each token's activations.
@@ -522,6 +525,104 @@ fn rope(v: &mut [f32], cos: &[f32], sin: &[f32]) {
     }
 }
 
+/// Shapes of one layer's attention over a chunk of `t` tokens after `start` cached ones.
+struct Geometry {
+    t: usize,
+    start: usize,
+    /// Cache capacity (positions per KV head).
+    cap: usize,
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+    /// Width of a q|k|v row.
+    qkv_n: usize,
+    scale: f32,
+    window: Option<usize>,
+}
+
+/// Attention for a prompt, per head with the blocked gemm: scores = Q·Kᵀ over every cached
+/// key, softmax over each query's causal (and windowed) range, then scores·V written into the
+/// head's columns of `att` (t × nh·hd). Heads run in parallel.
+fn attend_prompt(g: &Geometry, qkv: &[f32], kc: &[f32], vc: &[f32], att: &mut [f32]) {
+    let len = g.start + g.t;
+    let nq = g.nh * g.hd;
+    assert!(qkv.len() >= g.t * g.qkv_n && att.len() >= g.t * nq);
+    assert!(kc.len() >= g.nkv * g.cap * g.hd && vc.len() >= g.nkv * g.cap * g.hd && len <= g.cap);
+    let dst = OutPtr(att.as_mut_ptr());
+    (0..g.nh)
+        .into_par_iter()
+        .for_each_init(Vec::new, |s: &mut Vec<f32>, h| {
+            let kv = h / (g.nh / g.nkv);
+            s.clear();
+            s.resize(g.t * len, 0.0);
+            // SAFETY: scores (t × len, rs = len) = Q_h (t × hd: rs = qkv_n, cs = 1) · K_kvᵀ
+            // (hd × len: the cache's rows of hd, so rs = 1 along hd and cs = hd along positions);
+            // all within the slices (asserted above).
+            unsafe {
+                gemm::gemm(
+                    g.t,
+                    len,
+                    g.hd,
+                    s.as_mut_ptr(),
+                    1,
+                    len as isize,
+                    false,
+                    qkv.as_ptr().add(h * g.hd),
+                    1,
+                    g.qkv_n as isize,
+                    kc.as_ptr().add(kv * g.cap * g.hd),
+                    g.hd as isize,
+                    1,
+                    0.0,
+                    g.scale,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+            for (i, row) in s.chunks_exact_mut(len).enumerate() {
+                let pos = g.start + i;
+                let lo = g.window.map(|w| (pos + 1).saturating_sub(w)).unwrap_or(0);
+                let live = &mut row[lo..=pos];
+                let max = live.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
+                let mut sum = 0f32;
+                for v in live.iter_mut() {
+                    *v = (*v - max).exp();
+                    sum += *v;
+                }
+                live.iter_mut().for_each(|v| *v /= sum);
+                row[..lo].iter_mut().for_each(|v| *v = 0.0);
+                row[pos + 1..].iter_mut().for_each(|v| *v = 0.0);
+            }
+            // SAFETY: att's columns h·hd..(h+1)·hd (rs = nq) = scores (t × len) · V_kv (len × hd,
+            // rs = hd); this head alone writes those columns.
+            unsafe {
+                gemm::gemm(
+                    g.t,
+                    g.hd,
+                    len,
+                    dst.at(h * g.hd),
+                    1,
+                    nq as isize,
+                    false,
+                    s.as_ptr(),
+                    1,
+                    len as isize,
+                    vc.as_ptr().add(kv * g.cap * g.hd),
+                    1,
+                    g.hd as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        });
+}
+
 /// Row permutation taking llama.cpp's interleaved-RoPE Q/K rows (head, pair, 2) back to HF's
 /// half-split order (head, 2, pair): result row i is GGUF row perm[i].
 fn unpermute_order(rows: usize, n_head: usize) -> Vec<usize> {
@@ -777,6 +878,15 @@ impl Engine {
 
     /// Feeds `ids` after what `cache` holds; returns the logits (vocab) of the last one.
     pub fn forward(&self, ids: &[u32], cache: &mut EngineCache) -> Result<Vec<f32>, ModelError> {
+        if rayon::current_thread_index().is_some() || rayon::current_num_threads() == 1 {
+            return self.forward_here(ids, cache);
+        }
+        // On a pool thread: the ~120 parallel matmuls of a token then split work from inside
+        // the pool instead of each handing it over from outside and sleeping until it is done.
+        rayon::join(|| self.forward_here(ids, cache), || ()).0
+    }
+
+    fn forward_here(&self, ids: &[u32], cache: &mut EngineCache) -> Result<Vec<f32>, ModelError> {
         let c = &self.cfg;
         let t = ids.len();
         if t == 0 {
@@ -859,38 +969,59 @@ impl Engine {
                 }
             }
             let (kc, vc) = (&cache.k[li][..], &cache.v[li][..]);
-            let attend = |i: usize, out: &mut [f32], scores: &mut Vec<f32>| {
+            // One query head of token i into `o` (hd values).
+            let attend_head = |i: usize, hh: usize, o: &mut [f32], scores: &mut Vec<f32>| {
                 let pos = start + i;
                 let lo = window.map(|w| (pos + 1).saturating_sub(w)).unwrap_or(0);
-                let q = &qkv[i * qkv_n..i * qkv_n + nq];
-                for hh in 0..nh {
-                    let g = hh / (nh / nkv);
-                    let qh = &q[hh * hd..(hh + 1) * hd];
-                    let keys = &kc[(g * cap) * hd..(g * cap + pos + 1) * hd];
-                    scores.clear();
-                    let mut max = f32::NEG_INFINITY;
-                    for j in lo..=pos {
-                        let s = qk::dot_f32(qh, &keys[j * hd..(j + 1) * hd]) * scale;
-                        max = max.max(s);
-                        scores.push(s);
-                    }
-                    let mut sum = 0f32;
-                    for s in scores.iter_mut() {
-                        *s = (*s - max).exp();
-                        sum += *s;
-                    }
-                    let o = &mut out[hh * hd..(hh + 1) * hd];
-                    o.iter_mut().for_each(|v| *v = 0.0);
-                    let vals = &vc[(g * cap) * hd..];
-                    for (j, s) in (lo..=pos).zip(scores.iter()) {
-                        let w = s / sum;
-                        for (ov, vv) in o.iter_mut().zip(&vals[j * hd..(j + 1) * hd]) {
-                            *ov += w * vv;
-                        }
+                let g = hh / (nh / nkv);
+                let qh = &qkv[i * qkv_n + hh * hd..i * qkv_n + (hh + 1) * hd];
+                let keys = &kc[(g * cap) * hd..(g * cap + pos + 1) * hd];
+                scores.clear();
+                let mut max = f32::NEG_INFINITY;
+                for j in lo..=pos {
+                    let s = qk::dot_f32(qh, &keys[j * hd..(j + 1) * hd]) * scale;
+                    max = max.max(s);
+                    scores.push(s);
+                }
+                let mut sum = 0f32;
+                for s in scores.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                o.iter_mut().for_each(|v| *v = 0.0);
+                let vals = &vc[(g * cap) * hd..];
+                for (j, s) in (lo..=pos).zip(scores.iter()) {
+                    let w = s / sum;
+                    for (ov, vv) in o.iter_mut().zip(&vals[j * hd..(j + 1) * hd]) {
+                        *ov += w * vv;
                     }
                 }
             };
-            if t == 1 {
+            let attend = |i: usize, out: &mut [f32], scores: &mut Vec<f32>| {
+                for (hh, o) in out.chunks_exact_mut(hd).enumerate() {
+                    attend_head(i, hh, o, scores);
+                }
+            };
+            if t >= WIDEN_ROWS {
+                let geo = Geometry {
+                    t,
+                    start,
+                    cap,
+                    nh,
+                    nkv,
+                    hd,
+                    qkv_n,
+                    scale,
+                    window,
+                };
+                attend_prompt(&geo, &qkv, kc, vc, &mut att);
+            } else if t == 1 && start >= 32 && rayon::current_num_threads() > 1 {
+                // Decoding with some context: heads in parallel.
+                att[..nq]
+                    .par_chunks_mut(hd)
+                    .enumerate()
+                    .for_each_init(Vec::new, |s, (hh, o)| attend_head(0, hh, o, s));
+            } else if t == 1 {
                 attend(0, &mut att, &mut scratch);
             } else {
                 att.par_chunks_mut(nq)

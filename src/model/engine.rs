@@ -172,6 +172,31 @@ fn own_matmul<B: QBlock>(w: &[B], n: usize, k: usize, x: &[f32], t: usize, out: 
     });
 }
 
+/// A copy of `v` in memory backed by 2 MiB pages where the kernel allows it (Linux
+/// transparent huge pages in `madvise` mode): decoding streams every weight once per token,
+/// and with 4 KiB pages that is a TLB miss every 4 KiB (measured: f32 decode 28 -> 30 tokens/s,
+/// quantized a few % faster).
+fn on_huge_pages<T: Clone>(v: &[T]) -> Vec<T> {
+    let mut out: Vec<T> = Vec::with_capacity(v.len());
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let start = out.as_ptr() as usize;
+        let end = start + std::mem::size_of_val(v);
+        let (a, b) = (start.next_multiple_of(HUGE), end / HUGE * HUGE);
+        if b > a {
+            // SAFETY: advice on whole pages inside this vector's own, not yet touched,
+            // allocation; it changes how pages are backed, never their contents. Failure only
+            // means 4 KiB pages.
+            unsafe {
+                libc::madvise(a as *mut libc::c_void, b - a, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+    out.extend_from_slice(v);
+    out
+}
+
 /// Copies GGUF block bytes into a typed vector. The block types are `repr(C)` plain data
 /// (f16 scales and byte arrays), so any bit pattern is a valid value.
 fn blocks<T: Blocks>(bytes: &[u8]) -> Result<Vec<T>, ModelError> {
@@ -357,6 +382,11 @@ impl Mat {
         } else {
             f32_gemv(f, n, k, x, t, out)
         })
+    }
+
+    /// Moves the rows onto huge pages ([`on_huge_pages`]).
+    fn rehome(&mut self) {
+        with_rows!(&mut self.rows, v => *v = on_huge_pages(v), f => *f = on_huge_pages(f))
     }
 
     /// Reorders the rows: row `i` of the result is row `perm[i]` of `self`.
@@ -762,8 +792,21 @@ impl Engine {
         embed: Mat,
         head: Option<Mat>,
         norm: Vec<f32>,
-        blocks: Vec<Block>,
+        mut blocks: Vec<Block>,
     ) -> Self {
+        let mut embed = embed;
+        let mut head = head;
+        embed.rehome();
+        if let Some(h) = &mut head {
+            h.rehome();
+        }
+        for b in &mut blocks {
+            for m in b.qkv.parts.iter_mut().chain(&mut b.gate_up.parts) {
+                m.rehome();
+            }
+            b.o.rehome();
+            b.down.rehome();
+        }
         let hd = cfg.head_dim();
         let inv_freq = (0..hd / 2)
             .map(|i| 1.0 / (cfg.rope_theta as f32).powf(2.0 * i as f32 / hd as f32))

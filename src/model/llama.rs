@@ -488,9 +488,21 @@ impl Llama {
             let q = rope(&q.contiguous()?, &cos, &sin)?;
             let k = repeat_kv(rope(&k.contiguous()?, &cos, &sin)?, nh / nkv)?;
             let v = repeat_kv(v.contiguous()?, nh / nkv)?;
-            let att = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
-            let att = candle_nn::ops::softmax(&att, D::Minus1)?;
-            let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+            let y = if q.device().is_cpu() && q.dtype() == DType::F32 {
+                // One op that keeps no (t × t) scores for backward (see model/attention.rs).
+                q.contiguous()?.apply_op3(
+                    &k.contiguous()?,
+                    &v.contiguous()?,
+                    super::attention::Attention {
+                        mask: mask.clone(),
+                        scale: scale as f32,
+                    },
+                )?
+            } else {
+                let att = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
+                candle_nn::ops::softmax(&att, D::Minus1)?.matmul(&v)?
+            };
+            let y = y.transpose(1, 2)?.reshape((b, t, nh * hd))?;
             x = (x + l.attn.o_proj.forward(&y)?)?;
             let h = rms_norm(&x, &l.post_attention_layernorm, cfg.rms_norm_eps)?;
             let g = l.mlp.gate_proj.forward(&h)?;

@@ -3,6 +3,7 @@
 //! HF-layout safetensors or GGUF (dequantized to f32). Knows nothing about data or the cache.
 
 pub mod adapter;
+pub mod attention;
 pub mod config;
 pub mod engine;
 pub mod frozen;

@@ -4,11 +4,11 @@
 //! SmolLM2's 30 layers. This op keeps only its output; the backward recomputes the
 //! probabilities P from Q and K for one layer at a time:
 //! `dV = Pᵀ·dO`, `dP = dO·Vᵀ`, `dS = P ⊙ (dP − rowsum(dP ⊙ P))`, `dQ = dS·K·scale`,
-//! `dK = dSᵀ·Q·scale`. The forward runs per (batch, head) with the blocked gemm and a
-//! one-pass softmax per row; every value is computed by one thread in a fixed order, so results
-//! do not depend on the thread count.
+//! `dK = dSᵀ·Q·scale`. Forward and backward run per (batch, head) on rayon's threads, each
+//! product a single-threaded blocked gemm, so every value is computed by one thread in a fixed
+//! order and results do not depend on the thread count (nor wait on candle's spinning pool).
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 fn err(m: impl Into<String>) -> candle_core::Error {
@@ -23,6 +23,84 @@ fn f32s<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'
         .contiguous_offsets()
         .ok_or_else(|| err(format!("{what} must be contiguous")))?;
     Ok(&v[a..b])
+}
+
+/// `dst (m × n) = beta · lhs (m × k) · rhs (k × n)`, with (row, column) strides for each; one
+/// thread (callers run many of these in parallel).
+///
+/// # Safety
+/// Every pointer must address its matrix's full extent under the given strides.
+#[allow(clippy::too_many_arguments)]
+unsafe fn mm(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    lhs: *const f32,
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: *const f32,
+    (rhs_rs, rhs_cs): (usize, usize),
+    beta: f32,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            false,
+            lhs,
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs,
+            rhs_cs as isize,
+            rhs_rs as isize,
+            0.0,
+            beta,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// Softmax of each row of `s` (t × t) after adding the mask rows. Entries more than 88 below
+/// the row's maximum (masked ones: the mask is −1e9) are set to 0 without calling exp, whose
+/// underflow path is slow; their true value is below f32's smallest normal number.
+fn masked_softmax(s: &mut [f32], mask: &[f32], t: usize) {
+    for (row, mr) in s.chunks_exact_mut(t).zip(mask.chunks_exact(t)) {
+        let mut max = f32::NEG_INFINITY;
+        for (x, mv) in row.iter_mut().zip(mr) {
+            *x += mv;
+            max = max.max(*x);
+        }
+        let mut sum = 0f32;
+        for x in row.iter_mut() {
+            let d = *x - max;
+            *x = if d < -88.0 { 0.0 } else { d.exp() };
+            sum += *x;
+        }
+        let inv = 1.0 / sum;
+        row.iter_mut().for_each(|x| *x *= inv);
+    }
+}
+
+/// The mask as a contiguous f32 slice with its batch size (1 or `b`), checked against (b, t).
+fn mask_rows(mask: &Tensor, b: usize, t: usize) -> candle_core::Result<(Vec<f32>, usize)> {
+    match mask.dims() {
+        &[mb, 1, mt, mt2] if (mb == 1 || mb == b) && mt == t && mt2 == t => Ok((
+            mask.to_dtype(candle_core::DType::F32)?
+                .flatten_all()?
+                .to_vec1()?,
+            mb,
+        )),
+        dims => Err(err(format!(
+            "mask {dims:?} does not fit (batch {b}, 1, {t}, {t})"
+        ))),
+    }
 }
 
 /// q, k, v: (batch, heads, t, head_dim), contiguous f32 on the CPU (K and V already repeated
@@ -65,23 +143,8 @@ impl CustomOp3 for Attention {
         if kl.dims() != ql.dims() || vl.dims() != ql.dims() {
             return Err(err("q, k and v must have the same shape"));
         }
-        let mask = self.mask.contiguous()?;
-        let mb = match mask.dims() {
-            &[mb, 1, mt, mt2] if (mb == 1 || mb == b) && mt == t && mt2 == t => mb,
-            dims => {
-                return Err(err(format!(
-                    "mask {dims:?} does not fit (batch {b}, 1, {t}, {t})"
-                )))
-            }
-        };
-        let (ms, mlay) = mask.storage_and_layout();
-        let candle_core::Storage::Cpu(CpuStorage::F32(mv)) = &*ms else {
-            return Err(err("mask must be f32 on the CPU"));
-        };
-        let (ma, mz) = mlay
-            .contiguous_offsets()
-            .ok_or_else(|| err("mask must be contiguous"))?;
-        let m = &mv[ma..mz];
+        let (m, mb) = mask_rows(&self.mask, b, t)?;
+        let m = &m;
         let mut out = vec![0f32; b * h * t * d];
         let dst = Out(out.as_mut_ptr());
         let scale = self.scale;
@@ -92,67 +155,32 @@ impl CustomOp3 for Attention {
                 let mrow = &m[if mb == 1 { 0 } else { bh / h } * t * t..][..t * t];
                 s.clear();
                 s.resize(t * t, 0.0);
-                // SAFETY: S (t × t, rs = t) = Q (t × d, rs = d) · Kᵀ (d × t: rs = 1, cs = d), all
-                // inside this (batch, head)'s blocks of the contiguous inputs (shapes checked).
+                // SAFETY: S (t × t) = Q (t × d) · Kᵀ (d × t: K's rows read as columns), then
+                // O (t × d) = P · V into this task's own block; all inside this (batch, head)'s
+                // blocks of the contiguous inputs (shapes checked above).
                 unsafe {
-                    gemm::gemm(
-                        t,
-                        t,
-                        d,
+                    mm(
+                        (t, t, d),
                         s.as_mut_ptr(),
-                        1,
-                        t as isize,
-                        false,
+                        t,
                         q.as_ptr().add(base),
-                        1,
-                        d as isize,
+                        (d, 1),
                         k.as_ptr().add(base),
-                        d as isize,
-                        1,
-                        0.0,
+                        (1, d),
                         scale,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
                     );
                 }
-                for (row, mr) in s.chunks_exact_mut(t).zip(mrow.chunks_exact(t)) {
-                    let mut max = f32::NEG_INFINITY;
-                    for (x, mv) in row.iter_mut().zip(mr) {
-                        *x += mv;
-                        max = max.max(*x);
-                    }
-                    let mut sum = 0f32;
-                    for x in row.iter_mut() {
-                        *x = (*x - max).exp();
-                        sum += *x;
-                    }
-                    let inv = 1.0 / sum;
-                    row.iter_mut().for_each(|x| *x *= inv);
-                }
-                // SAFETY: O (t × d) = P (t × t) · V (t × d), written to this task's own block.
+                masked_softmax(s, mrow, t);
                 unsafe {
-                    gemm::gemm(
-                        t,
-                        d,
-                        t,
+                    mm(
+                        (t, d, t),
                         dst.at(base),
-                        1,
-                        d as isize,
-                        false,
+                        d,
                         s.as_ptr(),
-                        1,
-                        t as isize,
+                        (t, 1),
                         v.as_ptr().add(base),
-                        1,
-                        d as isize,
-                        0.0,
+                        (d, 1),
                         1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
                     );
                 }
             });
@@ -167,24 +195,120 @@ impl CustomOp3 for Attention {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (q, k, v) = (q.detach(), k.detach(), v.detach());
-        let s = (q.matmul(&k.t()?)? * self.scale as f64)?.broadcast_add(&self.mask)?;
-        let p = candle_nn::ops::softmax_last_dim(&s)?;
-        drop(s);
-        let grad = grad.contiguous()?;
-        let dv = p.t()?.matmul(&grad)?;
-        let dp = grad.matmul(&v.t()?)?;
-        let ds = (dp.broadcast_sub(&(&dp * &p)?.sum_keepdim(D::Minus1)?)? * &p)?;
-        let dq = (ds.matmul(&k)? * self.scale as f64)?;
-        let dk = (ds.t()?.matmul(&q)? * self.scale as f64)?;
-        Ok((Some(dq), Some(dk), Some(dv)))
+        let &[b, h, t, d] = q.dims() else {
+            return Err(err("q must be (batch, heads, t, head_dim)"));
+        };
+        let flat = |x: &Tensor| -> candle_core::Result<Vec<f32>> {
+            x.contiguous()?.flatten_all()?.to_vec1::<f32>()
+        };
+        let (q, k, v, g) = (flat(q)?, flat(k)?, flat(v)?, flat(grad)?);
+        let (m, mb) = mask_rows(&self.mask, b, t)?;
+        let n = b * h * t * d;
+        if [q.len(), k.len(), v.len(), g.len()] != [n; 4] {
+            return Err(err("q, k, v and the gradient must have the same shape"));
+        }
+        let (mut dq, mut dk, mut dv) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+        let (pq, pk, pv) = (
+            Out(dq.as_mut_ptr()),
+            Out(dk.as_mut_ptr()),
+            Out(dv.as_mut_ptr()),
+        );
+        let scale = self.scale;
+        (0..b * h).into_par_iter().for_each_init(
+            || (Vec::new(), Vec::new()),
+            |(p, ds): &mut (Vec<f32>, Vec<f32>), bh| {
+                let base = bh * t * d;
+                let mrow = &m[if mb == 1 { 0 } else { bh / h } * t * t..][..t * t];
+                p.clear();
+                p.resize(t * t, 0.0);
+                ds.clear();
+                ds.resize(t * t, 0.0);
+                let (qp, kp, vp, gp) = (&q[base..], &k[base..], &v[base..], &g[base..]);
+                // SAFETY (all products): operands are this (batch, head)'s t × d blocks of the
+                // flat inputs and this task's t × t scratch; results go to this task's own
+                // blocks of dq, dk, dv.
+                unsafe {
+                    // P = softmax(Q·Kᵀ·scale + M), as in the forward pass.
+                    mm(
+                        (t, t, d),
+                        p.as_mut_ptr(),
+                        t,
+                        qp.as_ptr(),
+                        (d, 1),
+                        kp.as_ptr(),
+                        (1, d),
+                        scale,
+                    );
+                    masked_softmax(p, mrow, t);
+                    // dV = Pᵀ · dO.
+                    mm(
+                        (t, d, t),
+                        pv.at(base),
+                        d,
+                        p.as_ptr(),
+                        (1, t),
+                        gp.as_ptr(),
+                        (d, 1),
+                        1.0,
+                    );
+                    // dP = dO · Vᵀ.
+                    mm(
+                        (t, t, d),
+                        ds.as_mut_ptr(),
+                        t,
+                        gp.as_ptr(),
+                        (d, 1),
+                        vp.as_ptr(),
+                        (1, d),
+                        1.0,
+                    );
+                }
+                // dS = P ⊙ (dP − rowsum(dP ⊙ P)).
+                for (dsr, pr) in ds.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
+                    let dot: f32 = dsr.iter().zip(pr).map(|(a, b)| a * b).sum();
+                    for (x, pv) in dsr.iter_mut().zip(pr) {
+                        *x = pv * (*x - dot);
+                    }
+                }
+                unsafe {
+                    // dQ = dS · K · scale; dK = dSᵀ · Q · scale.
+                    mm(
+                        (t, d, t),
+                        pq.at(base),
+                        d,
+                        ds.as_ptr(),
+                        (t, 1),
+                        kp.as_ptr(),
+                        (d, 1),
+                        scale,
+                    );
+                    mm(
+                        (t, d, t),
+                        pk.at(base),
+                        d,
+                        ds.as_ptr(),
+                        (1, t),
+                        qp.as_ptr(),
+                        (d, 1),
+                        scale,
+                    );
+                }
+            },
+        );
+        let dev = grad.device();
+        let shape = (b, h, t, d);
+        Ok((
+            Some(Tensor::from_vec(dq, shape, dev)?),
+            Some(Tensor::from_vec(dk, shape, dev)?),
+            Some(Tensor::from_vec(dv, shape, dev)?),
+        ))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::{Device, Var, D};
 
     #[test]
     fn matches_the_composed_attention_in_value_and_gradients() {

@@ -407,25 +407,21 @@ fn smollm2_logits_match_candle_quantized_reference_and_greedy_answers() {
 
     // The inference engine (what `kiln inference` uses) gives the same greedy tokens, from the
     // f32 model and from the GGUF file's own quantized weights.
-    let engine = kiln::model::engine::Engine::from_llama(&model).unwrap();
-    let mut cache = engine.new_cache();
-    let mut sampler =
-        kiln::model::generate::Sampler::new(kiln::model::generate::SamplingOptions::default());
-    let mut cached = Vec::new();
-    kiln::model::generate::generate(
-        &engine,
-        &mut cache,
-        &ids,
-        12,
-        &tok.eos_id().into_iter().collect::<Vec<_>>(),
-        &mut sampler,
-        &mut |t| {
-            cached.push(t);
+    let stop: Vec<u32> = tok.eos_id().into_iter().collect();
+    let greedy = |e: &kiln::model::engine::Engine| {
+        let mut cache = e.new_cache();
+        let mut sampler =
+            kiln::model::generate::Sampler::new(kiln::model::generate::SamplingOptions::default());
+        let mut got = Vec::new();
+        kiln::model::generate::generate(e, &mut cache, &ids, 12, &stop, &mut sampler, &mut |t| {
+            got.push(t);
             true
-        },
-    )
-    .unwrap();
-    assert_eq!(cached, out);
+        })
+        .unwrap();
+        got
+    };
+    let engine = kiln::model::engine::Engine::from_llama(&model).unwrap();
+    assert_eq!(greedy(&engine), out);
     drop(engine);
     let quantized = kiln::model::engine::Engine::from_gguf(&gguf).unwrap();
     assert!(
@@ -433,23 +429,7 @@ fn smollm2_logits_match_candle_quantized_reference_and_greedy_answers() {
         "{}",
         quantized.weight_formats()
     );
-    let mut cache = quantized.new_cache();
-    let mut sampler =
-        kiln::model::generate::Sampler::new(kiln::model::generate::SamplingOptions::default());
-    let mut got = Vec::new();
-    kiln::model::generate::generate(
-        &quantized,
-        &mut cache,
-        &ids,
-        12,
-        &tok.eos_id().into_iter().collect::<Vec<_>>(),
-        &mut sampler,
-        &mut |t| {
-            got.push(t);
-            true
-        },
-    )
-    .unwrap();
+    let got = greedy(&quantized);
     let text = tok.tokenizer.decode(&got, true).unwrap();
     assert!(text.contains("Paris"), "quantized engine: {text}");
 }

@@ -110,17 +110,8 @@ pub struct Attention {
     pub scale: f32,
 }
 
-/// A raw output pointer for threads writing disjoint (batch, head) blocks.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: each (batch, head) task writes only its own t × head_dim block.
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-impl Out {
-    fn at(self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
-    }
-}
+/// Output pointers shared by the (batch, head) tasks, each writing only its own block.
+use super::engine::OutPtr as Out;
 
 impl CustomOp3 for Attention {
     fn name(&self) -> &'static str {

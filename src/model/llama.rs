@@ -507,7 +507,14 @@ impl Llama {
             let h = rms_norm(&x, &l.post_attention_layernorm, cfg.rms_norm_eps)?;
             let g = l.mlp.gate_proj.forward(&h)?;
             let u = l.mlp.up_proj.forward(&h)?;
-            x = (x + l.mlp.down_proj.forward(&(candle_nn::ops::silu(&g)? * u)?)?)?;
+            let act = if g.device().is_cpu() && g.dtype() == DType::F32 {
+                // One op keeping only its output for backward (see model/swiglu.rs).
+                g.contiguous()?
+                    .apply_op2(&u.contiguous()?, super::swiglu::SwiGlu)?
+            } else {
+                (candle_nn::ops::silu(&g)? * u)?
+            };
+            x = (x + l.mlp.down_proj.forward(&act)?)?;
         }
         let x = rms_norm(&x, &self.norm, cfg.rms_norm_eps)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);

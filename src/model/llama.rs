@@ -173,6 +173,13 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor, ModelError> {
 
 /// HF's rotate-half RoPE: (x1, x2) -> (x1·cos − x2·sin, x2·cos + x1·sin) on the two halves.
 fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor, ModelError> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() == 4 {
+        // One op that keeps nothing for backward (see model/rope.rs).
+        return Ok(x.contiguous()?.apply_op1(super::rope::Rope {
+            cos: cos.clone(),
+            sin: sin.clone(),
+        })?);
+    }
     let hd = x.dim(D::Minus1)?;
     let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
     let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;

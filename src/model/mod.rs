@@ -12,6 +12,7 @@ pub mod gguf_export;
 pub mod llama;
 pub mod norm;
 pub mod qkernels;
+pub mod rope;
 pub mod swiglu;
 pub mod weights;
 

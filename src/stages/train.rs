@@ -255,7 +255,7 @@ impl Stage for Train {
     const KIND: StageKind = StageKind::Train;
     // v2: frozen-weight linear op (gemm) for base and head matmuls; low bits may differ.
     // v3: fused cross-entropy and RMSNorm ops (different summation order; low bits differ).
-    const VERSION: u32 = 4;
+    const VERSION: u32 = 5;
 
     fn params(&self) -> Value {
         let mut p = json!({

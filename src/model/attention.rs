@@ -11,18 +11,14 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-fn err(m: impl Into<String>) -> candle_core::Error {
-    candle_core::Error::Msg(format!("attention: {}", m.into()))
+use super::ops::to_f32_vec as flat;
+
+fn err(m: impl std::fmt::Display) -> candle_core::Error {
+    super::ops::op_err("attention", m)
 }
 
 fn f32s<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        return Err(err(format!("{what} must be f32")));
-    };
-    let (a, b) = l
-        .contiguous_offsets()
-        .ok_or_else(|| err(format!("{what} must be contiguous")))?;
-    Ok(&v[a..b])
+    super::ops::cpu_f32("attention", s, l, what)
 }
 
 /// `dst (m × n) = beta · lhs (m × k) · rhs (k × n)`, with (row, column) strides for each; one
@@ -188,9 +184,6 @@ impl CustomOp3 for Attention {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let &[b, h, t, d] = q.dims() else {
             return Err(err("q must be (batch, heads, t, head_dim)"));
-        };
-        let flat = |x: &Tensor| -> candle_core::Result<Vec<f32>> {
-            x.contiguous()?.flatten_all()?.to_vec1::<f32>()
         };
         let (q, k, v, g) = (flat(q)?, flat(k)?, flat(v)?, flat(grad)?);
         let (m, mb) = mask_rows(&self.mask, b, t)?;

@@ -11,6 +11,7 @@ pub mod generate;
 pub mod gguf_export;
 pub mod llama;
 pub mod norm;
+mod ops;
 pub mod qkernels;
 pub mod rope;
 pub mod swiglu;

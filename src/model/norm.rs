@@ -7,18 +7,12 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-fn err(m: impl Into<String>) -> candle_core::Error {
-    candle_core::Error::Msg(m.into())
+fn err(m: impl std::fmt::Display) -> candle_core::Error {
+    super::ops::op_err("rms_norm", m)
 }
 
 fn f32s<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        return Err(err(format!("rms_norm: {what} must be f32")));
-    };
-    let (a, b) = l
-        .contiguous_offsets()
-        .ok_or_else(|| err(format!("rms_norm: {what} must be contiguous")))?;
-    Ok(&v[a..b])
+    super::ops::cpu_f32("rms_norm", s, l, what)
 }
 
 /// `1/√(mean(x²) + eps)` of one row.
@@ -47,7 +41,7 @@ impl CustomOp2 for RmsNorm {
         let w = f32s(ws, wl, "weight")?;
         let h = w.len();
         if h == 0 || x.len() % h != 0 || xl.dims().last() != Some(&h) {
-            return Err(err("rms_norm: the weight must match the last dimension"));
+            return Err(err("the weight must match the last dimension"));
         }
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(h)

@@ -7,8 +7,10 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-fn err(m: impl Into<String>) -> candle_core::Error {
-    candle_core::Error::Msg(format!("rope: {}", m.into()))
+use super::ops::to_f32_vec as flat;
+
+fn err(m: impl std::fmt::Display) -> candle_core::Error {
+    super::ops::op_err("rope", m)
 }
 
 /// x: (batch, heads, t, head_dim), contiguous f32; cos, sin: (batch, 1, t, head_dim / 2).
@@ -23,13 +25,7 @@ impl CustomOp1 for Rope {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(v) = s else {
-            return Err(err("input must be f32"));
-        };
-        let (a, z) = l
-            .contiguous_offsets()
-            .ok_or_else(|| err("input must be contiguous"))?;
-        let x = &v[a..z];
+        let x = super::ops::cpu_f32("rope", s, l, "input")?;
         let &[b, h, t, d] = l.dims() else {
             return Err(err("input must be (batch, heads, t, head_dim)"));
         };
@@ -40,9 +36,6 @@ impl CustomOp1 for Rope {
                 self.cos.dims()
             )));
         }
-        let flat = |x: &Tensor| -> candle_core::Result<Vec<f32>> {
-            x.contiguous()?.flatten_all()?.to_vec1::<f32>()
-        };
         let (cos, sin) = (flat(&self.cos)?, flat(&self.sin)?);
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(t * d)

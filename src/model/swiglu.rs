@@ -9,18 +9,14 @@ use rayon::prelude::*;
 /// Elements per parallel task.
 const CHUNK: usize = 4096;
 
-fn err(m: impl Into<String>) -> candle_core::Error {
-    candle_core::Error::Msg(format!("swiglu: {}", m.into()))
+use super::ops::to_f32_vec as flat;
+
+fn err(m: impl std::fmt::Display) -> candle_core::Error {
+    super::ops::op_err("swiglu", m)
 }
 
 fn f32s<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        return Err(err(format!("{what} must be f32")));
-    };
-    let (a, b) = l
-        .contiguous_offsets()
-        .ok_or_else(|| err(format!("{what} must be contiguous")))?;
-    Ok(&v[a..b])
+    super::ops::cpu_f32("swiglu", s, l, what)
 }
 
 fn sigmoid(x: f32) -> f32 {
@@ -63,9 +59,6 @@ impl CustomOp2 for SwiGlu {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let flat = |x: &Tensor| -> candle_core::Result<Vec<f32>> {
-            x.contiguous()?.flatten_all()?.to_vec1::<f32>()
-        };
         let (gv, uv, dy) = (flat(g)?, flat(u)?, flat(grad)?);
         if gv.len() != uv.len() || gv.len() != dy.len() {
             return Err(err("gate, up and the gradient must have the same shape"));

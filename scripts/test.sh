@@ -8,4 +8,4 @@ export KILN_TESTDATA="${KILN_TESTDATA:-$HOME/.cache/kiln-testdata}"
 export KILN_NUM_THREADS=1 RAYON_NUM_THREADS=1
 scripts/fetch-test-data.sh >/dev/null
 scripts/ensure-chromium.sh
-cargo test --features thirdparty-tests "$@"
+cargo test --workspace --features kiln/thirdparty-tests "$@"

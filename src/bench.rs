@@ -440,7 +440,15 @@ pub fn plan(work: &Path, model: &Path, kiln_exe: Option<&Path>) -> Result<Vec<Fi
 /// `kiln bench train`: optimizer steps on the model as the train stage runs it — micro-batches
 /// of one 256-token packed row from generated text, LoRA r16 on every linear layer, then full
 /// fine-tuning — after one warm-up step: tokens/s and the process's peak RSS.
-pub fn train(model: &Path) -> Result<Vec<Figure>, KilnError> {
+/// `cases` picks rows by name (`lora-256`, `lora-512`, `full-256`); empty runs them all.
+pub fn train(model: &Path, cases: &[String]) -> Result<Vec<Figure>, KilnError> {
+    const CASES: [&str; 3] = ["lora-256", "lora-512", "full-256"];
+    if let Some(bad) = cases.iter().find(|c| !CASES.contains(&c.as_str())) {
+        return Err(KilnError::NotBuilt(format!(
+            "bench train: unknown case `{bad}` (available: {})",
+            CASES.join(", ")
+        )));
+    }
     use crate::stages::StageError;
     use crate::train::{attach_full, attach_lora, train_step, AdamW, Batch, LoraSpec};
     let device = candle_core::Device::Cpu;
@@ -465,14 +473,67 @@ pub fn train(model: &Path) -> Result<Vec<Figure>, KilnError> {
         "f32 matmul 1024³ (this machine's reference rate)",
         peak,
         "GFLOP/s",
-        "",
+        "candle's matmul (the gemm crate)",
     ));
-    // (full fine-tuning, tokens, PyTorch 2.15 + PEFT 0.21 tokens/s and peak GiB, 2 threads)
-    for (full, seq, torch) in [
-        (false, 256usize, "PyTorch+PEFT: 170 tokens/s, 2.36 GiB"),
-        (false, 512, "PyTorch+PEFT: 173 tokens/s, 2.98 GiB"),
-        (true, 256, "PyTorch: 109 tokens/s, 3.66 GiB"),
+    // kiln's own product (model/sgemm.rs) on 1024³ and on the step's shapes: (m, k, n,
+    // B transposed, label).
+    for (m, k, n, bt, label) in [
+        (1024, 1024, 1024, false, "1024³"),
+        (256, 576, 1536, true, "x·Wᵀ 256×576 · 576×1536"),
+        (256, 1536, 576, false, "dY·W 256×1536 · 1536×576"),
+        (256, 576, 49152, true, "head 256×576 · 576×49152"),
     ] {
+        use crate::model::sgemm::{gemm, Mat, MatMut};
+        let a = vec![0.5f32; m * k];
+        let b = vec![0.25f32; k * n];
+        let mut c = vec![0f32; m * n];
+        let bm = if bt {
+            Mat::transposed(&b, k, n)
+        } else {
+            Mat::rows(&b, k, n)
+        };
+        let mut run = || {
+            gemm(
+                1.0,
+                Mat::rows(&a, m, k),
+                bm,
+                MatMut::rows(&mut c, m, n),
+                false,
+                true,
+            )
+        };
+        run();
+        let reps = (4 * 1024 * 1024 * 1024 / (m * k * n)).max(1);
+        let t = Instant::now();
+        for _ in 0..reps {
+            run();
+        }
+        let rate = reps as f64 * 2.0 * (m * k * n) as f64 / t.elapsed().as_secs_f64() / 1e9;
+        figs.push(fig(&format!("  kiln sgemm {label}"), rate, "GFLOP/s", ""));
+    }
+    // (full fine-tuning, tokens, PyTorch 2.5.1 + PEFT 0.13.2 tokens/s and peak GiB on 2 threads
+    // of the AVX2 machine kiln is developed on: scripts/bench-torch-train.py, 2 runs)
+    for (full, seq, torch) in [
+        (
+            false,
+            256usize,
+            "PyTorch+PEFT on the dev machine: 93–100 tokens/s, 2.6 GiB",
+        ),
+        (
+            false,
+            512,
+            "PyTorch+PEFT on the dev machine: 90 tokens/s, 4.0 GiB",
+        ),
+        (
+            true,
+            256,
+            "PyTorch on the dev machine: 53–63 tokens/s, 3.5 GiB",
+        ),
+    ] {
+        let case = format!("{}-{seq}", if full { "full" } else { "lora" });
+        if !cases.is_empty() && !cases.contains(&case) {
+            continue;
+        }
         let mut m = crate::stages::train::load_model(&dir, &device)?;
         let vocab = m.cfg.vocab_size as u64;
         // Weights that multiply: all but an untied embedding (a lookup); a tied embedding is

@@ -112,6 +112,9 @@ enum Cmd {
         /// Scratch directory for generated data and caches.
         #[arg(long, default_value = "cache/bench")]
         work: PathBuf,
+        /// `train` only: run just these cases (`lora-256`, `lora-512`, `full-256`; repeatable).
+        #[arg(long = "case", value_name = "CASE")]
+        cases: Vec<String>,
     },
     /// Build up to the train stage (fine-tune) and write the adapter to `output_dir`.
     Train {
@@ -1689,7 +1692,12 @@ fn real_main() -> Result<ExitCode> {
             lora_model_dir,
             output_dir,
         } => merge_lora(&mut common, lora_model_dir, output_dir)?,
-        Cmd::Bench { what, model, work } => {
+        Cmd::Bench {
+            what,
+            model,
+            work,
+            cases,
+        } => {
             if !["preprocess", "generate", "plan", "train"].contains(&what.as_str()) {
                 anyhow::bail!(
                     "kiln bench: unknown benchmark `{what}` (available: preprocess, generate, plan, train)"
@@ -1710,7 +1718,7 @@ fn real_main() -> Result<ExitCode> {
             let figures = if what == "generate" {
                 kiln::bench::generate(&model)?
             } else if what == "train" {
-                kiln::bench::train(&model)?
+                kiln::bench::train(&model, &cases)?
             } else if what == "plan" {
                 kiln::bench::plan(&work, &model, exe.as_deref())?
             } else {

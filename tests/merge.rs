@@ -111,6 +111,13 @@ fn kiln_merge_lora_writes_output_dir_merged_and_merges_a_given_adapter() {
     assert_eq!(code, Some(0), "{stdout}\n{stderr}");
     let merged = p.path("outputs/merged");
     assert!(merged.join("model.safetensors").exists(), "{stdout}");
+    // transformers' from_pretrained refuses safetensors without {"format": "pt"} metadata.
+    let bytes = std::fs::read(merged.join("model.safetensors")).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    assert_eq!(
+        meta.metadata().as_ref().and_then(|m| m.get("format")),
+        Some(&"pt".to_string())
+    );
     assert!(merged.join("tokenizer.json").exists());
     assert!(p.path("outputs/adapter_model.safetensors").exists());
 

@@ -36,6 +36,12 @@ fn train_stage_writes_a_peft_adapter_and_is_reproducible() {
     ] {
         assert!(dir.join(f).exists(), "missing {f}");
     }
+    let bytes = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    assert_eq!(
+        meta.metadata().as_ref().and_then(|m| m.get("format")),
+        Some(&"pt".to_string())
+    );
     let t = candle_core::safetensors::load(
         dir.join("adapter_model.safetensors"),
         &candle_core::Device::Cpu,

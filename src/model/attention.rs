@@ -25,7 +25,8 @@ fn f32s<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'
 /// thread (callers run many of these in parallel).
 ///
 /// # Safety
-/// Every pointer must address its matrix's full extent under the given strides.
+/// Every pointer must address its matrix's full extent under the given strides; no one else
+/// may write `lhs` or `rhs`, or touch `dst`'s elements, meanwhile.
 #[allow(clippy::too_many_arguments)]
 unsafe fn mm(
     (m, n, k): (usize, usize, usize),
@@ -37,30 +38,31 @@ unsafe fn mm(
     (rhs_rs, rhs_cs): (usize, usize),
     beta: f32,
 ) {
-    // SAFETY: forwarded from the caller.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst,
-            1,
-            dst_rs as isize,
-            false,
-            lhs,
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs,
-            rhs_cs as isize,
-            rhs_rs as isize,
-            0.0,
-            beta,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
+    use super::sgemm::{gemm, Mat, MatMut};
+    let extent = |rows: usize, cols: usize, rs: usize, cs: usize| {
+        if rows == 0 || cols == 0 {
+            0
+        } else {
+            (rows - 1) * rs + (cols - 1) * cs + 1
+        }
+    };
+    // SAFETY: the caller guarantees each pointer addresses its matrix's full extent, and that
+    // dst does not overlap the operands.
+    let (d, l, r) = unsafe {
+        (
+            MatMut::from_raw(dst, m, n, dst_rs, 1),
+            std::slice::from_raw_parts(lhs, extent(m, k, lhs_rs, lhs_cs)),
+            std::slice::from_raw_parts(rhs, extent(k, n, rhs_rs, rhs_cs)),
         )
-    }
+    };
+    gemm(
+        beta,
+        Mat::new(l, m, k, lhs_rs, lhs_cs),
+        Mat::new(r, k, n, rhs_rs, rhs_cs),
+        d,
+        false,
+        false,
+    );
 }
 
 /// Softmax of each row of `s` (t × t) after adding the mask rows. Entries more than 88 below

@@ -585,31 +585,13 @@ fn attend_prompt(g: &Geometry, qkv: &[f32], kc: &[f32], vc: &[f32], att: &mut [f
             let kv = h / (g.nh / g.nkv);
             s.clear();
             s.resize(g.t * len, 0.0);
-            // SAFETY: scores (t × len, rs = len) = Q_h (t × hd: rs = qkv_n, cs = 1) · K_kvᵀ
-            // (hd × len: the cache's rows of hd, so rs = 1 along hd and cs = hd along positions);
-            // all within the slices (asserted above).
-            unsafe {
-                gemm::gemm(
-                    g.t,
-                    len,
-                    g.hd,
-                    s.as_mut_ptr(),
-                    1,
-                    len as isize,
-                    false,
-                    qkv.as_ptr().add(h * g.hd),
-                    1,
-                    g.qkv_n as isize,
-                    kc.as_ptr().add(kv * g.cap * g.hd),
-                    g.hd as isize,
-                    1,
-                    0.0,
-                    g.scale,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
+            // scores (t × len) = Q_h (t × hd: rs = qkv_n, cs = 1) · K_kvᵀ (hd × len: the
+            // cache's rows of hd, so rs = 1 along hd and cs = hd along positions).
+            {
+                use super::sgemm::{gemm, Mat, MatMut};
+                let q = Mat::new(&qkv[h * g.hd..], g.t, g.hd, g.qkv_n, 1);
+                let k = Mat::new(&kc[kv * g.cap * g.hd..], g.hd, len, 1, g.hd);
+                gemm(g.scale, q, k, MatMut::rows(s, g.t, len), false, false);
             }
             for (i, row) in s.chunks_exact_mut(len).enumerate() {
                 let pos = g.start + i;
@@ -625,30 +607,15 @@ fn attend_prompt(g: &Geometry, qkv: &[f32], kc: &[f32], vc: &[f32], att: &mut [f
                 row[..lo].iter_mut().for_each(|v| *v = 0.0);
                 row[pos + 1..].iter_mut().for_each(|v| *v = 0.0);
             }
-            // SAFETY: att's columns h·hd..(h+1)·hd (rs = nq) = scores (t × len) · V_kv (len × hd,
-            // rs = hd); this head alone writes those columns.
-            unsafe {
-                gemm::gemm(
-                    g.t,
-                    g.hd,
-                    len,
-                    dst.at(h * g.hd),
-                    1,
-                    nq as isize,
-                    false,
-                    s.as_ptr(),
-                    1,
-                    len as isize,
-                    vc.as_ptr().add(kv * g.cap * g.hd),
-                    1,
-                    g.hd as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
+            // att's columns h·hd..(h+1)·hd (rs = nq) = scores (t × len) · V_kv (len × hd).
+            {
+                use super::sgemm::{gemm, Mat, MatMut};
+                let p = Mat::rows(s, g.t, len);
+                let v = Mat::new(&vc[kv * g.cap * g.hd..], len, g.hd, g.hd, 1);
+                // SAFETY: att's t × hd block at column h·hd (row stride nq) is inside att
+                // (asserted above), and this head alone writes it.
+                let out = unsafe { MatMut::from_raw(dst.at(h * g.hd), g.t, g.hd, nq, 1) };
+                gemm(1.0, p, v, out, false, false);
             }
         });
 }

@@ -75,44 +75,20 @@ fn gemv(x: &[f32], w: &[f32], m: usize, n: usize, k: usize, out: &mut [f32]) {
 }
 
 /// `out (m×n) = x (m×k) · Wᵀ` with W (n×k) row-major: streamed dot products for a few rows,
-/// a blocked gemm above that.
+/// kiln's blocked sgemm above that.
 pub(crate) fn matmul_into(x: &[f32], w: &[f32], m: usize, n: usize, k: usize, out: &mut [f32]) {
     if m <= GEMV_MAX_ROWS {
         return gemv(x, w, m, n, k, out);
     }
-    let threads = rayon::current_num_threads();
-    let par = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n);
-    // SAFETY: out is m×n row-major (rs = n, cs = 1); x is m×k row-major; Wᵀ is read from the
-    // row-major n×k weight with rs = 1 (along k) and cs = k (along n). The slices are at least
-    // this large (asserted above).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            x.as_ptr(),
-            1,
-            k as isize,
-            w.as_ptr(),
-            k as isize,
-            1,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        );
-    }
+    use super::sgemm::{gemm, Mat, MatMut};
+    gemm(
+        1.0,
+        Mat::rows(x, m, k),
+        Mat::transposed(w, k, n),
+        MatMut::rows(out, m, n),
+        false,
+        true,
+    );
 }
 
 pub struct FrozenLinear {
@@ -171,6 +147,41 @@ impl CustomOp1 for FrozenLinear {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(grad_res.broadcast_matmul(&self.weight)?))
+        // dX = dY · W with kiln's sgemm (candle's matmul would run the gemm crate).
+        let grad_res = grad_res.contiguous()?;
+        let (gs, gl) = grad_res.storage_and_layout();
+        let Storage::Cpu(gc) = &*gs else {
+            return Err(err("CPU gradient only"));
+        };
+        let g = super::ops::cpu_f32("frozen-linear", gc, gl, "the gradient")?;
+        let (ws, wl) = self.weight.storage_and_layout();
+        let Storage::Cpu(CpuStorage::F32(w)) = &*ws else {
+            return Err(err("f32 CPU weight only"));
+        };
+        let (wa, wb) = wl
+            .contiguous_offsets()
+            .ok_or_else(|| err("contiguous weight only"))?;
+        let w = &w[wa..wb];
+        let (n, k) = (wl.dims()[0], w.len() / wl.dims()[0].max(1));
+        let dims = grad_res.dims();
+        if dims.last() != Some(&n) {
+            return Err(err("gradient and weight disagree on the output dimension"));
+        }
+        let m = g.len() / n.max(1);
+        let mut dx = vec![0f32; m * k];
+        use super::sgemm::{gemm, Mat, MatMut};
+        gemm(
+            1.0,
+            Mat::rows(g, m, n),
+            Mat::rows(w, n, k),
+            MatMut::rows(&mut dx, m, k),
+            false,
+            true,
+        );
+        let mut shape = dims.to_vec();
+        if let Some(last) = shape.last_mut() {
+            *last = k;
+        }
+        Ok(Some(Tensor::from_vec(dx, shape, grad_res.device())?))
     }
 }

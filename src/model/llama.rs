@@ -91,29 +91,53 @@ pub struct Linear {
 
 impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
-        // A trained weight (full fine-tuning) needs its gradient: candle's matmul gives it.
-        let frozen_ok = x.device().is_cpu()
-            && x.dtype() == DType::F32
-            && self.weight.dtype() == DType::F32
-            && !self.weight.is_variable();
-        let mut y = if frozen_ok {
-            x.contiguous()?.apply_op1(super::frozen::FrozenLinear {
+        let cpu_f32 =
+            x.device().is_cpu() && x.dtype() == DType::F32 && self.weight.dtype() == DType::F32;
+        let mut y = match &self.lora {
+            // The whole LoRA layer as one op on kiln's sgemm (see model/lora_op.rs).
+            Some(l)
+                if cpu_f32
+                    && !self.weight.is_variable()
+                    && l.a.as_tensor().dtype() == DType::F32 =>
+            {
+                let mask = match &l.dropout {
+                    Some((d, salt)) => d.mask(*salt, x)?,
+                    None => None,
+                };
+                x.contiguous()?.apply_op3(
+                    l.a.as_tensor(),
+                    l.b.as_tensor(),
+                    super::lora_op::LoraLinear {
+                        weight: self.weight.contiguous()?,
+                        scale: l.scale as f32,
+                        mask,
+                    },
+                )?
+            }
+            Some(l) => {
+                let base = x.broadcast_matmul(&self.weight.t()?)?;
+                let dropped = match &l.dropout {
+                    Some((d, salt)) => d.mask(*salt, x)?.map(|m| x.mul(&m)).transpose()?,
+                    None => None,
+                };
+                let d = dropped
+                    .as_ref()
+                    .unwrap_or(x)
+                    .broadcast_matmul(&l.a.as_tensor().t()?)?
+                    .broadcast_matmul(&l.b.as_tensor().t()?)?;
+                (base + (d * l.scale)?)?
+            }
+            // A trained weight (full fine-tuning): both gradients from one op.
+            None if cpu_f32 && self.weight.is_variable() => x
+                .contiguous()?
+                .apply_op2(&self.weight, super::lora_op::TrainedLinear)?,
+            // A frozen weight: only the input's gradient (see model/frozen.rs).
+            None if cpu_f32 => x.contiguous()?.apply_op1(super::frozen::FrozenLinear {
                 weight: self.weight.contiguous()?,
-            })?
-        } else {
-            x.broadcast_matmul(&self.weight.t()?)?
+            })?,
+            None => x.broadcast_matmul(&self.weight.t()?)?,
         };
         if let Some(l) = &self.lora {
-            let dropped = match &l.dropout {
-                Some((d, salt)) => d.mask(*salt, x)?.map(|m| x.mul(&m)).transpose()?,
-                None => None,
-            };
-            let d = dropped
-                .as_ref()
-                .unwrap_or(x)
-                .broadcast_matmul(&l.a.as_tensor().t()?)?
-                .broadcast_matmul(&l.b.as_tensor().t()?)?;
-            y = (y + (d * l.scale)?)?;
             if let Some(m) = &l.magnitude {
                 let k = m.as_tensor().div(&l.dora_norm(&self.weight)?)?;
                 y = y.broadcast_mul(&k)?;

@@ -10,10 +10,12 @@ pub mod frozen;
 pub mod generate;
 pub mod gguf_export;
 pub mod llama;
+pub mod lora_op;
 pub mod norm;
 mod ops;
 pub mod qkernels;
 pub mod rope;
+pub use kiln_kernels::sgemm;
 pub mod swiglu;
 pub mod weights;
 

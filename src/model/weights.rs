@@ -172,7 +172,7 @@ pub fn save_sharded(
             weight_map.insert((*n).clone(), serde_json::Value::String(file.clone()));
         }
         let p = dir.join(&file);
-        candle_core::safetensors::save(&m, &p).map_err(|e| load_err(&p, e))?;
+        save_safetensors(&m, &p).map_err(|e| load_err(&p, e))?;
         files.push(file);
     }
     if count > 1 {
@@ -186,4 +186,14 @@ pub fn save_sharded(
         files.push("model.safetensors.index.json".into());
     }
     Ok(files)
+}
+
+/// Writes tensors as a safetensors file with the `{"format": "pt"}` metadata that transformers'
+/// `from_pretrained` requires (it refuses a file without it); candle's own `save` writes none.
+pub fn save_safetensors(
+    tensors: &HashMap<String, Tensor>,
+    path: &Path,
+) -> Result<(), safetensors::SafeTensorError> {
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(tensors, Some(meta), path)
 }

@@ -71,7 +71,8 @@ impl Stage for Export {
     const KIND: StageKind = StageKind::Export;
     // v2: lineage.json and kiln.key / kiln.upstream GGUF metadata in the output.
     // v3: perplexities through the fused cross-entropy and RMSNorm ops (low bits differ).
-    const VERSION: u32 = 5;
+    // v6: perplexities through kiln's sgemm (low bits differ).
+    const VERSION: u32 = 6;
 
     fn params(&self) -> Value {
         json!({

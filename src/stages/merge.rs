@@ -26,7 +26,8 @@ pub struct Merge {
 
 impl Stage for Merge {
     const KIND: StageKind = StageKind::Merge;
-    const VERSION: u32 = 1;
+    // v2: model.safetensors carries {"format": "pt"} metadata (transformers requires it).
+    const VERSION: u32 = 2;
 
     fn params(&self) -> Value {
         json!({

@@ -72,7 +72,7 @@ fn save_tensors(
     map: &std::collections::HashMap<String, candle_core::Tensor>,
     path: &Path,
 ) -> Result<(), StageError> {
-    candle_core::safetensors::save(map, path)
+    crate::model::weights::save_safetensors(map, path)
         .map_err(|e| StageError::Invalid(format!("{}: {e}", path.display())))
 }
 
@@ -255,7 +255,9 @@ impl Stage for Train {
     const KIND: StageKind = StageKind::Train;
     // v2: frozen-weight linear op (gemm) for base and head matmuls; low bits may differ.
     // v3: fused cross-entropy and RMSNorm ops (different summation order; low bits differ).
-    const VERSION: u32 = 5;
+    // v6: LoRA and trained linear layers as single ops on kiln's sgemm (low bits differ);
+    //     safetensors written with {"format": "pt"} metadata.
+    const VERSION: u32 = 6;
 
     fn params(&self) -> Value {
         let mut p = json!({

@@ -1,0 +1,6 @@
+//! kiln's hot numeric kernels. They live in their own crate so that the dev/test profile can
+//! optimize them (`[profile.dev.package.kiln-kernels]` in the workspace's Cargo.toml) while the
+//! rest of kiln compiles quickly: an unoptimized matrix product made the real-model tests ~20×
+//! slower. Nothing here knows about models, tensors or files.
+
+pub mod sgemm;

@@ -2,6 +2,7 @@
 //! with decoupled weight decay and global-norm clipping. Optimizer state is kiln's own (not
 //! candle's) so checkpoints can save and restore it exactly.
 
+mod adamw_ops;
 pub mod ce;
 
 use crate::data::pack::SplitMix64;
@@ -286,6 +287,9 @@ pub struct AdamW {
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
+    /// In-place update passes on f32 CPU tensors (see adamw_ops.rs); off = composed candle ops
+    /// (the reference the tests compare with).
+    pub fused: bool,
 }
 
 impl AdamW {
@@ -294,7 +298,11 @@ impl AdamW {
             .iter()
             .map(|v| v.as_tensor().zeros_like())
             .collect::<Result<Vec<_>, _>>()?;
-        let v = m.clone();
+        // Separate storage from m: the update writes both in place.
+        let v = vars
+            .iter()
+            .map(|v| v.as_tensor().zeros_like())
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             vars,
             m,
@@ -304,6 +312,7 @@ impl AdamW {
             beta2: 0.999,
             eps: 1e-8,
             weight_decay,
+            fused: true,
         })
     }
 
@@ -315,9 +324,25 @@ impl AdamW {
         lr: f64,
         max_grad_norm: f64,
     ) -> Result<f64, ModelError> {
+        let fused = self.fused
+            && self
+                .vars
+                .iter()
+                .zip(&self.m)
+                .zip(&self.v)
+                .zip(grads)
+                .all(|(((p, m), v), g)| {
+                    [p.as_tensor(), m, v, g]
+                        .iter()
+                        .all(|t| adamw_ops::supported(t))
+                });
         let mut sq = 0f64;
         for g in grads {
-            sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+            sq += if fused {
+                adamw_ops::sum_sq(g)?
+            } else {
+                g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64
+            };
         }
         let norm = sq.sqrt();
         let clip = if max_grad_norm > 0.0 && norm > max_grad_norm {
@@ -328,6 +353,40 @@ impl AdamW {
         self.step += 1;
         let bc1 = 1.0 - self.beta1.powi(self.step as i32);
         let bc2 = 1.0 - self.beta2.powi(self.step as i32);
+        if fused {
+            // In place, no temporaries (see adamw_ops.rs).
+            for (i, var) in self.vars.iter().enumerate() {
+                let g = &grads[i];
+                self.m[i].inplace_op2(
+                    g,
+                    &adamw_ops::Moment {
+                        beta: self.beta1 as f32,
+                        clip: clip as f32,
+                        square: false,
+                    },
+                )?;
+                self.v[i].inplace_op2(
+                    g,
+                    &adamw_ops::Moment {
+                        beta: self.beta2 as f32,
+                        clip: clip as f32,
+                        square: true,
+                    },
+                )?;
+                var.as_tensor().inplace_op3(
+                    &self.m[i],
+                    &self.v[i],
+                    &adamw_ops::Apply {
+                        lr: lr as f32,
+                        weight_decay: self.weight_decay as f32,
+                        bc1: bc1 as f32,
+                        bc2: bc2 as f32,
+                        eps: self.eps as f32,
+                    },
+                )?;
+            }
+            return Ok(norm);
+        }
         for (i, var) in self.vars.iter().enumerate() {
             let g = (&grads[i] * clip)?;
             self.m[i] = ((&self.m[i] * self.beta1)? + (&g * (1.0 - self.beta1))?)?;
@@ -373,4 +432,72 @@ pub fn train_step(
         .collect::<Result<_, candle_core::Error>>()?;
     let norm = opt.update(&grads, lr, max_grad_norm)?;
     Ok((loss_total, norm))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn rand(n: usize, seed: u64, scale: f32) -> Tensor {
+        let mut rng = crate::data::pack::SplitMix64::new(seed);
+        let v: Vec<f32> = (0..n)
+            .map(|_| ((rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale)
+            .collect();
+        Tensor::from_vec(v, n, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn fused_adamw_matches_the_composed_update() {
+        // Two tensors, one larger than a parallel chunk; weight decay on; clipping on in the
+        // second step (large gradients) and off in the others.
+        let sizes = [37usize, 70_000];
+        let make = || {
+            let vars: Vec<Var> = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| Var::from_tensor(&rand(n, 10 + i as u64, 1.0)).unwrap())
+                .collect();
+            AdamW::new(vars, 0.01).unwrap()
+        };
+        let (mut fused, mut composed) = (make(), make());
+        composed.fused = false;
+        for step in 0..3u64 {
+            let scale = if step == 1 { 50.0 } else { 0.01 };
+            let grads: Vec<Tensor> = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| rand(n, 100 * step + i as u64, scale))
+                .collect();
+            let a = fused.update(&grads, 1e-2, 1.0).unwrap();
+            let b = composed.update(&grads, 1e-2, 1.0).unwrap();
+            assert!((a - b).abs() < 1e-6 * b.max(1.0), "norm {a} vs {b}");
+            for (p, q) in fused.vars.iter().zip(&composed.vars) {
+                let d = (p.as_tensor() - q.as_tensor())
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(d < 1e-6, "step {step}: weights differ by {d}");
+            }
+        }
+        // The update moved the weights, and the moments are distinct tensors.
+        let start = rand(37, 10, 1.0);
+        let moved = (fused.vars[0].as_tensor() - &start)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(moved > 1e-3);
+        // (Shared storage would make them equal: both updates would land in one buffer.)
+        let m0 = fused.m[0].to_vec1::<f32>().unwrap();
+        let v0 = fused.v[0].to_vec1::<f32>().unwrap();
+        assert_ne!(m0, v0);
+    }
 }

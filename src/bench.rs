@@ -567,12 +567,16 @@ pub fn train(model: &Path, cases: &[String]) -> Result<Vec<Figure>, KilnError> {
             .map_err(StageError::from)?;
         let mut secs = 0.0;
         let steps = 3;
+        let (mut faults, mut cpu) = (0, 0.0);
         for step in 0..=steps {
             let batch = Batch::new(&rows, &device).map_err(StageError::from)?;
-            let t = Instant::now();
+            let (t, u0) = (Instant::now(), usage());
             train_step(&m, &mut opt, &[batch], 1e-5, 1.0).map_err(StageError::from)?;
             if step > 0 {
                 secs += t.elapsed().as_secs_f64();
+                let u1 = usage();
+                faults += u1.0 - u0.0;
+                cpu += u1.1 - u0.1;
             }
         }
         let per_step = secs / steps as f64;
@@ -601,6 +605,18 @@ pub fn train(model: &Path, cases: &[String]) -> Result<Vec<Figure>, KilnError> {
             ),
         ));
         figs.push(fig(
+            "  cores busy",
+            cpu / secs,
+            "",
+            &format!("of {} threads", rayon::current_num_threads()),
+        ));
+        figs.push(fig(
+            "  page faults per step",
+            (faults / steps as u64) as f64,
+            "",
+            "fresh pages the kernel zeroes (a 2 MiB huge page counts once)",
+        ));
+        figs.push(fig(
             "  peak RSS so far",
             crate::stages::train::peak_rss_bytes().unwrap_or(0) as f64 / (1024.0 * 1024.0 * 1024.0),
             "GiB",
@@ -609,6 +625,20 @@ pub fn train(model: &Path, cases: &[String]) -> Result<Vec<Figure>, KilnError> {
     }
     let _ = std::fs::remove_dir_all(&tmp);
     Ok(figs)
+}
+
+/// The process's minor page faults and CPU seconds (user + system) so far; zeros where
+/// getrusage fails.
+fn usage() -> (u64, f64) {
+    // SAFETY: getrusage fills the zeroed struct it is given.
+    unsafe {
+        let mut u: libc::rusage = std::mem::zeroed();
+        if libc::getrusage(libc::RUSAGE_SELF, &mut u) != 0 {
+            return (0, 0.0);
+        }
+        let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+        (u.ru_minflt as u64, secs(u.ru_utime) + secs(u.ru_stime))
+    }
 }
 
 /// A directory `load_model` and the tokenizer loader read: `model` itself, or for a .gguf file a

@@ -65,9 +65,9 @@ unsafe fn mm(
     );
 }
 
-/// Softmax of each row of `s` (t × t) after adding the mask rows. Entries more than 88 below
-/// the row's maximum (masked ones: the mask is −1e9) are set to 0 without calling exp, whose
-/// underflow path is slow; their true value is below f32's smallest normal number.
+/// Softmax of each row of `s` (t × t) after adding the mask rows, with the vectorized exp.
+/// Entries more than 87 below the row's maximum (masked ones: the mask is −1e9) become 0;
+/// their true value is below f32's smallest normal number.
 fn masked_softmax(s: &mut [f32], mask: &[f32], t: usize) {
     for (row, mr) in s.chunks_exact_mut(t).zip(mask.chunks_exact(t)) {
         let mut max = f32::NEG_INFINITY;
@@ -75,12 +75,7 @@ fn masked_softmax(s: &mut [f32], mask: &[f32], t: usize) {
             *x += mv;
             max = max.max(*x);
         }
-        let mut sum = 0f32;
-        for x in row.iter_mut() {
-            let d = *x - max;
-            *x = if d < -88.0 { 0.0 } else { d.exp() };
-            sum += *x;
-        }
+        let sum = kiln_kernels::vmath::exp_shifted_inplace(row, max);
         let inv = 1.0 / sum;
         row.iter_mut().for_each(|x| *x *= inv);
     }

@@ -27,24 +27,13 @@ fn rows<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<(&'a [f32], us
     Ok((&x[a..b], n, v))
 }
 
-/// `max + ln Σ exp(x − max)` of one row, summed in a fixed order.
+/// `max + ln Σ exp(x − max)` of one row (vectorized exp, summed in a fixed order).
 fn logsumexp(x: &[f32]) -> f32 {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     if !max.is_finite() {
         return max;
     }
-    let mut acc = [0f32; 8];
-    let chunks = x.chunks_exact(8);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for i in 0..8 {
-            acc[i] += (c[i] - max).exp();
-        }
-    }
-    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for &r in rest {
-        s += (r - max).exp();
-    }
+    let s = kiln_kernels::vmath::sum_exp_shifted(x, max);
     max + s.ln()
 }
 
@@ -158,9 +147,7 @@ impl CustomOp1 for CrossEntropyGrad {
                     return;
                 }
                 let m = self.lse[i];
-                for (o, &x) in o.iter_mut().zip(row) {
-                    *o = c * (x - m).exp();
-                }
+                kiln_kernels::vmath::scaled_exp_shifted(row, m, c, o);
                 o[self.targets[i] as usize] -= c;
             });
         Ok((CpuStorage::F32(out), Shape::from((n, v))))

@@ -18,6 +18,10 @@ const KC: usize = 320;
 const MC: usize = 96;
 /// Columns of B packed per block (320 × 2048 × 4 = 2.5 MiB, within L3).
 const NC: usize = 2048;
+/// Parts a parallel product is split into per thread (see `gemm`).
+const PARTS_PER_THREAD: usize = 3;
+/// Fewest register tiles along the split side per part.
+const MIN_PART_TILES: usize = 4;
 /// Below this many multiply-adds one thread does the product (splitting costs more).
 const PAR_MIN: usize = 1 << 18;
 
@@ -192,7 +196,12 @@ pub fn gemm(alpha: f32, a: Mat, b: Mat, c: MatMut, accumulate: bool, parallel: b
         (false, m, MR)
     };
     let tiles = len.div_ceil(unit);
-    let parts = threads.min(tiles);
+    // A few parts per thread, so a thread that was descheduled (a busy machine) or got a
+    // slower part does not hold up the rest; each part repacks the shared operand, which is
+    // small next to its share of the product.
+    let parts = (threads * PARTS_PER_THREAD)
+        .min(tiles.div_ceil(MIN_PART_TILES))
+        .max(threads.min(tiles));
     let bounds: Vec<(usize, usize)> = (0..parts)
         .map(|p| {
             let lo = (tiles * p / parts * unit).min(len);

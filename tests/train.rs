@@ -178,3 +178,51 @@ fn lora_dropout_masks_only_seeded_training_batches_and_is_reproducible() {
     assert_ne!(loss(&seeded(8)), a, "another micro-batch draws other masks");
     assert_eq!(loss(&batch()), plain, "and dropout is off again afterwards");
 }
+
+/// Trains a model wide enough that the products and the fused ops split across threads (LoRA,
+/// then full fine-tuning) in a pool of `threads`, and returns the trained values.
+fn train_on(threads: usize, full: bool) -> Vec<Vec<f32>> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap();
+    pool.install(|| {
+        let dev = Device::Cpu;
+        let mut cfg = common::tiny_config();
+        cfg.vocab_size = 512;
+        cfg.hidden_size = 128;
+        cfg.intermediate_size = 320;
+        let mut m =
+            kiln::model::Llama::from_weights(cfg.clone(), common::tiny_weights(&cfg, 5), &dev)
+                .unwrap();
+        let vars = if full {
+            kiln::train::attach_full(&mut m).unwrap()
+        } else {
+            attach_lora(&mut m, &spec(), 1, &dev).unwrap()
+        };
+        let mut opt = AdamW::new(vars.iter().map(|(_, v)| v.clone()).collect(), 0.01).unwrap();
+        let ids: Vec<u32> = (0..96u32).map(|i| (i * 37 + 11) % 512).collect();
+        let batch = Batch::new(&[row(&ids[..60], 5), row(&ids[60..], 3)], &dev).unwrap();
+        for _ in 0..3 {
+            train_step(&m, &mut opt, std::slice::from_ref(&batch), 1e-2, 1.0).unwrap();
+        }
+        var_values(&vars)
+    })
+}
+
+#[test]
+fn training_gives_the_same_bits_on_one_and_three_threads() {
+    for full in [false, true] {
+        let one = train_on(1, full);
+        let three = train_on(3, full);
+        let bits = |v: &Vec<Vec<f32>>| {
+            v.iter()
+                .map(|t| t.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
+                .collect::<Vec<_>>()
+        };
+        assert!(
+            bits(&one) == bits(&three),
+            "full={full}: 1 and 3 threads trained different bits"
+        );
+    }
+}

@@ -348,16 +348,7 @@ mod tests {
             .unwrap();
 
         let close = |a: &Tensor, b: &Tensor, what: &str| {
-            let diff = (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = crate::model::ops::max_abs_diff(a, b);
             assert!(diff < 1e-5, "{what}: max diff {diff}");
         };
         close(&y1, &y2, "output");

@@ -318,16 +318,7 @@ mod tests {
     }
 
     fn close(a: &Tensor, b: &Tensor, what: &str) {
-        let d = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = crate::model::ops::max_abs_diff(a, b);
         assert!(d < 1e-4, "{what}: max diff {d}");
     }
 

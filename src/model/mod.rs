@@ -12,7 +12,7 @@ pub mod gguf_export;
 pub mod llama;
 pub mod lora_op;
 pub mod norm;
-mod ops;
+pub(crate) mod ops;
 pub mod qkernels;
 pub mod rope;
 pub use kiln_kernels::sgemm;

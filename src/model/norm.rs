@@ -148,16 +148,7 @@ mod tests {
         let g2 = l2.backward().unwrap();
 
         let close = |a: &Tensor, b: &Tensor| {
-            let d = (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = crate::model::ops::max_abs_diff(a, b);
             assert!(d < 1e-4, "max diff {d}");
         };
         close(&y1, &y2);

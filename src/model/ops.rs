@@ -28,3 +28,15 @@ pub(crate) fn cpu_f32<'a>(
 pub(crate) fn to_f32_vec(x: &Tensor) -> candle_core::Result<Vec<f32>> {
     x.contiguous()?.flatten_all()?.to_vec1::<f32>()
 }
+
+/// The largest |a − b| over two same-shaped tensors (for tests comparing an op with its
+/// composed reference).
+#[cfg(test)]
+pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.flatten_all())
+        .and_then(|d| d.max(0))
+        .and_then(|d| d.to_scalar::<f32>())
+        .expect("tensors of the same shape")
+}

@@ -473,14 +473,7 @@ mod tests {
             let b = composed.update(&grads, 1e-2, 1.0).unwrap();
             assert!((a - b).abs() < 1e-6 * b.max(1.0), "norm {a} vs {b}");
             for (p, q) in fused.vars.iter().zip(&composed.vars) {
-                let d = (p.as_tensor() - q.as_tensor())
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let d = crate::model::ops::max_abs_diff(p.as_tensor(), q.as_tensor());
                 assert!(d < 1e-6, "step {step}: weights differ by {d}");
             }
         }

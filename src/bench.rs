@@ -257,14 +257,22 @@ fn stage_key(ws: &Workspace, name: &str) -> Result<String, KilnError> {
 /// The llama.cpp figures beside them were measured on this machine (2 threads, llama-cpp-python
 /// 0.3.36, best of 3, a 202-token prompt and 128 greedy tokens) on SmolLM2-135M-Instruct:
 /// kiln's f32 / q8_0 / q4_k_m exports and the original q4_1 file.
-pub fn generate(model: &Path) -> Result<Vec<Figure>, KilnError> {
+pub fn generate(model: &Path, cases: &[String]) -> Result<Vec<Figure>, KilnError> {
+    const CASES: [&str; 5] = ["f32", "q8_0", "q4_0", "q4_k_m", "source"];
+    if let Some(bad) = cases.iter().find(|c| !CASES.contains(&c.as_str())) {
+        return Err(KilnError::NotBuilt(format!(
+            "bench generate: unknown case `{bad}` (available: {})",
+            CASES.join(", ")
+        )));
+    }
     let tmp = std::env::temp_dir().join(format!("kiln-bench-generate-{}", std::process::id()));
-    let res = generate_in(model, &tmp);
+    let res = generate_in(model, cases, &tmp);
     let _ = std::fs::remove_dir_all(&tmp);
     res
 }
 
-fn generate_in(model: &Path, tmp: &Path) -> Result<Vec<Figure>, KilnError> {
+fn generate_in(model: &Path, cases: &[String], tmp: &Path) -> Result<Vec<Figure>, KilnError> {
+    let wanted = |c: &str| cases.is_empty() || cases.iter().any(|w| w == c);
     use crate::model::engine::Engine;
     use crate::model::generate::{generate, Sampler, SamplingOptions};
     use crate::model::gguf_export::{write_gguf, Quant};
@@ -335,13 +343,14 @@ fn generate_in(model: &Path, tmp: &Path) -> Result<Vec<Figure>, KilnError> {
         });
         Ok(())
     };
-    let f32 = Engine::from_llama(&m).map_err(StageError::from)?;
-    measure(
-        &f32,
-        "f32",
-        ("llama.cpp f32 306", "llama.cpp f32 31.9, transformers 20"),
-    )?;
-    drop(f32);
+    if wanted("f32") {
+        let f32 = Engine::from_llama(&m).map_err(StageError::from)?;
+        measure(
+            &f32,
+            "f32",
+            ("llama.cpp f32 306", "llama.cpp f32 31.9, transformers 20"),
+        )?;
+    }
     let source = dir.join("model.gguf");
     for (q, notes) in [
         (Quant::Q8_0, ("llama.cpp q8_0 327", "llama.cpp q8_0 67.7")),
@@ -351,6 +360,9 @@ fn generate_in(model: &Path, tmp: &Path) -> Result<Vec<Figure>, KilnError> {
             ("llama.cpp q4_k_m 267", "llama.cpp q4_k_m 68.2"),
         ),
     ] {
+        if !wanted(q.as_str()) {
+            continue;
+        }
         let path = tmp.join(format!("export-{}.gguf", q.as_str()));
         write_gguf(
             &m,
@@ -366,7 +378,7 @@ fn generate_in(model: &Path, tmp: &Path) -> Result<Vec<Figure>, KilnError> {
         let _ = std::fs::remove_file(&path);
         measure(&e, &format!("{} (kiln export)", q.as_str()), notes)?;
     }
-    if source.exists() {
+    if source.exists() && wanted("source") {
         let e = Engine::from_gguf(&source).map_err(StageError::from)?;
         let label = format!("source GGUF ({})", e.weight_formats());
         measure(&e, &label, ("llama.cpp q4_1 195", "llama.cpp q4_1 79.5"))?;

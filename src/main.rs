@@ -112,7 +112,8 @@ enum Cmd {
         /// Scratch directory for generated data and caches.
         #[arg(long, default_value = "cache/bench")]
         work: PathBuf,
-        /// `train` only: run just these cases (`lora-256`, `lora-512`, `full-256`; repeatable).
+        /// Run just these cases (repeatable). `train`: `lora-256`, `lora-512`, `full-256`;
+        /// `generate`: `f32`, `q8_0`, `q4_0`, `q4_k_m`, `source` (the --model GGUF itself).
         #[arg(long = "case", value_name = "CASE")]
         cases: Vec<String>,
     },
@@ -1703,6 +1704,9 @@ fn real_main() -> Result<ExitCode> {
                     "kiln bench: unknown benchmark `{what}` (available: preprocess, generate, plan, train)"
                 );
             }
+            if !cases.is_empty() && !["generate", "train"].contains(&what.as_str()) {
+                anyhow::bail!("kiln bench {what}: --case applies to `generate` and `train` only");
+            }
             init_threads(None);
             if !model.exists() {
                 anyhow::bail!(
@@ -1716,7 +1720,7 @@ fn real_main() -> Result<ExitCode> {
                 rayon::current_num_threads()
             );
             let figures = if what == "generate" {
-                kiln::bench::generate(&model)?
+                kiln::bench::generate(&model, &cases)?
             } else if what == "train" {
                 kiln::bench::train(&model, &cases)?
             } else if what == "plan" {

@@ -127,7 +127,9 @@ impl Stage for Evaluate {
     const KIND: StageKind = StageKind::Evaluate;
     // v2: val loss through the fused cross-entropy and RMSNorm ops (low bits differ).
     // v4: linear layers on kiln's sgemm (low bits of losses differ).
-    const VERSION: u32 = 4;
+    // v5: the engine decodes with multi-stream row dots and attention in position parts (low
+    // bits of generated answers' logits differ).
+    const VERSION: u32 = 5;
 
     fn params(&self) -> Value {
         json!({

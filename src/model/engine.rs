@@ -1009,23 +1009,9 @@ impl Engine {
                     pos + 1,
                 )
             };
-            // Token i's heads over positions p0..p1, unnormalized (attn::attend_part), as
-            // (nq outputs, nh stats).
-            let attend_part = |i: usize, (p0, p1): (usize, usize)| {
-                let mut o = vec![0f32; nq];
-                let mut st = vec![attn::Stats { max: 0.0, sum: 0.0 }; nh];
-                let mut scores = Vec::new();
-                let groups = o.chunks_exact_mut(gs * hd).zip(st.chunks_exact_mut(gs));
-                for (g, (o, st)) in groups.enumerate() {
-                    let q0 = i * qkv_n + g * gs * hd;
-                    let (k0, k1) = ((g * cap + p0) * hd, (g * cap + p1) * hd);
-                    let (k, v) = (&kc[k0..k1], &vc[k0..k1]);
-                    attn::attend_part(&qkv[q0..q0 + gs * hd], hd, k, v, scale, &mut scores, o, st);
-                }
-                (o, st)
-            };
             // Token i's attention into `out` (nq values): its positions in parts cut at
-            // multiples of ATTEND_PART, on several threads when `parallel`, merged in order.
+            // multiples of ATTEND_PART, each attended on its own (attn::attend_part), then
+            // merged in order. With `parallel`, each thread takes a contiguous run of parts.
             let attend = |i: usize, out: &mut [f32], parallel: bool| {
                 let (p0, p1) = span(i);
                 let cuts: Vec<usize> = std::iter::once(p0)
@@ -1036,15 +1022,39 @@ impl Engine {
                     )
                     .chain(std::iter::once(p1))
                     .collect();
-                let part = |w: &[usize]| attend_part(i, (w[0], w[1]));
-                let done: Vec<(Vec<f32>, Vec<attn::Stats>)> = if parallel && cuts.len() > 2 {
-                    cuts.par_windows(2).map(part).collect()
-                } else {
-                    cuts.windows(2).map(part).collect()
+                let parts = cuts.len() - 1;
+                let mut outs = vec![0f32; parts * nq];
+                let mut stats = vec![attn::Stats { max: 0.0, sum: 0.0 }; parts * nh];
+                // Parts first.. into `o` (parts × nq) and `st` (parts × nh).
+                let run = |first: usize, o: &mut [f32], st: &mut [attn::Stats]| {
+                    let mut scores = Vec::new();
+                    let each = o.chunks_exact_mut(nq).zip(st.chunks_exact_mut(nh));
+                    for (k, (o, st)) in each.enumerate() {
+                        let (a, b) = (cuts[first + k], cuts[first + k + 1]);
+                        let groups = o.chunks_exact_mut(gs * hd).zip(st.chunks_exact_mut(gs));
+                        for (g, (o, st)) in groups.enumerate() {
+                            let q = &qkv[i * qkv_n + g * gs * hd..][..gs * hd];
+                            let (k0, k1) = ((g * cap + a) * hd, (g * cap + b) * hd);
+                            let (k, v) = (&kc[k0..k1], &vc[k0..k1]);
+                            attn::attend_part(q, hd, k, v, scale, &mut scores, o, st);
+                        }
+                    }
                 };
-                let parts: Vec<(&[f32], &[attn::Stats])> =
-                    done.iter().map(|(o, s)| (&o[..], &s[..])).collect();
-                attn::merge_parts(&parts, hd, out);
+                let threads = if parallel {
+                    rayon::current_num_threads().min(parts)
+                } else {
+                    1
+                };
+                if threads > 1 {
+                    let per = parts.div_ceil(threads);
+                    outs.par_chunks_mut(per * nq)
+                        .zip(stats.par_chunks_mut(per * nh))
+                        .enumerate()
+                        .for_each(|(c, (o, st))| run(c * per, o, st));
+                } else {
+                    run(0, &mut outs, &mut stats);
+                }
+                attn::merge_parts(&outs, &stats, hd, out);
             };
             if t >= WIDEN_ROWS {
                 let geo = Geometry {

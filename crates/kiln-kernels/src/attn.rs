@@ -138,29 +138,34 @@ pub fn attend_part(
 }
 
 /// Combines parts from [`attend_part`] over disjoint position ranges into the normalized
-/// attention output: `parts` holds each part's unnormalized output (heads × hd) and stats.
+/// attention output (heads × hd): `outs` holds the parts' unnormalized outputs one after
+/// another (parts × heads × hd), `stats` their stats (parts × heads). Parts are added in order,
+/// so the result depends only on how the positions were cut.
 ///
 /// # Panics
-/// If parts is empty or its outputs and stats disagree in size with `out`.
-pub fn merge_parts(parts: &[(&[f32], &[Stats])], hd: usize, out: &mut [f32]) {
-    assert!(!parts.is_empty(), "merge_parts: no parts");
+/// If there is no part, or `outs` and `stats` disagree with each other or with `out`.
+pub fn merge_parts(outs: &[f32], stats: &[Stats], hd: usize, out: &mut [f32]) {
     let g = out.len() / hd.max(1);
-    for (o, s) in parts {
-        assert!(
-            o.len() == out.len() && s.len() == g,
-            "merge_parts: a part's size differs from the output's"
-        );
-    }
+    assert!(
+        g > 0 && !stats.is_empty() && stats.len().is_multiple_of(g),
+        "merge_parts: stats are not whole parts"
+    );
+    let parts = stats.len() / g;
+    assert_eq!(
+        outs.len(),
+        parts * out.len(),
+        "merge_parts: outputs and stats disagree"
+    );
     for (h, dst) in out.chunks_exact_mut(hd).enumerate() {
-        let max = parts
-            .iter()
-            .fold(f32::NEG_INFINITY, |m, (_, s)| m.max(s[h].max));
+        let st = |p: usize| stats[p * g + h];
+        let max = (0..parts).fold(f32::NEG_INFINITY, |m, p| m.max(st(p).max));
         let mut total = 0f32;
         dst.iter_mut().for_each(|v| *v = 0.0);
-        for (o, s) in parts {
-            let w = crate::vmath::exp(s[h].max - max);
-            total += w * s[h].sum;
-            for (d, v) in dst.iter_mut().zip(&o[h * hd..(h + 1) * hd]) {
+        for p in 0..parts {
+            let w = crate::vmath::exp(st(p).max - max);
+            total += w * st(p).sum;
+            let o = &outs[p * g * hd + h * hd..][..hd];
+            for (d, v) in dst.iter_mut().zip(o) {
                 *d += w * v;
             }
         }
@@ -392,28 +397,17 @@ mod tests {
             vec![0, 150, n],
             vec![0, 7, 100, 250, n],
         ] {
-            let mut outs = Vec::new();
-            for w in cuts.windows(2) {
-                let mut o = vec![0f32; g * hd];
-                let mut st = vec![Stats { max: 0.0, sum: 0.0 }; g];
+            let parts = cuts.len() - 1;
+            let mut outs = vec![0f32; parts * g * hd];
+            let mut stats = vec![Stats { max: 0.0, sum: 0.0 }; parts * g];
+            let each = outs.chunks_exact_mut(g * hd).zip(stats.chunks_exact_mut(g));
+            for (w, (o, st)) in cuts.windows(2).zip(each) {
                 let (a, b) = (w[0] * hd, w[1] * hd);
                 let ks = &keys[a..b];
-                attend_part(
-                    &qs,
-                    hd,
-                    ks,
-                    &vals[a..b],
-                    scale,
-                    &mut Vec::new(),
-                    &mut o,
-                    &mut st,
-                );
-                outs.push((o, st));
+                attend_part(&qs, hd, ks, &vals[a..b], scale, &mut Vec::new(), o, st);
             }
-            let parts: Vec<(&[f32], &[Stats])> =
-                outs.iter().map(|(o, s)| (&o[..], &s[..])).collect();
             let mut out = vec![f32::NAN; g * hd];
-            merge_parts(&parts, hd, &mut out);
+            merge_parts(&outs, &stats, hd, &mut out);
             assert_close(&out, &qs, hd, &keys, &vals, &format!("cuts {cuts:?}"));
         }
     }

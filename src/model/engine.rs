@@ -158,7 +158,7 @@ fn own_matmul<B: QBlock>(w: &[B], n: usize, k: usize, x: &[f32], t: usize, out: 
     let dst = OutPtr(out.as_mut_ptr());
     for_row_blocks(n, |r0, r1| {
         let row = |r: usize| &w[r * kb..(r + 1) * kb];
-        stream_groups(r0, r1, |ids, live| {
+        row_groups(r0, r1, false, |ids, live| {
             for tok in 0..t {
                 let d = B::dot4(ids.map(row), acts, tok * kb, kb);
                 for (&r, v) in ids.iter().zip(d).take(live) {
@@ -227,7 +227,7 @@ fn candle_matmul<T: GgmlType>(w: &[T], n: usize, k: usize, x: &[f32], t: usize, 
     let dst = OutPtr(out.as_mut_ptr());
     let rows = |r0: usize, r1: usize| {
         let row = |r: usize| &w[r * kb..(r + 1) * kb];
-        stream_groups(r0, r1, |[a, b, c, d], live| {
+        row_groups(r0, r1, false, |[a, b, c, d], live| {
             for tok in 0..t {
                 let xr = &xq[tok * kb..(tok + 1) * kb];
                 if live < STREAMS {
@@ -252,22 +252,28 @@ fn candle_matmul<T: GgmlType>(w: &[T], n: usize, k: usize, x: &[f32], t: usize, 
     for_row_blocks(n, rows);
 }
 
-/// Weight rows a decoding matmul reads at once, one from each of this many equal parts of a
-/// thread's row block. A core reads memory faster from several independent streams than from
-/// one: streaming SmolLM2's f32 matrices on 2 threads went from 19–21 to 22–25 GB/s with 2 to
-/// 6 streams per thread (4 measured best), and decoding the same.
+/// Weight rows a decoding matmul reads per pass.
 const STREAMS: usize = 4;
 
-/// Calls `group(ids, live)` for the rows r0..r1 in groups of [`STREAMS`] rows, one from each of
-/// STREAMS equal parts of the range; the last groups (fewer rows than STREAMS left) repeat
-/// their final row, and `live` says how many of `ids` are real. Together they cover every row
-/// exactly once.
-fn stream_groups(r0: usize, r1: usize, mut group: impl FnMut([usize; STREAMS], usize)) {
-    let part = (r1 - r0) / STREAMS;
-    for i in 0..part {
-        group(std::array::from_fn(|s| r0 + i + s * part), STREAMS);
+/// Calls `group(ids, live)` for the rows r0..r1 in groups of [`STREAMS`] rows; the last groups
+/// (fewer rows than STREAMS left) repeat their final row, and `live` says how many of `ids` are
+/// real. Together they cover every row exactly once.
+///
+/// With `spread`, a group takes one row from each of STREAMS equal parts of the range, else
+/// consecutive rows. A core reads memory faster from several independent streams than from
+/// one: f32 decoding (memory-bound) streamed SmolLM2's matrices at 22–25 GB/s on 2 threads
+/// with 4 streams per thread against 19–21 with one, and decoded 30–33 -> 37–44 tokens/s. The
+/// quantized kernels are compute-bound, and spreading their rows made q8_0 and q4_k_m decode
+/// ~10–15% slower, so they read consecutive rows.
+fn row_groups(r0: usize, r1: usize, spread: bool, mut group: impl FnMut([usize; STREAMS], usize)) {
+    let mut r = r0;
+    if spread {
+        let part = (r1 - r0) / STREAMS;
+        for i in 0..part {
+            group(std::array::from_fn(|s| r0 + i + s * part), STREAMS);
+        }
+        r += STREAMS * part;
     }
-    let mut r = r0 + STREAMS * part;
     while r < r1 {
         let live = (r1 - r).min(STREAMS);
         group(std::array::from_fn(|s| r + s.min(live - 1)), live);
@@ -280,7 +286,7 @@ fn f32_gemv(w: &[f32], n: usize, k: usize, x: &[f32], t: usize, out: &mut [f32])
     let dst = OutPtr(out.as_mut_ptr());
     for_row_blocks(n, |r0, r1| {
         let row = |r: usize| &w[r * k..(r + 1) * k];
-        stream_groups(r0, r1, |ids, live| {
+        row_groups(r0, r1, true, |ids, live| {
             for tok in 0..t {
                 let d = qk::dot_f32_rows(ids.map(row), &x[tok * k..(tok + 1) * k]);
                 for (&r, v) in ids.iter().zip(d).take(live) {
@@ -1108,8 +1114,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn stream_groups_cover_every_row_once() {
-        for (r0, r1) in [
+    fn row_groups_cover_every_row_once() {
+        let ranges = [
             (0, 0),
             (0, 1),
             (0, 3),
@@ -1118,9 +1124,10 @@ mod tests {
             (0, 31),
             (32, 160),
             (7, 130),
-        ] {
+        ];
+        for ((r0, r1), spread) in ranges.into_iter().flat_map(|r| [(r, false), (r, true)]) {
             let mut seen = vec![0u32; r1];
-            stream_groups(r0, r1, |ids, live| {
+            row_groups(r0, r1, spread, |ids, live| {
                 assert!((1..=STREAMS).contains(&live));
                 for &r in &ids[..live] {
                     seen[r] += 1;
@@ -1129,7 +1136,10 @@ mod tests {
                 assert!(ids[live..].iter().all(|&r| r == ids[live - 1]));
             });
             assert!(seen[..r0].iter().all(|&c| c == 0), "{r0}..{r1}");
-            assert!(seen[r0..].iter().all(|&c| c == 1), "{r0}..{r1}: {seen:?}");
+            assert!(
+                seen[r0..].iter().all(|&c| c == 1),
+                "{r0}..{r1} {spread}: {seen:?}"
+            );
         }
     }
 }

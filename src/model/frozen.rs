@@ -120,13 +120,10 @@ impl CustomOp1 for FrozenLinear {
         let dims = layout.shape().dims();
         let k = *dims.last().ok_or_else(|| err("scalar input"))?;
         let (ws, wl) = self.weight.storage_and_layout();
-        let Storage::Cpu(CpuStorage::F32(w)) = &*ws else {
-            return Err(err("f32 CPU weight only"));
+        let Storage::Cpu(wc) = &*ws else {
+            return Err(err("CPU weight only"));
         };
-        let (wa, wb) = wl
-            .contiguous_offsets()
-            .ok_or_else(|| err("contiguous weight only"))?;
-        let w = &w[wa..wb];
+        let w = super::ops::cpu_f32("frozen-linear", wc, wl, "the weight")?;
         let n = wl.dims()[0];
         if wl.dims().get(1) != Some(&k) {
             return Err(err("weight and input disagree on the inner dimension"));
@@ -155,13 +152,10 @@ impl CustomOp1 for FrozenLinear {
         };
         let g = super::ops::cpu_f32("frozen-linear", gc, gl, "the gradient")?;
         let (ws, wl) = self.weight.storage_and_layout();
-        let Storage::Cpu(CpuStorage::F32(w)) = &*ws else {
-            return Err(err("f32 CPU weight only"));
+        let Storage::Cpu(wc) = &*ws else {
+            return Err(err("CPU weight only"));
         };
-        let (wa, wb) = wl
-            .contiguous_offsets()
-            .ok_or_else(|| err("contiguous weight only"))?;
-        let w = &w[wa..wb];
+        let w = super::ops::cpu_f32("frozen-linear", wc, wl, "the weight")?;
         let (n, k) = (wl.dims()[0], w.len() / wl.dims()[0].max(1));
         let dims = grad_res.dims();
         if dims.last() != Some(&n) {

@@ -322,6 +322,21 @@ mod tests {
         assert!(d < 1e-4, "{what}: max diff {d}");
     }
 
+    /// The fused op's output equals the composed ops', and so do the gradients of
+    /// Σ output ⊙ `up` with respect to each of `vars`.
+    fn agree(fused: &Tensor, composed: &Tensor, up: &Tensor, vars: &[(&Var, &str)]) {
+        close(fused, composed, "output");
+        let grads = |out: &Tensor| (out * up).unwrap().sum_all().unwrap().backward().unwrap();
+        let (gf, gc) = (grads(fused), grads(composed));
+        for (v, name) in vars {
+            close(
+                gf.get(v.as_tensor()).unwrap(),
+                gc.get(v.as_tensor()).unwrap(),
+                name,
+            );
+        }
+    }
+
     #[test]
     fn lora_linear_matches_the_composed_layer_in_value_and_gradients() {
         let (bt, t, k, n, r) = (2, 5, 24, 19, 4);
@@ -366,26 +381,12 @@ mod tests {
                     * 1.5)
                     .unwrap())
             .unwrap();
-            close(&fused, &composed, "output");
-            let gf = (fused * &up)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let gc = (composed * &up)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            for (v, name) in [(&x, "dx"), (&a, "dA"), (&b, "dB")] {
-                close(
-                    gf.get(v.as_tensor()).unwrap(),
-                    gc.get(v.as_tensor()).unwrap(),
-                    name,
-                );
-            }
+            agree(
+                &fused,
+                &composed,
+                &up,
+                &[(&x, "dx"), (&a, "dA"), (&b, "dB")],
+            );
         }
     }
 
@@ -403,25 +404,6 @@ mod tests {
             .as_tensor()
             .broadcast_matmul(&w.as_tensor().t().unwrap())
             .unwrap();
-        close(&fused, &composed, "output");
-        let gf = (fused * &up)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gc = (composed * &up)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for (v, name) in [(&x, "dx"), (&w, "dW")] {
-            close(
-                gf.get(v.as_tensor()).unwrap(),
-                gc.get(v.as_tensor()).unwrap(),
-                name,
-            );
-        }
+        agree(&fused, &composed, &up, &[(&x, "dx"), (&w, "dW")]);
     }
 }

@@ -2,10 +2,10 @@
 //! in (cold and repeated preprocess, no-op plan/run, tokenization throughput). Returns figures;
 //! the CLI prints them.
 
-use crate::data::pack::SplitMix64;
+use crate::rng::SplitMix64;
 use crate::scheduler::RunOptions;
 use crate::workspace::{KilnError, Workspace};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 const WORDS: &[&str] = &[
@@ -76,6 +76,142 @@ pub fn alpaca_rows(n: usize, seed: u64) -> String {
     out
 }
 
+/// `kiln bench generate --case`: which weights to decode with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum GenerateCase {
+    /// The model in f32, as kiln loads a trained model.
+    F32,
+    /// kiln's q8_0 GGUF export.
+    #[value(name = "q8_0")]
+    Q8_0,
+    /// kiln's q4_0 GGUF export.
+    #[value(name = "q4_0")]
+    Q4_0,
+    /// kiln's q4_k_m GGUF export.
+    #[value(name = "q4_k_m")]
+    Q4KM,
+    /// The --model GGUF file itself.
+    Source,
+}
+
+/// `kiln bench train --case`: which step to time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TrainCase {
+    #[value(name = "lora-256")]
+    Lora256,
+    #[value(name = "lora-512")]
+    Lora512,
+    #[value(name = "full-256")]
+    Full256,
+}
+
+impl TrainCase {
+    pub const ALL: [TrainCase; 3] = [TrainCase::Lora256, TrainCase::Lora512, TrainCase::Full256];
+
+    /// (full fine-tuning, tokens per row).
+    fn shape(self) -> (bool, usize) {
+        match self {
+            TrainCase::Lora256 => (false, 256),
+            TrainCase::Lora512 => (false, 512),
+            TrainCase::Full256 => (true, 256),
+        }
+    }
+}
+
+/// A peer measured beside kiln in the same run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PeerKind {
+    /// llama.cpp through llama-cpp-python (`scripts/bench-llamacpp.py`).
+    Llamacpp,
+    /// PyTorch + PEFT (`scripts/bench-torch-train.py`).
+    Torch,
+}
+
+/// A peer ready to run: its script and the version of the package it measures.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub kind: PeerKind,
+    pub python: PathBuf,
+    pub script: PathBuf,
+    /// e.g. `llama-cpp-python 0.3.36`, `torch 2.5.1, peft 0.13.2`: printed beside its figures.
+    pub version: String,
+}
+
+impl Peer {
+    /// Finds the peer's script under `scripts` and asks `python` for the installed versions; an
+    /// error says what to install when the peer is missing.
+    pub fn find(kind: PeerKind, python: &Path, scripts: &Path) -> Result<Self, KilnError> {
+        let (script, modules, install) = match kind {
+            PeerKind::Llamacpp => (
+                "bench-llamacpp.py",
+                &["llama_cpp"][..],
+                "pip install llama-cpp-python",
+            ),
+            PeerKind::Torch => (
+                "bench-torch-train.py",
+                &["torch", "transformers", "peft"][..],
+                "pip install torch transformers peft",
+            ),
+        };
+        let script = scripts.join(script);
+        if !script.is_file() {
+            return Err(KilnError::BadFlag {
+                flag: "--against".into(),
+                message: format!(
+                    "{} not found; run from kiln's repository or pass --scripts DIR",
+                    script.display()
+                ),
+            });
+        }
+        let probe = format!(
+            "import importlib.metadata as m\nprint(', '.join(n + ' ' + m.version(n.replace('_', '-') if n != 'llama_cpp' else 'llama-cpp-python') for n in {modules:?}))"
+        );
+        let out = std::process::Command::new(python)
+            .args(["-c", &probe])
+            .output()
+            .map_err(|e| KilnError::Bench(format!("{}: {e}", python.display())))?;
+        if !out.status.success() {
+            return Err(KilnError::BadFlag {
+                flag: "--against".into(),
+                message: format!(
+                    "{} cannot import {}: `{install}` first",
+                    python.display(),
+                    modules.join(", ")
+                ),
+            });
+        }
+        Ok(Peer {
+            kind,
+            python: python.to_path_buf(),
+            script,
+            version: String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        })
+    }
+
+    /// Runs the peer's script with `args`; its standard output.
+    fn run(&self, args: &[String]) -> Result<String, KilnError> {
+        let out = std::process::Command::new(&self.python)
+            .arg(&self.script)
+            .args(args)
+            .output()
+            .map_err(|e| KilnError::Bench(format!("{}: {e}", self.script.display())))?;
+        if !out.status.success() {
+            return Err(KilnError::Bench(format!(
+                "{} failed: {}",
+                self.script.display(),
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    }
+}
+
+/// The number written just before the first `unit` in `s` (`... 42.5 tokens/s` → 42.5).
+fn number_before(s: &str, unit: &str) -> Option<f64> {
+    let head = &s[..s.find(unit)?];
+    head.split_whitespace().last()?.parse().ok()
+}
+
 #[derive(Debug, Clone)]
 pub struct Figure {
     pub name: String,
@@ -105,7 +241,7 @@ pub fn preprocess(
     model: &Path,
     kiln_exe: Option<&Path>,
 ) -> Result<Vec<Figure>, KilnError> {
-    let io = |e: std::io::Error| KilnError::NotBuilt(format!("bench: {e}"));
+    let io = |e: std::io::Error| KilnError::Bench(e.to_string());
     std::fs::create_dir_all(work).map_err(io)?;
     let work = &std::fs::canonicalize(work).map_err(io)?;
     let mut figs = Vec::new();
@@ -180,8 +316,8 @@ pub fn preprocess(
                     .output()
                     .map_err(io)?;
                 if !out.status.success() {
-                    return Err(KilnError::NotBuilt(format!(
-                        "bench: kiln {} failed: {}",
+                    return Err(KilnError::Bench(format!(
+                        "kiln {} failed: {}",
                         args.join(" "),
                         String::from_utf8_lossy(&out.stderr)
                     )));
@@ -223,7 +359,7 @@ pub fn preprocess(
     let stats: crate::data::tokenize::TokenizeStats = serde_json::from_slice(
         &std::fs::read(ws.cache.entry_dir(&key).join("stats.json")).map_err(io)?,
     )
-    .map_err(|e| KilnError::NotBuilt(e.to_string()))?;
+    .map_err(|e| KilnError::Bench(e.to_string()))?;
     figs.push(fig(
         "tokenize 20k alpaca rows",
         ms / 1000.0,
@@ -245,7 +381,7 @@ fn stage_key(ws: &Workspace, name: &str) -> Result<String, KilnError> {
         .into_iter()
         .find(|s| s.name == name)
         .and_then(|s| s.key)
-        .ok_or_else(|| KilnError::NotBuilt(format!("bench: {name} has no key")))
+        .ok_or_else(|| KilnError::Bench(format!("{name} has no key")))
 }
 
 /// `kiln bench generate`: prompt processing and decode speed for a ~200-token ChatML prompt and
@@ -254,25 +390,36 @@ fn stage_key(ws: &Workspace, name: &str) -> Result<String, KilnError> {
 /// (q8_0, q4_0, q4_k_m), whose quantized weights the engine keeps as they are; for a .gguf
 /// model also from that file itself. Each figure is the median of three runs after a warm-up.
 ///
-/// The llama.cpp figures beside them were measured on this machine (2 threads, llama-cpp-python
-/// 0.3.36, best of 3, a 202-token prompt and 128 greedy tokens) on SmolLM2-135M-Instruct:
-/// kiln's f32 / q8_0 / q4_k_m exports and the original q4_1 file.
-pub fn generate(model: &Path, cases: &[String]) -> Result<Vec<Figure>, KilnError> {
-    const CASES: [&str; 5] = ["f32", "q8_0", "q4_0", "q4_k_m", "source"];
-    if let Some(bad) = cases.iter().find(|c| !CASES.contains(&c.as_str())) {
-        return Err(KilnError::NotBuilt(format!(
-            "bench generate: unknown case `{bad}` (available: {})",
-            CASES.join(", ")
-        )));
+///
+/// With `peer` (`--against llamacpp`), each GGUF case is also run through llama.cpp
+/// (`scripts/bench-llamacpp.py`, llama-cpp-python) right after kiln's run of the same file, so the
+/// two are measured on this machine, alternating; nothing is printed that was not measured now.
+pub fn generate(
+    model: &Path,
+    cases: &[GenerateCase],
+    peer: Option<&Peer>,
+) -> Result<Vec<Figure>, KilnError> {
+    if let Some(p) = peer {
+        if p.kind != PeerKind::Llamacpp {
+            return Err(KilnError::BadFlag {
+                flag: "--against".into(),
+                message: "bench generate compares with llamacpp".into(),
+            });
+        }
     }
     let tmp = std::env::temp_dir().join(format!("kiln-bench-generate-{}", std::process::id()));
-    let res = generate_in(model, cases, &tmp);
+    let res = generate_in(model, cases, peer, &tmp);
     let _ = std::fs::remove_dir_all(&tmp);
     res
 }
 
-fn generate_in(model: &Path, cases: &[String], tmp: &Path) -> Result<Vec<Figure>, KilnError> {
-    let wanted = |c: &str| cases.is_empty() || cases.iter().any(|w| w == c);
+fn generate_in(
+    model: &Path,
+    cases: &[GenerateCase],
+    peer: Option<&Peer>,
+    tmp: &Path,
+) -> Result<Vec<Figure>, KilnError> {
+    let wanted = |c: GenerateCase| cases.is_empty() || cases.contains(&c);
     use crate::model::engine::Engine;
     use crate::model::generate::{generate, Sampler, SamplingOptions};
     use crate::model::gguf_export::{write_gguf, Quant};
@@ -299,11 +446,11 @@ fn generate_in(model: &Path, cases: &[String], tmp: &Path) -> Result<Vec<Figure>
     let ids = tok
         .tokenizer
         .encode(prompt.as_str(), false)
-        .map_err(|e| KilnError::NotBuilt(e.to_string()))?
+        .map_err(|e| KilnError::Bench(e.to_string()))?
         .get_ids()
         .to_vec();
     let mut figures = Vec::new();
-    let mut measure = |e: &Engine, label: &str, llama_cpp: (&str, &str)| -> Result<(), KilnError> {
+    let mut measure = |e: &Engine, label: &str, file: Option<&Path>| -> Result<(), KilnError> {
         let label = format!(
             "{label}, {:.0} MiB",
             e.weight_bytes() as f64 / (1024.0 * 1024.0)
@@ -333,34 +480,66 @@ fn generate_in(model: &Path, cases: &[String], tmp: &Path) -> Result<Vec<Figure>
             name: format!("{label}: prompt ({pt} tokens)"),
             value: median(prompt),
             unit: "tokens/s",
-            note: llama_cpp.0.into(),
+            note: String::new(),
         });
         figures.push(Figure {
             name: format!("{label}: decode ({gt} tokens)"),
             value: median(decode),
             unit: "tokens/s",
-            note: llama_cpp.1.into(),
+            note: String::new(),
         });
+        if let (Some(p), Some(file)) = (peer, file) {
+            let out = p.run(&[file.display().to_string()])?;
+            let (prompt, decode) = (
+                number_before(&out, "tokens/s,"),
+                number_before(out.rsplit("decode").next().unwrap_or(""), "tokens/s"),
+            );
+            for (what, v) in [("prompt", prompt), ("decode", decode)] {
+                let v = v.ok_or_else(|| {
+                    KilnError::Bench(format!("cannot read llama.cpp's figures from: {out}"))
+                })?;
+                figures.push(Figure {
+                    name: format!("  llama.cpp, same file: {what}"),
+                    value: v,
+                    unit: "tokens/s",
+                    note: p.version.clone(),
+                });
+            }
+        }
         Ok(())
     };
-    if wanted("f32") {
-        let f32 = Engine::from_llama(&m).map_err(StageError::from)?;
-        measure(
-            &f32,
-            "f32",
-            ("llama.cpp f32 306", "llama.cpp f32 31.9, transformers 20"),
-        )?;
-    }
     let source = dir.join("model.gguf");
-    for (q, notes) in [
-        (Quant::Q8_0, ("llama.cpp q8_0 327", "llama.cpp q8_0 67.7")),
-        (Quant::Q4_0, ("", "")),
-        (
-            Quant::Q4KM,
-            ("llama.cpp q4_k_m 267", "llama.cpp q4_k_m 68.2"),
-        ),
+    // kiln's f32 engine runs the model as loaded; llama.cpp runs kiln's f32 export of it.
+    if wanted(GenerateCase::F32) {
+        let f32 = Engine::from_llama(&m).map_err(StageError::from)?;
+        let file = match peer {
+            Some(_) => {
+                let path = tmp.join("export-f32.gguf");
+                write_gguf(
+                    &m,
+                    &dir,
+                    source.exists().then_some(source.as_path()),
+                    None,
+                    Quant::F32,
+                    &[],
+                    &path,
+                )
+                .map_err(StageError::from)?;
+                Some(path)
+            }
+            None => None,
+        };
+        measure(&f32, "f32", file.as_deref())?;
+        if let Some(f) = file {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+    for (q, case) in [
+        (Quant::Q8_0, GenerateCase::Q8_0),
+        (Quant::Q4_0, GenerateCase::Q4_0),
+        (Quant::Q4KM, GenerateCase::Q4KM),
     ] {
-        if !wanted(q.as_str()) {
+        if !wanted(case) {
             continue;
         }
         let path = tmp.join(format!("export-{}.gguf", q.as_str()));
@@ -375,13 +554,13 @@ fn generate_in(model: &Path, cases: &[String], tmp: &Path) -> Result<Vec<Figure>
         )
         .map_err(StageError::from)?;
         let e = Engine::from_gguf(&path).map_err(StageError::from)?;
+        measure(&e, &format!("{} (kiln export)", q.as_str()), Some(&path))?;
         let _ = std::fs::remove_file(&path);
-        measure(&e, &format!("{} (kiln export)", q.as_str()), notes)?;
     }
-    if source.exists() && wanted("source") {
+    if source.exists() && wanted(GenerateCase::Source) {
         let e = Engine::from_gguf(&source).map_err(StageError::from)?;
         let label = format!("source GGUF ({})", e.weight_formats());
-        measure(&e, &label, ("llama.cpp q4_1 195", "llama.cpp q4_1 79.5"))?;
+        measure(&e, &label, Some(&source))?;
     }
     Ok(figures)
 }
@@ -390,7 +569,7 @@ fn generate_in(model: &Path, cases: &[String], tmp: &Path) -> Result<Vec<Figure>
 /// a built data pipeline): the in-process median of 5 plans after a warm-up, and `kiln plan` as
 /// a separate process.
 pub fn plan(work: &Path, model: &Path, kiln_exe: Option<&Path>) -> Result<Vec<Figure>, KilnError> {
-    let io = |e: std::io::Error| KilnError::NotBuilt(format!("bench: {e}"));
+    let io = |e: std::io::Error| KilnError::Bench(e.to_string());
     std::fs::create_dir_all(work).map_err(io)?;
     let work = &std::fs::canonicalize(work).map_err(io)?;
     let model = std::fs::canonicalize(model).map_err(io)?;
@@ -450,16 +629,23 @@ pub fn plan(work: &Path, model: &Path, kiln_exe: Option<&Path>) -> Result<Vec<Fi
 }
 
 /// `kiln bench train`: optimizer steps on the model as the train stage runs it — micro-batches
-/// of one 256-token packed row from generated text, LoRA r16 on every linear layer, then full
-/// fine-tuning — after one warm-up step: tokens/s and the process's peak RSS.
-/// `cases` picks rows by name (`lora-256`, `lora-512`, `full-256`); empty runs them all.
-pub fn train(model: &Path, cases: &[String]) -> Result<Vec<Figure>, KilnError> {
-    const CASES: [&str; 3] = ["lora-256", "lora-512", "full-256"];
-    if let Some(bad) = cases.iter().find(|c| !CASES.contains(&c.as_str())) {
-        return Err(KilnError::NotBuilt(format!(
-            "bench train: unknown case `{bad}` (available: {})",
-            CASES.join(", ")
-        )));
+/// of one packed row of generated ids, LoRA r16 on every linear layer, or full fine-tuning —
+/// after one warm-up step: tokens/s and the process's peak RSS. `cases` picks rows; empty runs
+/// them all. With `peer` (`--against torch`), each case is also run in PyTorch
+/// (`scripts/bench-torch-train.py` on an HF copy of the same weights) right after kiln's, so both
+/// are measured on this machine in the same run.
+pub fn train(
+    model: &Path,
+    cases: &[TrainCase],
+    peer: Option<&Peer>,
+) -> Result<Vec<Figure>, KilnError> {
+    if let Some(p) = peer {
+        if p.kind != PeerKind::Torch {
+            return Err(KilnError::BadFlag {
+                flag: "--against".into(),
+                message: "bench train compares with torch".into(),
+            });
+        }
     }
     use crate::stages::StageError;
     use crate::train::{attach_full, attach_lora, train_step, AdamW, Batch, LoraSpec};
@@ -523,29 +709,29 @@ pub fn train(model: &Path, cases: &[String]) -> Result<Vec<Figure>, KilnError> {
         let rate = reps as f64 * 2.0 * (m * k * n) as f64 / t.elapsed().as_secs_f64() / 1e9;
         figs.push(fig(&format!("  kiln sgemm {label}"), rate, "GFLOP/s", ""));
     }
-    // (full fine-tuning, tokens, PyTorch 2.5.1 + PEFT 0.13.2 tokens/s and peak GiB on 2 threads
-    // of the AVX2 machine kiln is developed on: scripts/bench-torch-train.py, 2 runs)
-    for (full, seq, torch) in [
-        (
-            false,
-            256usize,
-            "PyTorch+PEFT on the dev machine: 93–100 tokens/s, 2.6 GiB",
-        ),
-        (
-            false,
-            512,
-            "PyTorch+PEFT on the dev machine: 90 tokens/s, 4.0 GiB",
-        ),
-        (
-            true,
-            256,
-            "PyTorch on the dev machine: 53–63 tokens/s, 3.5 GiB",
-        ),
-    ] {
-        let case = format!("{}-{seq}", if full { "full" } else { "lora" });
+    // PyTorch reads an HF directory: the same weights written once as safetensors.
+    let hf_dir = match peer {
+        Some(_) => {
+            let m = crate::stages::train::load_model(&dir, &device)?;
+            let out = tmp.join("hf");
+            std::fs::create_dir_all(&out).map_err(|e| KilnError::Bench(e.to_string()))?;
+            crate::stages::merge::write_hf_model(
+                &m,
+                &dir,
+                &out,
+                crate::config::DEFAULT_MAX_SHARD,
+                candle_core::DType::F32,
+                None,
+            )?;
+            Some(out)
+        }
+        None => None,
+    };
+    for case in TrainCase::ALL {
         if !cases.is_empty() && !cases.contains(&case) {
             continue;
         }
+        let (full, seq) = case.shape();
         let mut m = crate::stages::train::load_model(&dir, &device)?;
         let vocab = m.cfg.vocab_size as u64;
         // Weights that multiply: all but an untied embedding (a lookup); a tied embedding is
@@ -601,7 +787,7 @@ pub fn train(model: &Path, cases: &[String]) -> Result<Vec<Figure>, KilnError> {
             &format!("train step, {label}, 1×{seq} tokens"),
             seq as f64 / per_step,
             "tokens/s",
-            torch,
+            "",
         ));
         figs.push(fig("  seconds per step", per_step, "s", ""));
         // Forward 2·P·T; backward 2·P·T for input gradients, + 2·P·T for weight gradients
@@ -634,6 +820,20 @@ pub fn train(model: &Path, cases: &[String]) -> Result<Vec<Figure>, KilnError> {
             "GiB",
             "",
         ));
+        if let (Some(p), Some(hf)) = (peer, &hf_dir) {
+            let out = p.run(&[
+                hf.display().to_string(),
+                seq.to_string(),
+                if full { "full" } else { "lora" }.to_string(),
+            ])?;
+            let rate = number_before(&out, "tokens/s").ok_or_else(|| {
+                KilnError::Bench(format!("cannot read PyTorch's figures from: {out}"))
+            })?;
+            figs.push(fig("  PyTorch, same step", rate, "tokens/s", &p.version));
+            if let Some(gib) = number_before(out.rsplit("peak").next().unwrap_or(""), "GiB") {
+                figs.push(fig("  PyTorch peak RSS (its own process)", gib, "GiB", ""));
+            }
+        }
     }
     let _ = std::fs::remove_dir_all(&tmp);
     Ok(figs)
@@ -659,7 +859,7 @@ fn model_dir(model: &Path, tmp: &Path) -> Result<std::path::PathBuf, KilnError> 
     if !model.is_file() {
         return Ok(model.to_path_buf());
     }
-    let io = |e: std::io::Error| KilnError::NotBuilt(format!("bench: {e}"));
+    let io = |e: std::io::Error| KilnError::Bench(e.to_string());
     std::fs::create_dir_all(tmp).map_err(io)?;
     let link = tmp.join("model.gguf");
     let _ = std::fs::remove_file(&link);

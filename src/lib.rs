@@ -17,6 +17,7 @@ pub mod lock;
 pub mod model;
 pub mod plan;
 pub mod plot;
+pub mod rng;
 pub mod scheduler;
 pub mod serve;
 pub mod stages;

@@ -57,7 +57,7 @@ impl LockedStage {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> KilnError + '_ {
-    move |e| KilnError::NotBuilt(format!("{}: {e}", path.display()))
+    crate::workspace::io_at(path)
 }
 
 /// `kiln.lock` in the config's directory, and the config's section name (its file name).
@@ -75,12 +75,13 @@ pub fn location(config: &Path) -> (PathBuf, String) {
 
 pub fn read(path: &Path) -> Result<Option<LockFile>, KilnError> {
     match std::fs::read(path) {
-        Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
-            KilnError::NotBuilt(format!(
-                "{}: not a kiln lock file ({e}); delete it and run `kiln run` to write a new one",
-                path.display()
-            ))
-        }),
+        Ok(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| KilnError::BadFile {
+                path: path.to_path_buf(),
+                message: format!("not a kiln lock file ({e})"),
+                fix: "delete it and run `kiln run` to write a new one".into(),
+            }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(io(path)(e)),
     }
@@ -127,8 +128,11 @@ pub fn write(ws: &Workspace) -> Result<Option<PathBuf>, KilnError> {
         return Ok(None);
     }
     file.configs.insert(section, now);
-    let mut bytes =
-        serde_json::to_vec_pretty(&file).map_err(|e| KilnError::NotBuilt(e.to_string()))?;
+    let mut bytes = serde_json::to_vec_pretty(&file).map_err(|e| KilnError::BadFile {
+        path: path.clone(),
+        message: format!("cannot encode the lock ({e})"),
+        fix: "report this as a kiln bug".into(),
+    })?;
     bytes.push(b'\n');
     let tmp = path.with_extension("lock.tmp");
     std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
@@ -147,17 +151,18 @@ pub struct LockProblem {
 pub fn check(ws: &Workspace) -> Result<Vec<LockProblem>, KilnError> {
     let (path, section) = location(&ws.settings.config_path);
     let Some(file) = read(&path)? else {
-        return Err(KilnError::NotBuilt(format!(
-            "--locked: {} does not exist; run `kiln run {}` once and commit kiln.lock",
-            path.display(),
-            ws.settings.config_path.display()
-        )));
+        return Err(KilnError::NoLock {
+            message: format!("--locked: {} does not exist", path.display()),
+            path,
+            config: ws.settings.config_path.clone(),
+        });
     };
     let Some(lock) = file.configs.get(&section) else {
-        return Err(KilnError::NotBuilt(format!(
-            "--locked: {} has no entry for {section}; run `kiln run` once and commit kiln.lock",
-            path.display()
-        )));
+        return Err(KilnError::NoLock {
+            path: path.clone(),
+            config: ws.settings.config_path.clone(),
+            message: format!("--locked: {} has no entry for {section}", path.display()),
+        });
     };
     let statuses = ws.scheduler().assess()?;
     let mut problems = Vec::new();
@@ -234,11 +239,13 @@ pub fn verify(
     let (path, section) = location(config);
     let lock = read(&path)?
         .and_then(|f| f.configs.get(&section).cloned())
-        .ok_or_else(|| {
-            KilnError::NotBuilt(format!(
-                "verify: no kiln.lock entry for {section} in {}; run `kiln run` first",
+        .ok_or_else(|| KilnError::NoLock {
+            path: path.clone(),
+            config: config.to_path_buf(),
+            message: format!(
+                "verify: no kiln.lock entry for {section} in {}",
                 path.display()
-            ))
+            ),
         })?;
     let chosen: Vec<&LockedStage> = lock
         .stages
@@ -252,10 +259,18 @@ pub fn verify(
         })
         .collect();
     if chosen.is_empty() {
-        return Err(KilnError::NotBuilt(format!(
-            "verify: no locked stage matches {}",
-            stages.join(", ")
-        )));
+        return Err(KilnError::BadFlag {
+            flag: "--stages".into(),
+            message: format!(
+                "no locked stage matches {}; locked stages: {}",
+                stages.join(", "),
+                lock.stages
+                    .iter()
+                    .map(|l| l.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        });
     }
     let scratch = ws.cache.root().join("tmp").join(format!(
         "verify-{}-{}",

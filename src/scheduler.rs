@@ -88,7 +88,7 @@ fn short(v: &Value) -> Option<String> {
             _ => n.to_string(),
         },
         Value::String(s) => s.clone(),
-        Value::Null => "null".into(),
+        Value::Null => "unset".into(),
         other => other.to_string(),
     };
     (s.len() <= 48 && !s.contains('\n')).then_some(s)
@@ -125,9 +125,22 @@ pub fn explain(before: &StageRecord, now: &StageRecord) -> String {
     flatten("", &before.params, &mut a);
     flatten("", &now.params, &mut b);
     let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    // Across implementation versions a setting may be renamed or newly recorded: only values
+    // that both records hold are compared then.
+    let same_version = before.version == now.version;
+    // A fetch stage's `files` describe its resolved inputs, which the input reasons below name
+    // better ("input file data/x.jsonl changed"): they are only reported when nothing else is.
+    let mut files_changed = false;
     for k in keys {
         let (x, y) = (a.get(k), b.get(k));
+        if !same_version && (x.is_none() || y.is_none()) {
+            continue;
+        }
         if x != y {
+            if k == "files" {
+                files_changed = true;
+                continue;
+            }
             let show = |v: Option<&Value>| v.map(short).unwrap_or(Some("unset".into()));
             match (show(x), show(y)) {
                 (Some(x), Some(y)) => reasons.push(format!("{k} changed {x} → {y}")),
@@ -171,6 +184,9 @@ pub fn explain(before: &StageRecord, now: &StageRecord) -> String {
             reasons.push(format!("upstream {k} changed"));
         }
     }
+    if reasons.is_empty() && files_changed {
+        reasons.push("the files it fetches changed".into());
+    }
     if reasons.is_empty() {
         "cache entry missing (removed by gc or quarantined)".into()
     } else {
@@ -184,14 +200,23 @@ enum Outcome {
 }
 
 impl Scheduler<'_> {
-    fn record(&self, i: usize, key: &str, upstream: &[(String, String)]) -> StageRecord {
+    fn record(
+        &self,
+        i: usize,
+        key: &str,
+        upstream: &[(String, String)],
+    ) -> Result<StageRecord, SchedError> {
         let s = &self.plan.stages[i];
-        StageRecord {
+        let params = s.stage.params().map_err(|source| SchedError::StageFailed {
+            name: s.name.clone(),
+            source,
+        })?;
+        Ok(StageRecord {
             key: key.to_string(),
             name: s.name.clone(),
             kind: s.kind().as_str().to_string(),
             version: s.stage.version(),
-            params: s.stage.params(),
+            params,
             inputs: serde_json::to_value(&s.inputs).unwrap_or(Value::Null),
             upstream: Value::Object(
                 upstream
@@ -199,7 +224,7 @@ impl Scheduler<'_> {
                     .map(|(k, v)| (k.clone(), Value::String(v.clone())))
                     .collect(),
             ),
-        }
+        })
     }
 
     /// The dep-specific digest of stage `j`'s entry, from its manifest.
@@ -252,9 +277,9 @@ impl Scheduler<'_> {
                     record: None,
                 }
             } else {
-                let key = stage_key(s, &upstream);
+                let key = stage_key(s, &upstream)?;
                 let fresh = self.cache.manifest(&key)?.is_some();
-                let record = self.record(i, &key, &upstream);
+                let record = self.record(i, &key, &upstream)?;
                 let reason = if fresh {
                     None
                 } else {
@@ -363,7 +388,7 @@ impl Scheduler<'_> {
                         if !s.deps.iter().all(|d| done[d.stage]) {
                             continue;
                         }
-                        let is_train = s.kind() == crate::stages::StageKind::Train;
+                        let is_train = s.stage.uses_all_cores();
                         let trains = running.values().filter(|b| b.train).count();
                         let slot = running.len() < jobs && (!is_train || trains < train_jobs);
                         match self.prepare(i, &keys, forced[i], slot, &mut summary, emit)? {
@@ -488,8 +513,8 @@ impl Scheduler<'_> {
             upstream.push((self.plan.stages[d.stage].name.clone(), dep_digest(&m, d)));
             ups.push((d, k, m));
         }
-        let key = stage_key(s, &upstream);
-        let rec = self.record(i, &key, &upstream);
+        let key = stage_key(s, &upstream)?;
+        let rec = self.record(i, &key, &upstream)?;
         let up_keys: Vec<String> = ups.iter().map(|(_, k, _)| k.clone()).collect();
         // Reuse a finished entry: checked before taking the lock, and again after it, since
         // another kiln process may have built the key while we waited.
@@ -570,7 +595,7 @@ impl Scheduler<'_> {
                 staging,
                 previous_digest,
                 started: Instant::now(),
-                train: s.kind() == crate::stages::StageKind::Train,
+                train: s.stage.uses_all_cores(),
                 _lock: lock,
             },
             job,

@@ -23,8 +23,73 @@ pub enum KilnError {
     Sched(#[from] SchedError),
     #[error(transparent)]
     Stage(#[from] crate::stages::StageError),
-    #[error("{0}")]
-    NotBuilt(String),
+    /// A file kiln reads or writes outside the cache (output_dir, kiln.lock, bench scratch).
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file that exists but is not what kiln expects there.
+    #[error("{path}: {message}; {fix}")]
+    BadFile {
+        path: PathBuf,
+        message: String,
+        fix: String,
+    },
+    /// The command names a stage the config does not plan.
+    #[error("{config}: no `{stage}` stage; {fix}")]
+    NoStage {
+        config: PathBuf,
+        stage: String,
+        fix: String,
+    },
+    /// The command needs a stage's output and it is not in the cache (or is stale).
+    #[error("{stage} is not built (or is stale); {fix}")]
+    NotBuilt { stage: String, fix: String },
+    /// `--locked` / `kiln verify` without a lock (at `path`) to check against.
+    #[error("{message}; run `kiln run {config}` once and commit kiln.lock")]
+    NoLock {
+        path: PathBuf,
+        config: PathBuf,
+        message: String,
+    },
+    /// A flag names something that does not exist (a stage to verify, a benchmark case).
+    #[error("{flag}: {message}")]
+    BadFlag { flag: String, message: String },
+    /// A benchmark's own run failed.
+    #[error("bench: {0}")]
+    Bench(String),
+}
+
+impl KilnError {
+    /// True when the user's input (the config, a flag) is wrong — exit code 2 — rather than a
+    /// build or run failing (exit code 1).
+    pub fn is_usage(&self) -> bool {
+        match self {
+            KilnError::Config(_)
+            | KilnError::Plan(_)
+            | KilnError::Sched(SchedError::Plan(_))
+            | KilnError::NoStage { .. }
+            | KilnError::BadFlag { .. } => true,
+            KilnError::Cache(_)
+            | KilnError::Sched(_)
+            | KilnError::Stage(_)
+            | KilnError::Io { .. }
+            | KilnError::BadFile { .. }
+            | KilnError::NotBuilt { .. }
+            | KilnError::NoLock { .. }
+            | KilnError::Bench(_) => false,
+        }
+    }
+}
+
+/// Maps an I/O error on `path` to [`KilnError::Io`].
+pub fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> KilnError + '_ {
+    move |source| KilnError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// One configuration of the workspace: the config itself, or one point of its `sweep:`.
@@ -104,7 +169,11 @@ impl Workspace {
             .map(|(_, p)| p.stages.iter().map(|s| s.name.clone()).collect())
             .collect();
         let (plan, maps) = if plans.len() == 1 {
-            let (_, p) = plans.pop().ok_or(KilnError::NotBuilt("no plan".into()))?;
+            let (_, p) = plans.pop().ok_or_else(|| KilnError::NoStage {
+                config: config_path.to_path_buf(),
+                stage: "plan".into(),
+                fix: "the config produced no plan".into(),
+            })?;
             let map = (0..p.stages.len()).collect();
             (p, vec![map])
         } else {
@@ -185,12 +254,26 @@ impl Workspace {
         let s = st
             .iter()
             .find(|s| s.name == name)
-            .ok_or_else(|| KilnError::NotBuilt(format!("no stage {name}")))?;
+            .ok_or_else(|| KilnError::NoStage {
+                config: self.settings.config_path.clone(),
+                stage: name.to_string(),
+                fix: format!(
+                    "its stages are {}",
+                    st.iter()
+                        .map(|s| s.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            })?;
         match (&s.key, s.state) {
             (Some(k), State::Fresh) => Ok(self.cache.entry_dir(k)),
-            _ => Err(KilnError::NotBuilt(format!(
-                "{name} is not built; run `kiln preprocess` first"
-            ))),
+            _ => Err(KilnError::NotBuilt {
+                stage: name.to_string(),
+                fix: format!(
+                    "run `kiln run {} --target {name}` first",
+                    self.settings.config_path.display()
+                ),
+            }),
         }
     }
 
@@ -298,10 +381,12 @@ impl Workspace {
         let adapter_dir = match lora_model_dir {
             Some(d) => Some(d.to_path_buf()),
             None if self.plan.index_of("train").is_some() => {
-                Some(self.entry_of("train").map_err(|_| {
-                    KilnError::NotBuilt(
-                        "the train stage is not built (or is stale): run `kiln train CONFIG` first, or pass --lora-model-dir DIR".into(),
-                    )
+                Some(self.entry_of("train").map_err(|_| KilnError::NotBuilt {
+                    stage: "train".into(),
+                    fix: format!(
+                        "run `kiln train {}` first, or pass --lora-model-dir DIR",
+                        self.settings.config_path.display()
+                    ),
                 })?)
             }
             None => None,
@@ -342,24 +427,28 @@ impl Workspace {
 
     /// `kiln train --debug`: one training step on the first bins, nothing published.
     pub fn debug_train_step(&self) -> Result<crate::stages::train::DebugStep, KilnError> {
-        let Some(i) = self.plan.index_of("train") else {
-            return Err(KilnError::NotBuilt(
-                "no train stage: set `adapter: lora`".into(),
-            ));
+        let no_train = || KilnError::NoStage {
+            config: self.settings.config_path.clone(),
+            stage: "train".into(),
+            fix: "set `adapter: lora`, or no adapter for full fine-tuning".into(),
         };
+        let i = self.plan.index_of("train").ok_or_else(no_train)?;
         let AnyStage::Train(t) = &self.plan.stages[i].stage else {
-            return Err(KilnError::NotBuilt("no train stage".into()));
+            return Err(no_train());
         };
-        Ok(t.debug_step(&self.entry_of("fetch.model")?, &self.entry_of("pack")?)?)
+        Ok(t.inputs
+            .debug_step(&self.entry_of("fetch.model")?, &self.entry_of("pack")?)?)
     }
 
     pub fn pack_stats(&self) -> Result<PackStats, KilnError> {
         let dir = self.entry_of("pack")?;
         let p = dir.join("stats.json");
-        let bytes =
-            std::fs::read(&p).map_err(|e| KilnError::NotBuilt(format!("{}: {e}", p.display())))?;
-        serde_json::from_slice(&bytes)
-            .map_err(|e| KilnError::NotBuilt(format!("{}: {e}", p.display())))
+        let bytes = std::fs::read(&p).map_err(io_at(&p))?;
+        serde_json::from_slice(&bytes).map_err(|e| KilnError::BadFile {
+            path: p.clone(),
+            message: format!("not pack statistics ({e})"),
+            fix: "run `kiln cache verify --fix` and preprocess again".into(),
+        })
     }
 
     /// The first `n` tokenized samples of each dataset, for the debug view.
@@ -383,7 +472,7 @@ impl Workspace {
                     .map(|&id| tok.tokenizer.decode(&[id], false).unwrap_or_default())
                     .collect();
                 out.push(DebugExample {
-                    dataset: t.label.clone(),
+                    dataset: t.neutral.label.clone(),
                     index: set.sources[i].1 as usize,
                     text,
                     input_ids: ids.to_vec(),
@@ -438,7 +527,10 @@ fn resolve_output_dir(s: &Settings) -> PathBuf {
 /// sees a half-copied file). A `.kiln-entry` marker names the entry copied; when it already
 /// matches, nothing is copied again.
 pub fn copy_entry(src: &Path, dest: &Path) -> Result<(), KilnError> {
-    let io = |e: std::io::Error| KilnError::NotBuilt(format!("output_dir {}: {e}", dest.display()));
+    let io = |source: std::io::Error| KilnError::Io {
+        path: dest.to_path_buf(),
+        source,
+    };
     std::fs::create_dir_all(dest).map_err(io)?;
     let key = src
         .file_name()

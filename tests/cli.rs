@@ -223,3 +223,50 @@ fn runs_lists_past_runs_with_built_and_reused_counts() {
         .iter()
         .all(|r| r["outcome"] == "ok" && r["config"].as_str().unwrap().ends_with("kiln.yml")));
 }
+
+/// Exit codes (docs/commands.md): 0 ok, 1 a build or run failed, 2 the user's input (the
+/// config, a flag, a command this config cannot do) is wrong.
+#[test]
+fn exit_codes_separate_bad_input_from_failed_builds() {
+    let p = Project::new("");
+    let code = |args: &[&str]| kiln(&p, args).0;
+    assert_eq!(code(&["validate", "kiln.yml"]), 0);
+    // Flags clap rejects, and closed sets checked by clap's value enums.
+    assert_eq!(code(&["run", "kiln.yml", "--no-such-flag"]), 2);
+    assert_eq!(code(&["export", "kiln.yml", "--quant", "q9_9"]), 2);
+    assert_eq!(code(&["compare", "kiln.yml", "--sort", "speed"]), 2);
+    assert_eq!(code(&["bench", "train", "--case", "lora-9"]), 2);
+    // Inputs kiln rejects: a stage that does not exist, a variant of a config with no sweep,
+    // a safetensors dtype that is a GGUF quant, a plot format it cannot write.
+    assert_eq!(code(&["why", "no-such-stage", "kiln.yml"]), 2);
+    assert_eq!(code(&["plan", "kiln.yml", "--variant", "abc"]), 2);
+    let (c, _, err) = kiln(
+        &p,
+        &[
+            "export",
+            "kiln.yml",
+            "--format",
+            "safetensors",
+            "--quant",
+            "q8_0",
+        ],
+    );
+    assert_eq!(c, 2, "{err}");
+    assert!(err.contains("safetensors export takes a dtype"), "{err}");
+    assert_eq!(code(&["plot", "kiln.yml", "-o", "curves.gif"]), 2);
+    let (c, _, err) = kiln(&p, &["validate", "missing.yml"]);
+    assert_eq!(c, 2, "{err}");
+    // A missing dataset file named by the config is the user's input too.
+    std::fs::rename(p.path("data/chat.jsonl"), p.path("data/gone.jsonl")).unwrap();
+    let (c, _, err) = kiln(&p, &["plan", "kiln.yml"]);
+    assert_eq!(c, 2, "{err}");
+    std::fs::rename(p.path("data/gone.jsonl"), p.path("data/chat.jsonl")).unwrap();
+    // Needing an output that is not built is a run failure, not bad input.
+    let (c, _, err) = kiln(&p, &["inference", "kiln.yml", "--prompt", "hi"]);
+    assert_eq!(c, 1, "{err}");
+    assert!(err.contains("train is not built"), "{err}");
+    // --locked with no kiln.lock: nothing to check against.
+    let (c, _, err) = kiln(&p, &["run", "kiln.yml", "--locked"]);
+    assert_eq!(c, 1, "{err}");
+    assert!(err.contains("commit kiln.lock"), "{err}");
+}

@@ -104,7 +104,7 @@ fn lenient_scalars_and_overrides() {
         &["datasets[0].type=completion".into(), "seed=7".into()],
     )
     .unwrap();
-    assert_eq!(l.settings.train.learning_rate, 2e-5);
+    assert_eq!(l.settings.train.optim.learning_rate, 2e-5);
     assert_eq!(
         l.settings.val_set_size,
         kiln::config::ValSetSize::Count(100)
@@ -123,8 +123,8 @@ fn a_messy_axolotl_example_config_validates_with_warnings() {
     let text = std::fs::read_to_string(&path).unwrap();
     let l = load_str(&path, &text, &[]).unwrap();
     let s = &l.settings;
-    assert_eq!(s.train.learning_rate, 2e-4);
-    assert_eq!(s.train.lora_target_modules.len(), 7);
+    assert_eq!(s.train.optim.learning_rate, 2e-4);
+    assert_eq!(s.train.lora.lora_target_modules.len(), 7);
     assert_eq!(
         s.special_tokens.get("pad_token").map(String::as_str),
         Some("<|end_of_text|>")
@@ -132,7 +132,7 @@ fn a_messy_axolotl_example_config_validates_with_warnings() {
     assert!(
         matches!(&s.base_model, kiln::config::ModelSource::Hub { repo, .. } if repo == "NousResearch/Llama-3.2-1B")
     );
-    assert_eq!(s.train.lora_dropout, 0.05);
+    assert_eq!(s.train.lora.lora_dropout, 0.05);
     let mut warned: Vec<String> = l
         .warnings
         .iter()
@@ -170,4 +170,69 @@ fn lora_dropout_must_be_a_probability_and_waits_for_dora() {
         "{p:?}"
     );
     assert!(problems(&format!("{BASE}adapter: lora\nlora_dropout: 0.05\n")).is_empty());
+}
+
+fn settings(yaml: &str) -> kiln::config::Loaded {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("d.jsonl"), "{}\n").unwrap();
+    std::fs::create_dir_all(dir.path().join("m")).unwrap();
+    load_str(&dir.path().join("c.yml"), yaml, &[]).unwrap()
+}
+
+#[test]
+fn yaml_reads_as_pyyaml_reads_it() {
+    // Two of Axolotl's published examples write `sequence_len: 2_048` and `500_000`; PyYAML
+    // (YAML 1.1) reads both as integers, and yes/no/on/off as booleans.
+    let l = settings(&format!(
+        "{BASE}sequence_len: 2_048\nmax_steps: 500_000\nlearning_rate: 1e-4\nweight_decay: 1.0e-2\nsample_packing: yes\ntrain_on_inputs: on\nshuffle_merged_datasets: no\ngroup_by_length: Off\n"
+    ));
+    let s = &l.settings;
+    assert_eq!(s.sequence_len, 2048);
+    assert_eq!(s.train.steps.max_steps, Some(500_000));
+    assert_eq!(s.train.optim.learning_rate, 1e-4);
+    assert_eq!(s.train.optim.weight_decay, 1e-2);
+    assert!(s.sample_packing && s.train_on_inputs);
+    assert!(!s.shuffle_merged_datasets && !s.group_by_length);
+    // Quoted, they stay strings: a boolean key rejects "yes".
+    let p = problems(&format!("{BASE}sample_packing: \"yes\"\n"));
+    assert_eq!(p[0].key, "sample_packing", "{p:#?}");
+}
+
+#[test]
+fn flow_style_values_are_located_exactly() {
+    let p = problems(
+        "base_model: m\ndatasets: [{path: d.jsonl, type: alpacca}]\nmicro_batch_size: {a: 1}\n",
+    );
+    let keys: Vec<&str> = p.iter().map(|x| x.key.as_str()).collect();
+    assert_eq!(keys, ["micro_batch_size", "datasets[0].type"], "{p:#?}");
+    assert_eq!((p[1].line, p[1].column), (Some(2), Some(28)));
+    assert_eq!((p[0].line, p[0].column), (Some(3), Some(1)));
+}
+
+#[test]
+fn yaml_syntax_errors_name_file_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.yml");
+    let Err(e) = load_str(&path, "base_model: m\ndatasets: [a, b\nseed: 1\n", &[]) else {
+        panic!("invalid YAML accepted")
+    };
+    let msg = e.to_string();
+    assert!(
+        msg.starts_with(&format!("{}:", path.display())) && msg.contains("not valid YAML"),
+        "{msg}"
+    );
+    let ConfigError::Yaml { source, .. } = e else {
+        panic!("{msg}")
+    };
+    assert!(source.line >= 2, "{msg}");
+}
+
+#[test]
+fn a_key_given_twice_warns_and_the_later_value_wins() {
+    let l = settings(&format!("{BASE}seed: 1\nseed: 7\n"));
+    assert_eq!(l.settings.seed, 7);
+    let w: Vec<&kiln::config::Problem> = l.warnings.iter().filter(|w| w.key == "seed").collect();
+    assert_eq!(w.len(), 1, "{:#?}", l.warnings);
+    assert_eq!(w[0].line, Some(6));
+    assert!(w[0].message.contains("given twice"));
 }

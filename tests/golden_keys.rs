@@ -1,60 +1,195 @@
-//! Golden keys: each stage's key for a fixed fixture is pinned. A change here is deliberate: it
-//! means the key's inputs or encoding changed, so bump that stage's VERSION and update the pin.
+//! Golden keys: the key of every stage kind, for fixed fixtures and fixed upstream digests, is
+//! pinned. A change here is deliberate: the key's inputs or encoding changed, so bump that
+//! stage's VERSION and update the pin (`KILN_PRINT_KEYS=1 cargo test --test golden_keys --
+//! --nocapture` prints the new table). Upstream digests are fixed strings rather than built
+//! outputs, so these pins test the key derivation alone, not the numerics of upstream stages.
 
 mod common;
 use common::*;
+use kiln::plan::stage_key;
+use kiln::stages::StageKind;
+use std::collections::BTreeSet;
 
-fn keys(p: &Project) -> Vec<(String, String)> {
-    p.run(&[]);
-    p.plan(&[])
-        .into_iter()
-        .map(|s| (s.name, s.key.unwrap()))
+/// Every stage's (name, kind, key) with each upstream digest replaced by a fixed one.
+fn keys(p: &Project) -> Vec<(String, StageKind, String)> {
+    let ws = p.ws(&[]);
+    let plan = &ws.plan;
+    plan.stages
+        .iter()
+        .map(|s| {
+            let up: Vec<(String, String)> = s
+                .deps
+                .iter()
+                .map(|d| {
+                    let name = plan.stages[d.stage].name.clone();
+                    let digest = kiln::hash::hash_bytes(format!("upstream {name}").as_bytes());
+                    (name, digest)
+                })
+                .collect();
+            (s.name.clone(), s.kind(), stage_key(s, &up).unwrap())
+        })
         .collect()
 }
 
-const PINNED: &[(&str, &str)] = &[
+/// A LoRA pipeline with every stage kind: fetch, tokenize, pack, train, merge, evaluate (with a
+/// prompts file) and export.
+fn lora_project() -> Project {
+    let p = Project::new(
+        "adapter: lora\nlora_r: 4\nlora_alpha: 8\nmax_steps: 2\nmerge_lora: true\nevaluate:\n  prompts: data/prompts.txt\n  max_new_tokens: 4\nexport:\n  - {format: gguf, quant: q8_0}\n",
+    );
+    std::fs::write(p.path("data/prompts.txt"), "What is kiln?\n").unwrap();
+    p
+}
+
+const PINNED_LORA: &[(&str, &str)] = &[
     (
         "fetch.model",
-        "94d3692e733a00438a70e0ebc381fbcf6d2a1264352856208af263e5ba6a8358",
+        "4ee343abc45bb3fd48eaec659feb0ce90dc3cc1c263a8fb61d018b67024c1da4",
     ),
     (
         "fetch.data[0]",
-        "de88ee5da685103cf0769f283564c6fb9604a576e40fa4c2abda247718b46f57",
+        "6530a7de10417fc37648230654d349e9b35f2d1d8feb8d9ed33b0342d58cae9c",
     ),
     (
         "tokenize[0]",
-        "0e4a3d96b5b8f55bbd4cf518cb28e1da51f9a09f4c91a57974a2cdcc5ac2559f",
+        "5251f045e5688a93a582f803f8afe0240ecf6ab7b26c26935c158d639d7b8d8a",
     ),
     (
         "fetch.data[1]",
-        "59c62b9f7e2df7f517c7420ec15c5411dc777bf2343f38f0dfba58f29efc904e",
+        "b3f0d0cfe5d6235da4a3bf1ec55fea43f8bff5eb3055d13958f12c2c1aef2af6",
     ),
     (
         "tokenize[1]",
-        "696ed8707e7110d4fd439a6673dc5238bc06751040d6bec5c7fc6363c1d9746e",
+        "7334a627125122d82541b804ab1e364c639b0d79ee67249ad15ff52f89812a37",
     ),
     (
         "pack",
-        "228d061a7635bbd06a9ed557451f9b9b7068ff1c36c02c8e8df6c33dfcd07c13",
+        "94899e03e28c4f6d7d77830f5b03de99e794571c92eaca82341ed7ae22fa25de",
+    ),
+    (
+        "train",
+        "c1c37c7f230d08f47495357dbaef2fd6e169754d3f12c93c1e065155d5d42ee8",
+    ),
+    (
+        "merge",
+        "9c433cbe93493801571810e83f9c195fa4080455b47f8aabbd9fc5b7275277b5",
+    ),
+    (
+        "fetch.prompts",
+        "8b47ca973ae6011fcad55541859925f0abf64d23b2cf31b46b4f58d3ac6862c9",
+    ),
+    (
+        "evaluate",
+        "e920bb1e7d1c440f0e567f05089f6d35642e2779902c2a7e0cb34e60393f1171",
+    ),
+    (
+        "export.gguf.q8_0",
+        "d18516e8713fbc9c17c459c1bb73f126e0c8b119c0f6016c76fdd38759f3af6c",
     ),
 ];
+const PINNED_FULL: &[(&str, &str)] = &[
+    (
+        "fetch.model",
+        "4ee343abc45bb3fd48eaec659feb0ce90dc3cc1c263a8fb61d018b67024c1da4",
+    ),
+    (
+        "fetch.data[0]",
+        "6530a7de10417fc37648230654d349e9b35f2d1d8feb8d9ed33b0342d58cae9c",
+    ),
+    (
+        "tokenize[0]",
+        "5251f045e5688a93a582f803f8afe0240ecf6ab7b26c26935c158d639d7b8d8a",
+    ),
+    (
+        "fetch.data[1]",
+        "b3f0d0cfe5d6235da4a3bf1ec55fea43f8bff5eb3055d13958f12c2c1aef2af6",
+    ),
+    (
+        "tokenize[1]",
+        "7334a627125122d82541b804ab1e364c639b0d79ee67249ad15ff52f89812a37",
+    ),
+    (
+        "pack",
+        "94899e03e28c4f6d7d77830f5b03de99e794571c92eaca82341ed7ae22fa25de",
+    ),
+    (
+        "train",
+        "dcce4c6b5fa2a8074cfd3b2fb73c6037acdea61d5ed27cc919373152e2a363b3",
+    ),
+];
+
+fn check(got: &[(String, StageKind, String)], pinned: &[(&str, &str)], table: &str) {
+    if std::env::var("KILN_PRINT_KEYS").is_ok() {
+        println!("const {table}: &[(&str, &str)] = &[");
+        for (name, _, key) in got {
+            println!("    (\"{name}\", \"{key}\"),");
+        }
+        println!("];");
+        return;
+    }
+    let names: Vec<&str> = got.iter().map(|(n, _, _)| n.as_str()).collect();
+    let pinned_names: Vec<&str> = pinned.iter().map(|(n, _)| *n).collect();
+    assert_eq!(
+        names, pinned_names,
+        "{table}: the plan's stages and the pinned ones differ; pin every stage"
+    );
+    for ((name, _, key), (_, pkey)) in got.iter().zip(pinned) {
+        assert_eq!(
+            key, pkey,
+            "key of {name} changed: bump its stage VERSION and update {table}"
+        );
+    }
+}
 
 #[test]
 fn stage_keys_are_pinned() {
     one_thread();
-    let p = Project::new("seed: 42\n");
-    let got = keys(&p);
-    for ((name, key), (pname, pkey)) in got.iter().zip(PINNED) {
-        assert_eq!(name, pname);
-        if std::env::var("KILN_PRINT_KEYS").is_ok() {
-            println!("    (\"{name}\", \"{key}\"),");
-            continue;
-        }
-        assert_eq!(
-            key, pkey,
-            "key of {name} changed: bump its stage VERSION and update the pin"
+    let lora = keys(&lora_project());
+    check(&lora, PINNED_LORA, "PINNED_LORA");
+    let full = keys(&Project::new("max_steps: 2\n"));
+    check(&full, PINNED_FULL, "PINNED_FULL");
+    // Every stage kind has a pinned key: a new kind fails here until a fixture plans it.
+    let covered: BTreeSet<StageKind> = lora.iter().chain(&full).map(|(_, k, _)| *k).collect();
+    for kind in StageKind::ALL {
+        assert!(
+            covered.contains(kind),
+            "no golden key for stage kind `{}`: add it to a fixture above and pin it",
+            kind.as_str()
         );
     }
+}
+
+/// A setting the train stage reads changes its key and nothing upstream of it; a setting that
+/// does not affect output (`logging_steps`) changes no key.
+#[test]
+fn keys_follow_exactly_what_each_stage_reads() {
+    one_thread();
+    let base = keys(&Project::new("adapter: lora\nmax_steps: 2\n"));
+    let changed = |yaml: &str| -> Vec<String> {
+        let other = keys(&Project::new(&format!(
+            "adapter: lora\nmax_steps: 2\n{yaml}"
+        )));
+        assert_eq!(other.len(), base.len());
+        base.iter()
+            .zip(&other)
+            .filter(|(a, b)| a.2 != b.2)
+            .map(|(a, _)| a.0.clone())
+            .collect()
+    };
+    assert_eq!(changed("learning_rate: 1e-4\n"), ["train"]);
+    assert_eq!(changed("lora_dropout: 0.1\n"), ["train"]);
+    assert_eq!(changed("save_total_limit: 2\n"), ["train"]);
+    assert_eq!(changed("logging_steps: 5\n"), Vec::<String>::new());
+    assert_eq!(changed("seed: 7\n"), ["pack", "train"]);
+    assert_eq!(
+        changed("sequence_len: 256\n"),
+        ["tokenize[0]", "tokenize[1]", "pack"]
+    );
+    // Only the chat dataset renders a template.
+    assert_eq!(
+        changed("default_system_message: Be brief.\n"),
+        ["tokenize[1]"]
+    );
 }
 
 #[test]

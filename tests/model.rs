@@ -78,7 +78,7 @@ fn packed_rows_give_the_same_logits_as_separate_samples() {
 fn frozen_linear_matches_matmul_forward_and_input_gradient() {
     use candle_core::Var;
     let dev = Device::Cpu;
-    let mut rng = kiln::data::pack::SplitMix64::new(5);
+    let mut rng = kiln::rng::SplitMix64::new(5);
     let mut rand = |n: usize| -> Vec<f32> {
         (0..n)
             .map(|_| (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5)

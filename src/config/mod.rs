@@ -6,16 +6,17 @@
 //! yet get "not supported yet" (an error under `strict: true`, a warning otherwise).
 
 pub mod axolotl_keys;
-pub mod locate;
+mod export;
 mod resolve;
 pub mod sweep;
+pub mod yaml;
 
+pub use export::*;
 pub use resolve::*;
 
-use locate::{path_string, Locator, Seg};
-use serde_yaml::{Mapping, Value};
 use std::fmt;
 use std::path::{Path, PathBuf};
+use yaml::{path_string, Mapping, Positions, Seg, Value};
 
 /// One problem found in a config.
 #[derive(Debug, Clone, PartialEq)]
@@ -56,8 +57,12 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path}: not valid YAML: {message}")]
-    Yaml { path: PathBuf, message: String },
+    #[error("{}:{}:{}: not valid YAML: {}", path.display(), source.line, source.column, source.message)]
+    Yaml {
+        path: PathBuf,
+        #[source]
+        source: yaml::YamlError,
+    },
     #[error("{}", render_problems(.0))]
     Invalid(Vec<Problem>),
     #[error("--set {arg}: {message}")]
@@ -81,7 +86,7 @@ fn render_problems(ps: &[Problem]) -> String {
 pub struct Ctx<'a> {
     pub file: PathBuf,
     pub dir: PathBuf,
-    locator: Locator<'a>,
+    positions: &'a Positions,
     pub errors: Vec<Problem>,
     pub warnings: Vec<Problem>,
     pub strict: bool,
@@ -89,7 +94,7 @@ pub struct Ctx<'a> {
 
 impl<'a> Ctx<'a> {
     fn problem(&self, path: &[Seg], message: String, fix: Option<String>) -> Problem {
-        let pos = self.locator.find(path);
+        let pos = self.positions.find(path);
         Problem {
             file: self.file.clone(),
             key: path_string(path),
@@ -143,7 +148,7 @@ pub fn load(path: &Path, overrides: &[String]) -> Result<Loaded, ConfigError> {
 }
 
 pub fn load_str(path: &Path, text: &str, overrides: &[String]) -> Result<Loaded, ConfigError> {
-    let mut map = parse_mapping(path, text, overrides)?;
+    let (mut map, positions) = parse_mapping(path, text, overrides)?;
     if map.remove("sweep").is_some_and(|v| !v.is_null()) {
         return Err(ConfigError::Invalid(vec![Problem {
             file: path.to_path_buf(),
@@ -154,7 +159,7 @@ pub fn load_str(path: &Path, text: &str, overrides: &[String]) -> Result<Loaded,
             fix: Some("pick a variant with --set (e.g. --set learning_rate=1e-4 and remove `sweep:`), or use `kiln plan` / `kiln run` / `kiln compare`".into()),
         }]));
     }
-    resolve_mapping(path, text, map)
+    resolve_mapping(path, &positions, map)
 }
 
 /// A config that may hold a `sweep:`: one (variant, settings) per point of the sweep, each with
@@ -167,9 +172,9 @@ pub fn load_variants(
         path: path.to_path_buf(),
         source,
     })?;
-    let mut map = parse_mapping(path, &text, overrides)?;
+    let (mut map, positions) = parse_mapping(path, &text, overrides)?;
     let Some(sw) = map.remove("sweep").filter(|v| !v.is_null()) else {
-        return Ok(vec![(None, resolve_mapping(path, &text, map)?)]);
+        return Ok(vec![(None, resolve_mapping(path, &positions, map)?)]);
     };
     let variants = sweep::expand(path, &sw)?;
     let base_out = map
@@ -188,7 +193,7 @@ pub fn load_variants(
             "output_dir",
             Value::String(format!("{}/{}", base_out.trim_end_matches('/'), v.id)),
         );
-        let loaded = resolve_mapping(path, &text, m).map_err(|e| match e {
+        let loaded = resolve_mapping(path, &positions, m).map_err(|e| match e {
             ConfigError::Invalid(mut ps) => {
                 for p in &mut ps {
                     p.message = format!("{} (sweep variant {})", p.message, v.label);
@@ -202,15 +207,15 @@ pub fn load_variants(
     Ok(out)
 }
 
-fn parse_mapping(path: &Path, text: &str, overrides: &[String]) -> Result<Mapping, ConfigError> {
-    let mut value: Value = if text.trim().is_empty() {
-        Value::Mapping(Mapping::new())
-    } else {
-        serde_yaml::from_str(text).map_err(|e| ConfigError::Yaml {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?
-    };
+fn parse_mapping(
+    path: &Path,
+    text: &str,
+    overrides: &[String],
+) -> Result<(Mapping, Positions), ConfigError> {
+    let (mut value, positions) = yaml::parse(text).map_err(|source| ConfigError::Yaml {
+        path: path.to_path_buf(),
+        source,
+    })?;
     if value.is_null() {
         value = Value::Mapping(Mapping::new());
     }
@@ -218,7 +223,7 @@ fn parse_mapping(path: &Path, text: &str, overrides: &[String]) -> Result<Mappin
         apply_override(&mut value, o)?;
     }
     match value {
-        Value::Mapping(m) => Ok(m),
+        Value::Mapping(m) => Ok((m, positions)),
         _ => Err(ConfigError::Invalid(vec![Problem {
             file: path.to_path_buf(),
             key: String::new(),
@@ -230,7 +235,11 @@ fn parse_mapping(path: &Path, text: &str, overrides: &[String]) -> Result<Mappin
     }
 }
 
-fn resolve_mapping(path: &Path, text: &str, map: Mapping) -> Result<Loaded, ConfigError> {
+fn resolve_mapping(
+    path: &Path,
+    positions: &Positions,
+    map: Mapping,
+) -> Result<Loaded, ConfigError> {
     let dir = path
         .parent()
         .map(|p| {
@@ -245,11 +254,18 @@ fn resolve_mapping(path: &Path, text: &str, map: Mapping) -> Result<Loaded, Conf
     let mut ctx = Ctx {
         file: path.to_path_buf(),
         dir,
-        locator: Locator::new(text),
+        positions,
         errors: Vec::new(),
         warnings: Vec::new(),
         strict,
     };
+    for (key, _) in &positions.duplicates {
+        ctx.warn(
+            key,
+            "given twice in one mapping; the later value is used (as PyYAML does)",
+            Some("remove one of them".into()),
+        );
+    }
     let settings = resolve::resolve(&mut ctx, &map);
     if !ctx.errors.is_empty() {
         return Err(ConfigError::Invalid(ctx.errors));
@@ -294,7 +310,9 @@ fn apply_override(root: &mut Value, arg: &str) -> Result<(), ConfigError> {
     let (k, v) = arg
         .split_once('=')
         .ok_or_else(|| bad("expected key=value, e.g. --set learning_rate=1e-4"))?;
-    let new: Value = serde_yaml::from_str(v).unwrap_or_else(|_| Value::String(v.to_string()));
+    let new: Value = yaml::parse(v)
+        .map(|(v, _)| v)
+        .unwrap_or_else(|_| Value::String(v.to_string()));
     let path = parse_path(k.trim());
     if path.is_empty() {
         return Err(bad("empty key"));

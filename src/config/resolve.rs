@@ -2,10 +2,10 @@
 //! `null` means absent, `2e-5` as a string is a float), and per-key validation.
 
 use super::axolotl_keys;
-use super::locate::Seg;
+use super::yaml::Seg;
+use super::yaml::{Mapping, Value};
 use super::{did_you_mean, Ctx};
 use serde::Serialize;
-use serde_yaml::{Mapping, Value};
 use std::path::PathBuf;
 
 /// Where the base model comes from.
@@ -108,38 +108,68 @@ pub enum ValSetSize {
     Count(u64),
 }
 
-/// Training settings. Validated now; the train stage reads them.
+/// LoRA settings, by Axolotl's names. The train stage embeds this struct in its inputs, so each
+/// field is in the train key by construction.
 #[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct TrainSettings {
-    pub adapter: Option<String>,
+pub struct LoraSettings {
     pub lora_r: u64,
     pub lora_alpha: f64,
     pub lora_dropout: f64,
     pub lora_target_modules: Vec<String>,
+    /// Every linear layer of the blocks (also the meaning of no `lora_target_modules`).
+    pub lora_target_linear: bool,
     /// `lora_modules_to_save`: modules trained in full beside the LoRA deltas (PEFT's
     /// `modules_to_save`), e.g. `lm_head`, `embed_tokens`, `norm`.
     pub lora_modules_to_save: Vec<String>,
-    pub lora_target_linear: bool,
-    pub micro_batch_size: u64,
-    pub gradient_accumulation_steps: u64,
-    pub eval_batch_size: Option<u64>,
-    pub num_epochs: f64,
-    pub max_steps: Option<u64>,
-    pub learning_rate: f64,
-    pub optimizer: String,
-    pub lr_scheduler: String,
-    pub weight_decay: f64,
-    pub warmup_ratio: Option<f64>,
-    pub warmup_steps: Option<u64>,
-    pub max_grad_norm: f64,
-    pub logging_steps: Option<u64>,
-    pub eval_steps: Option<f64>,
-    pub save_steps: Option<f64>,
-    pub save_total_limit: Option<u64>,
-    pub evals_per_epoch: Option<u64>,
-    pub saves_per_epoch: Option<u64>,
     pub peft_use_rslora: bool,
     pub peft_use_dora: bool,
+}
+
+/// The optimizer's settings and the learning-rate schedule (train key).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct OptimSettings {
+    pub learning_rate: f64,
+    pub lr_scheduler: String,
+    pub warmup_steps: Option<u64>,
+    pub warmup_ratio: Option<f64>,
+    pub weight_decay: f64,
+    pub max_grad_norm: f64,
+}
+
+/// How long training runs and in what batches (train key).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct StepSettings {
+    pub num_epochs: f64,
+    pub max_steps: Option<u64>,
+    pub micro_batch_size: u64,
+    pub gradient_accumulation_steps: u64,
+}
+
+/// When training writes checkpoints and runs validation (train key: the kept `checkpoint-N/`
+/// and the eval losses in `trainer_state.json` are output).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct CadenceSettings {
+    /// Checkpoint every N steps (a fraction < 1 is a share of the total); 0 = never.
+    pub save_steps: Option<f64>,
+    pub saves_per_epoch: Option<u64>,
+    pub save_total_limit: Option<u64>,
+    /// Validation every N steps (a fraction < 1 is a share of the total); 0 = never.
+    pub eval_steps: Option<f64>,
+    pub evals_per_epoch: Option<u64>,
+}
+
+/// Training settings. Validated now; the train stage reads the groups (`lora`, `optim`,
+/// `steps`, `cadence`) whole.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TrainSettings {
+    pub adapter: Option<String>,
+    pub lora: LoraSettings,
+    pub optim: OptimSettings,
+    pub steps: StepSettings,
+    pub cadence: CadenceSettings,
+    pub eval_batch_size: Option<u64>,
+    pub optimizer: String,
+    pub logging_steps: Option<u64>,
     pub neftune_noise_alpha: Option<f64>,
     /// `resume_from_checkpoint`: a kiln `checkpoint-N/` directory the train stage starts from
     /// (its files are fetched inputs of the stage).
@@ -373,9 +403,7 @@ impl Reader<'_, '_, '_> {
 
     fn type_error(&mut self, k: &str, expected: &str, got: &Value) {
         let p = self.path(k);
-        let shown = serde_yaml::to_string(got)
-            .map(|s| s.trim().to_string())
-            .unwrap_or_default();
+        let shown = got.inline();
         self.ctx.error(
             &p,
             format!("expected {expected}, found `{shown}`"),
@@ -485,43 +513,7 @@ impl Reader<'_, '_, '_> {
 
 pub(super) fn resolve(ctx: &mut Ctx<'_>, map: &Mapping) -> Settings {
     // 1. Classify every top-level key.
-    let mut known: Vec<&str> = axolotl_keys::TOP_LEVEL.to_vec();
-    known.extend_from_slice(KILN_KEYS);
-    for (k, v) in map {
-        let Some(k) = k.as_str() else {
-            ctx.error(&[], "keys must be strings", None);
-            continue;
-        };
-        match classify(k) {
-            Some(KeyClass::Handled) => {}
-            Some(KeyClass::NoEffect(why)) => {
-                if !is_unset(v) {
-                    ctx.warn(&[key(k)], format!("has no effect in kiln: {why}"), None);
-                }
-            }
-            None if axolotl_keys::TOP_LEVEL.contains(&k) => {
-                if !is_unset(v) {
-                    ctx.unsupported(&[key(k)], k);
-                }
-            }
-            None => {
-                let fix = did_you_mean(k, known.iter().copied())
-                    .map(|s| format!("did you mean `{s}`?"))
-                    .or_else(|| Some("remove it; see docs/config.md for every key".into()));
-                if is_unset(v) {
-                    // Old Axolotl examples carry keys the schema has since dropped (`debug:`);
-                    // with no value they change nothing.
-                    ctx.warn(
-                        &[key(k)],
-                        "unknown key (ignored: it has no value)".to_string(),
-                        fix,
-                    );
-                } else {
-                    ctx.error(&[key(k)], "unknown key".to_string(), fix);
-                }
-            }
-        }
-    }
+    classify_keys(ctx, map);
 
     let mut r = Reader {
         map,
@@ -602,8 +594,8 @@ pub(super) fn resolve(ctx: &mut Ctx<'_>, map: &Mapping) -> Settings {
     let _ = (r.bool("pad_to_sequence_len"), r.bool("eval_sample_packing"));
     let merge_lora = r.bool("merge_lora").unwrap_or(false);
     let max_shard_size = match r.string("max_shard_size") {
-        None => crate::stages::merge::DEFAULT_MAX_SHARD,
-        Some(v) => match crate::model::weights::parse_size(&v) {
+        None => super::DEFAULT_MAX_SHARD,
+        Some(v) => match super::parse_size(&v) {
             Some(n) if n > 0 => n,
             _ => {
                 r.ctx.error(
@@ -611,158 +603,13 @@ pub(super) fn resolve(ctx: &mut Ctx<'_>, map: &Mapping) -> Settings {
                     format!("`{v}` is not a size"),
                     Some("write e.g. `5GB`, `500MB` or a byte count".into()),
                 );
-                crate::stages::merge::DEFAULT_MAX_SHARD
+                super::DEFAULT_MAX_SHARD
             }
         },
     };
 
-    // 4. Training keys (validated here, read by the train stage).
-    let mbs = r.u64("micro_batch_size");
-    let gas = r.u64("gradient_accumulation_steps");
-    let train = TrainSettings {
-        adapter: r.string("adapter"),
-        lora_r: r.u64("lora_r").unwrap_or(8),
-        lora_alpha: r.f64("lora_alpha").unwrap_or(16.0),
-        lora_dropout: r.f64("lora_dropout").unwrap_or(0.0),
-        lora_target_modules: r.str_list("lora_target_modules").unwrap_or_default(),
-        lora_modules_to_save: r.str_list("lora_modules_to_save").unwrap_or_default(),
-        lora_target_linear: r.bool("lora_target_linear").unwrap_or(false),
-        micro_batch_size: r.positive("micro_batch_size", mbs, 1),
-        gradient_accumulation_steps: r.positive("gradient_accumulation_steps", gas, 1),
-        eval_batch_size: r.u64("eval_batch_size"),
-        num_epochs: r.f64("num_epochs").unwrap_or(1.0),
-        max_steps: r.u64("max_steps"),
-        learning_rate: r.f64("learning_rate").unwrap_or(2e-4),
-        optimizer: r
-            .string("optimizer")
-            .unwrap_or_else(|| "adamw_torch".into()),
-        lr_scheduler: r.string("lr_scheduler").unwrap_or_else(|| "cosine".into()),
-        weight_decay: r.f64("weight_decay").unwrap_or(0.0),
-        warmup_ratio: r.f64("warmup_ratio"),
-        warmup_steps: r.u64("warmup_steps"),
-        max_grad_norm: r.f64("max_grad_norm").unwrap_or(1.0),
-        logging_steps: r.u64("logging_steps"),
-        eval_steps: r.f64("eval_steps"),
-        save_steps: r.f64("save_steps"),
-        save_total_limit: r.u64("save_total_limit"),
-        evals_per_epoch: r.u64("evals_per_epoch"),
-        saves_per_epoch: r.u64("saves_per_epoch"),
-        peft_use_rslora: r.bool("peft_use_rslora").unwrap_or(false),
-        peft_use_dora: r.bool("peft_use_dora").unwrap_or(false),
-        neftune_noise_alpha: r.f64("neftune_noise_alpha").filter(|a| *a > 0.0),
-        resume_from_checkpoint: r
-            .string("resume_from_checkpoint")
-            .map(|d| r.ctx.dir.join(d)),
-    };
-    match train.adapter.as_deref() {
-        None if merge_lora => r.ctx.warn(
-            &[key("merge_lora")],
-            "has no effect with full fine-tuning (no `adapter`): the trained model is already complete",
-            Some("remove `merge_lora`, or set `adapter: lora`".into()),
-        ),
-        Some("qlora") => r.ctx.error(
-            &[key("adapter")],
-            "not supported yet: adapter `qlora` (4-bit base weights)",
-            Some("use `adapter: lora` (kiln keeps base weights in f32)".into()),
-        ),
-        Some("lora") if !(0.0..1.0).contains(&train.lora_dropout) => r.ctx.error(
-            &[key("lora_dropout")],
-            format!("{} is not a dropout probability", train.lora_dropout),
-            Some("use a value in [0, 1), e.g. 0.05".into()),
-        ),
-        Some("lora") if train.lora_dropout > 0.0 && train.peft_use_dora => r.ctx.unsupported(
-            &[key("lora_dropout")],
-            "lora_dropout > 0 together with peft_use_dora (DoRA trains without dropout for now)",
-        ),
-        _ => {}
-    }
-    if let Some(a) = &train.adapter {
-        if !["lora", "qlora"].contains(&a.as_str()) {
-            r.ctx.error(
-                &[key("adapter")],
-                format!("unknown adapter `{a}`"),
-                Some("use `lora` or `qlora`, or remove the key for full fine-tuning".into()),
-            );
-        }
-    }
-    const OPTIMIZERS: &[&str] = &["adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw"];
-    if !OPTIMIZERS.contains(&train.optimizer.as_str()) {
-        let what = format!(
-            "optimizer `{}` (kiln trains with adamw_torch)",
-            train.optimizer
-        );
-        r.ctx.unsupported(&[key("optimizer")], &what);
-    }
-    const SCHEDULERS: &[&str] = &["cosine", "linear", "constant", "constant_with_warmup"];
-    if !SCHEDULERS.contains(&train.lr_scheduler.as_str()) {
-        let what = format!(
-            "lr_scheduler `{}` (kiln has {})",
-            train.lr_scheduler,
-            SCHEDULERS.join(", ")
-        );
-        r.ctx.unsupported(&[key("lr_scheduler")], &what);
-    }
-    if train.learning_rate <= 0.0 {
-        r.ctx.error(
-            &[key("learning_rate")],
-            "must be greater than 0",
-            Some("typical LoRA values are 1e-4 to 3e-4".into()),
-        );
-    }
-
-    let mut special_tokens = std::collections::BTreeMap::new();
-    match r.get("special_tokens").cloned() {
-        None => {}
-        Some(Value::Mapping(m)) => {
-            for (k, v) in m {
-                let Some(k) = k.as_str() else { continue };
-                let path = [key("special_tokens"), key(k)];
-                match (k, v) {
-                    (_, Value::Null) => {}
-                    ("bos_token" | "eos_token" | "pad_token" | "unk_token", Value::String(t)) => {
-                        special_tokens.insert(k.to_string(), t);
-                    }
-                    ("additional_special_tokens", v) if is_unset(&v) => {}
-                    ("additional_special_tokens", _) => r.ctx.unsupported(
-                        &path,
-                        "adding tokens (special_tokens.additional_special_tokens)",
-                    ),
-                    ("bos_token" | "eos_token" | "pad_token" | "unk_token", _) => {
-                        r.ctx.error(
-                            &path,
-                            "expected a token string",
-                            Some(format!("write e.g. `{k}: \"<|im_end|>\"`")),
-                        );
-                    }
-                    _ => r.ctx.error(
-                        &path,
-                        "unknown special token",
-                        Some("use bos_token, eos_token, pad_token or unk_token".into()),
-                    ),
-                }
-            }
-        }
-        Some(other) => r.type_error(
-            "special_tokens",
-            "a mapping like {eos_token: \"</s>\"}",
-            &other,
-        ),
-    }
-
-    if let Some(d) = train
-        .resume_from_checkpoint
-        .as_ref()
-        .filter(|d| !d.join("trainer_state.json").is_file())
-    {
-        r.ctx.error(
-            &[key("resume_from_checkpoint")],
-            format!(
-                "{}: not a checkpoint (no trainer_state.json there)",
-                d.display()
-            ),
-            Some("point it at a `checkpoint-N/` directory a kiln train stage wrote".into()),
-        );
-    }
+    let train = read_train(&mut r, merge_lora);
+    let special_tokens = read_special_tokens(&mut r);
     let evaluate = read_evaluate(r.ctx, map);
     let export = read_export(r.ctx, map);
     let lora_model_dir = r.string("lora_model_dir").map(|d| r.ctx.dir.join(d));
@@ -850,6 +697,213 @@ pub(super) fn resolve(ctx: &mut Ctx<'_>, map: &Mapping) -> Settings {
     }
 }
 
+/// Classifies every top-level key: handled, no effect (a warning), not supported yet, or unknown
+/// (an error with a did-you-mean).
+fn classify_keys(ctx: &mut Ctx<'_>, map: &Mapping) {
+    let mut known: Vec<&str> = axolotl_keys::TOP_LEVEL.to_vec();
+    known.extend_from_slice(KILN_KEYS);
+    for (k, v) in map {
+        let Some(k) = k.as_str() else {
+            ctx.error(&[], "keys must be strings", None);
+            continue;
+        };
+        match classify(k) {
+            Some(KeyClass::Handled) => {}
+            Some(KeyClass::NoEffect(why)) => {
+                if !is_unset(v) {
+                    ctx.warn(&[key(k)], format!("has no effect in kiln: {why}"), None);
+                }
+            }
+            None if axolotl_keys::TOP_LEVEL.contains(&k) => {
+                if !is_unset(v) {
+                    ctx.unsupported(&[key(k)], k);
+                }
+            }
+            None => {
+                let fix = did_you_mean(k, known.iter().copied())
+                    .map(|s| format!("did you mean `{s}`?"))
+                    .or_else(|| Some("remove it; see docs/config.md for every key".into()));
+                if is_unset(v) {
+                    // Old Axolotl examples carry keys the schema has since dropped (`debug:`);
+                    // with no value they change nothing.
+                    ctx.warn(
+                        &[key(k)],
+                        "unknown key (ignored: it has no value)".to_string(),
+                        fix,
+                    );
+                } else {
+                    ctx.error(&[key(k)], "unknown key".to_string(), fix);
+                }
+            }
+        }
+    }
+}
+
+/// The training keys, validated (the train stage reads their groups whole).
+fn read_train(r: &mut Reader<'_, '_, '_>, merge_lora: bool) -> TrainSettings {
+    // 4. Training keys (validated here, read by the train stage).
+    let mbs = r.u64("micro_batch_size");
+    let gas = r.u64("gradient_accumulation_steps");
+    let train = TrainSettings {
+        adapter: r.string("adapter"),
+        lora: LoraSettings {
+            lora_r: r.u64("lora_r").unwrap_or(8),
+            lora_alpha: r.f64("lora_alpha").unwrap_or(16.0),
+            lora_dropout: r.f64("lora_dropout").unwrap_or(0.0),
+            lora_target_modules: r.str_list("lora_target_modules").unwrap_or_default(),
+            lora_target_linear: r.bool("lora_target_linear").unwrap_or(false),
+            lora_modules_to_save: r.str_list("lora_modules_to_save").unwrap_or_default(),
+            peft_use_rslora: r.bool("peft_use_rslora").unwrap_or(false),
+            peft_use_dora: r.bool("peft_use_dora").unwrap_or(false),
+        },
+        optim: OptimSettings {
+            learning_rate: r.f64("learning_rate").unwrap_or(2e-4),
+            lr_scheduler: r.string("lr_scheduler").unwrap_or_else(|| "cosine".into()),
+            warmup_steps: r.u64("warmup_steps"),
+            warmup_ratio: r.f64("warmup_ratio"),
+            weight_decay: r.f64("weight_decay").unwrap_or(0.0),
+            max_grad_norm: r.f64("max_grad_norm").unwrap_or(1.0),
+        },
+        steps: StepSettings {
+            num_epochs: r.f64("num_epochs").unwrap_or(1.0),
+            max_steps: r.u64("max_steps"),
+            micro_batch_size: r.positive("micro_batch_size", mbs, 1),
+            gradient_accumulation_steps: r.positive("gradient_accumulation_steps", gas, 1),
+        },
+        cadence: CadenceSettings {
+            save_steps: r.f64("save_steps"),
+            saves_per_epoch: r.u64("saves_per_epoch"),
+            save_total_limit: r.u64("save_total_limit"),
+            eval_steps: r.f64("eval_steps"),
+            evals_per_epoch: r.u64("evals_per_epoch"),
+        },
+        eval_batch_size: r.u64("eval_batch_size"),
+        optimizer: r
+            .string("optimizer")
+            .unwrap_or_else(|| "adamw_torch".into()),
+        logging_steps: r.u64("logging_steps"),
+        neftune_noise_alpha: r.f64("neftune_noise_alpha").filter(|a| *a > 0.0),
+        resume_from_checkpoint: r
+            .string("resume_from_checkpoint")
+            .map(|d| r.ctx.dir.join(d)),
+    };
+    match train.adapter.as_deref() {
+        None if merge_lora => r.ctx.warn(
+            &[key("merge_lora")],
+            "has no effect with full fine-tuning (no `adapter`): the trained model is already complete",
+            Some("remove `merge_lora`, or set `adapter: lora`".into()),
+        ),
+        Some("qlora") => r.ctx.error(
+            &[key("adapter")],
+            "not supported yet: adapter `qlora` (4-bit base weights)",
+            Some("use `adapter: lora` (kiln keeps base weights in f32)".into()),
+        ),
+        Some("lora") if !(0.0..1.0).contains(&train.lora.lora_dropout) => r.ctx.error(
+            &[key("lora_dropout")],
+            format!("{} is not a dropout probability", train.lora.lora_dropout),
+            Some("use a value in [0, 1), e.g. 0.05".into()),
+        ),
+        Some("lora") if train.lora.lora_dropout > 0.0 && train.lora.peft_use_dora => r.ctx.unsupported(
+            &[key("lora_dropout")],
+            "lora_dropout > 0 together with peft_use_dora (DoRA trains without dropout for now)",
+        ),
+        _ => {}
+    }
+    if let Some(a) = &train.adapter {
+        if !["lora", "qlora"].contains(&a.as_str()) {
+            r.ctx.error(
+                &[key("adapter")],
+                format!("unknown adapter `{a}`"),
+                Some("use `lora` or `qlora`, or remove the key for full fine-tuning".into()),
+            );
+        }
+    }
+    const OPTIMIZERS: &[&str] = &["adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw"];
+    if !OPTIMIZERS.contains(&train.optimizer.as_str()) {
+        let what = format!(
+            "optimizer `{}` (kiln trains with adamw_torch)",
+            train.optimizer
+        );
+        r.ctx.unsupported(&[key("optimizer")], &what);
+    }
+    const SCHEDULERS: &[&str] = &["cosine", "linear", "constant", "constant_with_warmup"];
+    if !SCHEDULERS.contains(&train.optim.lr_scheduler.as_str()) {
+        let what = format!(
+            "lr_scheduler `{}` (kiln has {})",
+            train.optim.lr_scheduler,
+            SCHEDULERS.join(", ")
+        );
+        r.ctx.unsupported(&[key("lr_scheduler")], &what);
+    }
+    if train.optim.learning_rate <= 0.0 {
+        r.ctx.error(
+            &[key("learning_rate")],
+            "must be greater than 0",
+            Some("typical LoRA values are 1e-4 to 3e-4".into()),
+        );
+    }
+
+    if let Some(d) = train
+        .resume_from_checkpoint
+        .as_ref()
+        .filter(|d| !d.join("trainer_state.json").is_file())
+    {
+        r.ctx.error(
+            &[key("resume_from_checkpoint")],
+            format!(
+                "{}: not a checkpoint (no trainer_state.json there)",
+                d.display()
+            ),
+            Some("point it at a `checkpoint-N/` directory a kiln train stage wrote".into()),
+        );
+    }
+    train
+}
+
+/// `special_tokens:` overrides of bos/eos/pad/unk.
+fn read_special_tokens(r: &mut Reader<'_, '_, '_>) -> std::collections::BTreeMap<String, String> {
+    let mut special_tokens = std::collections::BTreeMap::new();
+    match r.get("special_tokens").cloned() {
+        None => {}
+        Some(Value::Mapping(m)) => {
+            for (k, v) in m {
+                let Some(k) = k.as_str() else { continue };
+                let path = [key("special_tokens"), key(k)];
+                match (k, v) {
+                    (_, Value::Null) => {}
+                    ("bos_token" | "eos_token" | "pad_token" | "unk_token", Value::String(t)) => {
+                        special_tokens.insert(k.to_string(), t);
+                    }
+                    ("additional_special_tokens", v) if is_unset(&v) => {}
+                    ("additional_special_tokens", _) => r.ctx.unsupported(
+                        &path,
+                        "adding tokens (special_tokens.additional_special_tokens)",
+                    ),
+                    ("bos_token" | "eos_token" | "pad_token" | "unk_token", _) => {
+                        r.ctx.error(
+                            &path,
+                            "expected a token string",
+                            Some(format!("write e.g. `{k}: \"<|im_end|>\"`")),
+                        );
+                    }
+                    _ => r.ctx.error(
+                        &path,
+                        "unknown special token",
+                        Some("use bos_token, eos_token, pad_token or unk_token".into()),
+                    ),
+                }
+            }
+        }
+        Some(other) => r.type_error(
+            "special_tokens",
+            "a mapping like {eos_token: \"</s>\"}",
+            &other,
+        ),
+    }
+
+    special_tokens
+}
+
 fn read_export(ctx: &mut Ctx<'_>, map: &Mapping) -> Vec<(String, Option<String>)> {
     let items = match map.get("export") {
         None | Some(Value::Null) => return vec![],
@@ -897,11 +951,11 @@ fn read_export(ctx: &mut Ctx<'_>, map: &Mapping) -> Vec<(String, Option<String>)
                 }
             }
         }
-        match crate::stages::export::ExportFormat::parse(&format, quant.as_deref()) {
+        match super::ExportFormat::parse(&format, quant.as_deref()) {
             Ok(f) => {
                 let label = f.label();
                 if out.iter().any(|(fo, q)| {
-                    crate::stages::export::ExportFormat::parse(fo, q.as_deref())
+                    super::ExportFormat::parse(fo, q.as_deref())
                         .map(|g| g.label() == label)
                         .unwrap_or(false)
                 }) {

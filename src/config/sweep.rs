@@ -3,8 +3,8 @@
 //! spelling). Each variant is the config with its values set; its id hashes only its own values,
 //! so adding a value to the sweep never renames the variants that were already there.
 
+use super::yaml::{Mapping, Value};
 use super::{ConfigError, Problem};
-use serde_yaml::{Mapping, Value};
 use std::path::Path;
 
 /// One point of the sweep.
@@ -176,7 +176,7 @@ pub fn set_key(root: &mut Mapping, key: &str, v: Value) {
             cur.insert(k, v);
             return;
         }
-        if !matches!(cur.get(&k), Some(Value::Mapping(_))) {
+        if !matches!(cur.get_value(&k), Some(Value::Mapping(_))) {
             cur.insert(k.clone(), Value::Mapping(Mapping::new()));
         }
         match cur.get_mut(&k) {

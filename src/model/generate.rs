@@ -4,7 +4,7 @@
 
 use super::engine::{Engine, EngineCache};
 use super::ModelError;
-use crate::data::pack::SplitMix64;
+use crate::rng::SplitMix64;
 
 /// How to pick the next token.
 #[derive(Debug, Clone)]

@@ -10,40 +10,9 @@ use candle_core::Tensor;
 use serde_json::Value as Json;
 use std::path::Path;
 
-/// The GGUF file types kiln writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Quant {
-    F32,
-    F16,
-    Q8_0,
-    Q4_0,
-    Q4KM,
-}
+pub use crate::config::Quant;
 
 impl Quant {
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s.to_ascii_lowercase().as_str() {
-            "f32" => Quant::F32,
-            "f16" => Quant::F16,
-            "q8_0" => Quant::Q8_0,
-            "q4_0" => Quant::Q4_0,
-            "q4_k_m" => Quant::Q4KM,
-            _ => return None,
-        })
-    }
-
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Quant::F32 => "f32",
-            Quant::F16 => "f16",
-            Quant::Q8_0 => "q8_0",
-            Quant::Q4_0 => "q4_0",
-            Quant::Q4KM => "q4_k_m",
-        }
-    }
-
-    pub const NAMES: &'static [&'static str] = &["f32", "f16", "q8_0", "q4_0", "q4_k_m"];
-
     /// llama.cpp's `general.file_type` (LLAMA_FTYPE_*).
     fn file_type(&self) -> u32 {
         match self {

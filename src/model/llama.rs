@@ -51,8 +51,7 @@ impl LoraDropout {
         if seed == u64::MAX || self.p <= 0.0 {
             return Ok(None);
         }
-        let mut rng =
-            crate::data::pack::SplitMix64::new(seed ^ salt.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let mut rng = crate::rng::SplitMix64::new(seed ^ salt.wrapping_mul(0x9e37_79b9_7f4a_7c15));
         let keep = 1.0 / (1.0 - self.p);
         let threshold = (self.p as f64 * (1u64 << 53) as f64) as u64;
         let v: Vec<f32> = (0..x.elem_count())

@@ -310,7 +310,7 @@ mod tests {
 
     fn rand(shape: &[usize], seed: u64) -> Tensor {
         let n: usize = shape.iter().product();
-        let mut rng = crate::data::pack::SplitMix64::new(seed);
+        let mut rng = crate::rng::SplitMix64::new(seed);
         let v: Vec<f32> = (0..n)
             .map(|_| (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
             .collect();

@@ -472,7 +472,7 @@ mod tests {
     use super::*;
 
     fn rng(seed: u64) -> impl FnMut() -> u64 {
-        let mut s = crate::data::pack::SplitMix64::new(seed);
+        let mut s = crate::rng::SplitMix64::new(seed);
         move || s.next_u64()
     }
 

@@ -108,26 +108,7 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<(LlamaConfig, Weights),
     Ok((cfg, out))
 }
 
-/// Parses a size like `5GB`, `500MB`, `2GiB` or a plain byte count (HF's `max_shard_size`).
-pub fn parse_size(s: &str) -> Option<u64> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num.parse().ok()?;
-    let mul: f64 = match unit.trim().to_ascii_uppercase().as_str() {
-        "" | "B" => 1.0,
-        "KB" => 1e3,
-        "MB" => 1e6,
-        "GB" => 1e9,
-        "KIB" => 1024.0,
-        "MIB" => 1024.0 * 1024.0,
-        "GIB" => 1024.0 * 1024.0 * 1024.0,
-        _ => return None,
-    };
-    (n >= 0.0).then_some((n * mul) as u64)
-}
+pub use crate::config::parse_size;
 
 /// Writes weights as HF does: one `model.safetensors`, or `model-0000i-of-0000n.safetensors`
 /// shards of at most `max_shard_bytes` (a single larger tensor gets a shard of its own) plus

@@ -12,14 +12,12 @@ use crate::stages::export::{Export, ExportFormat};
 use crate::stages::fetch::{self, Inputs, ResolveError};
 use crate::stages::merge::Merge;
 use crate::stages::pack::Pack;
-use crate::stages::tokenize::{TemplateSource, Tokenize};
-use crate::stages::train::Train;
-use crate::stages::{AnyStage, StageKind};
+use crate::stages::tokenize::{ChatInputs, TemplateSource, Tokenize, TokenizeNeutral};
+use crate::stages::train::{Train, TrainMethod, TrainNeutral};
+use crate::stages::{AnyStage, StageKind, Staged};
 use crate::text::template::builtin;
 use crate::text::TOKENIZER_FILES;
-use crate::train::LoraSpec;
 use petgraph::graph::{DiGraph, NodeIndex};
-use serde_json::Value;
 
 /// An edge: which upstream stage, and which of its files this stage reads (None = all).
 #[derive(Debug, Clone)]
@@ -60,7 +58,36 @@ pub enum PlanError {
     Cycle,
     #[error("no stage or stage kind named `{0}`{1}")]
     UnknownTarget(String, String),
+    #[error("stage {stage}: {source}")]
+    Key {
+        stage: String,
+        #[source]
+        source: crate::hash::CanonError,
+    },
 }
+
+/// Everything a stage key hashes, as one value: the stage kind and implementation version, the
+/// canonical encoding of the stage's typed inputs, its resolved fetch inputs and the output
+/// digests of what it reads upstream (in dependency order).
+#[derive(serde::Serialize)]
+struct StageKey<'a> {
+    kind: StageKind,
+    version: u32,
+    #[serde(with = "serde_bytes_as_seq")]
+    params: &'a [u8],
+    inputs: Vec<(&'a str, &'a str)>,
+    upstream: &'a [(String, String)],
+}
+
+/// Encodes pre-encoded canonical bytes as a byte string.
+mod serde_bytes_as_seq {
+    pub fn serialize<S: serde::Serializer>(b: &&[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(b)
+    }
+}
+
+/// The key format's name: part of every key, so a new encoding can never collide with an old one.
+const KEY_FORMAT: &str = "kiln.stage/2";
 
 /// The digest a dependent hashes for `dep`: all files, or only the selected ones.
 pub fn dep_digest(m: &Manifest, dep: &Dep) -> String {
@@ -71,21 +98,26 @@ pub fn dep_digest(m: &Manifest, dep: &Dep) -> String {
 }
 
 /// The key of a stage given its upstream digests (in `deps` order).
-pub fn stage_key(s: &PlannedStage, upstream: &[(String, String)]) -> String {
+pub fn stage_key(s: &PlannedStage, upstream: &[(String, String)]) -> Result<String, PlanError> {
+    let err = |source| PlanError::Key {
+        stage: s.name.clone(),
+        source,
+    };
+    let params = s.stage.key_bytes().map_err(err)?;
+    let key = StageKey {
+        kind: s.kind(),
+        version: s.stage.version(),
+        params: &params,
+        inputs: s
+            .inputs
+            .iter()
+            .map(|(id, i)| (id.as_str(), i.digest.as_str()))
+            .collect(),
+        upstream,
+    };
     let mut h = KeyHasher::new();
-    h.str("kiln.stage")
-        .str(s.kind().as_str())
-        .u64(s.stage.version() as u64)
-        .json(&s.stage.params());
-    h.u64(s.inputs.len() as u64);
-    for (id, input) in &s.inputs {
-        h.str(id).str(&input.digest);
-    }
-    h.u64(upstream.len() as u64);
-    for (n, d) in upstream {
-        h.str(n).str(d);
-    }
-    h.finish()
+    h.str(KEY_FORMAT).canonical(&key).map_err(err)?;
+    Ok(h.finish())
 }
 
 /// The Jinja source of the template the config chose, None for the tokenizer's own.
@@ -107,9 +139,24 @@ fn template_source(choice: &TemplateChoice) -> TemplateSource {
 }
 
 /// Compiles settings into the stage DAG, resolving fetch inputs (hashing local files through the
-/// index's fast path; resolving hub revisions to commits).
+/// index's fast path; resolving hub revisions to commits). Stages are declared upstream-first.
 pub fn build(s: &Settings, hashes: &FileHashCache<'_>) -> Result<Plan, PlanError> {
     let mut stages: Vec<PlannedStage> = Vec::new();
+    model_stage(s, hashes, &mut stages)?;
+    let (tokenize_ids, labels) = data_stages(s, hashes, &mut stages)?;
+    let pack_idx = pack_stage(s, &tokenize_ids, labels, &mut stages);
+    let model_deps = train_stages(s, hashes, pack_idx, &mut stages)?;
+    evaluate_stage(s, hashes, pack_idx, &model_deps, &mut stages)?;
+    export_stages(s, pack_idx, &model_deps, &mut stages);
+    finish(stages)
+}
+
+/// `fetch.model` (stage 0: every other stage that reads the model depends on it).
+fn model_stage(
+    s: &Settings,
+    hashes: &FileHashCache<'_>,
+    stages: &mut Vec<PlannedStage>,
+) -> Result<(), PlanError> {
     let (fm, inputs) =
         fetch::resolve_model(&s.base_model, hashes).map_err(|source| PlanError::Resolve {
             stage: "fetch.model".into(),
@@ -117,10 +164,20 @@ pub fn build(s: &Settings, hashes: &FileHashCache<'_>) -> Result<Plan, PlanError
         })?;
     stages.push(PlannedStage {
         name: "fetch.model".into(),
-        stage: AnyStage::FetchModel(fm),
+        stage: AnyStage::FetchModel(Box::new(fm)),
         inputs,
         deps: vec![],
     });
+    Ok(())
+}
+
+/// `fetch.data[i]` + `tokenize[i]` per dataset (then `.test[i]` per test dataset): the
+/// tokenize stage indices and dataset labels, in order.
+fn data_stages(
+    s: &Settings,
+    hashes: &FileHashCache<'_>,
+    stages: &mut Vec<PlannedStage>,
+) -> Result<(Vec<usize>, Vec<String>), PlanError> {
     let mut tokenize_ids = Vec::new();
     let mut labels = Vec::new();
     for (group, list) in [
@@ -146,7 +203,7 @@ pub fn build(s: &Settings, hashes: &FileHashCache<'_>) -> Result<Plan, PlanError
                 .collect();
             stages.push(PlannedStage {
                 name: fetch_name,
-                stage: AnyStage::FetchData(fd),
+                stage: AnyStage::FetchData(Box::new(fd)),
                 inputs,
                 deps: vec![],
             });
@@ -160,20 +217,26 @@ pub fn build(s: &Settings, hashes: &FileHashCache<'_>) -> Result<Plan, PlanError
             let label = format!("{group}[{i}]");
             stages.push(PlannedStage {
                 name: format!("tokenize{suffix}"),
-                stage: AnyStage::Tokenize(Box::new(Tokenize {
-                    label: label.clone(),
-                    path_display: d.path.clone(),
-                    format: d.format.clone(),
-                    sequence_len: s.sequence_len,
-                    excess: s.excess_length_strategy,
-                    min_sample_len: s.min_sample_len,
-                    train_on_inputs: s.train_on_inputs,
-                    template,
-                    default_system_message: s.default_system_message.clone(),
-                    eot_tokens: s.eot_tokens.clone(),
-                    special_tokens: s.special_tokens.clone(),
-                    file_labels,
-                })),
+                stage: AnyStage::Tokenize(Box::new(Staged::new(
+                    Tokenize {
+                        format: d.format.clone(),
+                        sequence_len: s.sequence_len,
+                        excess: s.excess_length_strategy,
+                        min_sample_len: s.min_sample_len,
+                        train_on_inputs: s.train_on_inputs,
+                        special_tokens: s.special_tokens.clone(),
+                        chat: template.map(|chat_template| ChatInputs {
+                            chat_template,
+                            default_system_message: s.default_system_message.clone(),
+                            eot_tokens: s.eot_tokens.clone(),
+                        }),
+                    },
+                    TokenizeNeutral {
+                        label: label.clone(),
+                        path_display: d.path.clone(),
+                        file_labels,
+                    },
+                ))),
                 inputs: Inputs::new(),
                 deps: vec![
                     Dep {
@@ -190,19 +253,32 @@ pub fn build(s: &Settings, hashes: &FileHashCache<'_>) -> Result<Plan, PlanError
             labels.push(label);
         }
     }
+    Ok((tokenize_ids, labels))
+}
+
+/// `pack` over every tokenize stage; its index.
+fn pack_stage(
+    s: &Settings,
+    tokenize_ids: &[usize],
+    labels: Vec<String>,
+    stages: &mut Vec<PlannedStage>,
+) -> usize {
     stages.push(PlannedStage {
         name: "pack".into(),
-        stage: AnyStage::Pack(Pack {
-            sequence_len: s.sequence_len,
-            sample_packing: s.sample_packing,
-            eval_sample_packing: s.sample_packing,
-            val_set_size: s.val_set_size,
-            seed: s.seed,
-            shuffle: s.shuffle_merged_datasets,
-            group_by_length: s.group_by_length,
-            n_train_sets: s.datasets.len(),
-            dataset_labels: labels,
-        }),
+        stage: AnyStage::Pack(Box::new(Staged::new(
+            Pack {
+                sequence_len: s.sequence_len,
+                sample_packing: s.sample_packing,
+                eval_sample_packing: s.sample_packing,
+                val_set_size: s.val_set_size,
+                seed: s.seed,
+                shuffle: s.shuffle_merged_datasets,
+                group_by_length: s.group_by_length,
+                n_train_sets: s.datasets.len(),
+                dataset_labels: labels,
+            },
+            (),
+        ))),
         inputs: Inputs::new(),
         deps: tokenize_ids
             .iter()
@@ -212,7 +288,20 @@ pub fn build(s: &Settings, hashes: &FileHashCache<'_>) -> Result<Plan, PlanError
             })
             .collect(),
     });
-    let pack_idx = stages.len() - 1;
+    stages.len() - 1
+}
+
+/// Where the model that evaluate and export read lives: which kind, and its dependencies —
+/// [merge], [fetch.model, train], [train] (full fine-tuning) or [fetch.model] (nothing trained).
+type ModelDeps = (EvalModel, Vec<Dep>);
+
+/// `train` (with `fetch.checkpoint` when resuming) and `merge`; where the trained model lives.
+fn train_stages(
+    s: &Settings,
+    hashes: &FileHashCache<'_>,
+    pack_idx: usize,
+    stages: &mut Vec<PlannedStage>,
+) -> Result<ModelDeps, PlanError> {
     let t = &s.train;
     // Where the trained model lives, as dependencies: [merge], [fetch.model, train], or
     // [fetch.model] when nothing is trained.
@@ -245,7 +334,7 @@ pub fn build(s: &Settings, hashes: &FileHashCache<'_>) -> Result<Plan, PlanError
             })?;
             stages.push(PlannedStage {
                 name: "fetch.checkpoint".into(),
-                stage: AnyStage::FetchData(fd),
+                stage: AnyStage::FetchData(Box::new(fd)),
                 inputs,
                 deps: vec![],
             });
@@ -256,42 +345,24 @@ pub fn build(s: &Settings, hashes: &FileHashCache<'_>) -> Result<Plan, PlanError
         }
         stages.push(PlannedStage {
             name: "train".into(),
-            stage: AnyStage::Train(Box::new(Train {
-                full,
-                lora: LoraSpec {
-                    r: t.lora_r as usize,
-                    alpha: t.lora_alpha,
-                    target_modules: t.lora_target_modules.clone(),
-                    target_linear: t.lora_target_linear || t.lora_target_modules.is_empty(),
-                    rslora: t.peft_use_rslora,
-                    dora: t.peft_use_dora,
+            stage: AnyStage::Train(Box::new(Staged::new(
+                Train {
+                    method: if full {
+                        TrainMethod::Full
+                    } else {
+                        TrainMethod::Lora(t.lora.clone())
+                    },
+                    optim: t.optim.clone(),
+                    steps: t.steps.clone(),
+                    cadence: t.cadence.clone(),
+                    seed: s.seed,
+                    neftune_noise_alpha: t.neftune_noise_alpha,
+                    from_checkpoint: t.resume_from_checkpoint.is_some(),
                 },
-                lora_dropout: t.lora_dropout,
-                learning_rate: t.learning_rate,
-                lr_scheduler: t.lr_scheduler.clone(),
-                warmup_steps: t.warmup_steps,
-                warmup_ratio: t.warmup_ratio,
-                num_epochs: t.num_epochs,
-                max_steps: t.max_steps,
-                micro_batch_size: t.micro_batch_size,
-                gradient_accumulation_steps: t.gradient_accumulation_steps,
-                weight_decay: t.weight_decay,
-                max_grad_norm: t.max_grad_norm,
-                seed: s.seed,
-                logging_steps: t.logging_steps.unwrap_or(1),
-                save_steps: t.save_steps,
-                saves_per_epoch: t.saves_per_epoch,
-                save_total_limit: t.save_total_limit,
-                eval_steps: t.eval_steps,
-                evals_per_epoch: t.evals_per_epoch,
-                neftune_noise_alpha: t.neftune_noise_alpha,
-                from_checkpoint: t.resume_from_checkpoint.is_some(),
-                modules_to_save: if full {
-                    Vec::new()
-                } else {
-                    t.lora_modules_to_save.clone()
+                TrainNeutral {
+                    logging_steps: t.logging_steps.unwrap_or(1),
                 },
-            })),
+            ))),
             inputs: Inputs::new(),
             deps: train_deps,
         });
@@ -317,10 +388,13 @@ pub fn build(s: &Settings, hashes: &FileHashCache<'_>) -> Result<Plan, PlanError
         if s.merge_lora && !full {
             stages.push(PlannedStage {
                 name: "merge".into(),
-                stage: AnyStage::Merge(Merge {
-                    max_shard_size: s.max_shard_size,
-                    chat_template: configured_template(&s.chat_template),
-                }),
+                stage: AnyStage::Merge(Box::new(Staged::new(
+                    Merge {
+                        max_shard_size: s.max_shard_size,
+                        chat_template: configured_template(&s.chat_template),
+                    },
+                    (),
+                ))),
                 inputs: Inputs::new(),
                 deps: model_deps.1.clone(),
             });
@@ -333,6 +407,18 @@ pub fn build(s: &Settings, hashes: &FileHashCache<'_>) -> Result<Plan, PlanError
             );
         }
     }
+    Ok(model_deps)
+}
+
+/// `evaluate` (with `fetch.prompts` when it has a prompts file).
+fn evaluate_stage(
+    s: &Settings,
+    hashes: &FileHashCache<'_>,
+    pack_idx: usize,
+    model_deps: &ModelDeps,
+    stages: &mut Vec<PlannedStage>,
+) -> Result<(), PlanError> {
+    let t = &s.train;
     if let Some(e) = &s.evaluate {
         let mut deps = model_deps.1.clone();
         deps.push(Dep {
@@ -352,7 +438,7 @@ pub fn build(s: &Settings, hashes: &FileHashCache<'_>) -> Result<Plan, PlanError
             })?;
             stages.push(PlannedStage {
                 name: "fetch.prompts".into(),
-                stage: AnyStage::FetchData(fd),
+                stage: AnyStage::FetchData(Box::new(fd)),
                 inputs,
                 deps: vec![],
             });
@@ -363,17 +449,31 @@ pub fn build(s: &Settings, hashes: &FileHashCache<'_>) -> Result<Plan, PlanError
         }
         stages.push(PlannedStage {
             name: "evaluate".into(),
-            stage: AnyStage::Evaluate(Box::new(Evaluate {
-                model: model_deps.0,
-                batch_size: t.eval_batch_size.unwrap_or(t.micro_batch_size).max(1),
-                has_prompts: e.prompts.is_some(),
-                max_new_tokens: e.max_new_tokens,
-                chat_template: configured_template(&s.chat_template),
-            })),
+            stage: AnyStage::Evaluate(Box::new(Staged::new(
+                Evaluate {
+                    model: model_deps.0,
+                    batch_size: t.eval_batch_size.unwrap_or(t.steps.micro_batch_size).max(1),
+                    has_prompts: e.prompts.is_some(),
+                    max_new_tokens: e.max_new_tokens,
+                    chat_template: configured_template(&s.chat_template),
+                },
+                (),
+            ))),
             inputs: Inputs::new(),
             deps,
         });
     }
+    Ok(())
+}
+
+/// One `export.<format>` per `export:` entry.
+fn export_stages(
+    s: &Settings,
+    pack_idx: usize,
+    model_deps: &ModelDeps,
+    stages: &mut Vec<PlannedStage>,
+) {
+    let t = &s.train;
     for (format, quant) in &s.export {
         let Ok(f) = ExportFormat::parse(format, quant.as_deref()) else {
             continue; // rejected by the config resolver already
@@ -389,18 +489,20 @@ pub fn build(s: &Settings, hashes: &FileHashCache<'_>) -> Result<Plan, PlanError
         });
         stages.push(PlannedStage {
             name: format!("export.{}", f.label()),
-            stage: AnyStage::Export(Box::new(Export {
-                format: f,
-                model: model_deps.0,
-                batch_size: t.eval_batch_size.unwrap_or(t.micro_batch_size).max(1),
-                chat_template: configured_template(&s.chat_template),
-                max_shard_size: s.max_shard_size,
-            })),
+            stage: AnyStage::Export(Box::new(Staged::new(
+                Export {
+                    format: f,
+                    model: model_deps.0,
+                    batch_size: t.eval_batch_size.unwrap_or(t.steps.micro_batch_size).max(1),
+                    chat_template: configured_template(&s.chat_template),
+                    max_shard_size: s.max_shard_size,
+                },
+                (),
+            ))),
             inputs: Inputs::new(),
             deps,
         });
     }
-    finish(stages)
 }
 
 fn finish(stages: Vec<PlannedStage>) -> Result<Plan, PlanError> {
@@ -478,31 +580,26 @@ impl Plan {
     }
 }
 
-/// Parameter record used for stale reasons: params plus resolved inputs.
-pub fn params_value(s: &PlannedStage) -> Value {
-    s.stage.params()
-}
-
 /// A stage's definition: kind, version, params, inputs, and its dependencies' definitions. Two
 /// stages with equal definitions have equal keys once built, so sweep variants share them.
-fn definition(stages: &[PlannedStage], defs: &[String], i: usize) -> String {
+fn definition(stages: &[PlannedStage], defs: &[String], i: usize) -> Result<String, PlanError> {
     let s = &stages[i];
-    let mut h = KeyHasher::new();
-    h.str("kiln.def")
-        .str(s.kind().as_str())
-        .u64(s.stage.version() as u64)
-        .json(&s.stage.params());
-    for (id, input) in &s.inputs {
-        h.str(id).str(&input.digest);
-    }
-    for d in &s.deps {
-        h.str(&defs[d.stage]);
-        match d.files {
-            None => h.str("*"),
-            Some(f) => h.str(&f.join(",")),
-        };
-    }
-    h.finish()
+    let deps: Vec<(&str, String)> = s
+        .deps
+        .iter()
+        .map(|d| {
+            (
+                defs[d.stage].as_str(),
+                d.files.map(|f| f.join(",")).unwrap_or_else(|| "*".into()),
+            )
+        })
+        .collect();
+    let deps_key: Vec<(String, String)> = deps
+        .iter()
+        .map(|(d, f)| (d.to_string(), f.clone()))
+        .collect();
+    // A definition is a key whose upstream digests are the upstream definitions.
+    stage_key(s, &deps_key).map(|k| format!("def:{k}"))
 }
 
 /// Merges the plans of a sweep's variants into one graph: stages with equal definitions appear
@@ -516,12 +613,12 @@ pub fn merge(variants: Vec<(String, Plan)>) -> Result<(Plan, Vec<Vec<usize>>), P
         .map(|(_, p)| {
             let mut d: Vec<String> = Vec::with_capacity(p.stages.len());
             for i in 0..p.stages.len() {
-                let x = definition(&p.stages, &d, i);
+                let x = definition(&p.stages, &d, i)?;
                 d.push(x);
             }
-            d
+            Ok(d)
         })
-        .collect();
+        .collect::<Result<_, PlanError>>()?;
     // A name is shared when every variant that has it defines it the same way.
     let mut by_name: std::collections::HashMap<String, std::collections::HashSet<String>> =
         Default::default();

@@ -43,6 +43,12 @@ pub enum EvalModel {
     Trained,
 }
 
+impl serde::Serialize for EvalModel {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
 impl EvalModel {
     pub fn as_str(&self) -> &'static str {
         match self {
@@ -54,10 +60,13 @@ impl EvalModel {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
+/// Everything the evaluate stage reads, and so its key.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Evaluate {
     pub model: EvalModel,
     pub batch_size: u64,
+    /// A prompts file upstream (its content is that upstream's digest).
+    #[serde(rename = "prompts")]
     pub has_prompts: bool,
     pub max_new_tokens: u64,
     /// Jinja source when the config chose the template (the tokenizer's own otherwise).
@@ -129,19 +138,12 @@ impl Stage for Evaluate {
     // v4: linear layers on kiln's sgemm (low bits of losses differ).
     // v5: the engine decodes with multi-stream row dots and attention in position parts (low
     // bits of generated answers' logits differ).
-    const VERSION: u32 = 5;
+    // v6: the key is the canonical encoding of the typed inputs (kiln.stage/2); output unchanged.
+    const VERSION: u32 = 6;
 
-    fn params(&self) -> Value {
-        json!({
-            "model": self.model.as_str(),
-            "batch_size": self.batch_size,
-            "prompts": self.has_prompts,
-            "max_new_tokens": self.max_new_tokens,
-            "chat_template": self.chat_template,
-        })
-    }
+    type Neutral = ();
 
-    fn run(&self, cx: &mut RunCx<'_>) -> Result<(), StageError> {
+    fn run(&self, _: &(), cx: &mut RunCx<'_>) -> Result<(), StageError> {
         let device = Device::Cpu;
         let ups = cx.upstream;
         let (model, tok, rest) = match self.model {

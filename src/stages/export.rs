@@ -10,55 +10,16 @@ use super::train::load_model;
 use super::{write_json, RunCx, Stage, StageError, StageKind};
 use crate::data::pack::PackedSplit;
 use crate::model::adapter::PeftAdapter;
-use crate::model::gguf_export::{write_gguf, Quant};
+use crate::model::gguf_export::write_gguf;
 use crate::model::{weights, Llama};
 use candle_core::quantized::gguf_file::Value as GValue;
 use candle_core::{DType, Device};
-use serde_json::{json, Value};
+use serde_json::json;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ExportFormat {
-    Gguf(Quant),
-    /// HF layout in this dtype (F32, F16 or BF16).
-    Safetensors(DType),
-}
+pub use crate::config::{ExportFormat, SafetensorsDtype};
 
-impl ExportFormat {
-    pub fn parse(format: &str, quant: Option<&str>) -> Result<Self, String> {
-        match format {
-            "gguf" => {
-                let q = quant.unwrap_or("q8_0");
-                Quant::parse(q).map(ExportFormat::Gguf).ok_or_else(|| {
-                    format!(
-                        "unknown GGUF quant `{q}`; kiln writes {}",
-                        Quant::NAMES.join(", ")
-                    )
-                })
-            }
-            "safetensors" => match quant.unwrap_or("f32") {
-                "f32" => Ok(ExportFormat::Safetensors(DType::F32)),
-                "f16" => Ok(ExportFormat::Safetensors(DType::F16)),
-                "bf16" => Ok(ExportFormat::Safetensors(DType::BF16)),
-                q => Err(format!(
-                    "safetensors export takes a dtype (f32, f16, bf16), not `{q}`"
-                )),
-            },
-            f => Err(format!(
-                "unknown export format `{f}`; use gguf or safetensors"
-            )),
-        }
-    }
-
-    /// The stage name suffix: `gguf.q8_0`, `safetensors.f16`.
-    pub fn label(&self) -> String {
-        match self {
-            ExportFormat::Gguf(q) => format!("gguf.{}", q.as_str()),
-            ExportFormat::Safetensors(d) => format!("safetensors.{}", d.as_str()),
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq)]
+/// Everything the export stage reads, and so its key.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Export {
     pub format: ExportFormat,
     pub model: EvalModel,
@@ -72,19 +33,12 @@ impl Stage for Export {
     // v2: lineage.json and kiln.key / kiln.upstream GGUF metadata in the output.
     // v3: perplexities through the fused cross-entropy and RMSNorm ops (low bits differ).
     // v6: perplexities through kiln's sgemm (low bits differ).
-    const VERSION: u32 = 6;
+    // v7: the key is the canonical encoding of the typed inputs (kiln.stage/2); output unchanged.
+    const VERSION: u32 = 7;
 
-    fn params(&self) -> Value {
-        json!({
-            "format": self.format.label(),
-            "model": self.model.as_str(),
-            "batch_size": self.batch_size,
-            "chat_template": self.chat_template,
-            "max_shard_size": self.max_shard_size,
-        })
-    }
+    type Neutral = ();
 
-    fn run(&self, cx: &mut RunCx<'_>) -> Result<(), StageError> {
+    fn run(&self, _: &(), cx: &mut RunCx<'_>) -> Result<(), StageError> {
         let device = Device::Cpu;
         let ups = cx.upstream;
         let (base, model_dir, tok_dir, pack) = match (self.model, ups) {
@@ -155,6 +109,11 @@ impl Stage for Export {
                 Llama::from_weights(cfg, w, &device)?
             }
             ExportFormat::Safetensors(dtype) => {
+                let dtype = match dtype {
+                    SafetensorsDtype::F32 => DType::F32,
+                    SafetensorsDtype::F16 => DType::F16,
+                    SafetensorsDtype::Bf16 => DType::BF16,
+                };
                 super::merge::write_hf_model(
                     &model,
                     &tok_dir,

@@ -4,31 +4,31 @@
 //! from its metadata, so tokenization never needs the weights.
 
 use super::hub::{self, Kind};
-use super::{io_err, write_json, RunCx, Stage, StageError, StageKind};
+use super::{io_err, write_json, RunCx, Stage, StageError, StageKind, Staged};
 use crate::cache::FileHashCache;
 use crate::config::{DataSource, ModelSource};
 use crate::hash::hash_file;
-use serde_json::{json, Value};
+use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// Where one fetched file comes from.
-#[derive(Debug, Clone, PartialEq)]
+/// Where one fetched file comes from, as its key sees it: a local file by its content digest
+/// (never its path), a hub file by repo, resolved commit and name (never the revision name).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum FileSource {
     Local {
-        path: PathBuf,
         digest: String,
     },
     Hub {
         repo: String,
-        revision: String,
         commit: String,
         kind: Kind,
         file: String,
     },
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FetchFile {
     /// Name inside the stage's output.
     pub dest: String,
@@ -46,13 +46,27 @@ pub struct Input {
 /// hash ids and digests, never local paths, so moving a project keeps its cache.
 pub type Inputs = BTreeMap<String, Input>;
 
+/// Everything the model fetch reads, and so its key.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FetchModel {
     pub files: Vec<FetchFile>,
     pub gguf: bool,
 }
 
+/// Everything a data (or checkpoint, or prompts) fetch reads, and so its key.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FetchData {
     pub files: Vec<FetchFile>,
+}
+
+/// What a fetch reads that does not change its output: where each local file is copied from
+/// (its bytes are checked against the keyed digest) and the revision name a hub commit was
+/// resolved from (only used to pin that ref in the HF cache).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct FetchNeutral {
+    /// Output name -> local path.
+    pub local: BTreeMap<String, PathBuf>,
+    pub hub_revision: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,7 +97,9 @@ fn local_file(
     dest: String,
     hashes: &FileHashCache<'_>,
     inputs: &mut Inputs,
+    neutral: &mut FetchNeutral,
 ) -> Result<FetchFile, ResolveError> {
+    neutral.local.insert(dest.clone(), path.to_path_buf());
     let digest = hashes.hash(path)?;
     inputs.insert(
         dest.clone(),
@@ -94,26 +110,27 @@ fn local_file(
     );
     Ok(FetchFile {
         dest,
-        src: FileSource::Local {
-            path: path.to_path_buf(),
-            digest,
-        },
+        src: FileSource::Local { digest },
     })
 }
 
 pub fn resolve_model(
     src: &ModelSource,
     hashes: &FileHashCache<'_>,
-) -> Result<(FetchModel, Inputs), ResolveError> {
+) -> Result<(Staged<FetchModel>, Inputs), ResolveError> {
     let mut inputs = Inputs::new();
+    let mut neutral = FetchNeutral::default();
     match src {
         ModelSource::Gguf(p) => {
-            let f = local_file(p, "model.gguf".into(), hashes, &mut inputs)?;
+            let f = local_file(p, "model.gguf".into(), hashes, &mut inputs, &mut neutral)?;
             Ok((
-                FetchModel {
-                    files: vec![f],
-                    gguf: true,
-                },
+                Staged::new(
+                    FetchModel {
+                        files: vec![f],
+                        gguf: true,
+                    },
+                    neutral,
+                ),
                 inputs,
             ))
         }
@@ -136,12 +153,22 @@ pub fn resolve_model(
             }
             let mut files = Vec::new();
             for n in names {
-                files.push(local_file(&dir.join(&n), n, hashes, &mut inputs)?);
+                files.push(local_file(
+                    &dir.join(&n),
+                    n,
+                    hashes,
+                    &mut inputs,
+                    &mut neutral,
+                )?);
             }
-            Ok((FetchModel { files, gguf: false }, inputs))
+            Ok((
+                Staged::new(FetchModel { files, gguf: false }, neutral),
+                inputs,
+            ))
         }
         ModelSource::Hub { repo, revision } => {
             let r = hub::resolve(repo, revision, Kind::Model)?;
+            neutral.hub_revision = Some(revision.clone());
             let names: Vec<&String> = r.files.iter().filter(|n| is_model_file(n)).collect();
             if !names.iter().any(|n| n.as_str() == "tokenizer.json") {
                 return Err(ResolveError::Hub(hub::HubError::Api {
@@ -164,14 +191,16 @@ pub fn resolve_model(
                     dest: n.clone(),
                     src: FileSource::Hub {
                         repo: repo.clone(),
-                        revision: revision.clone(),
                         commit: r.commit.clone(),
                         kind: Kind::Model,
                         file: n.clone(),
                     },
                 })
                 .collect();
-            Ok((FetchModel { files, gguf: false }, inputs))
+            Ok((
+                Staged::new(FetchModel { files, gguf: false }, neutral),
+                inputs,
+            ))
         }
     }
 }
@@ -203,7 +232,8 @@ pub fn resolve_checkpoint(
     dir: &Path,
     full: bool,
     hashes: &FileHashCache<'_>,
-) -> Result<(FetchData, Inputs), ResolveError> {
+) -> Result<(Staged<FetchData>, Inputs), ResolveError> {
+    let mut neutral = FetchNeutral::default();
     let weights = if full {
         "model.safetensors"
     } else {
@@ -222,9 +252,15 @@ pub fn resolve_checkpoint(
                 ),
             });
         }
-        files.push(local_file(&p, name.to_string(), hashes, &mut inputs)?);
+        files.push(local_file(
+            &p,
+            name.to_string(),
+            hashes,
+            &mut inputs,
+            &mut neutral,
+        )?);
     }
-    Ok((FetchData { files }, inputs))
+    Ok((Staged::new(FetchData { files }, neutral), inputs))
 }
 
 pub fn resolve_data(
@@ -232,8 +268,9 @@ pub fn resolve_data(
     split: Option<&str>,
     name: Option<&str>,
     hashes: &FileHashCache<'_>,
-) -> Result<(FetchData, Inputs), ResolveError> {
+) -> Result<(Staged<FetchData>, Inputs), ResolveError> {
     let mut inputs = Inputs::new();
+    let mut neutral = FetchNeutral::default();
     match src {
         DataSource::Local(paths) => {
             let mut files = Vec::new();
@@ -243,9 +280,10 @@ pub fn resolve_data(
                     data_dest(i, p.to_str().unwrap_or("")),
                     hashes,
                     &mut inputs,
+                    &mut neutral,
                 )?);
             }
-            Ok((FetchData { files }, inputs))
+            Ok((Staged::new(FetchData { files }, neutral), inputs))
         }
         DataSource::Hub {
             repo,
@@ -253,6 +291,7 @@ pub fn resolve_data(
             data_files,
         } => {
             let r = hub::resolve(repo, revision, Kind::Dataset)?;
+            neutral.hub_revision = Some(revision.clone());
             let is_data = |n: &str| DATA_EXTS.iter().any(|e| n.ends_with(e));
             let mut chosen: Vec<String> = if !data_files.is_empty() {
                 r.files
@@ -314,24 +353,26 @@ pub fn resolve_data(
                     dest: data_dest(i, &n),
                     src: FileSource::Hub {
                         repo: repo.clone(),
-                        revision: revision.clone(),
                         commit: r.commit.clone(),
                         kind: Kind::Dataset,
                         file: n,
                     },
                 })
                 .collect();
-            Ok((FetchData { files }, inputs))
+            Ok((Staged::new(FetchData { files }, neutral), inputs))
         }
     }
 }
 
 /// Copies (or downloads then copies) one file into the output, checking a local file still has
 /// the bytes its key was computed from.
-fn materialize(f: &FetchFile, out: &Path) -> Result<(), StageError> {
+fn materialize(f: &FetchFile, neutral: &FetchNeutral, out: &Path) -> Result<(), StageError> {
     let dest = out.join(&f.dest);
     match &f.src {
-        FileSource::Local { path, digest } => {
+        FileSource::Local { digest } => {
+            let path = neutral.local.get(&f.dest).ok_or_else(|| {
+                StageError::Invalid(format!("internal: no local path planned for {}", f.dest))
+            })?;
             std::fs::copy(path, &dest).map_err(io_err(path))?;
             let got = hash_file(&dest).map_err(io_err(&dest))?;
             if &got != digest {
@@ -340,44 +381,30 @@ fn materialize(f: &FetchFile, out: &Path) -> Result<(), StageError> {
         }
         FileSource::Hub {
             repo,
-            revision,
             commit,
             kind,
             file,
         } => {
             let p = hub::download(repo, commit, *kind, file)?;
             std::fs::copy(&p, &dest).map_err(io_err(&p))?;
-            hub::pin_ref(repo, revision, commit, *kind);
+            if let Some(revision) = &neutral.hub_revision {
+                hub::pin_ref(repo, revision, commit, *kind);
+            }
         }
     }
     Ok(())
 }
 
-fn describe(files: &[FetchFile]) -> Value {
-    Value::Array(
-        files
-            .iter()
-            .map(|f| match &f.src {
-                FileSource::Local { .. } => json!({"dest": f.dest}),
-                FileSource::Hub { repo, file, .. } => {
-                    json!({"dest": f.dest, "hub": repo, "file": file})
-                }
-            })
-            .collect(),
-    )
-}
-
 impl Stage for FetchModel {
     const KIND: StageKind = StageKind::Fetch;
-    const VERSION: u32 = 1;
+    // v2: the key is the canonical encoding of the typed inputs (kiln.stage/2); output unchanged.
+    const VERSION: u32 = 2;
 
-    fn params(&self) -> Value {
-        json!({"what": "model", "gguf": self.gguf, "files": describe(&self.files)})
-    }
+    type Neutral = FetchNeutral;
 
-    fn run(&self, cx: &mut RunCx<'_>) -> Result<(), StageError> {
+    fn run(&self, neutral: &FetchNeutral, cx: &mut RunCx<'_>) -> Result<(), StageError> {
         for f in &self.files {
-            materialize(f, cx.out)?;
+            materialize(f, neutral, cx.out)?;
         }
         if self.gguf {
             let t = crate::text::gguf::tokenizer_files(&cx.out.join("model.gguf"))?;
@@ -392,15 +419,14 @@ impl Stage for FetchModel {
 
 impl Stage for FetchData {
     const KIND: StageKind = StageKind::Fetch;
-    const VERSION: u32 = 1;
+    // v2: the key is the canonical encoding of the typed inputs (kiln.stage/2); output unchanged.
+    const VERSION: u32 = 2;
 
-    fn params(&self) -> Value {
-        json!({"what": "data", "files": describe(&self.files)})
-    }
+    type Neutral = FetchNeutral;
 
-    fn run(&self, cx: &mut RunCx<'_>) -> Result<(), StageError> {
+    fn run(&self, neutral: &FetchNeutral, cx: &mut RunCx<'_>) -> Result<(), StageError> {
         for f in &self.files {
-            materialize(f, cx.out)?;
+            materialize(f, neutral, cx.out)?;
         }
         Ok(())
     }

@@ -13,10 +13,10 @@ use candle_core::{DType, Device};
 use serde_json::{json, Value};
 use std::path::Path;
 
-/// HF's default `max_shard_size`.
-pub const DEFAULT_MAX_SHARD: u64 = 5_000_000_000;
+pub use crate::config::DEFAULT_MAX_SHARD;
 
-#[derive(Debug, Clone, PartialEq)]
+/// Everything the merge stage reads, and so its key.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Merge {
     pub max_shard_size: u64,
     /// The chat template to store in tokenizer_config.json when the config chose one (the
@@ -27,17 +27,12 @@ pub struct Merge {
 impl Stage for Merge {
     const KIND: StageKind = StageKind::Merge;
     // v2: model.safetensors carries {"format": "pt"} metadata (transformers requires it).
-    const VERSION: u32 = 2;
+    // v3: the key is the canonical encoding of the typed inputs (kiln.stage/2); output unchanged.
+    const VERSION: u32 = 3;
 
-    fn params(&self) -> Value {
-        json!({
-            "max_shard_size": self.max_shard_size,
-            "dtype": "float32",
-            "chat_template": self.chat_template,
-        })
-    }
+    type Neutral = ();
 
-    fn run(&self, cx: &mut RunCx<'_>) -> Result<(), StageError> {
+    fn run(&self, _: &(), cx: &mut RunCx<'_>) -> Result<(), StageError> {
         let [model_up, train_up] = cx.upstream else {
             return Err(StageError::Invalid(
                 "merge needs the model and train upstream".into(),

@@ -16,43 +16,44 @@ use crate::events::Event;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StageKind {
-    Fetch,
-    Tokenize,
-    Pack,
-    Train,
-    Merge,
-    Evaluate,
-    Export,
+/// Declares the closed set of stage kinds once: the enum, its names and `ALL` (which the golden
+/// key tests walk, so a new kind without a pinned key fails them).
+macro_rules! stage_kinds {
+    ($($variant:ident => $name:literal),* $(,)?) => {
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+        #[serde(rename_all = "snake_case")]
+        pub enum StageKind {
+            $($variant),*
+        }
+
+        impl StageKind {
+            /// Every stage kind, in pipeline order.
+            pub const ALL: &'static [StageKind] = &[$(StageKind::$variant),*];
+
+            pub fn as_str(&self) -> &'static str {
+                match self {
+                    $(StageKind::$variant => $name),*
+                }
+            }
+
+            pub fn parse(s: &str) -> Option<Self> {
+                match s {
+                    $($name => Some(StageKind::$variant),)*
+                    _ => None,
+                }
+            }
+        }
+    };
 }
 
-impl StageKind {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            StageKind::Fetch => "fetch",
-            StageKind::Tokenize => "tokenize",
-            StageKind::Pack => "pack",
-            StageKind::Train => "train",
-            StageKind::Merge => "merge",
-            StageKind::Evaluate => "evaluate",
-            StageKind::Export => "export",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "fetch" => StageKind::Fetch,
-            "tokenize" => StageKind::Tokenize,
-            "pack" => StageKind::Pack,
-            "train" => StageKind::Train,
-            "merge" => StageKind::Merge,
-            "evaluate" => StageKind::Evaluate,
-            "export" => StageKind::Export,
-            _ => return None,
-        })
-    }
+stage_kinds! {
+    Fetch => "fetch",
+    Tokenize => "tokenize",
+    Pack => "pack",
+    Train => "train",
+    Merge => "merge",
+    Evaluate => "evaluate",
+    Export => "export",
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -103,77 +104,123 @@ pub struct RunCx<'a> {
 }
 
 /// The small interface every stage kind implements.
-pub trait Stage {
+///
+/// The implementing struct is the stage's inputs: every setting it reads, with the resolved
+/// input digests it needs. Its key is the canonical encoding of that struct (`hash::canonical`
+/// over its derived `Serialize`), so a setting the stage can read is in its key by construction.
+/// What the stage reads but cannot change its output bytes with (messages, logging cadence) is in
+/// [`Stage::Neutral`], a separate value that is never hashed.
+pub trait Stage: serde::Serialize {
     const KIND: StageKind;
     /// Bump when the output for the same inputs changes.
     const VERSION: u32;
-    /// Exactly the parameters the stage reads, canonically serializable.
-    fn params(&self) -> Value;
-    fn run(&self, cx: &mut RunCx<'_>) -> Result<(), StageError>;
+    /// True for stages that use every core (train): the scheduler runs few of them at once.
+    const USES_ALL_CORES: bool = false;
+    /// Settings the stage reads that do not affect its output (never part of its key).
+    type Neutral;
+    fn run(&self, neutral: &Self::Neutral, cx: &mut RunCx<'_>) -> Result<(), StageError>;
+}
+
+/// A planned stage: its keyed inputs, and the part that does not affect its output.
+pub struct Staged<S: Stage> {
+    pub inputs: S,
+    pub neutral: S::Neutral,
+}
+
+impl<S: Stage> Staged<S> {
+    pub fn new(inputs: S, neutral: S::Neutral) -> Self {
+        Staged { inputs, neutral }
+    }
 }
 
 /// The closed set of stage implementations.
 pub enum AnyStage {
-    FetchModel(fetch::FetchModel),
-    FetchData(fetch::FetchData),
-    Tokenize(Box<tokenize::Tokenize>),
-    Pack(pack::Pack),
-    Train(Box<train::Train>),
-    Merge(merge::Merge),
-    Evaluate(Box<evaluate::Evaluate>),
-    Export(Box<export::Export>),
+    FetchModel(Box<Staged<fetch::FetchModel>>),
+    FetchData(Box<Staged<fetch::FetchData>>),
+    Tokenize(Box<Staged<tokenize::Tokenize>>),
+    Pack(Box<Staged<pack::Pack>>),
+    Train(Box<Staged<train::Train>>),
+    Merge(Box<Staged<merge::Merge>>),
+    Evaluate(Box<Staged<evaluate::Evaluate>>),
+    Export(Box<Staged<export::Export>>),
+}
+
+/// Runs `$body` with `$s` bound to the `Staged<_>` of whichever stage `$any` holds, and `$T` to
+/// its stage type.
+macro_rules! with_stage {
+    ($any:expr, $s:ident, $T:ident => $body:expr) => {
+        match $any {
+            AnyStage::FetchModel($s) => {
+                #[allow(dead_code)]
+                type $T = fetch::FetchModel;
+                $body
+            }
+            AnyStage::FetchData($s) => {
+                #[allow(dead_code)]
+                type $T = fetch::FetchData;
+                $body
+            }
+            AnyStage::Tokenize($s) => {
+                #[allow(dead_code)]
+                type $T = tokenize::Tokenize;
+                $body
+            }
+            AnyStage::Pack($s) => {
+                #[allow(dead_code)]
+                type $T = pack::Pack;
+                $body
+            }
+            AnyStage::Train($s) => {
+                #[allow(dead_code)]
+                type $T = train::Train;
+                $body
+            }
+            AnyStage::Merge($s) => {
+                #[allow(dead_code)]
+                type $T = merge::Merge;
+                $body
+            }
+            AnyStage::Evaluate($s) => {
+                #[allow(dead_code)]
+                type $T = evaluate::Evaluate;
+                $body
+            }
+            AnyStage::Export($s) => {
+                #[allow(dead_code)]
+                type $T = export::Export;
+                $body
+            }
+        }
+    };
 }
 
 impl AnyStage {
     pub fn kind(&self) -> StageKind {
-        match self {
-            AnyStage::FetchModel(_) | AnyStage::FetchData(_) => StageKind::Fetch,
-            AnyStage::Tokenize(_) => StageKind::Tokenize,
-            AnyStage::Pack(_) => StageKind::Pack,
-            AnyStage::Train(_) => StageKind::Train,
-            AnyStage::Merge(_) => StageKind::Merge,
-            AnyStage::Evaluate(_) => StageKind::Evaluate,
-            AnyStage::Export(_) => StageKind::Export,
-        }
+        with_stage!(self, _s, T => <T as Stage>::KIND)
     }
 
     pub fn version(&self) -> u32 {
-        match self {
-            AnyStage::FetchModel(_) => fetch::FetchModel::VERSION,
-            AnyStage::FetchData(_) => fetch::FetchData::VERSION,
-            AnyStage::Tokenize(_) => tokenize::Tokenize::VERSION,
-            AnyStage::Pack(_) => pack::Pack::VERSION,
-            AnyStage::Train(_) => train::Train::VERSION,
-            AnyStage::Merge(_) => merge::Merge::VERSION,
-            AnyStage::Evaluate(_) => evaluate::Evaluate::VERSION,
-            AnyStage::Export(_) => export::Export::VERSION,
-        }
+        with_stage!(self, _s, T => <T as Stage>::VERSION)
     }
 
-    pub fn params(&self) -> Value {
-        match self {
-            AnyStage::FetchModel(s) => s.params(),
-            AnyStage::FetchData(s) => s.params(),
-            AnyStage::Tokenize(s) => s.params(),
-            AnyStage::Pack(s) => s.params(),
-            AnyStage::Train(s) => s.params(),
-            AnyStage::Merge(s) => s.params(),
-            AnyStage::Evaluate(s) => s.params(),
-            AnyStage::Export(s) => s.params(),
-        }
+    pub fn uses_all_cores(&self) -> bool {
+        with_stage!(self, _s, T => <T as Stage>::USES_ALL_CORES)
+    }
+
+    /// The stage's keyed inputs as JSON: what `kiln plan --json` shows and what a stale reason
+    /// compares (field by field) with the last build's record.
+    pub fn params(&self) -> Result<Value, StageError> {
+        with_stage!(self, s, _T => serde_json::to_value(&s.inputs)
+            .map_err(|e| StageError::Invalid(format!("internal: stage inputs as JSON: {e}"))))
+    }
+
+    /// The canonical encoding of the stage's keyed inputs (what its key hashes).
+    pub fn key_bytes(&self) -> Result<Vec<u8>, crate::hash::CanonError> {
+        with_stage!(self, s, _T => crate::hash::canonical(&s.inputs))
     }
 
     pub fn run(&self, cx: &mut RunCx<'_>) -> Result<(), StageError> {
-        match self {
-            AnyStage::FetchModel(s) => s.run(cx),
-            AnyStage::FetchData(s) => s.run(cx),
-            AnyStage::Tokenize(s) => s.run(cx),
-            AnyStage::Pack(s) => s.run(cx),
-            AnyStage::Train(s) => s.run(cx),
-            AnyStage::Merge(s) => s.run(cx),
-            AnyStage::Evaluate(s) => s.run(cx),
-            AnyStage::Export(s) => s.run(cx),
-        }
+        with_stage!(self, s, _T => s.inputs.run(&s.neutral, cx))
     }
 }
 

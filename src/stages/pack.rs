@@ -8,18 +8,22 @@ use crate::data::binfmt::TokenSet;
 use crate::data::pack::{build_split, merge_and_split, PackHeader};
 use crate::data::tokenize::TokenizeStats;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
 
+/// Everything the pack stage reads, and so its key.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Pack {
     pub sequence_len: u64,
     pub sample_packing: bool,
     pub eval_sample_packing: bool,
     pub val_set_size: ValSetSize,
     pub seed: u64,
+    #[serde(rename = "shuffle_merged_datasets")]
     pub shuffle: bool,
     pub group_by_length: bool,
     /// Upstream entries are the training datasets' tokenize stages, then the test datasets'.
     pub n_train_sets: usize,
+    /// `datasets[0]`, … in order: they label the per-dataset rows of `stats.json`.
+    #[serde(rename = "datasets")]
     pub dataset_labels: Vec<String>,
 }
 
@@ -33,23 +37,12 @@ pub struct PackStats {
 
 impl Stage for Pack {
     const KIND: StageKind = StageKind::Pack;
-    const VERSION: u32 = 1;
+    // v2: the key is the canonical encoding of the typed inputs (kiln.stage/2); output unchanged.
+    const VERSION: u32 = 2;
 
-    fn params(&self) -> Value {
-        json!({
-            "sequence_len": self.sequence_len,
-            "sample_packing": self.sample_packing,
-            "eval_sample_packing": self.eval_sample_packing,
-            "val_set_size": self.val_set_size,
-            "seed": self.seed,
-            "shuffle_merged_datasets": self.shuffle,
-            "group_by_length": self.group_by_length,
-            "n_train_sets": self.n_train_sets,
-            "datasets": self.dataset_labels,
-        })
-    }
+    type Neutral = ();
 
-    fn run(&self, cx: &mut RunCx<'_>) -> Result<(), StageError> {
+    fn run(&self, _: &(), cx: &mut RunCx<'_>) -> Result<(), StageError> {
         let mut sets = Vec::new();
         let mut stats = Vec::new();
         for (d, up) in cx.upstream.iter().enumerate() {

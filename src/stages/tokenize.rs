@@ -9,7 +9,7 @@ use crate::data::read::read_records_as;
 use crate::data::tokenize::{tokenize_records, TokenizeOpts};
 use crate::text::template::ChatTemplate;
 use crate::text::{TextError, TextTokenizer};
-use serde_json::{json, Value};
+use serde::Serialize;
 use std::collections::BTreeMap;
 
 /// Which template text a chat dataset renders with.
@@ -21,21 +21,49 @@ pub enum TemplateSource {
     Text(String),
 }
 
+/// Keyed as the template's text, or `tokenizer_default`.
+impl Serialize for TemplateSource {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            TemplateSource::FromTokenizer => s.serialize_str("tokenizer_default"),
+            TemplateSource::Text(t) => s.serialize_str(t),
+        }
+    }
+}
+
+/// Everything the tokenize stage reads, and so its key (field names are the config's).
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Tokenize {
-    pub label: String,
-    pub path_display: String,
     pub format: DataFormat,
     pub sequence_len: u64,
+    #[serde(rename = "excess_length_strategy")]
     pub excess: ExcessLength,
     pub min_sample_len: u64,
     pub train_on_inputs: bool,
-    /// Only for chat datasets.
-    pub template: Option<TemplateSource>,
-    pub default_system_message: Option<String>,
-    pub eot_tokens: Vec<String>,
     /// `special_tokens:` overrides of the tokenizer's bos/eos (must be in its vocabulary).
     pub special_tokens: BTreeMap<String, String>,
-    /// Fetched file name -> the user's path, for error messages only (not part of the key).
+    /// Only for chat datasets: the template and the settings only chat rendering reads.
+    #[serde(flatten)]
+    pub chat: Option<ChatInputs>,
+}
+
+/// What a chat dataset's rendering reads beyond its format.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ChatInputs {
+    pub chat_template: TemplateSource,
+    pub default_system_message: Option<String>,
+    pub eot_tokens: Vec<String>,
+}
+
+/// What the tokenize stage reads only for messages (never part of its key: renaming a dataset
+/// file or moving the project keeps the cache).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenizeNeutral {
+    /// `datasets[0]`, `test_datasets[1]`.
+    pub label: String,
+    /// The dataset's path as the config writes it.
+    pub path_display: String,
+    /// Fetched file name -> the user's path.
     pub file_labels: BTreeMap<String, String>,
 }
 
@@ -53,6 +81,7 @@ impl Tokenize {
     /// Loads the tokenizer and template from the fetched model entry.
     pub fn load_text(
         &self,
+        label: &str,
         model_dir: &std::path::Path,
     ) -> Result<(TextTokenizer, Option<ChatTemplate>, Vec<String>), StageError> {
         let mut tok = TextTokenizer::load_dir(model_dir)?;
@@ -68,7 +97,7 @@ impl Tokenize {
                 _ => {}
             }
         }
-        let template = match &self.template {
+        let template = match self.chat.as_ref().map(|c| &c.chat_template) {
             None => None,
             Some(TemplateSource::Text(t)) => Some(ChatTemplate::new(t, tok.bos_token.as_deref(), tok.eos_token.as_deref())?),
             Some(TemplateSource::FromTokenizer) => match &tok.chat_template {
@@ -76,19 +105,24 @@ impl Tokenize {
                 None => {
                     return Err(StageError::Text(TextError::Template(format!(
                         "dataset {} uses chat_template but the tokenizer has no chat template; set `chat_template: chatml` (or another) in the config",
-                        self.label
+                        label
                     ))))
                 }
             },
         };
-        let eot = if self.eot_tokens.is_empty() {
+        let configured = self
+            .chat
+            .as_ref()
+            .map(|c| c.eot_tokens.as_slice())
+            .unwrap_or(&[]);
+        let eot = if configured.is_empty() {
             KNOWN_EOT
                 .iter()
                 .filter(|t| tok.token_id(t).is_some())
                 .map(|t| t.to_string())
                 .collect()
         } else {
-            self.eot_tokens.clone()
+            configured.to_vec()
         };
         Ok((tok, template, eot))
     }
@@ -96,40 +130,21 @@ impl Tokenize {
 
 impl Stage for Tokenize {
     const KIND: StageKind = StageKind::Tokenize;
-    const VERSION: u32 = 1;
+    // v2: the key is the canonical encoding of the typed inputs (kiln.stage/2); output unchanged.
+    const VERSION: u32 = 2;
 
-    fn params(&self) -> Value {
-        let mut p = json!({
-            "format": self.format,
-            "sequence_len": self.sequence_len,
-            "excess_length_strategy": self.excess,
-            "min_sample_len": self.min_sample_len,
-            "train_on_inputs": self.train_on_inputs,
-        });
-        if !self.special_tokens.is_empty() {
-            p["special_tokens"] = json!(self.special_tokens);
-        }
-        if let Some(t) = &self.template {
-            p["chat_template"] = match t {
-                TemplateSource::FromTokenizer => json!("tokenizer_default"),
-                TemplateSource::Text(s) => json!(s),
-            };
-            p["default_system_message"] = json!(self.default_system_message);
-            p["eot_tokens"] = json!(self.eot_tokens);
-        }
-        p
-    }
+    type Neutral = TokenizeNeutral;
 
-    fn run(&self, cx: &mut RunCx<'_>) -> Result<(), StageError> {
+    fn run(&self, neutral: &TokenizeNeutral, cx: &mut RunCx<'_>) -> Result<(), StageError> {
         let [model, data] = cx.upstream else {
             return Err(StageError::Invalid(
                 "tokenize needs the model and one dataset upstream".into(),
             ));
         };
-        let (tok, template, eot) = self.load_text(&model.dir)?;
+        let (tok, template, eot) = self.load_text(&neutral.label, &model.dir)?;
         let mut records = Vec::new();
         for f in &data.manifest.files {
-            let shown = self
+            let shown = neutral
                 .file_labels
                 .get(&f.path)
                 .cloned()
@@ -141,7 +156,7 @@ impl Stage for Tokenize {
         }
         if records.is_empty() {
             return Err(StageError::Data(crate::data::DataError::Dataset {
-                dataset: format!("{} ({})", self.label, self.path_display),
+                dataset: format!("{} ({})", neutral.label, neutral.path_display),
                 message: "is empty: no records".into(),
             }));
         }
@@ -149,12 +164,15 @@ impl Stage for Tokenize {
             template: template.as_ref(),
             eos_token: tok.eos_token.as_deref(),
             eot_tokens: &eot,
-            default_system_message: self.default_system_message.as_deref(),
+            default_system_message: self
+                .chat
+                .as_ref()
+                .and_then(|c| c.default_system_message.as_deref()),
         };
         let opts = TokenizeOpts {
             dataset_index: 0,
-            dataset_name: &self.label,
-            dataset_path: &self.path_display,
+            dataset_name: &neutral.label,
+            dataset_path: &neutral.path_display,
             sequence_len: self.sequence_len as usize,
             excess: self.excess,
             min_sample_len: self.min_sample_len as usize,
@@ -170,7 +188,7 @@ impl Stage for Tokenize {
         let (set, stats) = tokenize_records(&tok, &self.format, &records, &fctx, &opts)?;
         if set.is_empty() {
             return Err(StageError::Data(crate::data::DataError::Dataset {
-                dataset: format!("{} ({})", self.label, self.path_display),
+                dataset: format!("{} ({})", neutral.label, neutral.path_display),
                 message: format!(
                     "no usable samples out of {} records ({} longer than sequence_len {}, {} shorter than min_sample_len, {} with no trained tokens)",
                     stats.records, stats.dropped_too_long, self.sequence_len, stats.dropped_too_short, stats.dropped_untrained

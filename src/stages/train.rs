@@ -4,45 +4,54 @@
 //! plus `config.json`, `tokenizer.json`, `tokenizer_config.json` and `trainer_state.json`.
 
 use super::{io_err, write_json, RunCx, Stage, StageError, StageKind};
-use crate::data::pack::{PackedSplit, SplitMix64};
+use crate::config::{CadenceSettings, LoraSettings, OptimSettings, StepSettings};
+use crate::data::pack::PackedSplit;
 use crate::events::Event;
 use crate::model::{weights, Llama, LlamaConfig, ModelError};
+use crate::rng::SplitMix64;
 use crate::train::{attach_lora, train_step, AdamW, Batch, LoraSpec};
 use candle_core::Device;
+use serde::Serialize;
 use serde_json::{json, Value};
 use std::path::Path;
 use std::time::Instant;
 
-#[derive(Debug, Clone, PartialEq)]
+/// Everything the train stage reads, and so its key: the config's training groups whole (a
+/// setting added to one of them is keyed without touching this file), the seed, and whether a
+/// checkpoint upstream seeds the run. Field names are Axolotl's, so a stale reason reads
+/// `learning_rate changed 2e-4 → 1e-4`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Train {
-    /// Full fine-tuning (no `adapter`): every weight trains; the output is the whole model.
-    pub full: bool,
-    pub lora: LoraSpec,
-    pub lora_dropout: f64,
-    pub learning_rate: f64,
-    pub lr_scheduler: String,
-    pub warmup_steps: Option<u64>,
-    pub warmup_ratio: Option<f64>,
-    pub num_epochs: f64,
-    pub max_steps: Option<u64>,
-    pub micro_batch_size: u64,
-    pub gradient_accumulation_steps: u64,
-    pub weight_decay: f64,
-    pub max_grad_norm: f64,
+    #[serde(flatten)]
+    pub method: TrainMethod,
+    #[serde(flatten)]
+    pub optim: OptimSettings,
+    #[serde(flatten)]
+    pub steps: StepSettings,
+    #[serde(flatten)]
+    pub cadence: CadenceSettings,
     pub seed: u64,
-    pub logging_steps: u64,
-    /// Checkpoint every N steps (`save_steps`, or derived from `saves_per_epoch`); 0 = never.
-    pub save_steps: Option<f64>,
-    pub saves_per_epoch: Option<u64>,
-    pub save_total_limit: Option<u64>,
-    /// Validation every N steps (`eval_steps`, or derived from `evals_per_epoch`); 0 = never.
-    pub eval_steps: Option<f64>,
-    pub evals_per_epoch: Option<u64>,
     pub neftune_noise_alpha: Option<f64>,
     /// `resume_from_checkpoint`: a third upstream holds the checkpoint to start from.
+    #[serde(rename = "resume_from_checkpoint")]
     pub from_checkpoint: bool,
-    /// `lora_modules_to_save`: modules trained whole beside the LoRA deltas.
-    pub modules_to_save: Vec<String>,
+}
+
+/// What trains: LoRA deltas on the frozen base, or (no `adapter`, Axolotl's meaning) every
+/// weight, in which case the output is the whole model.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "adapter", rename_all = "snake_case")]
+pub enum TrainMethod {
+    Full,
+    Lora(LoraSettings),
+}
+
+/// What the train stage reads that does not change its output.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainNeutral {
+    /// How often a `TrainLog` event is emitted; `trainer_state.json` records every step
+    /// whatever this is, so the bytes do not depend on it.
+    pub logging_steps: u64,
 }
 
 /// Mean loss over every trained token of the validation split (no gradients kept).
@@ -131,36 +140,58 @@ pub fn load_model(dir: &Path, device: &Device) -> Result<Llama, StageError> {
 }
 
 impl Train {
+    fn is_full(&self) -> bool {
+        self.method == TrainMethod::Full
+    }
+
+    /// The LoRA layers to attach, as the training code takes them.
+    fn lora_spec(l: &LoraSettings) -> LoraSpec {
+        LoraSpec {
+            r: l.lora_r as usize,
+            alpha: l.lora_alpha,
+            target_modules: l.lora_target_modules.clone(),
+            target_linear: l.lora_target_linear || l.lora_target_modules.is_empty(),
+            rslora: l.peft_use_rslora,
+            dora: l.peft_use_dora,
+        }
+    }
+
     /// The trainable variables with their names: LoRA deltas, or every weight (full).
     fn trainable(
         &self,
         model: &mut Llama,
         device: &Device,
     ) -> Result<Vec<(String, candle_core::Var)>, StageError> {
-        Ok(if self.full {
-            crate::train::attach_full(model)?
-        } else {
-            let mut vars = attach_lora(model, &self.lora, self.seed, device)?;
-            crate::train::enable_lora_dropout(model, self.lora_dropout);
-            vars.extend(crate::train::attach_modules_to_save(
-                model,
-                &self.modules_to_save,
-            )?);
-            vars
+        Ok(match &self.method {
+            TrainMethod::Full => crate::train::attach_full(model)?,
+            TrainMethod::Lora(l) => {
+                let mut vars = attach_lora(model, &Self::lora_spec(l), self.seed, device)?;
+                crate::train::enable_lora_dropout(model, l.lora_dropout);
+                vars.extend(crate::train::attach_modules_to_save(
+                    model,
+                    &l.lora_modules_to_save,
+                )?);
+                vars
+            }
         })
     }
 
     /// The weights file of a checkpoint.
     fn weights_file(&self) -> &'static str {
-        if self.full {
+        if self.is_full() {
             "model.safetensors"
         } else {
             "adapter_model.safetensors"
         }
     }
 
+    /// PEFT's adapter_config.json (null for full fine-tuning).
     fn adapter_config(&self) -> Value {
-        let mut targets: Vec<String> = if self.lora.target_linear {
+        let TrainMethod::Lora(l) = &self.method else {
+            return Value::Null;
+        };
+        let spec = Self::lora_spec(l);
+        let mut targets: Vec<String> = if spec.target_linear {
             [
                 "q_proj",
                 "k_proj",
@@ -174,16 +205,16 @@ impl Train {
             .map(|s| s.to_string())
             .collect()
         } else {
-            self.lora.target_modules.clone()
+            spec.target_modules.clone()
         };
         targets.sort();
         json!({
             "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": null,
-            "r": self.lora.r, "lora_alpha": self.lora.alpha, "lora_dropout": self.lora_dropout,
+            "r": spec.r, "lora_alpha": spec.alpha, "lora_dropout": l.lora_dropout,
             "target_modules": targets, "bias": "none", "fan_in_fan_out": false,
-            "inference_mode": true, "init_lora_weights": true, "use_rslora": self.lora.rslora,
-            "use_dora": self.lora.dora,
-            "modules_to_save": if self.modules_to_save.is_empty() { Value::Null } else { json!(self.modules_to_save) },
+            "inference_mode": true, "init_lora_weights": true, "use_rslora": spec.rslora,
+            "use_dora": spec.dora,
+            "modules_to_save": if l.lora_modules_to_save.is_empty() { Value::Null } else { json!(l.lora_modules_to_save) },
             "revision": null
         })
     }
@@ -213,7 +244,7 @@ impl Train {
             o.insert(format!("v.{i}"), opt.v[i].clone());
         }
         save_tensors(&o, &tmp.join("optimizer.safetensors"))?;
-        if !self.full {
+        if !self.is_full() {
             write_json(&tmp.join("adapter_config.json"), adapter_cfg)?;
         }
         write_json(
@@ -223,7 +254,7 @@ impl Train {
         let dest = work.join(format!("checkpoint-{step}"));
         let _ = std::fs::remove_dir_all(&dest);
         std::fs::rename(&tmp, &dest).map_err(io_err(&dest))?;
-        if let Some(limit) = self.save_total_limit.filter(|l| *l > 0) {
+        if let Some(limit) = self.cadence.save_total_limit.filter(|l| *l > 0) {
             let all = checkpoints(work);
             let excess = all.len().saturating_sub(limit as usize);
             for (_, p) in all.into_iter().take(excess) {
@@ -236,17 +267,19 @@ impl Train {
     /// Learning rate at optimizer step `step` (0-based) of `total`: linear warmup, then the
     /// schedule (cosine to 0, linear to 0, or constant).
     pub fn lr_at(&self, step: u64, total: u64) -> f64 {
-        let warm = self
-            .warmup_steps
-            .unwrap_or_else(|| (self.warmup_ratio.unwrap_or(0.0) * total as f64).ceil() as u64);
+        let warm = self.optim.warmup_steps.unwrap_or_else(|| {
+            (self.optim.warmup_ratio.unwrap_or(0.0) * total as f64).ceil() as u64
+        });
         if step < warm {
-            return self.learning_rate * (step + 1) as f64 / warm as f64;
+            return self.optim.learning_rate * (step + 1) as f64 / warm as f64;
         }
         let progress = (step - warm) as f64 / (total.saturating_sub(warm)).max(1) as f64;
-        match self.lr_scheduler.as_str() {
-            "cosine" => self.learning_rate * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
-            "linear" => self.learning_rate * (1.0 - progress),
-            _ => self.learning_rate,
+        match self.optim.lr_scheduler.as_str() {
+            "cosine" => {
+                self.optim.learning_rate * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+            }
+            "linear" => self.optim.learning_rate * (1.0 - progress),
+            _ => self.optim.learning_rate,
         }
     }
 }
@@ -257,56 +290,13 @@ impl Stage for Train {
     // v3: fused cross-entropy and RMSNorm ops (different summation order; low bits differ).
     // v6: LoRA and trained linear layers as single ops on kiln's sgemm (low bits differ);
     //     safetensors written with {"format": "pt"} metadata.
-    const VERSION: u32 = 6;
+    // v7: the key is the canonical encoding of the typed inputs (kiln.stage/2); output unchanged.
+    const VERSION: u32 = 7;
 
-    fn params(&self) -> Value {
-        let mut p = json!({
-            "adapter": "lora",
-            "lora_r": self.lora.r,
-            "lora_alpha": self.lora.alpha,
-            "lora_dropout": self.lora_dropout,
-            "lora_target_modules": self.lora.target_modules,
-            "lora_target_linear": self.lora.target_linear,
-            "peft_use_rslora": self.lora.rslora,
-            "learning_rate": self.learning_rate,
-            "lr_scheduler": self.lr_scheduler,
-            "warmup_steps": self.warmup_steps,
-            "warmup_ratio": self.warmup_ratio,
-            "num_epochs": self.num_epochs,
-            "max_steps": self.max_steps,
-            "micro_batch_size": self.micro_batch_size,
-            "gradient_accumulation_steps": self.gradient_accumulation_steps,
-            "weight_decay": self.weight_decay,
-            "max_grad_norm": self.max_grad_norm,
-            "seed": self.seed,
-            "save_steps": self.save_steps,
-            "saves_per_epoch": self.saves_per_epoch,
-            "save_total_limit": self.save_total_limit,
-            "eval_steps": self.eval_steps,
-            "evals_per_epoch": self.evals_per_epoch,
-        });
-        if let Some(a) = self.neftune_noise_alpha {
-            p["neftune_noise_alpha"] = json!(a);
-        }
-        if self.from_checkpoint {
-            p["resume_from_checkpoint"] = json!(true);
-        }
-        if !self.modules_to_save.is_empty() {
-            p["lora_modules_to_save"] = json!(self.modules_to_save);
-        }
-        if self.lora.dora {
-            p["peft_use_dora"] = json!(true);
-        }
-        if self.full {
-            if let Some(o) = p.as_object_mut() {
-                o.retain(|k, _| !k.starts_with("lora_") && k != "peft_use_rslora");
-                o.insert("adapter".into(), json!("full"));
-            }
-        }
-        p
-    }
+    const USES_ALL_CORES: bool = true;
+    type Neutral = TrainNeutral;
 
-    fn run(&self, cx: &mut RunCx<'_>) -> Result<(), StageError> {
+    fn run(&self, neutral: &TrainNeutral, cx: &mut RunCx<'_>) -> Result<(), StageError> {
         let (model_up, pack_up, given) =
             match cx.upstream {
                 [m, p] if !self.from_checkpoint => (m, p, None),
@@ -321,19 +311,20 @@ impl Stage for Train {
         let vars = self.trainable(&mut model, &device)?;
         let mut opt = AdamW::new(
             vars.iter().map(|(_, v)| v.clone()).collect(),
-            self.weight_decay,
+            self.optim.weight_decay,
         )?;
         let data = PackedSplit::read(&pack_up.dir.join("train"))?;
         let n_bins = data.header.bins as usize;
-        let mbs = self.micro_batch_size.max(1) as usize;
-        let gas = self.gradient_accumulation_steps.max(1) as usize;
+        let mbs = self.steps.micro_batch_size.max(1) as usize;
+        let gas = self.steps.gradient_accumulation_steps.max(1) as usize;
         let micro_per_epoch = n_bins.div_ceil(mbs);
         let steps_per_epoch = micro_per_epoch.div_ceil(gas).max(1);
         let total = self
+            .steps
             .max_steps
-            .unwrap_or_else(|| (self.num_epochs * steps_per_epoch as f64).ceil() as u64)
+            .unwrap_or_else(|| (self.steps.num_epochs * steps_per_epoch as f64).ceil() as u64)
             .max(1);
-        let eval_every = match (self.eval_steps, self.evals_per_epoch) {
+        let eval_every = match (self.cadence.eval_steps, self.cadence.evals_per_epoch) {
             (Some(x), _) if x >= 1.0 => x as u64,
             (Some(x), _) if x > 0.0 => ((x * total as f64).ceil() as u64).max(1),
             (_, Some(n)) if n > 0 => (steps_per_epoch as u64).div_ceil(n).max(1),
@@ -344,7 +335,7 @@ impl Stage for Train {
         } else {
             None
         };
-        let save_every = match (self.save_steps, self.saves_per_epoch) {
+        let save_every = match (self.cadence.save_steps, self.cadence.saves_per_epoch) {
             (Some(x), _) if x >= 1.0 => x as u64,
             (Some(x), _) if x > 0.0 => ((x * total as f64).ceil() as u64).max(1),
             (_, Some(n)) if n > 0 => (steps_per_epoch as u64).div_ceil(n).max(1),
@@ -460,7 +451,7 @@ impl Stage for Train {
                 micro.push(batch);
             }
             let lr = self.lr_at(step, total);
-            let (loss, gnorm) = train_step(&model, &mut opt, &micro, lr, self.max_grad_norm)?;
+            let (loss, gnorm) = train_step(&model, &mut opt, &micro, lr, self.optim.max_grad_norm)?;
             if !loss.is_finite() {
                 return Err(StageError::Invalid(format!(
                     "loss became {loss} at step {}; lower learning_rate or check the data",
@@ -469,7 +460,7 @@ impl Stage for Train {
             }
             let s = step + 1;
             history.push(json!({"step": s, "loss": loss, "lr": lr, "grad_norm": gnorm}));
-            if s % self.logging_steps.max(1) == 0 || s == total {
+            if s % neutral.logging_steps.max(1) == 0 || s == total {
                 let secs = started.elapsed().as_secs_f64().max(1e-9);
                 let done_here = (s - start) as f64;
                 let log = crate::events::TrainLog {
@@ -521,7 +512,7 @@ impl Stage for Train {
                 self.write_checkpoint(cx.work, s, &vars, &opt, &adapter_cfg, &history)?;
             }
         }
-        if self.full {
+        if self.is_full() {
             // HF layout: the whole model.
             crate::model::weights::save_sharded(
                 &model.to_weights(),
@@ -587,11 +578,11 @@ impl Train {
         let trainable_params = vars.iter().map(|(_, v)| v.as_tensor().elem_count()).sum();
         let mut opt = AdamW::new(
             vars.iter().map(|(_, v)| v.clone()).collect(),
-            self.weight_decay,
+            self.optim.weight_decay,
         )?;
         let data = PackedSplit::read(&pack_dir.join("train"))?;
         let n = data.header.bins as usize;
-        let mbs = self.micro_batch_size.max(1) as usize;
+        let mbs = self.steps.micro_batch_size.max(1) as usize;
         let rows: Vec<(Vec<u32>, Vec<u8>, Vec<u32>)> =
             (0..mbs.min(n)).map(|b| data.row(b)).collect();
         let tokens = rows.iter().map(|r| r.0.len()).sum();
@@ -602,7 +593,7 @@ impl Train {
             &mut opt,
             &[batch],
             self.lr_at(0, 1),
-            self.max_grad_norm,
+            self.optim.max_grad_norm,
         )?;
         Ok(DebugStep {
             loss,

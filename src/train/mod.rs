@@ -5,9 +5,9 @@
 mod adamw_ops;
 pub mod ce;
 
-use crate::data::pack::SplitMix64;
 use crate::model::llama::{packed_causal_mask, LoraDelta, LoraDropout};
 use crate::model::{Llama, ModelError};
+use crate::rng::SplitMix64;
 use candle_core::{DType, Device, Tensor, Var};
 
 /// Which linear layers get LoRA, and how.
@@ -440,7 +440,7 @@ mod tests {
     use candle_core::Device;
 
     fn rand(n: usize, seed: u64, scale: f32) -> Tensor {
-        let mut rng = crate::data::pack::SplitMix64::new(seed);
+        let mut rng = crate::rng::SplitMix64::new(seed);
         let v: Vec<f32> = (0..n)
             .map(|_| ((rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale)
             .collect();

@@ -209,8 +209,8 @@ pub fn one_thread() {
 }
 
 use candle_core::{Device as CDevice, Tensor};
-use kiln::data::pack::SplitMix64;
 use kiln::model::{Llama, LlamaConfig};
+use kiln::rng::SplitMix64;
 use std::collections::HashMap;
 
 pub fn tiny_config() -> LlamaConfig {

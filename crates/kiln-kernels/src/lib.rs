@@ -4,6 +4,10 @@
 //! (`[profile.dev.package.kiln-kernels]` in the workspace's Cargo.toml) while the rest of kiln
 //! compiles quickly: an unoptimized matrix product made the real-model tests ~20× slower.
 //! Nothing here knows about models, tensors or files.
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 
 pub mod attn;
 pub mod sgemm;

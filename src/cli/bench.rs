@@ -1,0 +1,124 @@
+//! `bench`: print figures measured now, on this machine. A peer (llama.cpp, PyTorch) appears only
+//! when `--against` runs it in the same run, alternating with kiln.
+
+use super::common::{init_threads, usage};
+use anyhow::Result;
+use kiln::bench::{GenerateCase, Peer, PeerKind, TrainCase};
+use std::path::{Path, PathBuf};
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    what: Option<BenchCmd>,
+    #[command(flatten)]
+    shared: Shared,
+}
+
+#[derive(clap::Args, Clone)]
+struct Shared {
+    /// The model whose tokenizer (and weights) to use (.gguf or HF directory).
+    #[arg(
+        long,
+        global = true,
+        default_value = "cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    )]
+    model: PathBuf,
+    /// Scratch directory for generated data and caches.
+    #[arg(long, global = true, default_value = "cache/bench")]
+    work: PathBuf,
+    /// The Python that runs a peer's script (`--against`).
+    #[arg(long, global = true, default_value = "python3")]
+    python: PathBuf,
+    /// Where the peers' scripts are (kiln's `scripts/`).
+    #[arg(long, global = true, default_value = "scripts")]
+    scripts: PathBuf,
+}
+
+#[derive(clap::Subcommand)]
+enum BenchCmd {
+    /// Preprocessing: cold, again, no-op and throughput on generated data (the default).
+    Preprocess,
+    /// Planning a 64-variant sweep, in process and as `kiln plan`.
+    Plan,
+    /// Prompt processing and decode speed on kiln's inference engine.
+    Generate {
+        /// Run just these cases (repeatable; default: all).
+        #[arg(long = "case", value_enum)]
+        cases: Vec<GenerateCase>,
+        /// Also measure llama.cpp on the same files, alternating with kiln.
+        #[arg(long, value_enum)]
+        against: Option<PeerKind>,
+    },
+    /// Training steps as the train stage runs them: tokens/s, achieved rate, memory.
+    Train {
+        /// Run just these cases (repeatable; default: all).
+        #[arg(long = "case", value_enum)]
+        cases: Vec<TrainCase>,
+        /// Also measure PyTorch (+ PEFT) on the same steps, alternating with kiln.
+        #[arg(long, value_enum)]
+        against: Option<PeerKind>,
+    },
+}
+
+impl BenchCmd {
+    fn name(&self) -> &'static str {
+        match self {
+            BenchCmd::Preprocess => "preprocess",
+            BenchCmd::Plan => "plan",
+            BenchCmd::Generate { .. } => "generate",
+            BenchCmd::Train { .. } => "train",
+        }
+    }
+}
+
+fn peer(kind: Option<PeerKind>, s: &Shared) -> Result<Option<Peer>> {
+    kind.map(|k| Peer::find(k, &s.python, &s.scripts))
+        .transpose()
+        .map_err(Into::into)
+}
+
+fn print_figure(f: &kiln::bench::Figure) {
+    let v = if f.value >= 1e5 {
+        format!("{:.0}", f.value)
+    } else if f.value >= 100.0 {
+        format!("{:.1}", f.value)
+    } else {
+        format!("{:.3}", f.value)
+    };
+    println!("  {:<42} {:>12} {:<9} {}", f.name, v, f.unit, f.note);
+}
+
+pub fn bench(a: BenchArgs) -> Result<()> {
+    let what = a.what.unwrap_or(BenchCmd::Preprocess);
+    let s = &a.shared;
+    init_threads(None);
+    if !s.model.exists() {
+        return Err(usage(format!(
+            "kiln bench: {} not found; run scripts/fetch-smollm2.sh or pass --model",
+            s.model.display()
+        )));
+    }
+    let exe = std::env::current_exe().ok();
+    println!(
+        "kiln bench {} ({} threads)",
+        what.name(),
+        rayon::current_num_threads()
+    );
+    let model: &Path = &s.model;
+    let figures = match what {
+        BenchCmd::Generate { cases, against } => {
+            let p = peer(against, s)?;
+            kiln::bench::generate(model, &cases, p.as_ref())?
+        }
+        BenchCmd::Train { cases, against } => {
+            let p = peer(against, s)?;
+            kiln::bench::train(model, &cases, p.as_ref())?
+        }
+        BenchCmd::Plan => kiln::bench::plan(&s.work, model, exe.as_deref())?,
+        BenchCmd::Preprocess => kiln::bench::preprocess(&s.work, model, exe.as_deref())?,
+    };
+    for f in &figures {
+        print_figure(f);
+    }
+    Ok(())
+}

@@ -1,0 +1,317 @@
+//! `validate`, `plan`, `dag`, `run` and `why`: what the build would do, doing it, and why a stage
+//! is stale.
+
+use super::common::{open, short, usage, Common};
+use super::print::Printer;
+use anyhow::Result;
+use kiln::scheduler::{RunOptions, RunSummary, StageStatus, State};
+use kiln::workspace::{KilnError, Workspace};
+use std::io::IsTerminal;
+use std::time::Instant;
+
+#[derive(clap::Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Print {"stages": [...]} as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+pub struct DagArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Graphviz output (the default).
+    #[arg(long, default_value_t = true)]
+    dot: bool,
+}
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    common: Common,
+    /// A stage name (`tokenize[0]`) or kind (`pack`); builds it and what it needs.
+    #[arg(long)]
+    target: Vec<String>,
+    /// Rebuild this stage (name or kind) even if fresh.
+    #[arg(long)]
+    force: Vec<String>,
+    /// Check mode for CI: build nothing; fail, naming each stage and why, if anything would
+    /// rebuild or differs from kiln.lock.
+    #[arg(long)]
+    locked: bool,
+    /// --locked, and never touch the network (hub revisions from the local HF cache only).
+    #[arg(long)]
+    frozen: bool,
+    /// Keep building what does not depend on a failed stage (a failed sweep variant does not
+    /// stop the others); exit 1 at the end listing the failures.
+    #[arg(long)]
+    keep_going: bool,
+    /// Build up to N independent stages at once.
+    #[arg(long, short = 'j', default_value_t = 1)]
+    jobs: usize,
+    /// Of those, at most this many train stages (each uses every core).
+    #[arg(long, default_value_t = 1)]
+    train_jobs: usize,
+}
+
+#[derive(clap::Args)]
+pub struct WhyArgs {
+    /// The stage (`train`, `tokenize[0]`, `train@1a2b3c4d`).
+    stage: String,
+    #[command(flatten)]
+    common: Common,
+}
+
+pub fn validate(c: Common) -> Result<()> {
+    let loaded = kiln::config::load(&c.config, &c.set)?;
+    for w in &loaded.warnings {
+        eprintln!("warning: {}", w.to_string().replace('\n', "\n  "));
+    }
+    println!(
+        "{}: ok ({} datasets, {} warnings)",
+        c.config.display(),
+        loaded.settings.datasets.len(),
+        loaded.warnings.len()
+    );
+    Ok(())
+}
+
+fn state_word(s: State) -> &'static str {
+    match s {
+        State::Fresh => "fresh",
+        State::Stale => "stale",
+    }
+}
+
+fn plan_json(ws: &Workspace, st: &[StageStatus]) -> Result<()> {
+    let mut out = serde_json::json!({ "stages": st });
+    if ws.is_sweep() {
+        out["variants"] = ws
+            .variants
+            .iter()
+            .map(|v| {
+                serde_json::json!({
+                    "id": v.id, "label": v.label,
+                    "stages": v.names.iter().map(|(_, m)| m.clone()).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+    }
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+fn print_sweep_header(ws: &Workspace) {
+    println!("sweep: {} variants", ws.variants.len());
+    for v in &ws.variants {
+        println!("  {}  {}", v.id.as_deref().unwrap_or("-"), v.label);
+    }
+    let shared = ws
+        .plan
+        .stages
+        .iter()
+        .filter(|s| !s.name.contains('@'))
+        .count();
+    println!(
+        "{shared} stages shared by every variant, {} specific to one (name@variant)",
+        ws.plan.stages.len() - shared
+    );
+    println!();
+}
+
+pub fn plan(a: PlanArgs) -> Result<()> {
+    let ws = open(&a.common)?;
+    let st = ws.scheduler().assess()?;
+    if a.json {
+        return plan_json(&ws, &st);
+    }
+    if ws.is_sweep() {
+        print_sweep_header(&ws);
+    }
+    for s in &st {
+        let state = state_word(s.state);
+        match &s.reason {
+            Some(r) => println!("  {state}  {:<22} {}  {r}", s.name, short(&s.key)),
+            None => println!("  {state}  {:<22} {}", s.name, short(&s.key)),
+        }
+    }
+    let stale = st.iter().filter(|s| s.state == State::Stale).count();
+    println!(
+        "{} stages: {} fresh, {stale} stale",
+        st.len(),
+        st.len() - stale
+    );
+    Ok(())
+}
+
+pub fn dag(a: DagArgs) -> Result<()> {
+    let ws = open(&a.common)?;
+    let st = ws.scheduler().assess()?;
+    let labels: Vec<String> = ws
+        .plan
+        .stages
+        .iter()
+        .map(|p| {
+            st.iter()
+                .find(|s| s.name == p.name)
+                .map(|s| format!("{} {}", short(&s.key), state_word(s.state)))
+                .unwrap_or_default()
+        })
+        .collect();
+    print!("{}", ws.plan.dot(&labels));
+    Ok(())
+}
+
+/// Builds what `opts` asks for, printing events and the summary; records the run in the index
+/// and updates kiln.lock.
+pub fn do_run(ws: &Workspace, opts: &RunOptions) -> Result<RunSummary, KilnError> {
+    let tty = std::io::stderr().is_terminal();
+    let t = Instant::now();
+    let run_id = ws.index.start_run(&ws.config_id, &ws.run_label())?;
+    let mut printer = Printer::new(tty);
+    let res = ws.scheduler().run(opts, &mut |e| printer.event(&e));
+    printer.clear();
+    match &res {
+        Ok(s) => {
+            let outcome = if s.failed.is_empty() { "ok" } else { "failed" };
+            ws.index
+                .finish_run(run_id, outcome, s.built.len() as u64, s.fresh.len() as u64)?;
+            if let Some(p) = kiln::lock::write(ws)? {
+                println!("updated {}", p.display());
+            }
+            if s.built.is_empty() && s.failed.is_empty() {
+                println!(
+                    "nothing to do: all {} stages fresh ({:.0} ms)",
+                    s.fresh.len(),
+                    t.elapsed().as_secs_f64() * 1000.0
+                );
+            } else {
+                println!(
+                    "built {}, reused {} in {:.2}s",
+                    s.built.len(),
+                    s.fresh.len(),
+                    t.elapsed().as_secs_f64()
+                );
+            }
+        }
+        Err(_) => ws.index.finish_run(run_id, "failed", 0, 0)?,
+    }
+    Ok(res?)
+}
+
+/// Builds one stage (name or kind) and what it needs, reporting like `kiln run`.
+pub fn run_target(ws: &Workspace, target: &str) -> Result<RunSummary, KilnError> {
+    do_run(
+        ws,
+        &RunOptions {
+            targets: vec![target.into()],
+            ..Default::default()
+        },
+    )
+}
+
+/// `run --locked`: build nothing; fail naming each stage that would rebuild or differs.
+fn check_locked(ws: &Workspace, c: &Common) -> Result<()> {
+    let problems = kiln::lock::check(ws)?;
+    let (path, _) = kiln::lock::location(&c.config);
+    if problems.is_empty() {
+        println!(
+            "locked: all {} stages fresh and as in {}",
+            ws.plan.stages.len(),
+            path.display()
+        );
+        return Ok(());
+    }
+    for p in &problems {
+        eprintln!("  {:<22} {}", p.stage, p.reason);
+    }
+    anyhow::bail!(
+        "--locked: {} of {} stages would rebuild or differ from {}",
+        problems.len(),
+        ws.plan.stages.len(),
+        path.display()
+    )
+}
+
+pub fn run(a: RunArgs) -> Result<()> {
+    if a.frozen {
+        std::env::set_var("HF_HUB_OFFLINE", "1");
+    }
+    let ws = open(&a.common)?;
+    if a.locked || a.frozen {
+        return check_locked(&ws, &a.common);
+    }
+    let summary = do_run(
+        &ws,
+        &RunOptions {
+            targets: a.target,
+            force: a.force,
+            keep_going: a.keep_going,
+            jobs: a.jobs,
+            train_jobs: a.train_jobs,
+        },
+    )?;
+    if let Some(out) = ws.materialize_outputs()? {
+        println!("outputs in {}", out.display());
+    }
+    if !summary.failed.is_empty() {
+        for (name, err) in &summary.failed {
+            eprintln!("  FAILED {name}: {err}");
+        }
+        if !summary.skipped.is_empty() {
+            eprintln!("  not attempted: {}", summary.skipped.join(", "));
+        }
+        anyhow::bail!(
+            "{} stages failed ({} built, {} reused); rerun to retry only what did not finish",
+            summary.failed.len(),
+            summary.built.len(),
+            summary.fresh.len()
+        );
+    }
+    Ok(())
+}
+
+pub fn why(a: WhyArgs) -> Result<()> {
+    let ws = open(&a.common)?;
+    let st = ws.scheduler().assess()?;
+    let find = |n: &str| st.iter().find(|s| s.name == n);
+    let Some(mut cur) = find(&a.stage) else {
+        let names: Vec<&str> = st.iter().map(|s| s.name.as_str()).collect();
+        return Err(usage(format!(
+            "no stage `{}`; stages: {}",
+            a.stage,
+            names.join(", ")
+        )));
+    };
+    if cur.state == State::Fresh {
+        println!(
+            "{} is fresh: its key {} is in the cache (parameters, inputs and upstream outputs unchanged)",
+            a.stage,
+            short(&cur.key)
+        );
+        return Ok(());
+    }
+    let mut depth = 0;
+    loop {
+        let reason = cur.reason.clone().unwrap_or_default();
+        println!("{}{}: {reason}", "  ".repeat(depth), cur.name);
+        let next = reason
+            .strip_prefix("waiting on ")
+            .or_else(|| {
+                reason
+                    .strip_prefix("upstream ")
+                    .and_then(|r| r.strip_suffix(" changed"))
+            })
+            .and_then(&find);
+        match next {
+            Some(n) if depth < 64 => {
+                cur = n;
+                depth += 1;
+            }
+            _ => break,
+        }
+    }
+    Ok(())
+}

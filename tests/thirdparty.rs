@@ -588,3 +588,67 @@ fn exported_gguf_runs_in_llama_cpp() {
         assert_eq!(theirs[..6], kiln_out[..6], "{q}: greedy tokens differ");
     }
 }
+
+/// kiln's YAML reader against PyYAML on Axolotl 0.19.0's own example configs (269 files): the
+/// same value for every file, except kiln's one deliberate difference — an exponent float
+/// without a dot (`1e-4`), a string to PyYAML that Axolotl's schema then reads as a float, is a
+/// float to kiln.
+#[test]
+fn yaml_reads_axolotls_examples_as_pyyaml_does() {
+    use serde_json::Value as J;
+    fn same(kiln: &J, py: &J, path: &str, diffs: &mut Vec<String>) {
+        match (kiln, py) {
+            (J::Number(a), J::String(s)) if s.parse::<f64>().ok() == a.as_f64() => {}
+            (J::Number(a), J::Number(b)) if a.as_f64() == b.as_f64() => {
+                if a.is_f64() != b.is_f64() {
+                    diffs.push(format!("{path}: {a} vs {b} (int/float)"));
+                }
+            }
+            (J::Object(a), J::Object(b)) => {
+                let ka: Vec<&String> = a.keys().collect();
+                let kb: Vec<&String> = b.keys().collect();
+                if ka != kb {
+                    diffs.push(format!("{path}: keys {ka:?} vs {kb:?}"));
+                    return;
+                }
+                for (k, v) in a {
+                    same(v, &b[k], &format!("{path}.{k}"), diffs);
+                }
+            }
+            (J::Array(a), J::Array(b)) if a.len() == b.len() => {
+                for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                    same(x, y, &format!("{path}[{i}]"), diffs);
+                }
+            }
+            (a, b) if a == b => {}
+            (a, b) => diffs.push(format!("{path}: kiln {a} vs PyYAML {b}")),
+        }
+    }
+    let td = testdata();
+    let dir = td.join("axolotl-examples");
+    let reference: J =
+        serde_json::from_slice(&std::fs::read(td.join("axolotl-examples.pyyaml.json")).unwrap())
+            .unwrap();
+    let files = reference.as_object().unwrap();
+    assert!(files.len() > 250, "{} files", files.len());
+    let mut diffs = Vec::new();
+    for (rel, r) in files {
+        let text = std::fs::read_to_string(dir.join(rel)).unwrap();
+        match (kiln::config::yaml::parse(&text), r.get("value")) {
+            (Ok((v, _)), Some(py)) => {
+                // serde_json with sorted maps, as the reference's sort_keys.
+                let k: J = serde_json::from_str(&serde_json::to_string(&v).unwrap()).unwrap();
+                same(&k, py, rel, &mut diffs);
+            }
+            (Err(e), Some(_)) => diffs.push(format!("{rel}: kiln refused it: {e}")),
+            (Ok(_), None) => diffs.push(format!("{rel}: PyYAML refused it, kiln did not")),
+            (Err(_), None) => {}
+        }
+    }
+    assert!(
+        diffs.is_empty(),
+        "{} differences:\n{}",
+        diffs.len(),
+        diffs.join("\n")
+    );
+}

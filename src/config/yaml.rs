@@ -646,7 +646,49 @@ impl<'a> Builder<'a> {
 }
 
 /// Parses one YAML document; an empty document is `Null`.
+///
+/// libyaml and PyYAML accept a flow collection's closing `]` or `}` on a line of its own at the
+/// parent key's indentation (one of Axolotl's own examples does this); YAML 1.2 and saphyr
+/// refuse it. The bracket's indentation means nothing, so on that error the line is indented like
+/// the line before it and parsing starts over (other lines, and every position, are unchanged).
 pub fn parse(text: &str) -> Result<(Value, Positions), YamlError> {
+    let mut text = std::borrow::Cow::Borrowed(text);
+    for _ in 0..64 {
+        match parse_strict(&text) {
+            Err(e) if e.message == "invalid indentation" => {
+                let Some(fixed) = indent_closing_bracket(&text, e.line) else {
+                    return Err(e);
+                };
+                text = std::borrow::Cow::Owned(fixed);
+            }
+            other => return other,
+        }
+    }
+    parse_strict(&text)
+}
+
+/// `text` with line `line` (1-based) indented like the previous non-blank line, when that line
+/// holds only closing flow brackets (and what may follow them).
+fn indent_closing_bracket(text: &str, line: usize) -> Option<String> {
+    let lines: Vec<&str> = text.split('\n').collect();
+    let i = line.checked_sub(1)?;
+    let l = lines.get(i)?;
+    let body = l.trim_start();
+    if !body.starts_with([']', '}']) {
+        return None;
+    }
+    let prev = lines[..i].iter().rev().find(|p| !p.trim().is_empty())?;
+    let want = prev.len() - prev.trim_start().len();
+    let have = l.len() - body.len();
+    if want <= have {
+        return None;
+    }
+    let mut out: Vec<String> = lines.iter().map(|x| x.to_string()).collect();
+    out[i] = format!("{}{body}", " ".repeat(want));
+    Some(out.join("\n"))
+}
+
+fn parse_strict(text: &str) -> Result<(Value, Positions), YamlError> {
     let mut b = Builder {
         parser: Parser::new_from_str(text),
         anchors: HashMap::new(),
@@ -765,6 +807,35 @@ mod tests {
         assert_eq!(m.get("alias"), m.get("base"));
         assert_eq!(m.get("k"), Some(&Value::Number(Number::Int(2))));
         assert_eq!(p.duplicates, vec![(vec![Seg::Key("k".into())], (7, 1))]);
+    }
+
+    #[test]
+    fn a_closing_bracket_at_the_parent_indent_reads_as_pyyaml_reads_it() {
+        // As in Axolotl's examples/llama-3/sparse-finetuning.yaml.
+        let text = "a:\n  b:\n    targets: [\n      'x',\n      'y',\n    ]\n    start: 0\n";
+        let (v, p) = parse(text).unwrap();
+        let b = v
+            .as_mapping()
+            .unwrap()
+            .get("a")
+            .unwrap()
+            .as_mapping()
+            .unwrap()
+            .get("b")
+            .unwrap();
+        let b = b.as_mapping().unwrap();
+        assert_eq!(
+            b.get("targets"),
+            Some(&Value::Sequence(vec![
+                Value::String("x".into()),
+                Value::String("y".into())
+            ]))
+        );
+        assert_eq!(b.get("start"), Some(&Value::Number(Number::Int(0))));
+        let k = |s: &str| Seg::Key(s.into());
+        assert_eq!(p.find(&[k("a"), k("b"), k("start")]), Some((7, 5)));
+        // Real indentation errors still fail.
+        assert!(parse("a:\n  b: 1\n c: 2\n").is_err());
     }
 
     #[test]

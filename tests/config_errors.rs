@@ -236,3 +236,42 @@ fn a_key_given_twice_warns_and_the_later_value_wins() {
     assert_eq!(w[0].line, Some(6));
     assert!(w[0].message.contains("given twice"));
 }
+
+#[test]
+fn run_lengths_that_train_nothing_are_refused_before_any_work() {
+    let keys = |yaml: &str| -> Vec<String> {
+        problems(&format!("{BASE}{yaml}"))
+            .into_iter()
+            .map(|p| p.key)
+            .collect()
+    };
+    assert_eq!(keys("adapter: lora\nlora_r: 0\n"), ["lora_r"]);
+    assert_eq!(keys("num_epochs: 0\n"), ["num_epochs"]);
+    assert_eq!(keys("num_epochs: 0\nmax_steps: 10\n"), Vec::<String>::new());
+    assert_eq!(keys("max_steps: 0\n"), ["max_steps"]);
+    assert_eq!(
+        keys("save_steps: -5\neval_steps: -0.5\n"),
+        ["save_steps", "eval_steps"]
+    );
+    assert_eq!(keys("warmup_ratio: 1.5\n"), ["warmup_ratio"]);
+    assert_eq!(keys("max_steps: 10\nwarmup_steps: 20\n"), ["warmup_steps"]);
+    assert_eq!(
+        keys("max_steps: 10\nwarmup_steps: 5\nsave_steps: 0\n"),
+        Vec::<String>::new()
+    );
+    let p = problems(&format!("{BASE}adapter: lora\nlora_r: 0\n"));
+    assert_eq!(p[0].line, Some(6));
+    assert!(p[0].message.contains("trains nothing"), "{p:#?}");
+}
+
+#[test]
+fn a_missing_local_looking_file_is_not_a_hub_lookup() {
+    // `data/nope.jsonl` has the shape of `org/name`; its extension says it is a file.
+    let p = problems(
+        "base_model: models/nope.gguf\ndatasets:\n  - path: data/nope.jsonl\n    type: alpaca\n",
+    );
+    let keys: Vec<&str> = p.iter().map(|x| x.key.as_str()).collect();
+    assert_eq!(keys, ["base_model", "datasets[0].path"], "{p:#?}");
+    assert!(p[1].message.contains("no such file"), "{p:#?}");
+    assert_eq!(p[1].line, Some(3));
+}

@@ -842,6 +842,7 @@ fn read_train(r: &mut Reader<'_, '_, '_>, merge_lora: bool) -> TrainSettings {
             Some("typical LoRA values are 1e-4 to 3e-4".into()),
         );
     }
+    check_run_length(r, &train);
 
     if let Some(d) = train
         .resume_from_checkpoint
@@ -858,6 +859,64 @@ fn read_train(r: &mut Reader<'_, '_, '_>, merge_lora: bool) -> TrainSettings {
         );
     }
     train
+}
+
+/// Values that would train nothing or make no sense, refused before any work: `lora_r: 0`,
+/// `num_epochs: 0` (without `max_steps`), negative save/eval cadences, warmup longer than the run.
+fn check_run_length(r: &mut Reader<'_, '_, '_>, t: &TrainSettings) {
+    if t.adapter.as_deref() == Some("lora") && t.lora.lora_r == 0 {
+        r.ctx.error(
+            &[key("lora_r")],
+            "must be at least 1 (a rank-0 adapter trains nothing)",
+            Some("typical values are 8 to 64".into()),
+        );
+    }
+    if t.steps.max_steps.is_none() && t.steps.num_epochs <= 0.0 {
+        r.ctx.error(
+            &[key("num_epochs")],
+            format!("{} epochs train nothing", t.steps.num_epochs),
+            Some("set `num_epochs: 1` (or more), or `max_steps`".into()),
+        );
+    }
+    if t.steps.max_steps == Some(0) {
+        r.ctx.error(
+            &[key("max_steps")],
+            "0 steps train nothing",
+            Some("remove `max_steps` to train num_epochs, or set it to 1 or more".into()),
+        );
+    }
+    for (k, v) in [
+        ("save_steps", t.cadence.save_steps),
+        ("eval_steps", t.cadence.eval_steps),
+    ] {
+        if let Some(v) = v.filter(|v| *v < 0.0 || !v.is_finite()) {
+            r.ctx.error(
+                &[key(k)],
+                format!("{v} is not a step count"),
+                Some(format!(
+                    "use a number of steps (e.g. 100), a fraction of the run in (0, 1), or 0 for never; remove `{k}` for the default"
+                )),
+            );
+        }
+    }
+    if let Some(w) = t.optim.warmup_ratio.filter(|w| !(0.0..1.0).contains(w)) {
+        r.ctx.error(
+            &[key("warmup_ratio")],
+            format!("{w} is not a share of the run"),
+            Some("use a value in [0, 1), e.g. 0.05".into()),
+        );
+    }
+    if let (Some(w), Some(m)) = (t.optim.warmup_steps, t.steps.max_steps) {
+        if w > m && m > 0 {
+            r.ctx.error(
+                &[key("warmup_steps")],
+                format!("{w} warmup steps is longer than the whole run (max_steps: {m})"),
+                Some(format!(
+                    "use fewer than {m} warmup steps, or `warmup_ratio`"
+                )),
+            );
+        }
+    }
 }
 
 /// `special_tokens:` overrides of bos/eos/pad/unk.
@@ -1103,6 +1162,27 @@ fn axolotl_template_names() -> &'static [&'static str] {
 }
 
 fn looks_like_hub_id(s: &str) -> bool {
+    // `data/train.jsonl`, `models/x.gguf`: a file name, so a missing local file, not a repo.
+    const FILE_EXTS: &[&str] = &[
+        ".jsonl",
+        ".json",
+        ".gz",
+        ".parquet",
+        ".csv",
+        ".txt",
+        ".arrow",
+        ".gguf",
+        ".safetensors",
+        ".bin",
+        ".yml",
+        ".yaml",
+    ];
+    if FILE_EXTS
+        .iter()
+        .any(|e| s.to_ascii_lowercase().ends_with(e))
+    {
+        return false;
+    }
     let parts: Vec<&str> = s.split('/').collect();
     parts.len() == 2
         && parts.iter().all(|p| {

@@ -518,6 +518,10 @@ fn tagged_scalar(text: &str, tag: &str, span: &Span) -> Result<Value, YamlError>
     })
 }
 
+/// How deep collections may nest. Real configs stay under 10; the limit keeps a hostile file
+/// from exhausting the stack of this recursive reader (it is refused at once instead).
+pub const MAX_DEPTH: usize = 64;
+
 struct Builder<'a> {
     parser: Parser<'a, saphyr_parser::StrInput<'a>>,
     anchors: HashMap<usize, Value>,
@@ -531,7 +535,11 @@ impl<'a> Builder<'a> {
             Some(Err(e)) => Err(YamlError {
                 line: e.marker().line(),
                 column: e.marker().col() + 1,
-                message: e.info().to_string(),
+                message: if e.info().contains("recursion limit") {
+                    "nested too deeply (the YAML parser's recursion limit); a config is a shallow mapping".into()
+                } else {
+                    e.info().to_string()
+                },
             }),
             None => Err(YamlError {
                 line: 0,
@@ -549,6 +557,14 @@ impl<'a> Builder<'a> {
 
     /// Reads the node that starts with `ev` (its events up to its end).
     fn node(&mut self, ev: Event<'a>, span: Span, path: &[Seg]) -> Result<Value, YamlError> {
+        if path.len() >= MAX_DEPTH
+            && matches!(ev, Event::SequenceStart(..) | Event::MappingStart(..))
+        {
+            return Err(err_at(
+                &span,
+                format!("nested more than {MAX_DEPTH} levels deep; a config is a shallow mapping"),
+            ));
+        }
         match ev {
             Event::Scalar(text, style, anchor, tag) => {
                 let v = match &tag {
@@ -836,6 +852,31 @@ mod tests {
         assert_eq!(p.find(&[k("a"), k("b"), k("start")]), Some((7, 5)));
         // Real indentation errors still fail.
         assert!(parse("a:\n  b: 1\n c: 2\n").is_err());
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_at_once() {
+        let t = std::time::Instant::now();
+        for text in [
+            format!("a: {}{}\n", "[".repeat(100_000), "]".repeat(100_000)),
+            format!("a: {}1{}\n", "{b: ".repeat(10_000), "}".repeat(10_000)),
+            (0..200)
+                .map(|d| format!("{}k{d}:\n", "  ".repeat(d)))
+                .collect::<String>(),
+        ] {
+            let e = parse(&text).unwrap_err();
+            assert!(e.message.contains("nested"), "{e}");
+        }
+        // Block style is this reader's own limit (the parser does not stop it).
+        let block: String = (0..200)
+            .map(|d| format!("{}k{d}:\n", "  ".repeat(d)))
+            .collect();
+        let e = parse(&block).unwrap_err();
+        assert!(e.message.contains("more than 64 levels"), "{e}");
+        // 64 levels still read.
+        let ok = format!("a: {}{}\n", "[".repeat(63), "]".repeat(63));
+        assert!(parse(&ok).is_ok());
+        assert!(t.elapsed().as_secs() < 5, "{:?}", t.elapsed());
     }
 
     #[test]

@@ -165,10 +165,6 @@ fn finish_map(
     Ok(())
 }
 
-fn encode_into<T: serde::Serialize + ?Sized>(v: &T) -> Result<Vec<u8>, CanonError> {
-    canonical(v)
-}
-
 impl<'a> serde::Serializer for Canon<'a> {
     type Ok = ();
     type Error = CanonError;
@@ -273,7 +269,7 @@ impl<'a> serde::Serializer for Canon<'a> {
         variant: &'static str,
         v: &T,
     ) -> Result<(), CanonError> {
-        let body = encode_into(v)?;
+        let body = canonical(v)?;
         wrap_variant(self.out, Some(variant), body);
         Ok(())
     }
@@ -375,7 +371,7 @@ impl serde::ser::SerializeMap for CanonMap<'_> {
     type Ok = ();
     type Error = CanonError;
     fn serialize_key<T: serde::Serialize + ?Sized>(&mut self, k: &T) -> Result<(), CanonError> {
-        self.pending_key = Some(encode_into(k)?);
+        self.pending_key = Some(canonical(k)?);
         Ok(())
     }
     fn serialize_value<T: serde::Serialize + ?Sized>(&mut self, v: &T) -> Result<(), CanonError> {
@@ -383,7 +379,7 @@ impl serde::ser::SerializeMap for CanonMap<'_> {
             .pending_key
             .take()
             .ok_or_else(|| CanonError("a map value came without its key".into()))?;
-        self.entries.push((k, encode_into(v)?));
+        self.entries.push((k, canonical(v)?));
         Ok(())
     }
     fn end(self) -> Result<(), CanonError> {
@@ -399,7 +395,7 @@ impl CanonMap<'_> {
     ) -> Result<(), CanonError> {
         let mut k = Vec::new();
         put_str(&mut k, name);
-        self.entries.push((k, encode_into(v)?));
+        self.entries.push((k, canonical(v)?));
         Ok(())
     }
 }

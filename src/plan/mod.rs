@@ -584,22 +584,18 @@ impl Plan {
 /// stages with equal definitions have equal keys once built, so sweep variants share them.
 fn definition(stages: &[PlannedStage], defs: &[String], i: usize) -> Result<String, PlanError> {
     let s = &stages[i];
-    let deps: Vec<(&str, String)> = s
+    let deps: Vec<(String, String)> = s
         .deps
         .iter()
         .map(|d| {
             (
-                defs[d.stage].as_str(),
+                defs[d.stage].clone(),
                 d.files.map(|f| f.join(",")).unwrap_or_else(|| "*".into()),
             )
         })
         .collect();
-    let deps_key: Vec<(String, String)> = deps
-        .iter()
-        .map(|(d, f)| (d.to_string(), f.clone()))
-        .collect();
     // A definition is a key whose upstream digests are the upstream definitions.
-    stage_key(s, &deps_key).map(|k| format!("def:{k}"))
+    stage_key(s, &deps).map(|k| format!("def:{k}"))
 }
 
 /// Merges the plans of a sweep's variants into one graph: stages with equal definitions appear

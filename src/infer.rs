@@ -170,6 +170,13 @@ impl ChatSession {
         ids: Vec<u32>,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Reply, InferError> {
+        let context = self.model.cfg.max_position_embeddings;
+        if ids.len() > context {
+            return Err(InferError::Invalid(format!(
+                "the prompt is {} tokens, over the model's context of {context} tokens (max_position_embeddings); shorten the conversation",
+                ids.len()
+            )));
+        }
         // Reuse the cache when the new prompt extends what it holds; otherwise start over.
         let reuse = !self.cached_ids.is_empty()
             && ids.len() > self.cached_ids.len()

@@ -7,6 +7,7 @@ use common::*;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 struct Server {
     child: Child,
@@ -22,6 +23,10 @@ impl Drop for Server {
 }
 
 fn start() -> Server {
+    start_with(&[])
+}
+
+fn start_with(extra: &[&str]) -> Server {
     let p = Project::new(
         "adapter: lora\nlora_r: 4\nlora_alpha: 8\nlora_target_linear: true\nmax_steps: 2\ngradio_title: Tiny <test> chat\n",
     );
@@ -50,6 +55,7 @@ fn start() -> Server {
             "--max-body-bytes",
             "4000",
         ])
+        .args(extra)
         .current_dir(p.dir.path())
         .env("KILN_NUM_THREADS", "1")
         .env_remove("KILN_CACHE")
@@ -92,7 +98,7 @@ fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String, Strin
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    // Undo chunked transfer encoding (tiny_http uses it for larger bodies).
+    // Undo chunked transfer encoding (streamed answers use it).
     let body = if head
         .to_ascii_lowercase()
         .contains("transfer-encoding: chunked")
@@ -217,6 +223,360 @@ fn openai_api_answers_plain_and_streamed_and_rejects_bad_requests() {
     let (st, _, page) = http(a, "GET", "/", "");
     assert_eq!(st, 200);
     assert!(page.contains("Tiny &lt;test&gt; chat"), "title escaped");
+}
+
+/// A field of /proc/<pid>/status as a number (VmRSS in kB, Threads).
+fn proc_status(pid: u32, field: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+fn connect(addr: &str) -> TcpStream {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+/// Reads one response (Content-Length, chunked or to EOF): (status, head, body).
+fn read_response(r: &mut BufReader<TcpStream>) -> (u16, String, String) {
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).unwrap_or(0) == 0 {
+            break;
+        }
+        if line == "\r\n" {
+            break;
+        }
+        head.push_str(&line);
+    }
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let lower = head.to_ascii_lowercase();
+    let length = lower
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    let mut body = Vec::new();
+    if let Some(n) = length {
+        body.resize(n, 0);
+        r.read_exact(&mut body).unwrap();
+    } else if lower.contains("transfer-encoding: chunked") {
+        loop {
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            let n = usize::from_str_radix(line.trim(), 16).unwrap();
+            let mut chunk = vec![0; n + 2];
+            r.read_exact(&mut chunk).unwrap();
+            if n == 0 {
+                break;
+            }
+            body.extend_from_slice(&chunk[..n]);
+        }
+    } else if status != 100 {
+        let _ = r.read_to_end(&mut body);
+    }
+    (status, head, String::from_utf8_lossy(&body).into_owned())
+}
+
+fn closes(head: &str) -> bool {
+    head.to_ascii_lowercase().contains("connection: close")
+}
+
+/// Hostile HTTP over raw sockets: huge declared bodies are answered without being read (memory
+/// stays flat), connections are capped and time out, half-sent requests get 408, bad framing
+/// 400/431/501, and the ordinary features (keep-alive, pipelining, 100-continue, chunked bodies)
+/// still work.
+#[test]
+fn hostile_http_cannot_exhaust_the_server() {
+    let srv = start_with(&["--max-connections", "12", "--idle-timeout", "1.5"]);
+    let a = srv.addr.as_str();
+    let pid = srv.child.id();
+    assert_eq!(http(a, "GET", "/health", "").0, 200);
+    let rss0 = proc_status(pid, "VmRSS");
+    let threads0 = proc_status(pid, "Threads");
+
+    // The connection cap: 12 idle connections are held, the 13th is told 503 at once.
+    let idle: Vec<TcpStream> = (0..12).map(|_| connect(a)).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    let (st, _, b) = http(a, "GET", "/health", "");
+    assert_eq!(st, 503, "{b}");
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    assert!(
+        proc_status(pid, "Threads") <= threads0 + 12,
+        "one thread per open connection at most"
+    );
+    // The idle timeout closes them (without a word: nothing was asked).
+    for mut s in idle {
+        let mut buf = [0u8; 64];
+        assert_eq!(s.read(&mut buf).unwrap(), 0, "idle connection closed");
+    }
+    assert!(t.elapsed() < Duration::from_secs(5));
+    assert_eq!(http(a, "GET", "/health", "").0, 200);
+
+    // A declared length of 10^15 on every kind of route: answered, never buffered.
+    for (line, want) in [
+        ("POST /v1/chat/completions", 413),
+        ("GET /health", 200),
+        ("GET /nope", 404),
+        ("PUT /v1/models", 405),
+    ] {
+        let t = Instant::now();
+        let mut s = connect(a);
+        write!(
+            s,
+            "{line} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000000000\r\n\r\n"
+        )
+        .unwrap();
+        let _ = s.write_all(&[b'x'; 65536]);
+        let (st, head, b) = read_response(&mut BufReader::new(s));
+        assert_eq!(st, want, "{line}: {b}");
+        assert!(
+            closes(&head),
+            "{line}: the unread body ends the connection: {head}"
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "{line}: {:?}",
+            t.elapsed()
+        );
+    }
+    // Ten at once, each declaring 50 MB and sending 4 MB of it.
+    let senders: Vec<_> = (0..10)
+        .map(|_| {
+            let a = a.to_string();
+            std::thread::spawn(move || {
+                let mut s = connect(&a);
+                write!(
+                    s,
+                    "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 50000000\r\n\r\n"
+                )
+                .unwrap();
+                let mut w = s.try_clone().unwrap();
+                let writer = std::thread::spawn(move || {
+                    let block = vec![b'x'; 1 << 16];
+                    for _ in 0..64 {
+                        if w.write_all(&block).is_err() {
+                            break;
+                        }
+                    }
+                });
+                let st = read_response(&mut BufReader::new(s)).0;
+                let _ = writer.join();
+                st
+            })
+        })
+        .collect();
+    for h in senders {
+        assert_eq!(h.join().unwrap(), 413);
+    }
+    // Chunked bodies count too.
+    let mut s = connect(a);
+    write!(s, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n100000\r\n").unwrap();
+    let _ = s.write_all(&[b'x'; 65536]);
+    assert_eq!(read_response(&mut BufReader::new(s)).0, 413);
+    let grown = proc_status(pid, "VmRSS").saturating_sub(rss0);
+    assert!(
+        grown < 30_000,
+        "RSS grew {grown} kB answering rejected bodies"
+    );
+
+    // Half-sent requests time out with 408 (the head, then the body).
+    for partial in [
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n",
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"mess",
+    ] {
+        let t = Instant::now();
+        let mut s = connect(a);
+        s.write_all(partial.as_bytes()).unwrap();
+        let (st, head, _) = read_response(&mut BufReader::new(s));
+        assert_eq!(st, 408, "{partial:?}");
+        assert!(closes(&head));
+        let e = t.elapsed();
+        assert!(
+            e >= Duration::from_secs(1) && e < Duration::from_secs(5),
+            "{e:?}"
+        );
+    }
+
+    // Bad framing.
+    let long = format!(
+        "GET /health HTTP/1.1\r\nX-Big: {}\r\n\r\n",
+        "y".repeat(20_000)
+    );
+    for (raw, want) in [
+        ("HELLO\r\n\r\n", 400),
+        ("POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+        ("POST /v1/chat/completions HTTP/1.1\r\nContent-Length: abc\r\n\r\n", 400),
+        ("POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n", 400),
+        ("POST /v1/chat/completions HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+        ("POST /v1/chat/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
+        (long.as_str(), 431),
+    ] {
+        let mut s = connect(a);
+        s.write_all(raw.as_bytes()).unwrap();
+        let (st, _, b) = read_response(&mut BufReader::new(s));
+        assert_eq!(st, want, "{raw:.80?}: {b}");
+        if st != 0 {
+            assert!(json(&b)["error"]["message"].is_string(), "{b}");
+        }
+    }
+
+    // Keep-alive with pipelined requests, then a close.
+    let s = connect(a);
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    w.write_all(
+        b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nGET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .unwrap();
+    let (st1, h1, _) = read_response(&mut r);
+    let (st2, h2, b2) = read_response(&mut r);
+    assert_eq!((st1, st2), (200, 200));
+    assert!(!closes(&h1) && !closes(&h2), "{h1}{h2}");
+    assert_eq!(json(&b2)["object"], "list");
+    let req = r#"{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}"#;
+    write!(
+        w,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{req}",
+        req.len()
+    )
+    .unwrap();
+    let (st, h, b) = read_response(&mut r);
+    assert_eq!(st, 200, "{b}");
+    assert!(!closes(&h));
+    w.write_all(b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let (st, h, _) = read_response(&mut r);
+    assert_eq!(st, 200);
+    assert!(closes(&h));
+
+    // Expect: 100-continue, and a chunked body.
+    let s = connect(a);
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    write!(w, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n", req.len()).unwrap();
+    assert_eq!(read_response(&mut r).0, 100);
+    w.write_all(req.as_bytes()).unwrap();
+    let (st, _, b) = read_response(&mut r);
+    assert_eq!(st, 200, "{b}");
+    let (x, y) = req.split_at(10);
+    write!(
+        w,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{x}\r\n{:x};ext=1\r\n{y}\r\n0\r\n\r\n",
+        x.len(),
+        y.len()
+    )
+    .unwrap();
+    let (st, _, b) = read_response(&mut r);
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(json(&b)["object"], "chat.completion");
+    // An oversized declared body with Expect gets 413 before anything is sent.
+    write!(w, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 999999\r\n\r\n").unwrap();
+    assert_eq!(read_response(&mut r).0, 413);
+
+    assert_eq!(http(a, "GET", "/health", "").0, 200, "still serving");
+}
+
+/// An answer that reaches the model's context ends there with finish_reason "length" (plain and
+/// streamed), as OpenAI's API does; a prompt over the context is a 400 that says so.
+#[test]
+fn answers_stop_at_the_context_with_finish_reason_length() {
+    let srv = start();
+    let a = srv.addr.as_str();
+    let ask = |content: &str, max_tokens: usize, stream: bool| {
+        let req = serde_json::json!({"messages": [{"role": "user", "content": content}],
+            "max_tokens": max_tokens, "stream": stream});
+        http(a, "POST", "/v1/chat/completions", &req.to_string())
+    };
+    // The tiny model's context is 1024 tokens; fill most of it.
+    let content = "x".repeat(1000);
+    let (st, _, b) = ask(&content, 1, false);
+    assert_eq!(st, 200, "{b}");
+    let prompt = json(&b)["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(prompt > 1000 && prompt < 1024, "{prompt}");
+    let (st, _, b) = ask(&content, 500, false);
+    assert_eq!(st, 200, "{b}");
+    let v = json(&b);
+    assert_eq!(v["choices"][0]["finish_reason"], "length", "{b}");
+    assert_eq!(
+        v["usage"]["completion_tokens"].as_u64().unwrap(),
+        1024 - prompt
+    );
+    let plain = v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (st, _, b) = ask(&content, 500, true);
+    assert_eq!(st, 200);
+    let events: Vec<&str> = b
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"), "{b}");
+    let last = json(events[events.len() - 2]);
+    assert_eq!(last["choices"][0]["finish_reason"], "length");
+    let streamed: String = events[..events.len() - 1]
+        .iter()
+        .filter_map(|e| {
+            json(e)["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(String::from)
+        })
+        .collect();
+    assert_eq!(streamed, plain);
+
+    for stream in [false, true] {
+        let (st, _, b) = ask(&"x".repeat(1100), 5, stream);
+        assert_eq!(st, 400, "{b}");
+        let m = json(&b)["error"]["message"].as_str().unwrap().to_string();
+        assert!(m.contains("context of 1024 tokens"), "{m}");
+    }
+    assert_eq!(http(a, "GET", "/health", "").0, 200);
+}
+
+/// The real `openai` Python client (its venv made by scripts/fetch-test-data.sh) against the
+/// server: plain and streamed answers, finish_reason "length" at the context, 400 and 413 errors
+/// as the client's own exception types.
+#[cfg(feature = "thirdparty-tests")]
+#[test]
+fn the_openai_python_client_works_against_the_server() {
+    let td = std::env::var("KILN_TESTDATA")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| {
+            std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default())
+                .join(".cache/kiln-testdata")
+        });
+    let py = td.join("openai-venv/bin/python");
+    assert!(
+        py.exists(),
+        "run scripts/fetch-test-data.sh first ({})",
+        py.display()
+    );
+    let srv = start();
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/openai-client-check.py");
+    let out = Command::new(py)
+        .arg(script)
+        .arg(&srv.addr)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen = json(String::from_utf8_lossy(&out.stdout).trim());
+    assert_eq!(seen["context"][2], "length", "{seen}");
+    assert_eq!(seen["too_large"], 413);
 }
 
 /// Chromium driven over its DevTools pipe (`--remote-debugging-pipe`: commands on fd 3, replies

@@ -61,9 +61,15 @@ pub struct ServeArgs {
     /// Requests that may wait for the model (more get 503).
     #[arg(long, default_value_t = 16)]
     queue: usize,
-    /// Largest request body in bytes (more get 413).
+    /// Largest request body in bytes (more get 413, unread).
     #[arg(long, default_value_t = 1_000_000)]
     max_body_bytes: usize,
+    /// Open connections at most (more get 503).
+    #[arg(long, default_value_t = 64)]
+    max_connections: usize,
+    /// Seconds a connection may idle, and a request take to arrive, before it is closed.
+    #[arg(long, default_value_t = 30.0)]
+    idle_timeout: f64,
 }
 
 #[derive(clap::Args, Clone)]
@@ -183,6 +189,10 @@ pub fn inference(mut a: InferenceArgs) -> Result<()> {
 }
 
 pub fn serve(a: ServeArgs) -> Result<()> {
+    let idle_timeout = std::time::Duration::try_from_secs_f64(a.idle_timeout)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| anyhow::anyhow!("--idle-timeout must be a positive number of seconds"))?;
     let ws = open_single(&a.common)?;
     let (model, tok, what) = chat_model(&ws, a.gguf.as_deref(), a.lora_model_dir)?;
     let sv = &ws.settings.serve;
@@ -204,6 +214,8 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         port: a.port.unwrap_or(sv.port),
         max_body_bytes: a.max_body_bytes,
         queue: a.queue.max(1),
+        max_connections: a.max_connections.max(1),
+        idle_timeout,
         model_name,
         title: sv.title.clone(),
         defaults,

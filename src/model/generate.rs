@@ -143,14 +143,16 @@ pub struct GenStats {
     pub prompt_seconds: f64,
     pub generated_tokens: usize,
     pub decode_seconds: f64,
-    /// "stop" (a stop token), "length" (max_new_tokens) or "cancelled".
+    /// "stop" (a stop token), "length" (max_new_tokens or the model's context) or "cancelled".
     pub finish_reason: String,
     /// The stop token that ended generation (fed into the cache, not emitted).
     pub stop_token: Option<u32>,
 }
 
 /// Generates after `prompt` (continuing `cache`), calling `on_token` with each new token; stops
-/// at a stop token (not passed on), at `max_new` tokens, or when `on_token` returns false.
+/// at a stop token (not passed on), at `max_new` tokens, at the model's context
+/// (`max_position_embeddings`: no token is sampled for a position past it), or when `on_token`
+/// returns false.
 pub fn generate(
     model: &Engine,
     cache: &mut EngineCache,
@@ -169,7 +171,12 @@ pub fn generate(
     let mut logits = model.forward(prompt, cache)?;
     st.prompt_seconds = t0.elapsed().as_secs_f64();
     let t1 = std::time::Instant::now();
+    // The context bounds the answer: a token is sampled only for a position the model has.
+    let context = model.cfg.max_position_embeddings;
     for n in 0..max_new {
+        if cache.len >= context {
+            break;
+        }
         let next = sampler.sample_slice(&logits);
         if stop.contains(&next) {
             // Keep the stop token in the cache so a next turn continues after it.
@@ -183,8 +190,10 @@ pub fn generate(
             st.finish_reason = "cancelled".into();
             break;
         }
-        if n + 1 < max_new {
+        if n + 1 < max_new && cache.len + 1 < context {
             logits = model.forward(&[next], cache)?;
+        } else {
+            break;
         }
     }
     st.decode_seconds = t1.elapsed().as_secs_f64();

@@ -8,17 +8,20 @@
 //! - `GET /health`.
 //!
 //! One worker thread owns the model; requests wait in a bounded queue and are answered in order
-//! (a full queue answers 503). Bodies over the limit get 413, malformed ones 400, always as an
-//! OpenAI-style JSON error.
+//! (a full queue answers 503). Bodies over the limit get 413 without being read, malformed ones
+//! 400, always as an OpenAI-style JSON error; connections are capped and time out when idle (see
+//! [`http`]). An answer that reaches the model's context ends there with `finish_reason:
+//! "length"`, as OpenAI's API does; a prompt over the context is a 400 naming both lengths.
 
 use crate::infer::{ChatSession, GenSettings};
 use crate::model::generate::SamplingOptions;
 use crate::text::template::Message;
 use serde_json::{json, Value};
-use std::io::{Read, Write};
 use std::sync::mpsc;
 
-const PAGE: &str = include_str!("serve_page.html");
+mod http;
+
+const PAGE: &str = include_str!("page.html");
 
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -28,6 +31,10 @@ pub struct ServeOptions {
     pub max_body_bytes: usize,
     /// Requests waiting for the model beyond the one running.
     pub queue: usize,
+    /// Open connections at most (more get 503).
+    pub max_connections: usize,
+    /// A connection idle this long is closed; a request must arrive within it.
+    pub idle_timeout: std::time::Duration,
     pub model_name: String,
     pub title: String,
     /// Defaults for requests that do not say.
@@ -48,7 +55,8 @@ enum Piece {
         prompt_tokens: usize,
         completion_tokens: usize,
     },
-    Failed(String),
+    /// The request failed: status and message.
+    Failed(u16, String),
 }
 
 struct Job {
@@ -59,29 +67,14 @@ struct Job {
 
 fn error_body(status: u16, message: &str) -> String {
     let kind = match status {
-        400 | 404 | 405 | 413 => "invalid_request_error",
+        400 | 404 | 405 | 408 | 413 | 431 | 501 => "invalid_request_error",
         503 => "overloaded",
         _ => "server_error",
     };
     json!({"error": {"message": message, "type": kind, "code": status}}).to_string()
 }
 
-fn with_type<R: Read>(resp: tiny_http::Response<R>, ty: &str) -> tiny_http::Response<R> {
-    match tiny_http::Header::from_bytes(&b"Content-Type"[..], ty.as_bytes()) {
-        Ok(h) => resp.with_header(h),
-        Err(()) => resp,
-    }
-}
-
 static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-
-fn respond_json(req: tiny_http::Request, status: u16, body: String) {
-    let resp = with_type(
-        tiny_http::Response::from_string(body).with_status_code(status),
-        "application/json",
-    );
-    let _ = req.respond(resp);
-}
 
 /// Parses and checks a chat completion request.
 fn parse_request(
@@ -175,13 +168,12 @@ pub fn serve(
     ready: impl FnOnce(std::net::SocketAddr),
 ) -> Result<(), ServeError> {
     let addr = format!("{}:{}", opts.host, opts.port);
-    let server = tiny_http::Server::http(&addr).map_err(|e| ServeError::Bind {
+    let bind_err = |e: std::io::Error| ServeError::Bind {
         addr: addr.clone(),
         message: e.to_string(),
-    })?;
-    if let Some(a) = server.server_addr().to_ip() {
-        ready(a);
-    }
+    };
+    let listener = std::net::TcpListener::bind(&addr).map_err(bind_err)?;
+    ready(listener.local_addr().map_err(bind_err)?);
     let (jobs_tx, jobs_rx) = mpsc::sync_channel::<Job>(opts.queue);
     std::thread::spawn(move || {
         for job in jobs_rx {
@@ -196,153 +188,164 @@ pub fn serve(
                     prompt_tokens: reply.stats.prompt_tokens,
                     completion_tokens: reply.stats.generated_tokens,
                 }),
-                Err(e) => job.out.send(Piece::Failed(e.to_string())),
+                // The request's own fault (e.g. a prompt longer than the context): 400.
+                Err(e @ crate::infer::InferError::Invalid(_)) => {
+                    job.out.send(Piece::Failed(400, e.to_string()))
+                }
+                Err(e) => job.out.send(Piece::Failed(500, e.to_string())),
             };
         }
     });
-    let opts = std::sync::Arc::new(opts);
-    for req in server.incoming_requests() {
-        let jobs = jobs_tx.clone();
-        let opts = opts.clone();
-        std::thread::spawn(move || handle(req, &jobs, &opts));
-    }
+    let limits = http::Limits {
+        max_body_bytes: opts.max_body_bytes,
+        max_head_bytes: 16 << 10,
+        idle_timeout: opts.idle_timeout,
+        max_connections: opts.max_connections.max(1),
+    };
+    let page = PAGE
+        .replace("{{TITLE}}", &html_escape(&opts.title))
+        .replace("{{MODEL}}", &html_escape(&opts.model_name));
+    let app = App {
+        jobs: jobs_tx,
+        opts,
+        page,
+    };
+    http::run(listener, limits, std::sync::Arc::new(app));
     Ok(())
 }
 
-fn handle(mut req: tiny_http::Request, jobs: &mpsc::SyncSender<Job>, opts: &ServeOptions) {
-    let method = req.method().clone();
-    let path = req.url().split('?').next().unwrap_or("").to_string();
-    match (method, path.as_str()) {
-        (tiny_http::Method::Get, "/") => {
-            let page = PAGE
-                .replace("{{TITLE}}", &html_escape(&opts.title))
-                .replace("{{MODEL}}", &html_escape(&opts.model_name));
-            let resp = with_type(
-                tiny_http::Response::from_string(page),
-                "text/html; charset=utf-8",
-            );
-            let _ = req.respond(resp);
+struct App {
+    jobs: mpsc::SyncSender<Job>,
+    opts: ServeOptions,
+    page: String,
+}
+
+fn send_json(res: &mut http::Responder<'_>, status: u16, body: String) {
+    let _ = res.send(status, "application/json", body.as_bytes());
+}
+
+impl http::Handler for App {
+    fn takes_body(&self, method: &str, path: &str) -> bool {
+        method == "POST" && path == "/v1/chat/completions"
+    }
+
+    fn error_body(&self, status: u16, message: &str) -> (&'static str, Vec<u8>) {
+        ("application/json", error_body(status, message).into_bytes())
+    }
+
+    fn handle(&self, req: http::Request, res: &mut http::Responder<'_>) {
+        let opts = &self.opts;
+        match (req.method.as_str(), req.path.as_str()) {
+            ("GET", "/") => {
+                let _ = res.send(200, "text/html; charset=utf-8", self.page.as_bytes());
+            }
+            ("GET", "/health") => send_json(res, 200, json!({"status": "ok"}).to_string()),
+            ("GET", "/v1/models") => send_json(
+                res,
+                200,
+                json!({"object": "list", "data": [{"id": opts.model_name, "object": "model", "created": 0, "owned_by": "kiln"}]})
+                    .to_string(),
+            ),
+            ("POST", "/v1/chat/completions") => self.chat(&req.body, res),
+            (_, "/" | "/health" | "/v1/models" | "/v1/chat/completions") => {
+                send_json(res, 405, error_body(405, "method not allowed"))
+            }
+            _ => send_json(res, 404, error_body(404, &format!("no route {}", req.path))),
         }
-        (tiny_http::Method::Get, "/health") => respond_json(req, 200, json!({"status": "ok"}).to_string()),
-        (tiny_http::Method::Get, "/v1/models") => respond_json(
-            req,
-            200,
-            json!({"object": "list", "data": [{"id": opts.model_name, "object": "model", "created": 0, "owned_by": "kiln"}]})
-                .to_string(),
-        ),
-        (tiny_http::Method::Post, "/v1/chat/completions") => {
-            if req.body_length().is_some_and(|n| n > opts.max_body_bytes) {
-                let m = format!("request body over {} bytes", opts.max_body_bytes);
-                return respond_json(req, 413, error_body(413, &m));
-            }
-            let mut body = Vec::new();
-            let limit = opts.max_body_bytes as u64 + 1;
-            if req.as_reader().take(limit).read_to_end(&mut body).is_err() {
-                return respond_json(req, 400, error_body(400, "could not read the request body"));
-            }
-            if body.len() > opts.max_body_bytes {
-                let m = format!("request body over {} bytes", opts.max_body_bytes);
-                return respond_json(req, 413, error_body(413, &m));
-            }
-            let (messages, settings, stream) = match parse_request(&body, &opts.defaults) {
-                Ok(x) => x,
-                Err(m) => return respond_json(req, 400, error_body(400, &m)),
-            };
-            let (tx, rx) = mpsc::channel();
-            let job = Job {
-                messages,
-                settings,
-                out: tx,
-            };
-            if jobs.try_send(job).is_err() {
-                return respond_json(req, 503, error_body(503, "the request queue is full; retry later"));
-            }
-            let n = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let id = format!("chatcmpl-{}-{n}", now());
-            if stream {
-                stream_answer(req, rx, &id, &opts.model_name);
-            } else {
-                let mut text = String::new();
-                for p in rx {
-                    match p {
-                        Piece::Text(t) => text.push_str(&t),
-                        Piece::Done {
-                            finish_reason,
-                            prompt_tokens,
-                            completion_tokens,
-                        } => {
-                            let body = json!({
-                                "id": id, "object": "chat.completion", "created": now(),
-                                "model": opts.model_name,
-                                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}],
-                                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens},
-                            });
-                            return respond_json(req, 200, body.to_string());
-                        }
-                        Piece::Failed(m) => return respond_json(req, 500, error_body(500, &m)),
-                    }
-                }
-                respond_json(req, 500, error_body(500, "the model worker stopped"));
-            }
-        }
-        (_, "/" | "/health" | "/v1/models" | "/v1/chat/completions") => {
-            respond_json(req, 405, error_body(405, "method not allowed"))
-        }
-        _ => respond_json(req, 404, error_body(404, &format!("no route {path}"))),
     }
 }
 
-/// Server-sent events over the raw connection in HTTP/1.1 chunked framing, one chunk flushed per
-/// token (tiny_http's own chunked writer buffers 8 KiB, which would hold the stream back); the
-/// zero-length chunk tells the client the answer is complete even on a kept-alive connection.
-fn stream_answer(req: tiny_http::Request, rx: mpsc::Receiver<Piece>, id: &str, model: &str) {
-    let mut w = req.into_writer();
-    let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
-    if w.write_all(head.as_bytes())
-        .and_then(|_| w.flush())
-        .is_err()
-    {
-        return;
+impl App {
+    fn chat(&self, body: &[u8], res: &mut http::Responder<'_>) {
+        let opts = &self.opts;
+        let (messages, settings, stream) = match parse_request(body, &opts.defaults) {
+            Ok(x) => x,
+            Err(m) => return send_json(res, 400, error_body(400, &m)),
+        };
+        let (tx, rx) = mpsc::channel();
+        let job = Job {
+            messages,
+            settings,
+            out: tx,
+        };
+        if self.jobs.try_send(job).is_err() {
+            return send_json(
+                res,
+                503,
+                error_body(503, "the request queue is full; retry later"),
+            );
+        }
+        let n = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = format!("chatcmpl-{}-{n}", now());
+        if stream {
+            return stream_answer(res, rx, &id, &opts.model_name);
+        }
+        let mut text = String::new();
+        for p in rx {
+            match p {
+                Piece::Text(t) => text.push_str(&t),
+                Piece::Done {
+                    finish_reason,
+                    prompt_tokens,
+                    completion_tokens,
+                } => {
+                    let body = json!({
+                        "id": id, "object": "chat.completion", "created": now(),
+                        "model": opts.model_name,
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}],
+                        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens},
+                    });
+                    return send_json(res, 200, body.to_string());
+                }
+                Piece::Failed(code, m) => return send_json(res, code, error_body(code, &m)),
+            }
+        }
+        send_json(res, 500, error_body(500, "the model worker stopped"));
     }
+}
+
+/// Server-sent events, one chunk flushed per token; the zero-length chunk tells the client the
+/// answer is complete even on a kept-alive connection. A request refused before its first token
+/// (e.g. a prompt over the context) still gets a plain JSON error with its status.
+fn stream_answer(res: &mut http::Responder<'_>, rx: mpsc::Receiver<Piece>, id: &str, model: &str) {
+    let first = match rx.recv() {
+        Ok(Piece::Failed(code, m)) => return send_json(res, code, error_body(code, &m)),
+        Ok(p) => p,
+        Err(_) => return send_json(res, 500, error_body(500, "the model worker stopped")),
+    };
+    let Ok(mut w) = res.stream(200, "text/event-stream") else {
+        return;
+    };
     let created = now();
     let chunk = |delta: Value, finish: Value| {
         let v = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
         format!("data: {v}\n\n")
     };
-    let mut send = |s: String| {
-        let framed = if s.is_empty() {
-            "0\r\n\r\n".to_string()
-        } else {
-            format!("{:x}\r\n{s}\r\n", s.len())
-        };
-        w.write_all(framed.as_bytes())
-            .and_then(|_| w.flush())
-            .is_ok()
-    };
-    if !send(chunk(
-        json!({"role": "assistant", "content": ""}),
-        Value::Null,
-    )) {
+    if w.send(chunk(json!({"role": "assistant", "content": ""}), Value::Null).as_bytes())
+        .is_err()
+    {
         return;
     }
-    for p in rx {
+    for p in std::iter::once(first).chain(rx) {
         let ok = match p {
-            Piece::Text(t) => send(chunk(json!({"content": t}), Value::Null)),
+            Piece::Text(t) => w.send(chunk(json!({"content": t}), Value::Null).as_bytes()),
             Piece::Done { finish_reason, .. } => {
-                send(chunk(json!({}), Value::String(finish_reason)));
-                send("data: [DONE]\n\n".into());
-                send(String::new());
+                let _ = w
+                    .send(chunk(json!({}), Value::String(finish_reason)).as_bytes())
+                    .and_then(|_| w.send(b"data: [DONE]\n\n"))
+                    .and_then(|_| w.finish());
                 return;
             }
-            Piece::Failed(m) => {
-                send(format!("data: {}\n\n", error_body(500, &m)));
-                send(String::new());
+            Piece::Failed(code, m) => {
+                let _ = w
+                    .send(format!("data: {}\n\n", error_body(code, &m)).as_bytes())
+                    .and_then(|_| w.finish());
                 return;
             }
         };
         // A closed connection drops `rx`; the worker sees the send fail and stops generating.
-        if !ok {
+        if ok.is_err() {
             return;
         }
     }

@@ -568,6 +568,125 @@ fn generate_in(
 /// `kiln bench plan`: planning a 64-variant sweep (4 learning rates × 4 ranks × 4 warmups over
 /// a built data pipeline): the in-process median of 5 plans after a warm-up, and `kiln plan` as
 /// a separate process.
+/// What a file in `output_dir` looks like on disk: any write, rename over it or touch changes it.
+fn disk_stamps(
+    dirs: &[std::path::PathBuf],
+) -> std::collections::BTreeMap<std::path::PathBuf, (u64, u64, i64, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    fn walk(
+        d: &Path,
+        out: &mut std::collections::BTreeMap<std::path::PathBuf, (u64, u64, i64, i64)>,
+    ) {
+        let Ok(rd) = std::fs::read_dir(d) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            match std::fs::symlink_metadata(&p) {
+                Ok(md) if md.is_dir() => walk(&p, out),
+                Ok(md) => {
+                    out.insert(
+                        p,
+                        (
+                            md.ino(),
+                            md.len(),
+                            md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+                            md.ctime() * 1_000_000_000 + md.ctime_nsec(),
+                        ),
+                    );
+                }
+                Err(_) => {}
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    for d in dirs {
+        walk(d, &mut out);
+    }
+    out
+}
+
+/// `kiln bench noop CONFIG`: a no-op `kiln run` of a built pipeline (built first when it is
+/// not), as a process: the whole command's wall time (median of 7), and how many files of
+/// `output_dir` each no-op run rewrote (inode, size, mtime and ctime compared).
+pub fn noop(config: &Path, kiln_exe: &Path) -> Result<Vec<Figure>, KilnError> {
+    let run = || -> Result<(f64, String), KilnError> {
+        let t = Instant::now();
+        let out = std::process::Command::new(kiln_exe)
+            .arg("run")
+            .arg(config)
+            .output()
+            .map_err(|e| KilnError::Bench(format!("cannot start {}: {e}", kiln_exe.display())))?;
+        let ms = t.elapsed().as_secs_f64() * 1000.0;
+        if !out.status.success() {
+            return Err(KilnError::Bench(format!(
+                "kiln run {} failed: {}",
+                config.display(),
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        Ok((ms, String::from_utf8_lossy(&out.stdout).into_owned()))
+    };
+    let (first_ms, _) = run()?;
+    let ws = Workspace::open(config, &[])?;
+    let dirs = ws.output_dirs();
+    let stages = ws.plan.stages.len();
+    drop(ws);
+    let before = disk_stamps(&dirs);
+    let bytes: u64 = before.values().map(|s| s.1).sum();
+    let mut times = Vec::new();
+    let mut rewritten = 0usize;
+    for _ in 0..7 {
+        let (ms, stdout) = run()?;
+        if !stdout.contains("nothing to do") {
+            return Err(KilnError::Bench(format!(
+                "kiln run {} was not a no-op:\n{stdout}",
+                config.display()
+            )));
+        }
+        times.push(ms);
+        let now = disk_stamps(&dirs);
+        rewritten = rewritten.max(
+            now.iter()
+                .filter(|(p, s)| before.get(*p) != Some(*s))
+                .count()
+                + before.keys().filter(|p| !now.contains_key(*p)).count(),
+        );
+    }
+    Ok(vec![
+        fig(
+            "first `kiln run` (builds what is stale)",
+            first_ms / 1000.0,
+            "s",
+            "",
+        ),
+        fig(
+            &format!(
+                "no-op `kiln run` ({stages} stages, {} output files, {}), process",
+                before.len(),
+                human(bytes)
+            ),
+            median(times),
+            "ms",
+            "median of 7, whole command; target ≤ 30 ms (quickstart), ≤ 100 ms (100-variant sweep)",
+        ),
+        fig(
+            "  output_dir files rewritten by a no-op run",
+            rewritten as f64,
+            "files",
+            "worst of 7; target 0",
+        ),
+    ])
+}
+
+fn human(b: u64) -> String {
+    match b {
+        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        b => format!("{:.1} KiB", b as f64 / 1024.0),
+    }
+}
+
 pub fn plan(work: &Path, model: &Path, kiln_exe: Option<&Path>) -> Result<Vec<Figure>, KilnError> {
     let io = |e: std::io::Error| KilnError::Bench(e.to_string());
     std::fs::create_dir_all(work).map_err(io)?;

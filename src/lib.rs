@@ -12,6 +12,7 @@ pub mod data;
 pub mod events;
 pub mod hash;
 pub mod infer;
+pub mod ioerr;
 pub mod lineage;
 pub mod lock;
 pub mod model;

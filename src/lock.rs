@@ -134,9 +134,8 @@ pub fn write(ws: &Workspace) -> Result<Option<PathBuf>, KilnError> {
         fix: "report this as a kiln bug".into(),
     })?;
     bytes.push(b'\n');
-    let tmp = path.with_extension("lock.tmp");
-    std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
-    std::fs::rename(&tmp, &path).map_err(io(&path))?;
+    // A unique temporary name: two runs updating the lock at once must both succeed.
+    crate::workspace::write_atomic(&path, &bytes).map_err(crate::workspace::io_write(&path))?;
     Ok(Some(path))
 }
 

@@ -126,6 +126,7 @@ fn exit_code(e: &anyhow::Error) -> u8 {
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 fn main() -> ExitCode {
+    common::started();
     // A train step allocates and frees tensors of tens of MB per op. mimalloc purges freed
     // memory back to the OS, so later ops faulted it back in, zeroed by the kernel (17% of a
     // SmolLM2 LoRA step in clear_page). The test below checks the option's index. Keeping them: LoRA steps 51 -> 68 tokens/s,

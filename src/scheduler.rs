@@ -539,7 +539,7 @@ impl Scheduler<'_> {
         }
         // Verify exactly what this stage will read from upstream.
         for (d, k, m) in &ups {
-            let damage = self.cache.verify_files(k, m, d.files);
+            let damage = self.cache.verify_files_stamped(k, m, d.files, self.index);
             if !damage.is_empty() {
                 let name = self.plan.stages[d.stage].name.clone();
                 emit(Event::Corrupt {

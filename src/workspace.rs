@@ -24,8 +24,15 @@ pub enum KilnError {
     #[error(transparent)]
     Stage(#[from] crate::stages::StageError),
     /// A file kiln reads or writes outside the cache (output_dir, kiln.lock, bench scratch).
-    #[error("{path}: {source}")]
+    #[error("{}", crate::ioerr::describe("", path, source))]
     Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Writing a file outside the cache failed (a full disk says so).
+    #[error("{}", crate::ioerr::describe("cannot write", path, source))]
+    Write {
         path: PathBuf,
         #[source]
         source: std::io::Error,
@@ -60,6 +67,15 @@ pub enum KilnError {
     /// A benchmark's own run failed.
     #[error("bench: {0}")]
     Bench(String),
+    /// A fresh entry failed its manifest's digests when read; it was moved to
+    /// `cache/quarantine/` and the stage is stale again.
+    #[error("{stage}: its cache entry {} is corrupt ({}); it was quarantined — {fix}", &key[..key.len().min(12)], damage.join(", "))]
+    Corrupt {
+        stage: String,
+        key: String,
+        damage: Vec<String>,
+        fix: String,
+    },
 }
 
 impl KilnError {
@@ -76,9 +92,11 @@ impl KilnError {
             | KilnError::Sched(_)
             | KilnError::Stage(_)
             | KilnError::Io { .. }
+            | KilnError::Write { .. }
             | KilnError::BadFile { .. }
             | KilnError::NotBuilt { .. }
             | KilnError::NoLock { .. }
+            | KilnError::Corrupt { .. }
             | KilnError::Bench(_) => false,
         }
     }
@@ -266,7 +284,10 @@ impl Workspace {
                 ),
             })?;
         match (&s.key, s.state) {
-            (Some(k), State::Fresh) => Ok(self.cache.entry_dir(k)),
+            (Some(k), State::Fresh) => {
+                self.verify_entry(name, k)?;
+                Ok(self.cache.entry_dir(k))
+            }
             _ => Err(KilnError::NotBuilt {
                 stage: name.to_string(),
                 fix: format!(
@@ -275,6 +296,57 @@ impl Workspace {
                 ),
             }),
         }
+    }
+
+    /// A stage's entry directory when it is built and fresh; `Ok(None)` when it is not built,
+    /// an error when it is corrupt (quarantined) or cannot be assessed.
+    pub fn entry_if_built(&self, name: &str) -> Result<Option<PathBuf>, KilnError> {
+        match self.entry_of(name) {
+            Ok(d) => Ok(Some(d)),
+            Err(KilnError::NotBuilt { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Checks a fresh entry against its manifest before it is read (files unchanged since their
+    /// last check cost a `stat` and an index lookup); a damaged one is quarantined, forgotten by
+    /// the index, and reported naming the stage and files.
+    fn verify_entry(&self, name: &str, key: &str) -> Result<(), KilnError> {
+        let Some(m) = self.cache.manifest(key)? else {
+            return Err(KilnError::NotBuilt {
+                stage: name.to_string(),
+                fix: format!(
+                    "run `kiln run {} --target {name}` first",
+                    self.settings.config_path.display()
+                ),
+            });
+        };
+        let damage = self.cache.verify_files_stamped(key, &m, None, &self.index);
+        if damage.is_empty() {
+            return Ok(());
+        }
+        self.cache.quarantine(key)?;
+        self.index.forget_stage(key)?;
+        Err(KilnError::Corrupt {
+            stage: name.to_string(),
+            key: key.to_string(),
+            damage: damage.iter().map(|d| d.to_string()).collect(),
+            fix: format!(
+                "run `kiln run {}` to rebuild it",
+                self.settings.config_path.display()
+            ),
+        })
+    }
+
+    /// Every variant's `output_dir`, each once.
+    pub fn output_dirs(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = self
+            .variants
+            .iter()
+            .map(|x| resolve_output_dir(&x.settings))
+            .collect();
+        v.dedup();
+        v
     }
 
     /// `output_dir` resolved against the config's directory (the first variant's).
@@ -288,6 +360,12 @@ impl Workspace {
     /// view: the cache entry stays the source of truth. Returns the (first) directory written,
     /// or None when no such stage is built.
     pub fn materialize_outputs(&self) -> Result<Option<PathBuf>, KilnError> {
+        Ok(self.publish_outputs()?.0)
+    }
+
+    /// As [`Workspace::materialize_outputs`], also saying how each file got there.
+    pub fn publish_outputs(&self) -> Result<(Option<PathBuf>, PublishStats), KilnError> {
+        let mut stats = PublishStats::default();
         let mut first = None;
         for v in &self.variants {
             let out = resolve_output_dir(&v.settings);
@@ -305,19 +383,100 @@ impl Workspace {
                 views.push((merged.clone(), sub));
             }
             for (stage, sub) in views {
-                let Ok(src) = self.entry_of(&stage) else {
-                    continue;
-                };
                 let dest = if sub.is_empty() {
                     out.clone()
                 } else {
                     out.join(sub)
                 };
-                copy_entry(&src, &dest)?;
-                first.get_or_insert(out.clone());
+                if self.publish_entry(&stage, &dest, &mut stats)? {
+                    first.get_or_insert(out.clone());
+                }
             }
         }
-        Ok(first)
+        Ok((first, stats))
+    }
+
+    /// Publishes a built stage's entry into `dest` (verified first): a file already there as
+    /// kiln last placed it (same stamp and digest, or the entry's own inode) is left alone;
+    /// others are placed through a uniquely named temporary file and a rename — reflinked,
+    /// else hard-linked to the read-only entry file, else copied (`KILN_LINK` narrows the
+    /// order). Returns false when the stage is not built.
+    pub fn publish_entry(
+        &self,
+        stage: &str,
+        dest: &Path,
+        stats: &mut PublishStats,
+    ) -> Result<bool, KilnError> {
+        let Some(src) = self.entry_if_built(stage)? else {
+            return Ok(false);
+        };
+        let key = src
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
+        let Some(m) = self.cache.manifest(&key)? else {
+            return Ok(false);
+        };
+        let links = link_order()?;
+        // Markers of kiln versions that copied whole entries.
+        let _ = std::fs::remove_file(dest.join(".kiln-entry"));
+        let mut cleaned = std::collections::HashSet::new();
+        for f in &m.files {
+            let from = src.join(&f.path);
+            let to = dest.join(&f.path);
+            let parent = to.parent().unwrap_or(dest).to_path_buf();
+            if cleaned.insert(parent.clone()) {
+                remove_dead_tmp(&parent);
+            }
+            let abs = std::path::absolute(&to).unwrap_or_else(|_| to.clone());
+            if let Ok(md) = std::fs::symlink_metadata(&to) {
+                if md.is_file() && md.len() == f.size {
+                    use std::os::unix::fs::MetadataExt;
+                    let same_inode = std::fs::metadata(&from)
+                        .is_ok_and(|s| s.ino() == md.ino() && s.dev() == md.dev());
+                    let stamp = crate::cache::Stamp::of(&md);
+                    if same_inode
+                        || self.index.verified_digest(&abs, stamp)?.as_deref()
+                            == Some(f.blake3.as_str())
+                    {
+                        stats.kept += 1;
+                        continue;
+                    }
+                }
+            }
+            std::fs::create_dir_all(&parent).map_err(io_write(&parent))?;
+            let tmp = unique_tmp(&to);
+            let how = place(&from, &tmp, &links).map_err(|e| {
+                let _ = std::fs::remove_file(&tmp);
+                io_write(&to)(e)
+            })?;
+            std::fs::rename(&tmp, &to).map_err(|e| {
+                let _ = std::fs::remove_file(&tmp);
+                io_write(&to)(e)
+            })?;
+            // rename() of two hard links to one file (another run linked it first) succeeds
+            // doing nothing: the temporary name would stay.
+            if std::fs::symlink_metadata(&tmp).is_ok() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+            match how {
+                Placed::Reflink => stats.reflinked += 1,
+                Placed::Hardlink => stats.hardlinked += 1,
+                Placed::Copy => {
+                    stats.copied += 1;
+                    stats.bytes_copied += f.size;
+                }
+            }
+            if how != Placed::Hardlink {
+                // kiln wrote these bytes from a verified entry just now: remember them, so the
+                // next run leaves the file alone unless something changes it.
+                if let Ok(md) = std::fs::metadata(&to) {
+                    self.index
+                        .record_own(&abs, crate::cache::Stamp::of(&md), &f.blake3)?;
+                }
+            }
+        }
+        Ok(true)
     }
 
     /// The model a user chats with: the merged model when the plan merges and it is built;
@@ -346,14 +505,14 @@ impl Workspace {
         let device = candle_core::Device::Cpu;
         let tok_of = |d: &Path| crate::text::TextTokenizer::load_dir(d).map_err(StageError::from);
         if lora_model_dir.is_none() && self.plan.index_of("merge").is_some() {
-            if let Ok(dir) = self.entry_of("merge") {
+            if let Some(dir) = self.entry_if_built("merge")? {
                 let m = engine(load_model(&dir, &device)?)?;
                 return Ok((m, tok_of(&dir)?, "merged model (merge stage)".into()));
             }
         }
-        let model_dir = match self.entry_of("fetch.model") {
-            Ok(d) => d,
-            Err(_) => {
+        let model_dir = match self.entry_if_built("fetch.model")? {
+            Some(d) => d,
+            None => {
                 self.scheduler().run(
                     &crate::scheduler::RunOptions {
                         targets: vec!["fetch.model".into()],
@@ -367,7 +526,7 @@ impl Workspace {
         };
         if lora_model_dir.is_none() && self.plan.index_of("train").is_some() {
             // A full fine-tune's output is the whole model.
-            if let Ok(dir) = self.entry_of("train") {
+            if let Some(dir) = self.entry_if_built("train")? {
                 if !dir.join(crate::model::adapter::ADAPTER_CONFIG).exists() {
                     let m = engine(load_model(&dir, &device)?)?;
                     return Ok((
@@ -380,15 +539,16 @@ impl Workspace {
         }
         let adapter_dir = match lora_model_dir {
             Some(d) => Some(d.to_path_buf()),
-            None if self.plan.index_of("train").is_some() => {
-                Some(self.entry_of("train").map_err(|_| KilnError::NotBuilt {
-                    stage: "train".into(),
-                    fix: format!(
-                        "run `kiln train {}` first, or pass --lora-model-dir DIR",
-                        self.settings.config_path.display()
-                    ),
-                })?)
-            }
+            None if self.plan.index_of("train").is_some() => Some(
+                self.entry_if_built("train")?
+                    .ok_or_else(|| KilnError::NotBuilt {
+                        stage: "train".into(),
+                        fix: format!(
+                            "run `kiln train {}` first, or pass --lora-model-dir DIR",
+                            self.settings.config_path.display()
+                        ),
+                    })?,
+            ),
             None => None,
         };
         let gguf = model_dir.join("model.gguf");
@@ -500,16 +660,150 @@ pub struct DebugExample {
     pub pieces: Vec<String>,
 }
 
-/// Writes `bytes` to `path` through a temporary file beside it and a rename, so a reader (or a
-/// crash) never sees a half-written file under the final name.
+/// A temporary name beside `path`, unique to this process and call (two kiln runs publishing
+/// into one directory never share one): `.<name>.<pid>.<n>.kiln-tmp`.
+pub fn unique_tmp(path: &Path) -> PathBuf {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    path.with_file_name(format!(".{name}.{}.{n}.kiln-tmp", std::process::id()))
+}
+
+/// Removes the temporary files ([`unique_tmp`]) in `dir` of kiln processes that no longer run
+/// (killed mid-publish); those of live ones are theirs.
+fn remove_dead_tmp(dir: &Path) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let Some(stem) = name.strip_suffix(".kiln-tmp") else {
+            continue;
+        };
+        let mut parts = stem.rsplitn(3, '.');
+        let (_n, pid) = (
+            parts.next(),
+            parts.next().and_then(|p| p.parse::<u32>().ok()),
+        );
+        let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+        if !alive {
+            let p = e.path();
+            let _ = if p.is_dir() {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            };
+        }
+    }
+}
+
+/// Writes `bytes` to `path` through a uniquely named temporary file beside it and a rename, so
+/// a reader (or a crash) never sees a half-written file under the final name, and two writers
+/// never trip over each other's temporary file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".kiln-tmp");
-    let tmp = path.with_file_name(name);
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path).inspect_err(|_| {
-        let _ = std::fs::remove_file(&tmp);
-    })
+    let tmp = unique_tmp(path);
+    std::fs::write(&tmp, bytes)
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .inspect_err(|_| {
+            let _ = std::fs::remove_file(&tmp);
+        })
+}
+
+/// An I/O error while writing `path`, said as such ("cannot write …: no space left …").
+pub fn io_write(path: &Path) -> impl FnOnce(std::io::Error) -> KilnError + '_ {
+    move |source| KilnError::Write {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// How [`Workspace::publish_entry`] placed files, counted.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PublishStats {
+    /// Already there as kiln last placed them.
+    pub kept: usize,
+    pub reflinked: usize,
+    pub hardlinked: usize,
+    pub copied: usize,
+    pub bytes_copied: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Placed {
+    Reflink,
+    Hardlink,
+    Copy,
+}
+
+/// The ways to place a file in `output_dir`, in order: `KILN_LINK` (a comma list of `reflink`,
+/// `hardlink`, `copy`), else all three.
+fn link_order() -> Result<Vec<Placed>, KilnError> {
+    let Ok(v) = std::env::var("KILN_LINK") else {
+        return Ok(vec![Placed::Reflink, Placed::Hardlink, Placed::Copy]);
+    };
+    v.split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(|t| match t {
+            "reflink" => Ok(Placed::Reflink),
+            "hardlink" => Ok(Placed::Hardlink),
+            "copy" => Ok(Placed::Copy),
+            other => Err(KilnError::BadFlag {
+                flag: "KILN_LINK".into(),
+                message: format!(
+                    "`{other}` is not a link type; use a comma list of reflink, hardlink, copy"
+                ),
+            }),
+        })
+        .collect()
+}
+
+/// Places `from` at `tmp` (a new name) the first way of `order` the filesystem allows.
+fn place(from: &Path, tmp: &Path, order: &[Placed]) -> std::io::Result<Placed> {
+    let mut last = None;
+    for &how in order {
+        let r = match how {
+            Placed::Reflink => reflink(from, tmp),
+            Placed::Hardlink => std::fs::hard_link(from, tmp),
+            Placed::Copy => copy_writable(from, tmp),
+        };
+        match r {
+            Ok(()) => return Ok(how),
+            Err(e) => {
+                let _ = std::fs::remove_file(tmp);
+                // Out of space is not a reason to try another way.
+                if e.raw_os_error() == Some(libc::ENOSPC) || how == Placed::Copy {
+                    return Err(e);
+                }
+                last = Some(e);
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("KILN_LINK names no way to place files")))
+}
+
+/// A copy-on-write clone (btrfs, XFS, bcachefs, …): instant, no bytes written, independent of
+/// the entry afterwards.
+fn reflink(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let src = std::fs::File::open(from)?;
+    let dst = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(to)?;
+    // SAFETY: FICLONE takes the source descriptor as its argument; both files are open here.
+    let r = unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A plain copy, writable by its owner (the entry's file is read-only).
+fn copy_writable(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::copy(from, to)?;
+    std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o644))
 }
 
 fn resolve_output_dir(s: &Settings) -> PathBuf {
@@ -521,42 +815,4 @@ fn resolve_output_dir(s: &Settings) -> PathBuf {
             .map(|d| d.join(&s.output_dir))
             .unwrap_or_else(|| s.output_dir.clone())
     }
-}
-
-/// Copies a cache entry's files into `dest` (each written beside and renamed, so a reader never
-/// sees a half-copied file). A `.kiln-entry` marker names the entry copied; when it already
-/// matches, nothing is copied again.
-pub fn copy_entry(src: &Path, dest: &Path) -> Result<(), KilnError> {
-    let io = |source: std::io::Error| KilnError::Io {
-        path: dest.to_path_buf(),
-        source,
-    };
-    std::fs::create_dir_all(dest).map_err(io)?;
-    let key = src
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_default();
-    let marker = dest.join(".kiln-entry");
-    let mut files: Vec<_> = std::fs::read_dir(src).map_err(io)?.flatten().collect();
-    files.sort_by_key(|e| e.file_name());
-    let all_there = files.iter().all(|e| dest.join(e.file_name()).exists());
-    if all_there && std::fs::read_to_string(&marker).ok().as_deref() == Some(key.as_str()) {
-        return Ok(());
-    }
-    let _ = std::fs::remove_file(&marker);
-    for e in files {
-        let name = e.file_name();
-        if name == crate::cache::MANIFEST {
-            continue;
-        }
-        if e.path().is_dir() {
-            copy_entry(&e.path(), &dest.join(&name))?;
-            continue;
-        }
-        let tmp = dest.join(format!(".{}.kiln-tmp", name.to_string_lossy()));
-        std::fs::copy(e.path(), &tmp).map_err(io)?;
-        std::fs::rename(&tmp, dest.join(&name)).map_err(io)?;
-    }
-    std::fs::write(&marker, key).map_err(io)?;
-    Ok(())
 }

@@ -11,6 +11,7 @@ const FORBIDDEN: &[(&str, &[&str])] = &[
     ("config", &["*"]),
     ("rng", &["*"]),
     ("hash", &["*"]),
+    ("ioerr", &["*"]),
     ("scheduler", &["model", "train", "data", "text"]),
     ("model", &["cache", "stages", "data"]),
     ("data", &["model"]),

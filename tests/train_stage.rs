@@ -175,6 +175,28 @@ fn kill_after_first_checkpoint(b: &Project) {
     assert!(seen, "no checkpoint appeared before the run ended");
 }
 
+/// Every file under `dir` (relative path -> bytes).
+fn tree_bytes(dir: &std::path::Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    fn walk(
+        root: &std::path::Path,
+        d: &std::path::Path,
+        out: &mut std::collections::BTreeMap<String, Vec<u8>>,
+    ) {
+        for e in std::fs::read_dir(d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(root, &p, out);
+            } else {
+                let rel = p.strip_prefix(root).unwrap().to_string_lossy().to_string();
+                out.insert(rel, std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
 #[test]
 fn killed_training_resumes_from_its_checkpoint_and_ends_bit_identical() {
     one_thread();
@@ -221,6 +243,25 @@ fn killed_training_resumes_from_its_checkpoint_and_ends_bit_identical() {
         std::fs::read(b_dir.join("adapter_model.safetensors")).unwrap(),
         "a resumed run ends with exactly the uninterrupted run's weights"
     );
+    // Every file, not only the weights: trainer_state.json's logged floats (lr, loss) survive
+    // the checkpoint's JSON round trip digit for digit, and so do the kept checkpoints.
+    let (fa, fb) = (tree_bytes(&a_dir), tree_bytes(&b_dir));
+    assert_eq!(fa.keys().collect::<Vec<_>>(), fb.keys().collect::<Vec<_>>());
+    for (name, bytes) in &fa {
+        assert!(
+            fb[name] == *bytes,
+            "{name} differs after resume:\n{}\n---\n{}",
+            String::from_utf8_lossy(&bytes[..bytes.len().min(600)]),
+            String::from_utf8_lossy(&fb[name][..fb[name].len().min(600)])
+        );
+    }
+    let keys = |p: &Project| {
+        p.plan(&[])
+            .iter()
+            .map(|s| (s.name.clone(), s.key.clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(keys(&a), keys(&b), "downstream keys agree too");
     assert!(
         !work
             .join(
@@ -234,6 +275,64 @@ fn killed_training_resumes_from_its_checkpoint_and_ends_bit_identical() {
             )
             .exists(),
         "work dir removed after publish"
+    );
+}
+
+#[test]
+fn a_damaged_checkpoint_is_skipped_with_a_message_and_the_run_still_ends_identical() {
+    one_thread();
+    let a = project();
+    with_checkpoints(&a);
+    a.run(&[]);
+    let b = project();
+    with_checkpoints(&b);
+    kill_after_first_checkpoint(&b);
+    let work = b.path("cache/work");
+    let key_dir = std::fs::read_dir(&work)
+        .unwrap()
+        .flatten()
+        .next()
+        .unwrap()
+        .path();
+    let (n, ck) = std::fs::read_dir(&key_dir)
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            Some((
+                name.strip_prefix("checkpoint-")?.parse::<u64>().ok()?,
+                e.path(),
+            ))
+        })
+        .max()
+        .unwrap();
+    assert!(
+        ck.join("kiln-checkpoint.json").exists(),
+        "sealed by its manifest"
+    );
+    let w = ck.join("adapter_model.safetensors");
+    let mut bytes = std::fs::read(&w).unwrap();
+    let at = bytes.len() - 5;
+    bytes[at] ^= 0x10;
+    std::fs::write(&w, &bytes).unwrap();
+    let (_, events) = b.run(&[]);
+    let want = format!(
+        "checkpoint-{n} is damaged (adapter_model.safetensors: content changed (blake3 mismatch)); skipped"
+    );
+    assert!(
+        events.iter().any(
+            |e| matches!(e, kiln::events::Event::Warning { message } if message.contains(&want))
+        ),
+        "{events:?}"
+    );
+    assert!(
+        !events.iter().any(|e| matches!(e, kiln::events::Event::Warning { message } if message.contains(&format!("resuming from checkpoint-{n}")))),
+        "the damaged checkpoint is not resumed from"
+    );
+    assert_eq!(
+        adapter(&a),
+        adapter(&b),
+        "the run still ends with the uninterrupted run's weights"
     );
 }
 

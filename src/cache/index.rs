@@ -57,7 +57,42 @@ CREATE TABLE IF NOT EXISTS metrics(
 CREATE INDEX IF NOT EXISTS metrics_key ON metrics(stage_key, name, step);
 CREATE TABLE IF NOT EXISTS file_hashes(
   path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, blake3 TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS verified(
+  path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL,
+  ino INTEGER NOT NULL, blake3 TEXT NOT NULL);
 ";
+
+/// What a file looked like when its digest was checked: a write, truncation, chmod, touch or a
+/// file renamed over it changes at least one of these (ctime cannot be set from user space).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    pub size: i64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+    pub ino: i64,
+}
+
+impl Stamp {
+    pub fn of(md: &std::fs::Metadata) -> Stamp {
+        use std::os::unix::fs::MetadataExt;
+        Stamp {
+            size: md.len() as i64,
+            mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+            ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
+            ino: md.ino() as i64,
+        }
+    }
+
+    /// Changed in the last two seconds: it may change again within the same timestamp tick
+    /// ("racily clean", as git calls it), so a check of it is not remembered.
+    fn racy(&self) -> bool {
+        let now_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i64)
+            .unwrap_or(0);
+        now_ns - self.mtime_ns.max(self.ctime_ns) < 2_000_000_000
+    }
+}
 
 pub(crate) fn now_secs() -> i64 {
     std::time::SystemTime::now()
@@ -98,6 +133,61 @@ impl Index {
             conn,
             path: path.to_path_buf(),
         })
+    }
+
+    /// The digest a file had when last verified, if it is unchanged since (same [`Stamp`]).
+    pub fn verified_digest(&self, path: &Path, stamp: Stamp) -> Result<Option<String>, CacheError> {
+        let mut q = self
+            .conn
+            .prepare_cached(
+                "SELECT blake3 FROM verified WHERE path=?1 AND size=?2 AND mtime_ns=?3 AND ctime_ns=?4 AND ino=?5",
+            )
+            .map_err(self.sql())?;
+        q.query_row(
+            params![
+                path.to_string_lossy(),
+                stamp.size,
+                stamp.mtime_ns,
+                stamp.ctime_ns,
+                stamp.ino
+            ],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(self.sql())
+    }
+
+    /// Remembers that the file at `path`, as `stamp` describes it, has `digest` (not for a
+    /// racily clean file).
+    pub fn record_verified(
+        &self,
+        path: &Path,
+        stamp: Stamp,
+        digest: &str,
+    ) -> Result<(), CacheError> {
+        if stamp.racy() {
+            return Ok(());
+        }
+        self.record_own(path, stamp, digest)
+    }
+
+    /// As [`Index::record_verified`] for a file kiln itself has just written from verified
+    /// bytes (no racy-clean wait: nothing else has had the chance to change it).
+    pub fn record_own(&self, path: &Path, stamp: Stamp, digest: &str) -> Result<(), CacheError> {
+        self.conn
+            .prepare_cached("INSERT OR REPLACE INTO verified VALUES(?1, ?2, ?3, ?4, ?5, ?6)")
+            .and_then(|mut q| {
+                q.execute(params![
+                    path.to_string_lossy(),
+                    stamp.size,
+                    stamp.mtime_ns,
+                    stamp.ctime_ns,
+                    stamp.ino,
+                    digest
+                ])
+            })
+            .map_err(self.sql())?;
+        Ok(())
     }
 
     fn sql(&self) -> impl Fn(rusqlite::Error) -> CacheError + '_ {

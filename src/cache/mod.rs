@@ -5,7 +5,7 @@
 
 mod index;
 
-pub use index::{FileHashCache, Index, RunRecord, StageRecord};
+pub use index::{FileHashCache, Index, RunRecord, StageRecord, Stamp};
 
 use crate::hash::{hash_file, Digest, KeyHasher};
 use serde::{Deserialize, Serialize};
@@ -15,20 +15,51 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
-    #[error("cache I/O on {path}: {source}")]
+    #[error("{}", crate::ioerr::describe("cache I/O on", path, source))]
     Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Writing into the cache failed (a full disk says so).
+    #[error("{}", crate::ioerr::describe("cannot write", path, source))]
+    Write {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
     #[error("cache manifest {path} is unreadable: {message}")]
     BadManifest { path: PathBuf, message: String },
-    #[error("cache index {path}: {source}")]
+    #[error("cache index {path}: {}", describe_sql(source))]
     Sql {
         path: PathBuf,
         #[source]
         source: rusqlite::Error,
     },
+}
+
+pub(crate) fn write_err(path: &Path) -> impl FnOnce(std::io::Error) -> CacheError + '_ {
+    move |source| CacheError::Write {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// SQLite's errors, with a full disk or an I/O failure said as a failed write.
+fn describe_sql(e: &rusqlite::Error) -> String {
+    match e {
+        rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DiskFull => {
+            format!("cannot write: {}", crate::ioerr::NO_SPACE)
+        }
+        rusqlite::Error::SqliteFailure(f, m) if f.code == rusqlite::ErrorCode::SystemIoFailure => {
+            format!(
+                "cannot write (I/O error{}); if the disk is full, {}",
+                m.as_deref().map(|m| format!(": {m}")).unwrap_or_default(),
+                crate::ioerr::NO_SPACE
+            )
+        }
+        e => e.to_string(),
+    }
 }
 
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CacheError + '_ {
@@ -205,7 +236,7 @@ impl Cache {
         if dir.exists() {
             fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
         }
-        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        fs::create_dir_all(&dir).map_err(write_err(&dir))?;
         Ok(Staging {
             dir,
             key: key.to_string(),
@@ -229,8 +260,16 @@ impl Cache {
         for rel in files {
             let p = staging.dir.join(&rel);
             let f = File::open(&p).map_err(io_err(&p))?;
-            f.sync_all().map_err(io_err(&p))?;
-            let size = f.metadata().map_err(io_err(&p))?.len();
+            f.sync_all().map_err(write_err(&p))?;
+            let md = f.metadata().map_err(io_err(&p))?;
+            let size = md.len();
+            // Entries are immutable: their files are read-only, so a hard link to one from
+            // `output_dir` cannot be edited in place by accident.
+            let mut perm = md.permissions();
+            if !perm.readonly() {
+                perm.set_readonly(true);
+                fs::set_permissions(&p, perm).map_err(io_err(&p))?;
+            }
             entries.push(ManifestFile {
                 blake3: hash_file(&p).map_err(io_err(&p))?,
                 path: rel,
@@ -249,9 +288,9 @@ impl Cache {
             path: mpath.clone(),
             message: e.to_string(),
         })?;
-        let mut f = File::create(&mpath).map_err(io_err(&mpath))?;
-        f.write_all(&json).map_err(io_err(&mpath))?;
-        f.sync_all().map_err(io_err(&mpath))?;
+        let mut f = File::create(&mpath).map_err(write_err(&mpath))?;
+        f.write_all(&json).map_err(write_err(&mpath))?;
+        f.sync_all().map_err(write_err(&mpath))?;
         sync_dir(&staging.dir);
 
         let dest = self.entry_dir(&staging.key);
@@ -264,7 +303,7 @@ impl Cache {
             fs::rename(&dest, &aside).map_err(io_err(&dest))?;
             displaced = Some(aside);
         }
-        fs::rename(&staging.dir, &dest).map_err(io_err(&dest))?;
+        fs::rename(&staging.dir, &dest).map_err(write_err(&dest))?;
         staging.published = true;
         sync_dir(&self.root.join("objects"));
         if let Some(old) = displaced {
@@ -285,6 +324,30 @@ impl Cache {
 
     /// Re-hashes the named files (all when `only` is None) of an entry.
     pub fn verify_files(&self, key: &str, m: &Manifest, only: Option<&[&str]>) -> Vec<Damage> {
+        self.check_files(key, m, only, None)
+    }
+
+    /// As [`Cache::verify_files`], but a file whose [`Stamp`] (size, mtime, ctime, inode) is
+    /// the one it had when last verified is not re-read: what consumers of an entry call (a
+    /// stage reading its inputs, `output_dir`, a model loaded for chat), so an unchanged entry
+    /// costs one `stat` and one index lookup per file.
+    pub fn verify_files_stamped(
+        &self,
+        key: &str,
+        m: &Manifest,
+        only: Option<&[&str]>,
+        index: &Index,
+    ) -> Vec<Damage> {
+        self.check_files(key, m, only, Some(index))
+    }
+
+    fn check_files(
+        &self,
+        key: &str,
+        m: &Manifest,
+        only: Option<&[&str]>,
+        index: Option<&Index>,
+    ) -> Vec<Damage> {
         let dir = self.entry_dir(key);
         let mut damage = Vec::new();
         for f in &m.files {
@@ -294,13 +357,32 @@ impl Cache {
                 }
             }
             let p = dir.join(&f.path);
-            match fs::metadata(&p) {
-                Err(_) => damage.push(Damage::Missing(f.path.clone())),
-                Ok(md) if md.len() != f.size => damage.push(Damage::SizeChanged(f.path.clone())),
-                Ok(_) => match hash_file(&p) {
-                    Ok(h) if h == f.blake3 => {}
-                    _ => damage.push(Damage::HashChanged(f.path.clone())),
-                },
+            let md = match fs::metadata(&p) {
+                Err(_) => {
+                    damage.push(Damage::Missing(f.path.clone()));
+                    continue;
+                }
+                Ok(md) if md.len() != f.size => {
+                    damage.push(Damage::SizeChanged(f.path.clone()));
+                    continue;
+                }
+                Ok(md) => md,
+            };
+            let abs = std::path::absolute(&p).unwrap_or_else(|_| p.clone());
+            let stamp = Stamp::of(&md);
+            if let Some(ix) = index {
+                if ix.verified_digest(&abs, stamp).ok().flatten().as_deref() == Some(&f.blake3) {
+                    continue;
+                }
+            }
+            match hash_file(&p) {
+                Ok(h) if h == f.blake3 => {
+                    if let Some(ix) = index {
+                        // Best effort: a failed write only means the next check re-reads.
+                        let _ = ix.record_verified(&abs, stamp, &h);
+                    }
+                }
+                _ => damage.push(Damage::HashChanged(f.path.clone())),
             }
         }
         damage
@@ -309,12 +391,15 @@ impl Cache {
     /// Moves a damaged entry out of `objects/` so the next run rebuilds it.
     pub fn quarantine(&self, key: &str) -> Result<(), CacheError> {
         let src = self.entry_dir(key);
+        // Unique per quarantine: the same key can be quarantined twice within a second.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
         let dst = self.root.join("quarantine").join(format!(
-            "{key}.{}",
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0)
+            "{key}.{}.{:09}.{}",
+            now.as_secs(),
+            now.subsec_nanos(),
+            std::process::id()
         ));
         fs::rename(&src, &dst).map_err(io_err(&src))
     }

@@ -40,6 +40,13 @@ enum BenchCmd {
     Preprocess,
     /// Planning a 64-variant sweep, in process and as `kiln plan`.
     Plan,
+    /// A no-op `kiln run` of a built pipeline (built first if needed): wall time, and files of
+    /// output_dir it rewrote.
+    Noop {
+        /// The pipeline (default: the quickstart).
+        #[arg(default_value = "pipelines/quickstart.yml")]
+        config: PathBuf,
+    },
     /// Prompt processing and decode speed on kiln's inference engine.
     Generate {
         /// Run just these cases (repeatable; default: all).
@@ -65,6 +72,7 @@ impl BenchCmd {
         match self {
             BenchCmd::Preprocess => "preprocess",
             BenchCmd::Plan => "plan",
+            BenchCmd::Noop { .. } => "noop",
             BenchCmd::Generate { .. } => "generate",
             BenchCmd::Train { .. } => "train",
         }
@@ -115,6 +123,10 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             kiln::bench::train(model, &cases, p.as_ref())?
         }
         BenchCmd::Plan => kiln::bench::plan(&s.work, model, exe.as_deref())?,
+        BenchCmd::Noop { config } => {
+            let exe = exe.ok_or_else(|| anyhow::anyhow!("cannot find kiln's own executable"))?;
+            kiln::bench::noop(&config, &exe)?
+        }
         BenchCmd::Preprocess => kiln::bench::preprocess(&s.work, model, exe.as_deref())?,
     };
     for f in &figures {

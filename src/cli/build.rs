@@ -7,7 +7,6 @@ use anyhow::Result;
 use kiln::scheduler::{RunOptions, RunSummary, StageStatus, State};
 use kiln::workspace::{KilnError, Workspace};
 use std::io::IsTerminal;
-use std::time::Instant;
 
 #[derive(clap::Args)]
 pub struct PlanArgs {
@@ -66,16 +65,47 @@ pub struct WhyArgs {
 
 pub fn validate(c: Common) -> Result<()> {
     let loaded = kiln::config::load(&c.config, &c.set)?;
-    for w in &loaded.warnings {
+    // Against the base model too, when it is local.
+    let (errors, model_warnings) = kiln::plan::checks::model_problems(&loaded.settings);
+    for w in loaded.warnings.iter().chain(&model_warnings) {
         eprintln!("warning: {}", w.to_string().replace('\n', "\n  "));
+    }
+    if !errors.is_empty() {
+        return Err(kiln::config::ConfigError::Invalid(errors).into());
     }
     println!(
         "{}: ok ({} datasets, {} warnings)",
         c.config.display(),
         loaded.settings.datasets.len(),
-        loaded.warnings.len()
+        loaded.warnings.len() + model_warnings.len()
     );
     Ok(())
+}
+
+/// The model checks of `validate`, made before a build starts (not on a no-op run: reading a
+/// GGUF's metadata would cost more than the whole no-op).
+fn check_before_building(ws: &Workspace) -> Result<(), KilnError> {
+    let st = ws.scheduler().assess()?;
+    if !st.iter().any(|s| s.state == State::Stale) {
+        return Ok(());
+    }
+    let mut errors = Vec::new();
+    for v in &ws.variants {
+        let (e, w) = kiln::plan::checks::model_problems(&v.settings);
+        for w in w {
+            eprintln!("warning: {}", w.to_string().replace('\n', "\n  "));
+        }
+        for p in e {
+            if !errors.contains(&p) {
+                errors.push(p);
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(kiln::config::ConfigError::Invalid(errors).into())
+    }
 }
 
 fn state_word(s: State) -> &'static str {
@@ -167,8 +197,33 @@ pub fn dag(a: DagArgs) -> Result<()> {
 /// Builds what `opts` asks for, printing events and the summary; records the run in the index
 /// and updates kiln.lock.
 pub fn do_run(ws: &Workspace, opts: &RunOptions) -> Result<RunSummary, KilnError> {
+    let summary = build(ws, opts)?;
+    report(&summary);
+    Ok(summary)
+}
+
+/// The closing line of a run: "nothing to do" or what was built, with the whole command's time.
+fn report(s: &RunSummary) {
+    let secs = super::common::started().elapsed().as_secs_f64();
+    if s.built.is_empty() && s.failed.is_empty() {
+        println!(
+            "nothing to do: all {} stages fresh ({:.0} ms)",
+            s.fresh.len(),
+            secs * 1000.0
+        );
+    } else {
+        println!(
+            "built {}, reused {} in {secs:.2}s",
+            s.built.len(),
+            s.fresh.len()
+        );
+    }
+}
+
+/// Builds what `opts` asks for, printing events; records the run and updates kiln.lock.
+fn build(ws: &Workspace, opts: &RunOptions) -> Result<RunSummary, KilnError> {
+    check_before_building(ws)?;
     let tty = std::io::stderr().is_terminal();
-    let t = Instant::now();
     let run_id = ws.index.start_run(&ws.config_id, &ws.run_label())?;
     let mut printer = Printer::new(tty);
     let res = ws.scheduler().run(opts, &mut |e| printer.event(&e));
@@ -180,20 +235,6 @@ pub fn do_run(ws: &Workspace, opts: &RunOptions) -> Result<RunSummary, KilnError
                 .finish_run(run_id, outcome, s.built.len() as u64, s.fresh.len() as u64)?;
             if let Some(p) = kiln::lock::write(ws)? {
                 println!("updated {}", p.display());
-            }
-            if s.built.is_empty() && s.failed.is_empty() {
-                println!(
-                    "nothing to do: all {} stages fresh ({:.0} ms)",
-                    s.fresh.len(),
-                    t.elapsed().as_secs_f64() * 1000.0
-                );
-            } else {
-                println!(
-                    "built {}, reused {} in {:.2}s",
-                    s.built.len(),
-                    s.fresh.len(),
-                    t.elapsed().as_secs_f64()
-                );
             }
         }
         Err(_) => ws.index.finish_run(run_id, "failed", 0, 0)?,
@@ -243,18 +284,42 @@ pub fn run(a: RunArgs) -> Result<()> {
     if a.locked || a.frozen {
         return check_locked(&ws, &a.common);
     }
-    let summary = do_run(
-        &ws,
-        &RunOptions {
-            targets: a.target,
-            force: a.force,
-            keep_going: a.keep_going,
-            jobs: a.jobs,
-            train_jobs: a.train_jobs,
-        },
-    )?;
-    if let Some(out) = ws.materialize_outputs()? {
-        println!("outputs in {}", out.display());
+    let opts = RunOptions {
+        targets: a.target,
+        force: a.force,
+        keep_going: a.keep_going,
+        jobs: a.jobs,
+        train_jobs: a.train_jobs,
+    };
+    let mut summary = build(&ws, &opts)?;
+    // Publishing verifies each entry it reads; a corrupt one is quarantined (stale again), so
+    // building once more rebuilds exactly it. Bounded: a disk that corrupts every write fails.
+    let mut rebuilds = 0;
+    let (out, published) = loop {
+        match ws.publish_outputs() {
+            Err(KilnError::Corrupt {
+                stage, key, damage, ..
+            }) if rebuilds < 3 => {
+                eprintln!(
+                    "  corrupt cache entry for {stage} ({}): {}; quarantined, rebuilding",
+                    &key[..key.len().min(12)],
+                    damage.join(", ")
+                );
+                rebuilds += 1;
+                let again = build(&ws, &opts)?;
+                summary.built.extend(again.built);
+                summary.failed.extend(again.failed);
+            }
+            r => break r?,
+        }
+    };
+    report(&summary);
+    if let Some(out) = out {
+        println!(
+            "outputs in {} ({})",
+            out.display(),
+            published_words(&published)
+        );
     }
     if !summary.failed.is_empty() {
         for (name, err) in &summary.failed {
@@ -314,4 +379,24 @@ pub fn why(a: WhyArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// "12 unchanged" / "3 linked, 1 copied (1.2 MB), 8 unchanged".
+fn published_words(s: &kiln::workspace::PublishStats) -> String {
+    let mut parts = Vec::new();
+    if s.reflinked > 0 {
+        parts.push(format!("{} reflinked", s.reflinked));
+    }
+    if s.hardlinked > 0 {
+        parts.push(format!("{} linked", s.hardlinked));
+    }
+    if s.copied > 0 {
+        parts.push(format!(
+            "{} copied ({})",
+            s.copied,
+            super::common::human_bytes(s.bytes_copied)
+        ));
+    }
+    parts.push(format!("{} unchanged", s.kept));
+    parts.join(", ")
 }

@@ -144,3 +144,11 @@ pub fn clock(secs: f64) -> String {
         format!("{}m{:02}s", s / 60, s % 60)
     }
 }
+
+static STARTED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
+/// When the command started (the first call, made at the top of `main`): the time kiln reports
+/// is the whole command's, not one phase's.
+pub fn started() -> std::time::Instant {
+    *STARTED.get_or_init(std::time::Instant::now)
+}

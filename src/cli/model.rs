@@ -99,22 +99,23 @@ pub fn merge_lora(a: MergeArgs) -> Result<()> {
             let parent = dest.parent().unwrap_or(std::path::Path::new("."));
             std::fs::create_dir_all(parent)
                 .with_context(|| format!("creating {}", parent.display()))?;
-            let tmp = parent.join(format!(
-                ".{}.kiln-partial",
-                dest.file_name().unwrap_or_default().to_string_lossy()
-            ));
-            let _ = std::fs::remove_dir_all(&tmp);
-            std::fs::create_dir_all(&tmp)?;
+            let tmp = kiln::workspace::unique_tmp(&dest);
+            std::fs::create_dir_all(&tmp).map_err(kiln::workspace::io_write(&tmp))?;
             let t = Instant::now();
-            kiln::stages::merge::merge_dirs(
+            let merged = kiln::stages::merge::merge_dirs(
                 &model_dir,
                 &adapter,
                 &tmp,
                 ws.settings.max_shard_size,
                 kiln::plan::configured_template(&ws.settings.chat_template).as_deref(),
-            )
-            .map_err(KilnError::from)
-            .with_context(|| format!("merging {}", adapter.display()))?;
+            );
+            if merged.is_err() {
+                // No half-written model left behind, hidden or not.
+                let _ = std::fs::remove_dir_all(&tmp);
+            }
+            merged
+                .map_err(KilnError::from)
+                .with_context(|| format!("merging {}", adapter.display()))?;
             if dest.exists() {
                 std::fs::remove_dir_all(&dest)
                     .with_context(|| format!("replacing {}", dest.display()))?;
@@ -129,7 +130,7 @@ pub fn merge_lora(a: MergeArgs) -> Result<()> {
         None => {
             run_target(&ws, "merge")?;
             ws.materialize_outputs()?;
-            kiln::workspace::copy_entry(&ws.entry_of("merge")?, &dest)?;
+            ws.publish_entry("merge", &dest, &mut Default::default())?;
         }
     }
     println!("merged model in {}", dest.display());

@@ -234,6 +234,10 @@ pub struct Settings {
     pub export: Vec<(String, Option<String>)>,
     /// Largest safetensors shard a merged model is written in (`max_shard_size`, HF's 5GB).
     pub max_shard_size: u64,
+    /// The line of each top-level key in the config file, for checks made after resolving
+    /// (against the model) to point at.
+    #[serde(skip)]
+    pub key_lines: std::collections::BTreeMap<String, usize>,
 }
 
 /// How kiln treats each top-level key it recognises.
@@ -666,7 +670,16 @@ pub(super) fn resolve(ctx: &mut Ctx<'_>, map: &Mapping) -> Settings {
         }
     }
 
+    let key_lines = map
+        .keys()
+        .filter_map(|k| {
+            let k = k.as_str()?;
+            let (line, _) = r.ctx.positions.find(&[key(k)])?;
+            Some((k.to_string(), line))
+        })
+        .collect();
     Settings {
+        key_lines,
         config_path: r.ctx.file.clone(),
         base_model,
         datasets,

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    #[error("cannot read {path}: {source}")]
+    #[error("{}", crate::ioerr::describe("cannot read", path, source))]
     Io {
         path: PathBuf,
         #[source]

@@ -4,6 +4,8 @@
 //! resolved inputs (file digests, hub commits) and its upstream stages' output digests (or the
 //! digest of just the files it reads from them). Nothing else decides what reruns.
 
+pub mod checks;
+
 use crate::cache::{FileHashCache, Manifest};
 use crate::config::{DataFormat, Settings, TemplateChoice};
 use crate::hash::KeyHasher;

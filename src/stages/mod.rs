@@ -58,7 +58,7 @@ stage_kinds! {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StageError {
-    #[error("{path}: {source}")]
+    #[error("{}", crate::ioerr::describe("", path, source))]
     Io {
         path: PathBuf,
         #[source]

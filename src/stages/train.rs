@@ -85,13 +85,76 @@ fn save_tensors(
         .map_err(|e| StageError::Invalid(format!("{}: {e}", path.display())))
 }
 
-/// The highest complete `checkpoint-N` in `dir` (complete = its trainer_state.json exists;
-/// `checkpoint-N.partial` directories never parse as a step).
-fn latest_checkpoint(dir: &Path) -> Option<(u64, std::path::PathBuf)> {
-    checkpoints(dir)
-        .into_iter()
-        .rev()
-        .find(|(_, p)| p.join("trainer_state.json").exists())
+/// A checkpoint's own manifest (sizes and blake3 of its files), written and fsynced last: a
+/// checkpoint is complete and intact only when every file matches it. Kept out of the published
+/// entry (whose manifest covers the copies).
+const CHECKPOINT_MANIFEST: &str = "kiln-checkpoint.json";
+
+/// Fsyncs every file of a checkpoint directory, then writes and fsyncs its manifest.
+fn seal_checkpoint(dir: &Path) -> Result<(), StageError> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map_err(io_err(dir))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n != CHECKPOINT_MANIFEST)
+        .collect();
+    names.sort();
+    let mut files = Vec::new();
+    for n in names {
+        let p = dir.join(&n);
+        let f = std::fs::File::open(&p).map_err(io_err(&p))?;
+        f.sync_all().map_err(io_err(&p))?;
+        let size = f.metadata().map_err(io_err(&p))?.len();
+        let digest = crate::hash::hash_file(&p).map_err(io_err(&p))?;
+        files.push(json!({"path": n, "size": size, "blake3": digest}));
+    }
+    let mp = dir.join(CHECKPOINT_MANIFEST);
+    write_json(&mp, &json!({ "files": files }))?;
+    std::fs::File::open(&mp)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err(&mp))
+}
+
+/// Why a checkpoint directory cannot be resumed from, if it cannot.
+fn checkpoint_damage(dir: &Path) -> Option<String> {
+    let mp = dir.join(CHECKPOINT_MANIFEST);
+    let m: Value = match std::fs::read(&mp).map(|b| serde_json::from_slice(&b)) {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => return Some(format!("{CHECKPOINT_MANIFEST} is unreadable ({e})")),
+        Err(_) => return Some(format!("no {CHECKPOINT_MANIFEST} (it was not finished)")),
+    };
+    let files = m["files"].as_array().cloned().unwrap_or_default();
+    if files.is_empty() {
+        return Some(format!("{CHECKPOINT_MANIFEST} lists no files"));
+    }
+    for f in files {
+        let name = f["path"].as_str().unwrap_or_default();
+        let p = dir.join(name);
+        let size = std::fs::metadata(&p).map(|m| m.len()).ok();
+        if size != f["size"].as_u64() {
+            return Some(format!("{name}: missing or truncated"));
+        }
+        match crate::hash::hash_file(&p) {
+            Ok(h) if Some(h.as_str()) == f["blake3"].as_str() => {}
+            _ => return Some(format!("{name}: content changed (blake3 mismatch)")),
+        }
+    }
+    None
+}
+
+/// The highest intact `checkpoint-N` in `dir` (`checkpoint-N.partial` directories never parse as
+/// a step); a damaged one is skipped, said through `warn`, for the one before it.
+fn latest_checkpoint(
+    dir: &Path,
+    warn: &mut dyn FnMut(String),
+) -> Option<(u64, std::path::PathBuf)> {
+    for (n, p) in checkpoints(dir).into_iter().rev() {
+        match checkpoint_damage(&p) {
+            None => return Some((n, p)),
+            Some(why) => warn(format!("checkpoint-{n} is damaged ({why}); skipped")),
+        }
+    }
+    None
 }
 
 fn checkpoints(dir: &Path) -> Vec<(u64, std::path::PathBuf)> {
@@ -251,9 +314,13 @@ impl Train {
             &tmp.join("trainer_state.json"),
             &json!({"global_step": step, "log_history": history}),
         )?;
+        seal_checkpoint(&tmp)?;
         let dest = work.join(format!("checkpoint-{step}"));
         let _ = std::fs::remove_dir_all(&dest);
         std::fs::rename(&tmp, &dest).map_err(io_err(&dest))?;
+        if let Ok(d) = std::fs::File::open(work) {
+            let _ = d.sync_all();
+        }
         if let Some(limit) = self.cadence.save_total_limit.filter(|l| *l > 0) {
             let all = checkpoints(work);
             let excess = all.len().saturating_sub(limit as usize);
@@ -378,7 +445,15 @@ impl Stage for Train {
             }
             None => None,
         };
-        let own = latest_checkpoint(cx.work).filter(|(n, _)| *n < total);
+        let own = {
+            let (name, emit) = (cx.name, &mut *cx.emit);
+            latest_checkpoint(cx.work, &mut |m| {
+                emit(Event::Warning {
+                    message: format!("{name}: {m}"),
+                })
+            })
+            .filter(|(n, _)| *n < total)
+        };
         let resume = match (own, given) {
             (Some(o), Some(g)) => Some(if o.0 >= g.0 { o } else { g }),
             (o, g) => o.or(g),
@@ -533,6 +608,9 @@ impl Stage for Train {
             let dest = cx.out.join(format!("checkpoint-{n}"));
             std::fs::create_dir_all(&dest).map_err(io_err(&dest))?;
             for f in std::fs::read_dir(&ck).map_err(io_err(&ck))?.flatten() {
+                if f.file_name() == CHECKPOINT_MANIFEST {
+                    continue;
+                }
                 std::fs::copy(f.path(), dest.join(f.file_name())).map_err(io_err(&f.path()))?;
             }
         }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TextError {
-    #[error("cannot read {path}: {source}")]
+    #[error("{}", crate::ioerr::describe("cannot read", path, source))]
     Io {
         path: PathBuf,
         #[source]

@@ -266,8 +266,13 @@ impl Workspace {
         }
     }
 
-    /// The published entry directory of a stage, if it is fresh.
+    /// The published entry directory of a stage, if it is fresh (verified first).
     pub fn entry_of(&self, name: &str) -> Result<PathBuf, KilnError> {
+        Ok(self.fresh_entry(name)?.0)
+    }
+
+    /// A fresh stage's entry directory and manifest, verified.
+    fn fresh_entry(&self, name: &str) -> Result<(PathBuf, crate::cache::Manifest), KilnError> {
         let st = self.scheduler().assess()?;
         let s = st
             .iter()
@@ -285,8 +290,8 @@ impl Workspace {
             })?;
         match (&s.key, s.state) {
             (Some(k), State::Fresh) => {
-                self.verify_entry(name, k)?;
-                Ok(self.cache.entry_dir(k))
+                let m = self.verify_entry(name, k)?;
+                Ok((self.cache.entry_dir(k), m))
             }
             _ => Err(KilnError::NotBuilt {
                 stage: name.to_string(),
@@ -311,7 +316,7 @@ impl Workspace {
     /// Checks a fresh entry against its manifest before it is read (files unchanged since their
     /// last check cost a `stat` and an index lookup); a damaged one is quarantined, forgotten by
     /// the index, and reported naming the stage and files.
-    fn verify_entry(&self, name: &str, key: &str) -> Result<(), KilnError> {
+    fn verify_entry(&self, name: &str, key: &str) -> Result<crate::cache::Manifest, KilnError> {
         let Some(m) = self.cache.manifest(key)? else {
             return Err(KilnError::NotBuilt {
                 stage: name.to_string(),
@@ -323,7 +328,7 @@ impl Workspace {
         };
         let damage = self.cache.verify_files_stamped(key, &m, None, &self.index);
         if damage.is_empty() {
-            return Ok(());
+            return Ok(m);
         }
         self.cache.quarantine(key)?;
         self.index.forget_stage(key)?;
@@ -407,15 +412,10 @@ impl Workspace {
         dest: &Path,
         stats: &mut PublishStats,
     ) -> Result<bool, KilnError> {
-        let Some(src) = self.entry_if_built(stage)? else {
-            return Ok(false);
-        };
-        let key = src
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_default();
-        let Some(m) = self.cache.manifest(&key)? else {
-            return Ok(false);
+        let (src, m) = match self.fresh_entry(stage) {
+            Ok(x) => x,
+            Err(KilnError::NotBuilt { .. }) => return Ok(false),
+            Err(e) => return Err(e),
         };
         let links = link_order()?;
         // Markers of kiln versions that copied whole entries.

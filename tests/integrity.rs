@@ -16,37 +16,6 @@ fn trained_project() -> Project {
     p
 }
 
-/// Every file under `dir` (relative path -> (inode, mtime ns, ctime ns, bytes)).
-fn files(dir: &Path) -> std::collections::BTreeMap<String, (u64, i64, i64, Vec<u8>)> {
-    fn walk(
-        root: &Path,
-        d: &Path,
-        out: &mut std::collections::BTreeMap<String, (u64, i64, i64, Vec<u8>)>,
-    ) {
-        for e in std::fs::read_dir(d).unwrap().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                walk(root, &p, out);
-            } else {
-                let md = std::fs::metadata(&p).unwrap();
-                let rel = p.strip_prefix(root).unwrap().to_string_lossy().to_string();
-                out.insert(
-                    rel,
-                    (
-                        md.ino(),
-                        md.mtime() * 1_000_000_000 + md.mtime_nsec(),
-                        md.ctime() * 1_000_000_000 + md.ctime_nsec(),
-                        std::fs::read(&p).unwrap(),
-                    ),
-                );
-            }
-        }
-    }
-    let mut out = Default::default();
-    walk(dir, dir, &mut out);
-    out
-}
-
 /// Flips one byte of a file in place, keeping its size and mtime (only ctime can tell).
 fn flip_byte_keep_mtime(path: &Path, at: usize) {
     use std::os::unix::fs::PermissionsExt;
@@ -80,7 +49,7 @@ fn a_no_op_run_leaves_output_dir_untouched_and_links_large_files() {
     let p = trained_project();
     let (code, out, err) = p.kiln(&["run", "kiln.yml"]);
     assert_eq!(code, Some(0), "{out}{err}");
-    let before = files(&p.path("out"));
+    let before = tree_files(&p.path("out"));
     assert!(
         before.contains_key("adapter_model.safetensors"),
         "{before:?}"
@@ -105,13 +74,15 @@ fn a_no_op_run_leaves_output_dir_untouched_and_links_large_files() {
         assert_eq!(code, Some(0), "{err}");
         assert!(out.contains("nothing to do"), "{out}");
         assert_eq!(
-            files(&p.path("out")),
+            tree_files(&p.path("out")),
             before,
             "a no-op run rewrote output_dir"
         );
     }
     assert!(
-        !files(&p.path("out")).keys().any(|k| k.contains("kiln-tmp")),
+        !tree_files(&p.path("out"))
+            .keys()
+            .any(|k| k.contains("kiln-tmp")),
         "no temporary files left"
     );
 }
@@ -120,12 +91,9 @@ fn a_no_op_run_leaves_output_dir_untouched_and_links_large_files() {
 fn copies_are_kept_too_and_a_changed_output_file_is_put_back() {
     let p = trained_project();
     let run = |p: &Project| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .args(["run", "kiln.yml"])
-            .current_dir(p.dir.path())
-            .env("KILN_NUM_THREADS", "1")
+        let out = p
+            .kiln_command(&["run", "kiln.yml"])
             .env("KILN_LINK", "copy")
-            .env_remove("KILN_CACHE")
             .output()
             .unwrap();
         assert!(
@@ -136,7 +104,7 @@ fn copies_are_kept_too_and_a_changed_output_file_is_put_back() {
         String::from_utf8_lossy(&out.stdout).to_string()
     };
     run(&p);
-    let first = files(&p.path("out"));
+    let first = tree_files(&p.path("out"));
     let cached = std::fs::metadata(entry(&p, "train").join("adapter_model.safetensors")).unwrap();
     let published = std::fs::metadata(p.path("out/adapter_model.safetensors")).unwrap();
     assert_ne!(cached.ino(), published.ino(), "KILN_LINK=copy copies");
@@ -147,7 +115,7 @@ fn copies_are_kept_too_and_a_changed_output_file_is_put_back() {
     settle();
     run(&p);
     assert_eq!(
-        files(&p.path("out")),
+        tree_files(&p.path("out")),
         first,
         "unchanged copies are left alone"
     );
@@ -262,11 +230,7 @@ fn two_kiln_runs_at_once_both_succeed() {
         }
         let kids: Vec<_> = (0..2)
             .map(|_| {
-                std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
-                    .args(["run", "kiln.yml"])
-                    .current_dir(p.dir.path())
-                    .env("KILN_NUM_THREADS", "1")
-                    .env_remove("KILN_CACHE")
+                p.kiln_command(&["run", "kiln.yml"])
                     .stdout(std::process::Stdio::piped())
                     .stderr(std::process::Stdio::piped())
                     .spawn()
@@ -282,7 +246,7 @@ fn two_kiln_runs_at_once_both_succeed() {
                 String::from_utf8_lossy(&o.stderr)
             );
         }
-        let names: Vec<String> = files(&p.path("out")).into_keys().collect();
+        let names: Vec<String> = tree_files(&p.path("out")).into_keys().collect();
         assert!(names.iter().any(|k| k == "adapter_model.safetensors"));
         assert!(!names.iter().any(|k| k.contains("kiln-tmp")), "{names:?}");
     }
@@ -384,7 +348,7 @@ fn killed_at_random_points_the_pipeline_recovers_to_the_same_bytes() {
     let (code, _, err) = reference.kiln(&["run", "kiln.yml"]);
     assert_eq!(code, Some(0), "{err}");
     let span = t.elapsed().as_millis() as u64;
-    let want: std::collections::BTreeMap<String, Vec<u8>> = files(&reference.path("out"))
+    let want: std::collections::BTreeMap<String, Vec<u8>> = tree_files(&reference.path("out"))
         .into_iter()
         .map(|(k, v)| (k, v.3))
         .collect();
@@ -401,11 +365,8 @@ fn killed_at_random_points_the_pipeline_recovers_to_the_same_bytes() {
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         let at = (z ^ (z >> 31)) % (span * 11 / 10 + 1);
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .args(["run", "kiln.yml"])
-            .current_dir(victim.dir.path())
-            .env("KILN_NUM_THREADS", "1")
-            .env_remove("KILN_CACHE")
+        let mut child = victim
+            .kiln_command(&["run", "kiln.yml"])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -436,7 +397,7 @@ fn killed_at_random_points_the_pipeline_recovers_to_the_same_bytes() {
     assert!(kills >= 5, "only {kills} of 8 runs were killed mid-way");
     let (code, _, err) = victim.kiln(&["run", "kiln.yml"]);
     assert_eq!(code, Some(0), "{err}");
-    let got: std::collections::BTreeMap<String, Vec<u8>> = files(&victim.path("out"))
+    let got: std::collections::BTreeMap<String, Vec<u8>> = tree_files(&victim.path("out"))
         .into_iter()
         .map(|(k, v)| (k, v.3))
         .collect();

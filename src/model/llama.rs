@@ -149,6 +149,18 @@ impl Linear {
     }
 }
 
+/// The linear layers of a block, by their module names: what LoRA can target
+/// (`lora_target_linear` = all of them).
+pub const LINEAR_LAYERS: &[&str] = &[
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
 pub struct Attention {
     pub q_proj: Linear,
     pub k_proj: Linear,

@@ -5,20 +5,10 @@
 //! A hub model is checked once it is fetched (its files are then local).
 
 use crate::config::{ModelSource, Problem, Settings};
+use crate::model::llama::LINEAR_LAYERS;
 use crate::model::LlamaConfig;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-
-/// The linear layers of a Llama-family block: what `lora_target_modules` can name.
-pub const LINEAR_LAYERS: &[&str] = &[
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
 
 /// What the checks know about the model: its config and where it came from, and its tensors'
 /// shapes when they could be read without loading weights.

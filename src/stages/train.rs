@@ -255,18 +255,10 @@ impl Train {
         };
         let spec = Self::lora_spec(l);
         let mut targets: Vec<String> = if spec.target_linear {
-            [
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect()
+            crate::model::llama::LINEAR_LAYERS
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
         } else {
             spec.target_modules.clone()
         };

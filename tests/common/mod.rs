@@ -151,18 +151,22 @@ impl Project {
     /// Runs the kiln binary in the project directory (one compute thread, the config's cache):
     /// (exit code, stdout, stderr).
     pub fn kiln(&self, args: &[&str]) -> (Option<i32>, String, String) {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .args(args)
-            .current_dir(self.dir.path())
-            .env("KILN_NUM_THREADS", "1")
-            .env_remove("KILN_CACHE")
-            .output()
-            .unwrap();
+        let out = self.kiln_command(args).output().unwrap();
         (
             out.status.code(),
             String::from_utf8_lossy(&out.stdout).to_string(),
             String::from_utf8_lossy(&out.stderr).to_string(),
         )
+    }
+
+    /// The kiln binary as [`Project::kiln`] runs it, to add environment or spawn.
+    pub fn kiln_command(&self, args: &[&str]) -> std::process::Command {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"));
+        c.args(args)
+            .current_dir(self.dir.path())
+            .env("KILN_NUM_THREADS", "1")
+            .env_remove("KILN_CACHE");
+        c
     }
 
     pub fn run_opts(&self, sets: &[&str], mut opts: RunOptions) -> (RunSummary, Vec<Event>) {
@@ -463,4 +467,36 @@ pub fn gguf_tokenizer(gguf: &Path) -> (tempfile::TempDir, kiln::text::TextTokeni
     .unwrap();
     let t = kiln::text::TextTokenizer::load_dir(dir.path()).unwrap();
     (dir, t)
+}
+
+/// Every file under `dir` (relative path -> (inode, mtime ns, ctime ns, bytes)).
+pub fn tree_files(dir: &Path) -> std::collections::BTreeMap<String, (u64, i64, i64, Vec<u8>)> {
+    use std::os::unix::fs::MetadataExt;
+    fn walk(
+        root: &Path,
+        d: &Path,
+        out: &mut std::collections::BTreeMap<String, (u64, i64, i64, Vec<u8>)>,
+    ) {
+        for e in std::fs::read_dir(d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(root, &p, out);
+            } else {
+                let md = std::fs::metadata(&p).unwrap();
+                let rel = p.strip_prefix(root).unwrap().to_string_lossy().to_string();
+                out.insert(
+                    rel,
+                    (
+                        md.ino(),
+                        md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+                        md.ctime() * 1_000_000_000 + md.ctime_nsec(),
+                        std::fs::read(&p).unwrap(),
+                    ),
+                );
+            }
+        }
+    }
+    let mut out = Default::default();
+    walk(dir, dir, &mut out);
+    out
 }

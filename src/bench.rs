@@ -684,6 +684,103 @@ pub fn noop(config: &Path, kiln_exe: &Path) -> Result<Vec<Figure>, KilnError> {
     ])
 }
 
+/// A pipeline of `variants` sweep variants in `work` (each trains a LoRA for 2 steps and merges
+/// it) on a generated 2-layer model with random weights and `model`'s tokenizer, for
+/// `kiln bench noop --sweep N`: the sweep's no-op cost is planning, verifying and publishing
+/// `variants` pipelines, which a tiny model builds in seconds. Returns the config's path.
+pub fn tiny_sweep(work: &Path, model: &Path, variants: usize) -> Result<PathBuf, KilnError> {
+    let io = |e: std::io::Error| KilnError::Bench(e.to_string());
+    let tmp = work.join("tiny-model-src");
+    let src = model_dir(model, &tmp)?;
+    let dir = work.join("tiny-model");
+    std::fs::create_dir_all(&dir).map_err(io)?;
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(src.join(f), dir.join(f)).map_err(io)?;
+    }
+    let tok: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("tokenizer.json")).map_err(io)?)
+            .map_err(|e| KilnError::Bench(format!("tokenizer.json: {e}")))?;
+    let vocab = tok["model"]["vocab"]
+        .as_object()
+        .map(|v| v.len())
+        .unwrap_or(0)
+        .max(
+            tok["added_tokens"]
+                .as_array()
+                .and_then(|a| a.iter().filter_map(|t| t["id"].as_u64()).max())
+                .map(|m| m as usize + 1)
+                .unwrap_or(0),
+        );
+    let cfg = crate::model::LlamaConfig {
+        architecture: "llama".into(),
+        vocab_size: vocab,
+        hidden_size: 16,
+        intermediate_size: 32,
+        num_hidden_layers: 2,
+        num_attention_heads: 2,
+        num_key_value_heads: 1,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        max_position_embeddings: 512,
+        tie_word_embeddings: true,
+        attention_bias: false,
+        sliding_window: None,
+    };
+    let dev = candle_core::Device::Cpu;
+    let mut rng = SplitMix64::new(5);
+    let mut tensors = std::collections::HashMap::new();
+    let mut add = |name: String, shape: &[usize], ones: bool| -> Result<(), KilnError> {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                if ones {
+                    1.0
+                } else {
+                    ((rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2
+                }
+            })
+            .collect();
+        let t = candle_core::Tensor::from_vec(v, shape, &dev)
+            .map_err(|e| KilnError::Bench(e.to_string()))?;
+        tensors.insert(name, t);
+        Ok(())
+    };
+    let (h, i, kv) = (16, 32, 8);
+    add("model.embed_tokens.weight".into(), &[vocab, h], false)?;
+    add("model.norm.weight".into(), &[h], true)?;
+    for l in 0..2 {
+        let p = format!("model.layers.{l}");
+        for (n, shape) in [
+            ("self_attn.q_proj", [h, h]),
+            ("self_attn.k_proj", [kv, h]),
+            ("self_attn.v_proj", [kv, h]),
+            ("self_attn.o_proj", [h, h]),
+            ("mlp.gate_proj", [i, h]),
+            ("mlp.up_proj", [i, h]),
+            ("mlp.down_proj", [h, i]),
+        ] {
+            add(format!("{p}.{n}.weight"), &shape, false)?;
+        }
+        add(format!("{p}.input_layernorm.weight"), &[h], true)?;
+        add(format!("{p}.post_attention_layernorm.weight"), &[h], true)?;
+    }
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))
+        .map_err(|e| KilnError::Bench(e.to_string()))?;
+    crate::stages::write_json(&dir.join("config.json"), &cfg.to_hf())?;
+    std::fs::write(work.join("rows40.jsonl"), alpaca_rows(40, 7)).map_err(io)?;
+    let seeds: Vec<String> = (0..variants).map(|v| v.to_string()).collect();
+    let config = work.join(format!("sweep{variants}.yml"));
+    std::fs::write(
+        &config,
+        format!(
+            "base_model: tiny-model\ndatasets:\n  - path: rows40.jsonl\n    type: alpaca\nsequence_len: 256\nsample_packing: true\nval_set_size: 0.1\nadapter: lora\nlora_r: 4\nlora_target_linear: true\nmax_steps: 2\nmerge_lora: true\ncache_dir: cache-sweep{variants}\noutput_dir: out-sweep{variants}\nsweep:\n  seed: [{}]\n",
+            seeds.join(", ")
+        ),
+    )
+    .map_err(io)?;
+    Ok(config)
+}
+
 pub fn plan(work: &Path, model: &Path, kiln_exe: Option<&Path>) -> Result<Vec<Figure>, KilnError> {
     let io = |e: std::io::Error| KilnError::Bench(e.to_string());
     std::fs::create_dir_all(work).map_err(io)?;

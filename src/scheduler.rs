@@ -2,9 +2,9 @@
 //! order: lock the key, build in a staging directory, publish atomically, record. Knows nothing
 //! about what stages compute.
 
-use crate::cache::{Cache, CacheError, Index, StageRecord};
+use crate::cache::{Cache, CacheError, Index, Manifest, StageRecord};
 use crate::events::Event;
-use crate::plan::{dep_digest, stage_key, Plan, PlanError};
+use crate::plan::{dep_digest, stage_key, Dep, Plan, PlanError};
 use crate::stages::{RunCx, StageError, Upstream};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -16,11 +16,14 @@ pub enum SchedError {
     Cache(#[from] CacheError),
     #[error(transparent)]
     Plan(#[from] PlanError),
-    #[error("stage {name} failed: {source}")]
+    /// `message` is `error` as the user should read it: kiln's cache paths replaced by the
+    /// user's files they were fetched from (see `shown_paths`). `error` is not a `#[source]`, so
+    /// the cache paths in it are never printed as a cause.
+    #[error("stage {name} failed: {message}")]
     StageFailed {
         name: String,
-        #[source]
-        source: StageError,
+        message: String,
+        error: Box<StageError>,
     },
     #[error("{0}")]
     Usage(String),
@@ -207,9 +210,10 @@ impl Scheduler<'_> {
         upstream: &[(String, String)],
     ) -> Result<StageRecord, SchedError> {
         let s = &self.plan.stages[i];
-        let params = s.stage.params().map_err(|source| SchedError::StageFailed {
+        let params = s.stage.params().map_err(|error| SchedError::StageFailed {
             name: s.name.clone(),
-            source,
+            message: error.to_string(),
+            error: Box::new(error),
         })?;
         Ok(StageRecord {
             key: key.to_string(),
@@ -461,18 +465,20 @@ impl Scheduler<'_> {
                                 keys[i] = Some(key);
                                 done[i] = true;
                             }
-                            Err(source) => {
+                            Err(error) => {
+                                let message = shown(&error.to_string(), &b.shown);
                                 emit(Event::StageFailed {
                                     name: s.name.clone(),
-                                    error: source.to_string(),
+                                    error: message.clone(),
                                 });
                                 blocked[i] = true;
                                 if opts.keep_going {
-                                    summary.failed.push((s.name.clone(), source.to_string()));
+                                    summary.failed.push((s.name.clone(), message));
                                 } else if stop.is_none() {
                                     stop = Some(Err(SchedError::StageFailed {
                                         name: s.name.clone(),
-                                        source,
+                                        message,
+                                        error: Box::new(error),
                                     }));
                                 }
                             }
@@ -574,10 +580,12 @@ impl Scheduler<'_> {
             reason,
         });
         let staging = self.cache.staging(&key)?;
+        let work = self.cache.work_dir(&key)?;
+        let shown = self.shown_paths(i, &ups, staging.dir(), &work);
         let job = Job {
             key: key.clone(),
             out: staging.dir().to_path_buf(),
-            work: self.cache.work_dir(&key)?,
+            work,
             upstream: ups
                 .into_iter()
                 .map(|(d, k, m)| Upstream {
@@ -596,10 +604,50 @@ impl Scheduler<'_> {
                 previous_digest,
                 started: Instant::now(),
                 train: s.stage.uses_all_cores(),
+                shown,
                 _lock: lock,
             },
             job,
         ))))
+    }
+
+    /// What stage `i`'s errors call the cache paths it uses: a fetched file is the user's file it
+    /// was fetched from (`models/tiny/config.json`, not `objects/<key>/config.json`); any other
+    /// upstream entry is `[stage]` (a fetch stage's own copies are the user's files too), the
+    /// stage's own output `[stage, being built]` and its work
+    /// directory `[stage, checkpoints]`. Longest paths first, so a file wins over its directory.
+    fn shown_paths(
+        &self,
+        i: usize,
+        ups: &[(&Dep, String, Manifest)],
+        staging: &std::path::Path,
+        work: &std::path::Path,
+    ) -> Vec<(String, String)> {
+        let name = &self.plan.stages[i].name;
+        let mut out = Vec::new();
+        for (d, k, _) in ups {
+            let up = &self.plan.stages[d.stage];
+            let dir = self.cache.entry_dir(k);
+            for (id, input) in &up.inputs {
+                if !id.starts_with("hub:") {
+                    out.push((dir.join(id).display().to_string(), input.label.clone()));
+                }
+            }
+            out.push((dir.display().to_string(), format!("[{}]", up.name)));
+        }
+        // A fetch stage's own copies, while it checks them.
+        for (id, input) in &self.plan.stages[i].inputs {
+            if !id.starts_with("hub:") {
+                out.push((staging.join(id).display().to_string(), input.label.clone()));
+            }
+        }
+        out.push((
+            staging.display().to_string(),
+            format!("[{name}, being built]"),
+        ));
+        out.push((work.display().to_string(), format!("[{name}, checkpoints]")));
+        out.sort_by_key(|(from, _)| std::cmp::Reverse(from.len()));
+        out
     }
 
     /// Publishes a finished build and records it.
@@ -646,7 +694,20 @@ struct Building {
     previous_digest: Option<String>,
     started: Instant,
     train: bool,
+    /// Cache paths this stage reads or writes, and what its error messages call them.
+    shown: Vec<(String, String)>,
     _lock: crate::cache::KeyLock,
+}
+
+/// `message` with each cache path of `paths` replaced by its name (longest first).
+fn shown(message: &str, paths: &[(String, String)]) -> String {
+    let mut out = message.to_string();
+    for (from, to) in paths {
+        if out.contains(from.as_str()) {
+            out = out.replace(from.as_str(), to);
+        }
+    }
+    out
 }
 
 /// What a worker needs to run a stage.

@@ -9,7 +9,7 @@ fn problems(yaml: &str) -> Vec<kiln::config::Problem> {
     std::fs::create_dir_all(dir.path().join("m")).unwrap();
     let path = dir.path().join("c.yml");
     match load_str(&path, yaml, &[]) {
-        Err(ConfigError::Invalid(p)) => p,
+        Err(ConfigError::Invalid(p, _)) => p,
         Err(e) => panic!("unexpected error {e}"),
         Ok(l) => l.warnings,
     }
@@ -62,7 +62,7 @@ fn axolotl_keys_are_never_unknown() {
         let r = load_str(&dir.path().join("c.yml"), &yaml, &[]);
         let all: Vec<kiln::config::Problem> = match r {
             Ok(l) => l.warnings,
-            Err(ConfigError::Invalid(p)) => p,
+            Err(ConfigError::Invalid(p, _)) => p,
             Err(e) => panic!("{k}: {e}"),
         };
         assert!(
@@ -88,7 +88,7 @@ fn unsupported_keys_warn_or_fail_under_strict_and_nulls_are_absent() {
         &[],
     );
     assert!(
-        matches!(r, Err(ConfigError::Invalid(p)) if p[0].message == "not supported yet: deepspeed")
+        matches!(r, Err(ConfigError::Invalid(p, _)) if p[0].message == "not supported yet: deepspeed")
     );
 }
 

@@ -303,12 +303,21 @@ fn missing_field_names_record_and_field() {
         json!({"instruction": "a", "output": "b"}),
         json!({"instruction": "a", "answer": "b"}),
     ]);
-    let e = tokenize_records(&t, &fmt, &r, &ctx, &opts(4096, ExcessLength::Drop, false))
-        .unwrap_err()
-        .to_string();
+    // A record the format cannot use is dropped and counted, named by its line.
+    let (set, stats) =
+        tokenize_records(&t, &fmt, &r, &ctx, &opts(4096, ExcessLength::Drop, false)).unwrap();
+    assert_eq!(set.header().samples, 1);
+    assert_eq!(stats.dropped_unusable, 1);
     assert!(
-        e.contains("record 1") && e.contains("missing field `output`") && e.contains("answer"),
-        "{e}"
+        stats.unusable[0].contains("missing field `output`")
+            && stats.unusable[0].contains("answer"),
+        "{:?}",
+        stats.unusable
+    );
+    assert!(
+        stats.unusable[0].starts_with("line 2: "),
+        "{:?}",
+        stats.unusable
     );
 }
 

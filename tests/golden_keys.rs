@@ -52,7 +52,7 @@ const PINNED_LORA: &[(&str, &str)] = &[
     ),
     (
         "tokenize[0]",
-        "5251f045e5688a93a582f803f8afe0240ecf6ab7b26c26935c158d639d7b8d8a",
+        "4f9ad761e8d99aa1a287a4db480092bd42b3da5c6709e3ba9353bb90d84ba586",
     ),
     (
         "fetch.data[1]",
@@ -60,7 +60,7 @@ const PINNED_LORA: &[(&str, &str)] = &[
     ),
     (
         "tokenize[1]",
-        "7334a627125122d82541b804ab1e364c639b0d79ee67249ad15ff52f89812a37",
+        "b330499050964eb651db444b9e6c520626bf72a1763890c001288245209a09a2",
     ),
     (
         "pack",
@@ -98,7 +98,7 @@ const PINNED_FULL: &[(&str, &str)] = &[
     ),
     (
         "tokenize[0]",
-        "5251f045e5688a93a582f803f8afe0240ecf6ab7b26c26935c158d639d7b8d8a",
+        "4f9ad761e8d99aa1a287a4db480092bd42b3da5c6709e3ba9353bb90d84ba586",
     ),
     (
         "fetch.data[1]",
@@ -106,7 +106,7 @@ const PINNED_FULL: &[(&str, &str)] = &[
     ),
     (
         "tokenize[1]",
-        "7334a627125122d82541b804ab1e364c639b0d79ee67249ad15ff52f89812a37",
+        "b330499050964eb651db444b9e6c520626bf72a1763890c001288245209a09a2",
     ),
     (
         "pack",

@@ -359,7 +359,9 @@ fn killed_at_random_points_the_pipeline_recovers_to_the_same_bytes() {
     let mut kills = 0;
     // SplitMix64-spread kill times over [0, 1.1 × the uninterrupted run's time].
     let mut x: u64 = 0x5eed;
-    for _ in 0..8 {
+    // Ten tries: a try whose kill point falls after the (partly cached) run has finished starts
+    // over; how many do depends on the machine's load, so the count asked for leaves room.
+    for _ in 0..10 {
         x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = x;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -394,7 +396,7 @@ fn killed_at_random_points_the_pipeline_recovers_to_the_same_bytes() {
             kills += 1;
         }
     }
-    assert!(kills >= 5, "only {kills} of 8 runs were killed mid-way");
+    assert!(kills >= 5, "only {kills} of 10 runs were killed mid-way");
     let (code, _, err) = victim.kiln(&["run", "kiln.yml"]);
     assert_eq!(code, Some(0), "{err}");
     let got: std::collections::BTreeMap<String, Vec<u8>> = tree_files(&victim.path("out"))

@@ -132,6 +132,11 @@ fn with_checkpoints(p: &Project) {
 
 /// Runs `kiln train` on `p` and SIGKILLs it as soon as a checkpoint is complete.
 fn kill_after_first_checkpoint(b: &Project) {
+    kill_after_checkpoints(b, 1)
+}
+
+/// Runs `kiln train` on `p` and SIGKILLs it as soon as `count` checkpoints are complete.
+fn kill_after_checkpoints(b: &Project, count: usize) {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
         .args(["train", "kiln.yml"])
         .current_dir(b.dir.path())
@@ -156,10 +161,12 @@ fn kill_after_first_checkpoint(b: &Project) {
                     .into_iter()
                     .flatten()
                     .flatten()
-                    .any(|c| {
+                    .filter(|c| {
                         let n = c.file_name().to_string_lossy().to_string();
                         n.starts_with("checkpoint-") && !n.ends_with(".partial")
                     })
+                    .count()
+                    >= count
             });
         if found {
             seen = true;
@@ -261,23 +268,24 @@ fn killed_training_resumes_from_its_checkpoint_and_ends_bit_identical() {
     );
 }
 
-#[test]
-fn a_damaged_checkpoint_is_skipped_with_a_message_and_the_run_still_ends_identical() {
-    one_thread();
-    let a = project();
-    with_checkpoints(&a);
-    a.run(&[]);
-    let b = project();
-    with_checkpoints(&b);
-    kill_after_first_checkpoint(&b);
-    let work = b.path("cache/work");
-    let key_dir = std::fs::read_dir(&work)
+/// Flips a byte of a checkpoint's adapter weights.
+fn damage(ck: &std::path::Path) {
+    let w = ck.join("adapter_model.safetensors");
+    let mut bytes = std::fs::read(&w).unwrap();
+    let at = bytes.len() - 5;
+    bytes[at] ^= 0x10;
+    std::fs::write(&w, &bytes).unwrap();
+}
+
+/// The complete checkpoints of the one train work directory, by step.
+fn work_checkpoints(p: &Project) -> Vec<(u64, std::path::PathBuf)> {
+    let key_dir = std::fs::read_dir(p.path("cache/work"))
         .unwrap()
         .flatten()
         .next()
         .unwrap()
         .path();
-    let (n, ck) = std::fs::read_dir(&key_dir)
+    let mut v: Vec<(u64, std::path::PathBuf)> = std::fs::read_dir(&key_dir)
         .unwrap()
         .flatten()
         .filter_map(|e| {
@@ -287,35 +295,74 @@ fn a_damaged_checkpoint_is_skipped_with_a_message_and_the_run_still_ends_identic
                 e.path(),
             ))
         })
-        .max()
-        .unwrap();
+        .collect();
+    v.sort();
+    v
+}
+
+fn warned(events: &[kiln::events::Event], text: &str) -> bool {
+    events
+        .iter()
+        .any(|e| matches!(e, kiln::events::Event::Warning { message } if message.contains(text)))
+}
+
+#[test]
+fn a_damaged_checkpoint_is_skipped_with_a_message_and_the_run_still_ends_identical() {
+    one_thread();
+    let a = project();
+    with_checkpoints(&a);
+    a.run(&[]);
+    let a_dir = a.ws(&[]).entry_of("train").unwrap();
+
+    // The newest checkpoint damaged: resume from the one before it (or from the start).
+    let b = project();
+    with_checkpoints(&b);
+    kill_after_first_checkpoint(&b);
+    let (n, ck) = work_checkpoints(&b).pop().unwrap();
     assert!(
         ck.join("kiln-checkpoint.json").exists(),
         "sealed by its manifest"
     );
-    let w = ck.join("adapter_model.safetensors");
-    let mut bytes = std::fs::read(&w).unwrap();
-    let at = bytes.len() - 5;
-    bytes[at] ^= 0x10;
-    std::fs::write(&w, &bytes).unwrap();
+    damage(&ck);
     let (_, events) = b.run(&[]);
-    let want = format!(
-        "checkpoint-{n} is damaged (adapter_model.safetensors: content changed (blake3 mismatch)); skipped"
-    );
     assert!(
-        events.iter().any(
-            |e| matches!(e, kiln::events::Event::Warning { message } if message.contains(&want))
-        ),
+        warned(&events, &format!("checkpoint-{n} is damaged (adapter_model.safetensors: content changed (blake3 mismatch));")),
         "{events:?}"
     );
     assert!(
-        !events.iter().any(|e| matches!(e, kiln::events::Event::Warning { message } if message.contains(&format!("resuming from checkpoint-{n}")))),
+        !warned(&events, &format!("resumed from checkpoint-{n}")),
         "the damaged checkpoint is not resumed from"
     );
+    let b_dir = b.ws(&[]).entry_of("train").unwrap();
     assert_eq!(
-        adapter(&a),
-        adapter(&b),
-        "the run still ends with the uninterrupted run's weights"
+        tree_bytes(&a_dir),
+        tree_bytes(&b_dir),
+        "every file as uninterrupted"
+    );
+
+    // An older checkpoint damaged, a newer one intact: resuming from the newer one would
+    // publish the damaged one; training starts before it and writes it again.
+    let c = project();
+    with_checkpoints(&c);
+    kill_after_checkpoints(&c, 2);
+    let cks = work_checkpoints(&c);
+    assert!(cks.len() >= 2, "{cks:?}");
+    let (lo, hi) = (cks[0].0, cks[cks.len() - 1].0);
+    damage(&cks[0].1);
+    let (_, events) = c.run(&[]);
+    assert!(
+        warned(&events, &format!("checkpoint-{lo} is damaged (adapter_model.safetensors: content changed (blake3 mismatch)); training from the start, so that it is written again")),
+        "{events:?}"
+    );
+    assert!(
+        !warned(&events, &format!("resumed from checkpoint-{hi}")),
+        "not resumed past the damaged checkpoint"
+    );
+    let c_dir = c.ws(&[]).entry_of("train").unwrap();
+    assert_eq!(
+        tree_bytes(&a_dir),
+        tree_bytes(&c_dir),
+        "every file as uninterrupted"
     );
 }
 

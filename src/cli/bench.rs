@@ -46,6 +46,10 @@ enum BenchCmd {
         /// The pipeline (default: the quickstart).
         #[arg(default_value = "pipelines/quickstart.yml")]
         config: PathBuf,
+        /// Instead, an N-variant sweep (LoRA, merge) on a generated 2-layer model with the
+        /// --model's tokenizer, written under --work.
+        #[arg(long, value_name = "N")]
+        sweep: Option<usize>,
     },
     /// Prompt processing and decode speed on kiln's inference engine.
     Generate {
@@ -123,8 +127,15 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             kiln::bench::train(model, &cases, p.as_ref())?
         }
         BenchCmd::Plan => kiln::bench::plan(&s.work, model, exe.as_deref())?,
-        BenchCmd::Noop { config } => {
+        BenchCmd::Noop { config, sweep } => {
             let exe = exe.ok_or_else(|| anyhow::anyhow!("cannot find kiln's own executable"))?;
+            let config = match sweep {
+                Some(n) => {
+                    std::fs::create_dir_all(&s.work)?;
+                    kiln::bench::tiny_sweep(&std::fs::canonicalize(&s.work)?, model, n)?
+                }
+                None => config,
+            };
             kiln::bench::noop(&config, &exe)?
         }
         BenchCmd::Preprocess => kiln::bench::preprocess(&s.work, model, exe.as_deref())?,

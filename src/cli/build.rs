@@ -66,12 +66,19 @@ pub struct WhyArgs {
 pub fn validate(c: Common) -> Result<()> {
     let loaded = kiln::config::load(&c.config, &c.set)?;
     // Against the base model too, when it is local.
-    let (errors, model_warnings) = kiln::plan::checks::model_problems(&loaded.settings);
+    let (mut errors, mut model_warnings) = kiln::plan::checks::model_problems(&loaded.settings);
+    let s = &loaded.settings;
+    errors.extend(kiln::plan::checks::template_problems(s));
+    let (e, w) = kiln::plan::checks::data_problems(s.datasets.iter().chain(&s.test_datasets));
+    errors.extend(e);
+    model_warnings.extend(w);
+    if !errors.is_empty() {
+        let mut warnings = loaded.warnings.clone();
+        warnings.extend(model_warnings);
+        return Err(kiln::config::ConfigError::Invalid(errors, warnings).into());
+    }
     for w in loaded.warnings.iter().chain(&model_warnings) {
         eprintln!("warning: {}", w.to_string().replace('\n', "\n  "));
-    }
-    if !errors.is_empty() {
-        return Err(kiln::config::ConfigError::Invalid(errors).into());
     }
     println!(
         "{}: ok ({} datasets, {} warnings)",
@@ -83,15 +90,21 @@ pub fn validate(c: Common) -> Result<()> {
 }
 
 /// The model checks of `validate`, made before a build starts (not on a no-op run: reading a
-/// GGUF's metadata would cost more than the whole no-op).
+/// GGUF's metadata would cost more than the whole no-op), and its data checks when a tokenize
+/// stage will run (a sweep's variants usually share the datasets: each is read once).
 fn check_before_building(ws: &Workspace) -> Result<(), KilnError> {
     let st = ws.scheduler().assess()?;
     if !st.iter().any(|s| s.state == State::Stale) {
         return Ok(());
     }
+    let tokenize_stale = st
+        .iter()
+        .any(|s| s.state == State::Stale && s.kind == "tokenize");
     let mut errors = Vec::new();
+    let mut datasets = Vec::new();
     for v in &ws.variants {
-        let (e, w) = kiln::plan::checks::model_problems(&v.settings);
+        let (mut e, w) = kiln::plan::checks::model_problems(&v.settings);
+        e.extend(kiln::plan::checks::template_problems(&v.settings));
         for w in w {
             eprintln!("warning: {}", w.to_string().replace('\n', "\n  "));
         }
@@ -100,11 +113,22 @@ fn check_before_building(ws: &Workspace) -> Result<(), KilnError> {
                 errors.push(p);
             }
         }
+        let s = &v.settings;
+        for d in s.datasets.iter().chain(&s.test_datasets) {
+            if tokenize_stale && !datasets.contains(&d) {
+                datasets.push(d);
+            }
+        }
     }
+    let (e, w) = kiln::plan::checks::data_problems(datasets);
+    for w in w {
+        eprintln!("warning: {}", w.to_string().replace('\n', "\n  "));
+    }
+    errors.extend(e);
     if errors.is_empty() {
         Ok(())
     } else {
-        Err(kiln::config::ConfigError::Invalid(errors).into())
+        Err(kiln::config::ConfigError::Invalid(errors, vec![]).into())
     }
 }
 

@@ -42,12 +42,16 @@ pub fn print_stats(ws: &Workspace) -> Result<(), KilnError> {
     println!();
     for (label, d) in &st.datasets {
         println!("{label}: {} records → {} samples", d.records, d.samples);
-        let dropped = d.dropped_too_long + d.dropped_too_short + d.dropped_untrained;
+        let dropped =
+            d.dropped_unusable + d.dropped_too_long + d.dropped_too_short + d.dropped_untrained;
         if dropped + d.truncated > 0 {
             println!(
-                "  dropped {dropped} ({} longer than sequence_len, {} shorter than min_sample_len, {} with no trained tokens); truncated {}",
-                d.dropped_too_long, d.dropped_too_short, d.dropped_untrained, d.truncated
+                "  dropped {dropped} ({} the format cannot use, {} longer than sequence_len, {} shorter than min_sample_len, {} with no trained tokens); truncated {}",
+                d.dropped_unusable, d.dropped_too_long, d.dropped_too_short, d.dropped_untrained, d.truncated
             );
+            for u in &d.unusable {
+                println!("    unusable: {u}");
+            }
         }
         println!(
             "  tokens {} · trained {} ({:.1}%) · length min {} / mean {:.1} / p50 {} / p95 {} / max {}",

@@ -63,13 +63,15 @@ pub enum ConfigError {
         #[source]
         source: yaml::YamlError,
     },
-    #[error("{}", render_problems(.0))]
-    Invalid(Vec<Problem>),
+    /// The config's errors, and the warnings found with them (shown too: a user fixing the
+    /// errors should see the whole picture at once).
+    #[error("{}", render_problems(.0, .1))]
+    Invalid(Vec<Problem>, Vec<Problem>),
     #[error("--set {arg}: {message}")]
     BadOverride { arg: String, message: String },
 }
 
-fn render_problems(ps: &[Problem]) -> String {
+fn render_problems(ps: &[Problem], warnings: &[Problem]) -> String {
     let mut s = format!(
         "{} problem{} in config:",
         ps.len(),
@@ -78,6 +80,17 @@ fn render_problems(ps: &[Problem]) -> String {
     for p in ps {
         s.push_str("\n  error: ");
         s.push_str(&p.to_string().replace('\n', "\n  "));
+    }
+    if !warnings.is_empty() {
+        s.push_str(&format!(
+            "\nand {} warning{}:",
+            warnings.len(),
+            if warnings.len() == 1 { "" } else { "s" }
+        ));
+        for p in warnings {
+            s.push_str("\n  warning: ");
+            s.push_str(&p.to_string().replace('\n', "\n  "));
+        }
     }
     s
 }
@@ -90,9 +103,16 @@ pub struct Ctx<'a> {
     pub errors: Vec<Problem>,
     pub warnings: Vec<Problem>,
     pub strict: bool,
+    /// Jinja templates the config gives, and where each was written.
+    pub jinja: Vec<JinjaOrigin>,
 }
 
 impl<'a> Ctx<'a> {
+    /// The line and column of `path` (or of its deepest located prefix).
+    pub fn position(&self, path: &[Seg]) -> Option<(usize, usize)> {
+        self.positions.find(path)
+    }
+
     fn problem(&self, path: &[Seg], message: String, fix: Option<String>) -> Problem {
         let pos = self.positions.find(path);
         Problem {
@@ -157,7 +177,7 @@ pub fn load_str(path: &Path, text: &str, overrides: &[String]) -> Result<Loaded,
             column: None,
             message: "this command works on one configuration, and the config is a sweep".into(),
             fix: Some("pick a variant with --set (e.g. --set learning_rate=1e-4 and remove `sweep:`), or use `kiln plan` / `kiln run` / `kiln compare`".into()),
-        }]));
+        }], vec![]));
     }
     resolve_mapping(path, &positions, map)
 }
@@ -194,11 +214,11 @@ pub fn load_variants(
             Value::String(format!("{}/{}", base_out.trim_end_matches('/'), v.id)),
         );
         let loaded = resolve_mapping(path, &positions, m).map_err(|e| match e {
-            ConfigError::Invalid(mut ps) => {
+            ConfigError::Invalid(mut ps, ws) => {
                 for p in &mut ps {
                     p.message = format!("{} (sweep variant {})", p.message, v.label);
                 }
-                ConfigError::Invalid(ps)
+                ConfigError::Invalid(ps, ws)
             }
             other => other,
         })?;
@@ -224,14 +244,17 @@ fn parse_mapping(
     }
     match value {
         Value::Mapping(m) => Ok((m, positions)),
-        _ => Err(ConfigError::Invalid(vec![Problem {
-            file: path.to_path_buf(),
-            key: String::new(),
-            line: Some(1),
-            column: Some(1),
-            message: "the config must be a mapping of keys to values".into(),
-            fix: Some("start the file with `base_model: ...`".into()),
-        }])),
+        _ => Err(ConfigError::Invalid(
+            vec![Problem {
+                file: path.to_path_buf(),
+                key: String::new(),
+                line: Some(1),
+                column: Some(1),
+                message: "the config must be a mapping of keys to values".into(),
+                fix: Some("start the file with `base_model: ...`".into()),
+            }],
+            vec![],
+        )),
     }
 }
 
@@ -258,6 +281,7 @@ fn resolve_mapping(
         errors: Vec::new(),
         warnings: Vec::new(),
         strict,
+        jinja: Vec::new(),
     };
     for (key, _) in &positions.duplicates {
         ctx.warn(
@@ -268,7 +292,7 @@ fn resolve_mapping(
     }
     let settings = resolve::resolve(&mut ctx, &map);
     if !ctx.errors.is_empty() {
-        return Err(ConfigError::Invalid(ctx.errors));
+        return Err(ConfigError::Invalid(ctx.errors, ctx.warnings));
     }
     Ok(Loaded {
         settings,

@@ -2,11 +2,11 @@
 //! `null` means absent, `2e-5` as a string is a float), and per-key validation.
 
 use super::axolotl_keys;
-use super::yaml::Seg;
+use super::yaml::{path_string, Seg};
 use super::yaml::{Mapping, Value};
 use super::{did_you_mean, Ctx};
 use serde::Serialize;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Where the base model comes from.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -195,10 +195,29 @@ pub struct ServeSettings {
     pub temperature: f64,
 }
 
+/// Where a Jinja chat template the config gives was written, so a syntax error in it can name
+/// the key and the line (`kiln validate` compiles each one).
+#[derive(Debug, Clone, PartialEq)]
+pub struct JinjaOrigin {
+    /// The key holding the template, or naming its file (`datasets[0].chat_template_jinja`).
+    pub key: String,
+    /// The config, or the template file the key names.
+    pub file: PathBuf,
+    /// In the config: the key's line (the text starts there, or on the next line for a `|` or
+    /// `>` block). In a template file: 1.
+    pub line: Option<usize>,
+    /// True when `file` is the config itself.
+    pub in_config: bool,
+    pub source: String,
+}
+
 /// A resolved, validated config.
 #[derive(Debug, Clone, Serialize)]
 pub struct Settings {
     pub config_path: PathBuf,
+    /// The Jinja templates given in the config, with where each was written.
+    #[serde(skip)]
+    pub jinja: Vec<JinjaOrigin>,
     pub base_model: ModelSource,
     pub datasets: Vec<DatasetSpec>,
     pub test_datasets: Vec<DatasetSpec>,
@@ -582,7 +601,7 @@ pub(super) fn resolve(ctx: &mut Ctx<'_>, map: &Mapping) -> Settings {
         },
     };
     let chat_template = {
-        let jinja = r.string("chat_template_jinja");
+        let jinja = jinja_text(&mut r, "chat_template_jinja");
         match r.string("chat_template") {
             None if jinja.is_some() => TemplateChoice::Jinja(jinja.unwrap_or_default()),
             None => TemplateChoice::TokenizerDefault,
@@ -680,6 +699,7 @@ pub(super) fn resolve(ctx: &mut Ctx<'_>, map: &Mapping) -> Settings {
         .collect();
     Settings {
         key_lines,
+        jinja: r.ctx.jinja.clone(),
         config_path: r.ctx.file.clone(),
         base_model,
         datasets,
@@ -1129,7 +1149,17 @@ fn template_choice(
             }
         },
         n if BUILTIN_TEMPLATES.contains(&n) => TemplateChoice::Builtin(n.to_string()),
-        n if n.contains("{%") || n.contains("{{") => TemplateChoice::Jinja(n.to_string()),
+        n if n.contains("{%") || n.contains("{{") => {
+            let line = ctx.position(path).map(|p| p.0);
+            ctx.jinja.push(JinjaOrigin {
+                key: path_string(path),
+                file: ctx.file.clone(),
+                line,
+                in_config: true,
+                source: n.to_string(),
+            });
+            TemplateChoice::Jinja(n.to_string())
+        }
         other => {
             let mut all = vec!["tokenizer_default", "jinja"];
             all.extend_from_slice(BUILTIN_TEMPLATES);
@@ -1208,6 +1238,67 @@ fn looks_like_hub_id(s: &str) -> bool {
 
 /// Resolves a path written in the config: relative to the config's directory first, then to the
 /// working directory.
+/// `chat_template_jinja`: the template's text, or (as Axolotl also accepts) the path of a file
+/// holding it, read relative to the config. Records where the text was written.
+fn jinja_text(r: &mut Reader<'_, '_, '_>, k: &str) -> Option<String> {
+    let v = r.string(k)?;
+    let p = r.path(k);
+    let at = path_string(&p);
+    let one_line = v.trim();
+    let is_text = v.contains("{{") || v.contains("{%") || v.contains('\n');
+    if !is_text {
+        let named = Path::new(one_line)
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| matches!(e, "jinja" | "jinja2" | "j2"));
+        match local_path(r.ctx, one_line) {
+            Some(f) if f.is_file() => {
+                return match std::fs::read_to_string(&f) {
+                    Ok(text) => {
+                        r.ctx.jinja.push(JinjaOrigin {
+                            key: at,
+                            file: f,
+                            line: Some(1),
+                            in_config: false,
+                            source: text.clone(),
+                        });
+                        Some(text)
+                    }
+                    Err(e) => {
+                        r.ctx.error(
+                            &p,
+                            format!("cannot read the template file {}: {e}", f.display()),
+                            None,
+                        );
+                        None
+                    }
+                };
+            }
+            _ if named => {
+                r.ctx.error(
+                    &p,
+                    format!("{one_line}: no such template file"),
+                    Some(format!(
+                        "check the path (relative paths are read from {} first), or give the Jinja text itself",
+                        r.ctx.dir.display()
+                    )),
+                );
+                return None;
+            }
+            _ => {}
+        }
+    }
+    let line = r.ctx.position(&p).map(|x| x.0);
+    r.ctx.jinja.push(JinjaOrigin {
+        key: at,
+        file: r.ctx.file.clone(),
+        line,
+        in_config: true,
+        source: v.clone(),
+    });
+    Some(v)
+}
+
 fn local_path(ctx: &Ctx<'_>, s: &str) -> Option<PathBuf> {
     let p = PathBuf::from(s);
     if p.is_absolute() {
@@ -1528,7 +1619,7 @@ fn read_format(r: &mut Reader<'_, '_, '_>, default_template: &TemplateChoice) ->
                 }
             };
             let drop_system_message = r.bool("drop_system_message").unwrap_or(false);
-            let jinja = r.string("chat_template_jinja");
+            let jinja = jinja_text(r, "chat_template_jinja");
             let template = match r.string("chat_template") {
                 Some(name) => {
                     let p = r.path("chat_template");

@@ -30,14 +30,17 @@ pub fn show(v: &Value) -> String {
 }
 
 fn problem(path: &Path, key: &str, message: String, fix: &str) -> ConfigError {
-    ConfigError::Invalid(vec![Problem {
-        file: path.to_path_buf(),
-        key: key.to_string(),
-        line: None,
-        column: None,
-        message,
-        fix: Some(fix.to_string()),
-    }])
+    ConfigError::Invalid(
+        vec![Problem {
+            file: path.to_path_buf(),
+            key: key.to_string(),
+            line: None,
+            column: None,
+            message,
+            fix: Some(fix.to_string()),
+        }],
+        vec![],
+    )
 }
 
 /// Expands a `sweep:` mapping into variants (grid keys in file order, crossed with each paired

@@ -142,49 +142,14 @@ pub fn format_record(
             })
         }
         DataFormat::ChatTemplate {
-            field_messages,
-            role_field,
-            content_field,
-            roles,
             roles_to_train,
             train_on_eos,
-            drop_system_message,
             ..
         } => {
             let template = ctx
                 .template
                 .ok_or_else(|| "no chat template: the tokenizer has none and the config sets none; set `chat_template: chatml` (or another)".to_string())?;
-            let raw = rec
-                .get(field_messages)
-                .and_then(|v| v.as_array())
-                .ok_or_else(|| format!("missing field `{field_messages}` (a list of messages)"))?;
-            let mut messages = Vec::new();
-            for (i, m) in raw.iter().enumerate() {
-                let role_src = m.get(role_field).and_then(|v| v.as_str()).ok_or_else(|| {
-                    format!("`{field_messages}[{i}]` has no string `{role_field}`")
-                })?;
-                let role = roles
-                    .iter()
-                    .find(|(k, _)| k == role_src)
-                    .map(|(_, v)| v.clone())
-                    .ok_or_else(|| format!("`{field_messages}[{i}]`: unknown role `{role_src}` (map it with `roles:`)"))?;
-                let content = match m.get(content_field) {
-                    Some(Value::String(s)) => s.clone(),
-                    Some(Value::Null) | None => String::new(),
-                    Some(_) => {
-                        return Err(format!(
-                            "`{field_messages}[{i}].{content_field}` must be a string"
-                        ))
-                    }
-                };
-                if *drop_system_message && role == "system" {
-                    continue;
-                }
-                messages.push(Message { role, content });
-            }
-            if messages.is_empty() {
-                return Err(format!("`{field_messages}` is empty"));
-            }
+            let mut messages = chat_messages(fmt, rec)?;
             if let Some(sys) = ctx.default_system_message {
                 if messages[0].role != "system" {
                     messages.insert(
@@ -198,6 +163,112 @@ pub fn format_record(
             }
             render_chat(template, &messages, roles_to_train, *train_on_eos, ctx)
         }
+    }
+}
+
+/// Checks one record against the format without a tokenizer or template (`kiln validate`): the
+/// fields every format needs, and for chat every message's role and content. The same parsing
+/// the tokenize stage uses, so what passes here formats there.
+pub fn check_record(fmt: &DataFormat, rec: &Value) -> Result<(), String> {
+    if !rec.is_object() {
+        return Err("expected a JSON object".into());
+    }
+    match fmt {
+        DataFormat::ChatTemplate { .. } => chat_messages(fmt, rec).map(|_| ()),
+        _ => {
+            let ctx = FormatCtx {
+                template: None,
+                eos_token: None,
+                eot_tokens: &[],
+                default_system_message: None,
+            };
+            format_record(fmt, rec, &ctx).map(|_| ())
+        }
+    }
+}
+
+/// The conversation of a chat record, roles mapped to canonical names. A message's content must
+/// be a string: `null` (or missing) is refused, since Python's Jinja renders it as the text
+/// "None" and the turn would train on that; lists of content parts (images, tool results) are not
+/// supported yet.
+fn chat_messages(fmt: &DataFormat, rec: &Value) -> Result<Vec<Message>, String> {
+    let DataFormat::ChatTemplate {
+        field_messages,
+        role_field,
+        content_field,
+        roles,
+        drop_system_message,
+        ..
+    } = fmt
+    else {
+        return Err("not a chat format".into());
+    };
+    let raw = rec
+        .get(field_messages)
+        .and_then(|v| v.as_array())
+        .ok_or_else(|| format!("missing field `{field_messages}` (a list of messages)"))?;
+    let mut messages = Vec::new();
+    for (i, m) in raw.iter().enumerate() {
+        let at = format!("`{field_messages}[{i}]`");
+        if !m.is_object() {
+            return Err(format!("{at} is {}, not a message object", json_kind(m)));
+        }
+        let role_src = match m.get(role_field) {
+            Some(Value::String(s)) => s.as_str(),
+            None => return Err(format!("{at} has no `{role_field}`")),
+            Some(v) => {
+                return Err(format!(
+                    "{at}.{role_field} is {}, not a string",
+                    json_kind(v)
+                ))
+            }
+        };
+        let role = roles
+            .iter()
+            .find(|(k, _)| k == role_src)
+            .map(|(_, v)| v.clone())
+            .ok_or_else(|| format!("{at}: unknown role `{role_src}` (map it with `roles:`)"))?;
+        let content = match m.get(content_field) {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Array(_)) => {
+                return Err(format!(
+                    "{at}.{content_field} is a list of content parts; not supported yet: give each message its text as one string"
+                ))
+            }
+            Some(Value::Null) | None => {
+                let tool = m.get("tool_calls").is_some_and(|t| !t.is_null());
+                return Err(format!(
+                    "{at}.{content_field} is {}{}; give every message a string (use \"\" for an empty turn)",
+                    if m.get(content_field).is_some() { "null" } else { "missing" },
+                    if tool { " (tool calls are not supported yet)" } else { "" }
+                ));
+            }
+            Some(v) => {
+                return Err(format!(
+                    "{at}.{content_field} is {}, not a string",
+                    json_kind(v)
+                ))
+            }
+        };
+        if *drop_system_message && role == "system" {
+            continue;
+        }
+        messages.push(Message { role, content });
+    }
+    if messages.is_empty() {
+        return Err(format!("`{field_messages}` is empty"));
+    }
+    Ok(messages)
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
     }
 }
 

@@ -55,6 +55,13 @@ pub struct TokenizeStats {
     pub truncated: u64,
     pub dropped_too_short: u64,
     pub dropped_untrained: u64,
+    /// Records the format cannot use (a missing field, a message whose content is not a
+    /// string, a template that raises on it): dropped, not a failure of the stage.
+    #[serde(default)]
+    pub dropped_unusable: u64,
+    /// The first few of them: "line 17: why" (JSONL) or "record 17: why".
+    #[serde(default)]
+    pub unusable: Vec<String>,
     pub tokens: u64,
     pub trained_tokens: u64,
     pub length: LengthStats,
@@ -97,6 +104,9 @@ pub fn encode(
     Ok(Encoded { ids, trained })
 }
 
+/// How many unusable records the statistics name.
+pub const UNUSABLE_SHOWN: usize = 5;
+
 pub fn tokenize_records(
     tok: &TextTokenizer,
     fmt: &DataFormat,
@@ -125,7 +135,20 @@ pub fn tokenize_records(
     };
     let mut lens = Vec::new();
     for (i, e) in encoded.into_iter().enumerate() {
-        let mut e = e.map_err(|(i, m)| bad(i, with_line(m, records[i].line)))?;
+        let mut e = match e {
+            Ok(e) => e,
+            Err((i, m)) => {
+                stats.dropped_unusable += 1;
+                if stats.unusable.len() < UNUSABLE_SHOWN {
+                    let at = match records[i].line {
+                        0 => format!("record {}", i + 1),
+                        l => format!("line {l}"),
+                    };
+                    stats.unusable.push(format!("{at}: {m}"));
+                }
+                continue;
+            }
+        };
         if e.ids.len() > opts.sequence_len {
             match opts.excess {
                 ExcessLength::Drop => {

@@ -131,7 +131,9 @@ impl Tokenize {
 impl Stage for Tokenize {
     const KIND: StageKind = StageKind::Tokenize;
     // v2: the key is the canonical encoding of the typed inputs (kiln.stage/2); output unchanged.
-    const VERSION: u32 = 2;
+    // v3: records the format cannot use are dropped and counted in stats.json (they failed the
+    // stage before); stats.json gains `dropped_unusable` and `unusable`.
+    const VERSION: u32 = 3;
 
     type Neutral = TokenizeNeutral;
 
@@ -186,14 +188,36 @@ impl Stage for Tokenize {
             unit: "records",
         });
         let (set, stats) = tokenize_records(&tok, &self.format, &records, &fctx, &opts)?;
+        let first_unusable = stats
+            .unusable
+            .first()
+            .map(|u| format!("; the first unusable one, {u}"))
+            .unwrap_or_default();
         if set.is_empty() {
             return Err(StageError::Data(crate::data::DataError::Dataset {
                 dataset: format!("{} ({})", neutral.label, neutral.path_display),
                 message: format!(
-                    "no usable samples out of {} records ({} longer than sequence_len {}, {} shorter than min_sample_len, {} with no trained tokens)",
-                    stats.records, stats.dropped_too_long, self.sequence_len, stats.dropped_too_short, stats.dropped_untrained
+                    "no usable samples out of {} records ({} the format cannot use, {} longer than sequence_len {}, {} shorter than min_sample_len, {} with no trained tokens){first_unusable}",
+                    stats.records, stats.dropped_unusable, stats.dropped_too_long, self.sequence_len, stats.dropped_too_short, stats.dropped_untrained
                 ),
             }));
+        }
+        if stats.dropped_unusable > 0 {
+            (cx.emit)(crate::events::Event::Warning {
+                message: format!(
+                    "{} ({}): {} of {} records dropped: the format cannot use them ({}{})",
+                    neutral.label,
+                    neutral.path_display,
+                    stats.dropped_unusable,
+                    stats.records,
+                    stats.unusable.join("; "),
+                    if stats.dropped_unusable as usize > stats.unusable.len() {
+                        "; …"
+                    } else {
+                        ""
+                    }
+                ),
+            });
         }
         set.write(&cx.out.join("tokens"))?;
         write_json(&cx.out.join("stats.json"), &stats)?;

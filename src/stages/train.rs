@@ -142,19 +142,37 @@ fn checkpoint_damage(dir: &Path) -> Option<String> {
     None
 }
 
-/// The highest intact `checkpoint-N` in `dir` (`checkpoint-N.partial` directories never parse as
-/// a step); a damaged one is skipped, said through `warn`, for the one before it.
-fn latest_checkpoint(
+/// The checkpoint to resume from, of those before step `total`: the highest intact one below
+/// every damaged one, so that training passes a damaged checkpoint's step again and rewrites it
+/// (the finished entry holds every kept checkpoint, byte-identical to an uninterrupted run's).
+/// `checkpoint-N.partial` directories never parse as a step. Damaged ones are said through `warn`.
+fn resume_point(
     dir: &Path,
+    total: u64,
     warn: &mut dyn FnMut(String),
 ) -> Option<(u64, std::path::PathBuf)> {
-    for (n, p) in checkpoints(dir).into_iter().rev() {
+    let mut best = None;
+    let mut damaged = false;
+    for (n, p) in checkpoints(dir).into_iter().filter(|(n, _)| *n < total) {
         match checkpoint_damage(&p) {
-            None => return Some((n, p)),
-            Some(why) => warn(format!("checkpoint-{n} is damaged ({why}); skipped")),
+            None if !damaged => best = Some((n, p)),
+            None => {}
+            Some(why) => {
+                let then = match (&best, damaged) {
+                    (_, true) => "it is written again too".to_string(),
+                    (Some((m, _)), false) => {
+                        format!("resuming from checkpoint-{m}, so that it is written again")
+                    }
+                    (None, false) => {
+                        "training from the start, so that it is written again".to_string()
+                    }
+                };
+                warn(format!("checkpoint-{n} is damaged ({why}); {then}"));
+                damaged = true;
+            }
         }
     }
-    None
+    best
 }
 
 fn checkpoints(dir: &Path) -> Vec<(u64, std::path::PathBuf)> {
@@ -439,18 +457,23 @@ impl Stage for Train {
         };
         let own = {
             let (name, emit) = (cx.name, &mut *cx.emit);
-            latest_checkpoint(cx.work, &mut |m| {
+            resume_point(cx.work, total, &mut |m| {
                 emit(Event::Warning {
                     message: format!("{name}: {m}"),
                 })
             })
-            .filter(|(n, _)| *n < total)
         };
         let resume = match (own, given) {
             (Some(o), Some(g)) => Some(if o.0 >= g.0 { o } else { g }),
             (o, g) => o.or(g),
         };
         if let Some((n, ck)) = resume {
+            (cx.emit)(Event::Warning {
+                message: format!(
+                    "{}: resumed from checkpoint-{n} (step {n} of {total})",
+                    cx.name
+                ),
+            });
             let a = candle_core::safetensors::load(ck.join(self.weights_file()), &device)?;
             for (name, v) in &vars {
                 let t = a
@@ -597,6 +620,12 @@ impl Stage for Train {
             write_json(&cx.out.join("adapter_config.json"), &adapter_cfg)?;
         }
         for (n, ck) in checkpoints(cx.work) {
+            // Each was verified or written by this run; one damaged since cannot be published.
+            if let Some(why) = checkpoint_damage(&ck) {
+                return Err(StageError::Invalid(format!(
+                    "checkpoint-{n} was damaged while training ran ({why}); run again to rebuild it"
+                )));
+            }
             let dest = cx.out.join(format!("checkpoint-{n}"));
             std::fs::create_dir_all(&dest).map_err(io_err(&dest))?;
             for f in std::fs::read_dir(&ck).map_err(io_err(&ck))?.flatten() {

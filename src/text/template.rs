@@ -42,18 +42,36 @@ fn strftime_now(fmt: String) -> String {
     "26 Jul 2024".to_string()
 }
 
+/// The environment every template is compiled in (Hugging Face's settings).
+fn environment() -> Environment<'static> {
+    let mut env = Environment::new();
+    env.set_trim_blocks(true);
+    env.set_lstrip_blocks(true);
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function("raise_exception", raise_exception);
+    env.add_function("strftime_now", strftime_now);
+    env
+}
+
+/// Why `source` does not compile, if it does not: (line of the template, 1-based, when known;
+/// what is wrong). `kiln validate` names the config key or file and line with it.
+pub fn syntax_error(source: &str) -> Option<(Option<usize>, String)> {
+    let mut env = environment();
+    let e = env.add_template_owned("chat", source.to_string()).err()?;
+    let what = match e.detail() {
+        Some(d) => format!("{}: {d}", e.kind()),
+        None => e.kind().to_string(),
+    };
+    Some((e.line(), what))
+}
+
 impl ChatTemplate {
     pub fn new(
         source: &str,
         bos_token: Option<&str>,
         eos_token: Option<&str>,
     ) -> Result<Self, TextError> {
-        let mut env = Environment::new();
-        env.set_trim_blocks(true);
-        env.set_lstrip_blocks(true);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", raise_exception);
-        env.add_function("strftime_now", strftime_now);
+        let mut env = environment();
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| TextError::Template(format!("does not parse: {e:#}")))?;
         Ok(Self {

@@ -7,6 +7,7 @@
 
 pub mod axolotl_keys;
 mod export;
+pub mod keys;
 mod resolve;
 pub mod sweep;
 pub mod yaml;

@@ -2,6 +2,7 @@
 //! `null` means absent, `2e-5` as a string is a float), and per-key validation.
 
 use super::axolotl_keys;
+use super::keys;
 use super::yaml::{path_string, Seg};
 use super::yaml::{Mapping, Value};
 use super::{did_you_mean, Ctx};
@@ -134,6 +135,35 @@ pub struct OptimSettings {
     pub warmup_ratio: Option<f64>,
     pub weight_decay: f64,
     pub max_grad_norm: f64,
+    /// AdamW's moment decay rates and epsilon (`adam_beta1`, `adam_beta2`, `adam_epsilon`); unset
+    /// means PyTorch's defaults 0.9, 0.999, 1e-8 (and leaves the key as it was before they existed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adam_beta1: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adam_beta2: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adam_epsilon: Option<f64>,
+    /// Cosine decays to this fraction of learning_rate instead of 0 (Axolotl's
+    /// `cosine_min_lr_ratio`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cosine_min_lr_ratio: Option<f64>,
+    /// With it: the cosine reaches the minimum at this fraction of the steps and stays there
+    /// (`cosine_constant_lr_ratio`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cosine_constant_lr_ratio: Option<f64>,
+    /// Warmup rises as the square of its progress (`lr_quadratic_warmup`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub lr_quadratic_warmup: bool,
+}
+
+impl OptimSettings {
+    pub fn betas(&self) -> (f64, f64, f64) {
+        (
+            self.adam_beta1.unwrap_or(0.9),
+            self.adam_beta2.unwrap_or(0.999),
+            self.adam_epsilon.unwrap_or(1e-8),
+        )
+    }
 }
 
 /// How long training runs and in what batches (train key).
@@ -259,14 +289,6 @@ pub struct Settings {
     pub key_lines: std::collections::BTreeMap<String, usize>,
 }
 
-/// How kiln treats each top-level key it recognises.
-enum KeyClass {
-    /// kiln reads it (a stage or the resolver).
-    Handled,
-    /// Has no effect in kiln by design, with the reason; a warning when set, never an error.
-    NoEffect(&'static str),
-}
-
 /// Keys kiln defines beyond Axolotl's.
 const KILN_KEYS: &[&str] = &[
     "cache_dir",
@@ -276,113 +298,92 @@ const KILN_KEYS: &[&str] = &[
     "export",
 ];
 
-fn classify(key: &str) -> Option<KeyClass> {
-    use KeyClass::*;
-    Some(match key {
+/// The top-level keys kiln reads (a stage or the resolver). What it does with every other key
+/// Axolotl defines is `keys::class_of`.
+pub fn handled(key: &str) -> bool {
+    matches!(
+        key,
         "base_model"
-        | "base_model_config"
-        | "revision_of_model"
-        | "model_type"
-        | "tokenizer_type"
-        | "type_of_model"
-        | "datasets"
-        | "test_datasets"
-        | "val_set_size"
-        | "sequence_len"
-        | "sample_packing"
-        | "train_on_inputs"
-        | "seed"
-        | "output_dir"
-        | "excess_length_strategy"
-        | "min_sample_len"
-        | "chat_template"
-        | "chat_template_jinja"
-        | "default_system_message"
-        | "eot_tokens"
-        | "shuffle_merged_datasets"
-        | "group_by_length"
-        | "strict"
-        | "cache_dir"
-        | "num_threads"
-        | "adapter"
-        | "lora_r"
-        | "lora_alpha"
-        | "lora_dropout"
-        | "lora_target_modules"
-        | "lora_modules_to_save"
-        | "lora_target_linear"
-        | "micro_batch_size"
-        | "gradient_accumulation_steps"
-        | "eval_batch_size"
-        | "num_epochs"
-        | "max_steps"
-        | "learning_rate"
-        | "optimizer"
-        | "lr_scheduler"
-        | "weight_decay"
-        | "warmup_ratio"
-        | "warmup_steps"
-        | "max_grad_norm"
-        | "logging_steps"
-        | "eval_steps"
-        | "save_steps"
-        | "save_total_limit"
-        | "peft_use_rslora"
-        | "peft_use_dora"
-        | "neftune_noise_alpha"
-        | "evals_per_epoch"
-        | "saves_per_epoch"
-        | "special_tokens"
-        | "is_llama_derived_model"
-        | "is_mistral_derived_model"
-        | "is_qwen_derived_model"
-        | "is_falcon_derived_model"
-        | "pad_to_sequence_len"
-        | "eval_sample_packing"
-        | "merge_lora"
-        | "max_shard_size"
-        | "evaluate"
-        | "export"
-        | "gradio_title"
-        | "gradio_server_name"
-        | "gradio_server_port"
-        | "gradio_max_new_tokens"
-        | "gradio_temperature"
-        | "lora_model_dir"
-        | "resume_from_checkpoint" => Handled,
-        "auto_resume_from_checkpoints" => {
-            NoEffect("kiln always resumes an interrupted train stage from its newest checkpoint")
-        }
-        "gradio_share" => NoEffect("`kiln serve` serves on your machine only; no share links"),
-        "merge_method" => NoEffect("kiln merges every layer in f32 on the CPU"),
-        "dataset_prepared_path" => {
-            NoEffect("kiln keeps prepared data in its content-addressed cache (`cache_dir`)")
-        }
-        "dataset_processes"
-        | "dataset_num_proc"
-        | "dataloader_num_workers"
-        | "dataloader_pin_memory"
-        | "dataloader_prefetch_factor" => {
-            NoEffect("kiln sizes its own worker pool (`num_threads`)")
-        }
-        "flash_attention"
-        | "sdp_attention"
-        | "xformers_attention"
-        | "flash_attn_cross_entropy"
-        | "flash_attn_rms_norm"
-        | "flash_attn_fuse_mlp"
-        | "eager_attention"
-        | "tf32"
-        | "torch_compile"
-        | "attn_implementation" => NoEffect("a PyTorch kernel choice; kiln uses its own kernels"),
-        "trust_remote_code" => NoEffect("kiln runs no Python model code"),
-        "wandb_project" | "wandb_entity" | "wandb_watch" | "wandb_name" | "wandb_run_id"
-        | "wandb_log_model" | "wandb_mode" | "use_wandb" => {
-            NoEffect("kiln logs metrics to its cache index (see `kiln runs`)")
-        }
-        k if axolotl_keys::TOP_LEVEL.contains(&k) => return None,
-        _ => return None,
-    })
+            | "base_model_config"
+            | "revision_of_model"
+            | "model_type"
+            | "tokenizer_type"
+            | "type_of_model"
+            | "datasets"
+            | "test_datasets"
+            | "val_set_size"
+            | "sequence_len"
+            | "sample_packing"
+            | "train_on_inputs"
+            | "seed"
+            | "output_dir"
+            | "excess_length_strategy"
+            | "min_sample_len"
+            | "chat_template"
+            | "chat_template_jinja"
+            | "default_system_message"
+            | "eot_tokens"
+            | "shuffle_merged_datasets"
+            | "group_by_length"
+            | "strict"
+            | "cache_dir"
+            | "num_threads"
+            | "adapter"
+            | "lora_r"
+            | "lora_alpha"
+            | "lora_dropout"
+            | "lora_target_modules"
+            | "lora_modules_to_save"
+            | "lora_target_linear"
+            | "micro_batch_size"
+            | "gradient_accumulation_steps"
+            | "eval_batch_size"
+            | "num_epochs"
+            | "max_steps"
+            | "learning_rate"
+            | "optimizer"
+            | "lr_scheduler"
+            | "weight_decay"
+            | "warmup_ratio"
+            | "warmup_steps"
+            | "max_grad_norm"
+            | "logging_steps"
+            | "eval_steps"
+            | "save_steps"
+            | "save_total_limit"
+            | "peft_use_rslora"
+            | "peft_use_dora"
+            | "neftune_noise_alpha"
+            | "evals_per_epoch"
+            | "saves_per_epoch"
+            | "special_tokens"
+            | "is_llama_derived_model"
+            | "is_mistral_derived_model"
+            | "is_qwen_derived_model"
+            | "is_falcon_derived_model"
+            | "pad_to_sequence_len"
+            | "eval_sample_packing"
+            | "merge_lora"
+            | "max_shard_size"
+            | "evaluate"
+            | "export"
+            | "gradio_title"
+            | "gradio_server_name"
+            | "gradio_server_port"
+            | "gradio_max_new_tokens"
+            | "gradio_temperature"
+            | "lora_model_dir"
+            | "resume_from_checkpoint"
+            | "batch_size"
+            | "adam_beta1"
+            | "adam_beta2"
+            | "adam_epsilon"
+            | "cosine_min_lr_ratio"
+            | "cosine_constant_lr_ratio"
+            | "lr_quadratic_warmup"
+            | "noisy_embedding_alpha"
+            | "plugins"
+    )
 }
 
 /// Values that mean "not set" for an unsupported key, so real Axolotl configs that spell out
@@ -730,22 +731,34 @@ pub(super) fn resolve(ctx: &mut Ctx<'_>, map: &Mapping) -> Settings {
     }
 }
 
-/// Classifies every top-level key: handled, no effect (a warning), not supported yet, or unknown
-/// (an error with a did-you-mean).
+/// Classifies every top-level key: handled, no effect (a warning), not supported yet (a warning,
+/// or an error where ignoring it would train something else), or unknown (an error with a
+/// did-you-mean). What kiln does with each key it does not read is `keys::class_of`.
 fn classify_keys(ctx: &mut Ctx<'_>, map: &Mapping) {
     let mut known: Vec<&str> = axolotl_keys::TOP_LEVEL.to_vec();
     known.extend_from_slice(KILN_KEYS);
+    // A plugin whose job kiln's own ops do gets one note, not one per key.
+    let mut noted = check_plugins(ctx, map);
     for (k, v) in map {
         let Some(k) = k.as_str() else {
             ctx.error(&[], "keys must be strings", None);
             continue;
         };
-        match classify(k) {
-            Some(KeyClass::Handled) => {}
-            Some(KeyClass::NoEffect(why)) => {
-                if !is_unset(v) {
-                    ctx.warn(&[key(k)], format!("has no effect in kiln: {why}"), None);
+        if handled(k) {
+            continue;
+        }
+        match keys::class_of(k) {
+            Some(c) => {
+                if is_unset(v) {
+                    continue;
                 }
+                if let (Some(p), keys::Class::NoEffect(_)) = (keys::plugin_of_key(k), c) {
+                    if noted.contains(&p.name) {
+                        continue;
+                    }
+                    noted.push(p.name);
+                }
+                report_class(ctx, &[key(k)], k, c);
             }
             None if axolotl_keys::TOP_LEVEL.contains(&k) => {
                 if !is_unset(v) {
@@ -772,11 +785,125 @@ fn classify_keys(ctx: &mut Ctx<'_>, map: &Mapping) {
     }
 }
 
+/// The message for a set key kiln does not read.
+fn report_class(ctx: &mut Ctx<'_>, path: &[Seg], k: &str, c: keys::Class) {
+    match c {
+        keys::Class::NoEffect(why) => {
+            ctx.warn(path, format!("has no effect in kiln: {why}"), None);
+        }
+        keys::Class::Later(why) => ctx.unsupported(path, &format!("{k} ({why})")),
+        keys::Class::Refused(why) => ctx.error(
+            path,
+            format!("not supported yet: {k} ({why})"),
+            Some(format!(
+                "kiln would train something else without it: remove `{k}` to train without it"
+            )),
+        ),
+    }
+}
+
+/// `plugins:` entries: a plugin kiln knows is reported as its keys are (Liger's fused kernels
+/// are kiln's own, so a note); an unknown one is "not supported yet" (kiln runs no Python).
+/// Returns the plugins noted.
+fn check_plugins(ctx: &mut Ctx<'_>, map: &Mapping) -> Vec<&'static str> {
+    let mut noted = Vec::new();
+    let Some(v) = map.get("plugins") else {
+        return noted;
+    };
+    let items: Vec<(Vec<Seg>, &Value)> = match v {
+        Value::Null => return noted,
+        Value::Sequence(s) => s
+            .iter()
+            .enumerate()
+            .map(|(i, x)| (vec![key("plugins"), Seg::Index(i)], x))
+            .collect(),
+        other => vec![(vec![key("plugins")], other)],
+    };
+    for (path, item) in items {
+        let Some(name) = item.as_str() else {
+            ctx.error(
+                &path,
+                "a plugin is its class name",
+                Some("write e.g. `- axolotl.integrations.liger.LigerPlugin`".into()),
+            );
+            continue;
+        };
+        match keys::PLUGINS.iter().find(|p| p.class == name) {
+            Some(p) => {
+                let what = format!("plugin {}", p.name);
+                report_class(ctx, &path, &what, p.class_of_keys);
+                noted.push(p.name);
+            }
+            None => ctx.unsupported(
+                &path,
+                &format!("plugin `{name}` (kiln runs no Python plugins; its keys are reported one by one)"),
+            ),
+        }
+    }
+    noted
+}
+
 /// The training keys, validated (the train stage reads their groups whole).
 fn read_train(r: &mut Reader<'_, '_, '_>, merge_lora: bool) -> TrainSettings {
     // 4. Training keys (validated here, read by the train stage).
     let mbs = r.u64("micro_batch_size");
-    let gas = r.u64("gradient_accumulation_steps");
+    let mut gas = r.u64("gradient_accumulation_steps");
+    // Axolotl's `batch_size` is micro_batch_size × gradient_accumulation_steps.
+    if let Some(b) = r.u64("batch_size") {
+        let m = mbs.unwrap_or(1).max(1);
+        match gas {
+            None if b % m == 0 && b >= m => gas = Some(b / m),
+            None => r.ctx.error(
+                &r.path("batch_size"),
+                format!("{b} is not a multiple of micro_batch_size {m}"),
+                Some("batch_size is micro_batch_size × gradient_accumulation_steps: make it a multiple, or set gradient_accumulation_steps instead".into()),
+            ),
+            Some(g) if g * m != b => r.ctx.error(
+                &r.path("batch_size"),
+                format!("{b} disagrees with micro_batch_size {m} × gradient_accumulation_steps {g} = {}", g * m),
+                Some("remove batch_size (or gradient_accumulation_steps)".into()),
+            ),
+            Some(_) => {}
+        }
+    }
+    let neftune = match (r.f64("neftune_noise_alpha"), r.f64("noisy_embedding_alpha")) {
+        (Some(_), Some(_)) => {
+            r.ctx.error(
+                &r.path("noisy_embedding_alpha"),
+                "the older name of neftune_noise_alpha, given together with it",
+                Some("keep only neftune_noise_alpha".into()),
+            );
+            None
+        }
+        (a, b) => a.or(b),
+    };
+    let unit = |r: &mut Reader<'_, '_, '_>, k: &str, closed_top: bool| {
+        let v = r.f64(k)?;
+        let ok = v >= 0.0 && if closed_top { v <= 1.0 } else { v < 1.0 };
+        if !ok {
+            let range = if closed_top { "[0, 1]" } else { "[0, 1)" };
+            r.ctx.error(
+                &r.path(k),
+                format!("{v} is outside {range}"),
+                Some(format!("use a value in {range}")),
+            );
+        }
+        Some(v)
+    };
+    // A default spelled out is the same training, and so the same key: stored as unset.
+    let adam_beta1 = unit(r, "adam_beta1", false).filter(|b| *b != 0.9);
+    let adam_beta2 = unit(r, "adam_beta2", false).filter(|b| *b != 0.999);
+    let adam_epsilon = r.f64("adam_epsilon").filter(|e| *e != 1e-8);
+    if let Some(e) = adam_epsilon.filter(|e| *e <= 0.0) {
+        r.ctx.error(
+            &r.path("adam_epsilon"),
+            format!("{e} must be positive"),
+            Some("use e.g. 1e-8".into()),
+        );
+    }
+    let cosine_min_lr_ratio = unit(r, "cosine_min_lr_ratio", true);
+    let cosine_constant_lr_ratio = unit(r, "cosine_constant_lr_ratio", true);
+    let lr_quadratic_warmup = r.bool("lr_quadratic_warmup").unwrap_or(false);
     let train = TrainSettings {
         adapter: r.string("adapter"),
         lora: LoraSettings {
@@ -796,6 +923,12 @@ fn read_train(r: &mut Reader<'_, '_, '_>, merge_lora: bool) -> TrainSettings {
             warmup_ratio: r.f64("warmup_ratio"),
             weight_decay: r.f64("weight_decay").unwrap_or(0.0),
             max_grad_norm: r.f64("max_grad_norm").unwrap_or(1.0),
+            adam_beta1,
+            adam_beta2,
+            adam_epsilon,
+            cosine_min_lr_ratio,
+            cosine_constant_lr_ratio,
+            lr_quadratic_warmup,
         },
         steps: StepSettings {
             num_epochs: r.f64("num_epochs").unwrap_or(1.0),
@@ -815,11 +948,39 @@ fn read_train(r: &mut Reader<'_, '_, '_>, merge_lora: bool) -> TrainSettings {
             .string("optimizer")
             .unwrap_or_else(|| "adamw_torch".into()),
         logging_steps: r.u64("logging_steps"),
-        neftune_noise_alpha: r.f64("neftune_noise_alpha").filter(|a| *a > 0.0),
+        neftune_noise_alpha: neftune.filter(|a| *a > 0.0),
         resume_from_checkpoint: r
             .string("resume_from_checkpoint")
             .map(|d| r.ctx.dir.join(d)),
     };
+    let o = &train.optim;
+    if o.lr_scheduler != "cosine" {
+        for (k, set) in [
+            ("cosine_min_lr_ratio", o.cosine_min_lr_ratio.is_some()),
+            (
+                "cosine_constant_lr_ratio",
+                o.cosine_constant_lr_ratio.is_some(),
+            ),
+        ] {
+            if set {
+                r.ctx.error(
+                    &r.path(k),
+                    format!(
+                        "shapes the cosine schedule, and lr_scheduler is `{}`",
+                        o.lr_scheduler
+                    ),
+                    Some(format!("set `lr_scheduler: cosine`, or remove `{k}`")),
+                );
+            }
+        }
+    }
+    if o.cosine_constant_lr_ratio.is_some() && o.cosine_min_lr_ratio.is_none() {
+        r.ctx.error(
+            &r.path("cosine_constant_lr_ratio"),
+            "needs cosine_min_lr_ratio (the rate it holds after the decay); Axolotl ignores it without one",
+            Some("add `cosine_min_lr_ratio:` (e.g. 0.1)".into()),
+        );
+    }
     match train.adapter.as_deref() {
         None if merge_lora => r.ctx.warn(
             &[key("merge_lora")],
@@ -1351,7 +1512,7 @@ fn resolve_model(ctx: &mut Ctx<'_>, s: &str, map: &Mapping) -> ModelSource {
     ModelSource::LocalDir(PathBuf::from(s))
 }
 
-const DATASET_KEYS_HANDLED: &[&str] = &[
+pub const DATASET_KEYS_HANDLED: &[&str] = &[
     "path",
     "type",
     "split",
@@ -1416,7 +1577,11 @@ fn read_datasets(
             if DATASET_KEYS_HANDLED.contains(&k) {
                 continue;
             }
-            if axolotl_keys::DATASET.contains(&k) {
+            if let Some(c) = keys::dataset_class_of(k) {
+                if !is_unset(val) {
+                    report_class(ctx, &p, k, c);
+                }
+            } else if axolotl_keys::DATASET.contains(&k) {
                 if !is_unset(val) {
                     ctx.unsupported(&p, k);
                 }

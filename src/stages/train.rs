@@ -344,19 +344,36 @@ impl Train {
     /// Learning rate at optimizer step `step` (0-based) of `total`: linear warmup, then the
     /// schedule (cosine to 0, linear to 0, or constant).
     pub fn lr_at(&self, step: u64, total: u64) -> f64 {
-        let warm = self.optim.warmup_steps.unwrap_or_else(|| {
-            (self.optim.warmup_ratio.unwrap_or(0.0) * total as f64).ceil() as u64
-        });
+        let o = &self.optim;
+        let warm = o
+            .warmup_steps
+            .unwrap_or_else(|| (o.warmup_ratio.unwrap_or(0.0) * total as f64).ceil() as u64);
         if step < warm {
-            return self.optim.learning_rate * (step + 1) as f64 / warm as f64;
+            let f = (step + 1) as f64 / warm as f64;
+            return o.learning_rate * if o.lr_quadratic_warmup { f * f } else { f };
         }
         let progress = (step - warm) as f64 / (total.saturating_sub(warm)).max(1) as f64;
-        match self.optim.lr_scheduler.as_str() {
+        match o.lr_scheduler.as_str() {
             "cosine" => {
-                self.optim.learning_rate * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+                let min = o.cosine_min_lr_ratio.unwrap_or(0.0);
+                let factor = match o.cosine_constant_lr_ratio {
+                    // Axolotl's warmup-decay-constant schedule: the cosine reaches `min` at
+                    // int(total × ratio) steps and holds it.
+                    Some(c) => {
+                        let until = (total as f64 * c) as u64;
+                        let p = (step.min(until) as f64 - warm as f64)
+                            / until.saturating_sub(warm).max(1) as f64;
+                        ((1.0 - min) * 0.5 * (1.0 + (std::f64::consts::PI * p).cos())).max(0.0)
+                            + min
+                    }
+                    None => {
+                        (1.0 - min) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()) + min
+                    }
+                };
+                o.learning_rate * factor
             }
-            "linear" => self.optim.learning_rate * (1.0 - progress),
-            _ => self.optim.learning_rate,
+            "linear" => o.learning_rate * (1.0 - progress),
+            _ => o.learning_rate,
         }
     }
 }
@@ -390,6 +407,7 @@ impl Stage for Train {
             vars.iter().map(|(_, v)| v.clone()).collect(),
             self.optim.weight_decay,
         )?;
+        (opt.beta1, opt.beta2, opt.eps) = self.optim.betas();
         let data = PackedSplit::read(&pack_up.dir.join("train"))?;
         let n_bins = data.header.bins as usize;
         let mbs = self.steps.micro_batch_size.max(1) as usize;
@@ -679,6 +697,7 @@ impl Train {
             vars.iter().map(|(_, v)| v.clone()).collect(),
             self.optim.weight_decay,
         )?;
+        (opt.beta1, opt.beta2, opt.eps) = self.optim.betas();
         let data = PackedSplit::read(&pack_dir.join("train"))?;
         let n = data.header.bins as usize;
         let mbs = self.steps.micro_batch_size.max(1) as usize;

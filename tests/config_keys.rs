@@ -1,0 +1,283 @@
+//! Every key Axolotl defines is handled, "no effect", or "not supported yet" (a warning, or an
+//! error where ignoring it would train something else) — never unknown; plugins and their keys
+//! are known; docs/config.md's key table is the one the code generates; and the trainer keys
+//! kiln implements change training as Axolotl defines them.
+
+mod common;
+use common::*;
+use kiln::config::keys::{self, Class};
+use kiln::config::{axolotl_keys, ConfigError};
+
+fn problems(yaml: &str) -> (Vec<String>, Vec<String>) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.yml");
+    std::fs::write(dir.path().join("d.jsonl"), alpaca_rows(3)).unwrap();
+    let text =
+        format!("base_model: org/model\ndatasets:\n  - path: d.jsonl\n    type: alpaca\n{yaml}");
+    std::fs::write(&path, &text).unwrap();
+    match kiln::config::load(&path, &[]) {
+        Ok(l) => (vec![], l.warnings.iter().map(|w| w.to_string()).collect()),
+        Err(ConfigError::Invalid(e, w)) => (
+            e.iter().map(|p| p.to_string()).collect(),
+            w.iter().map(|p| p.to_string()).collect(),
+        ),
+        Err(other) => panic!("{other}"),
+    }
+}
+
+#[test]
+fn every_axolotl_key_has_exactly_one_class() {
+    for k in axolotl_keys::TOP_LEVEL {
+        let handled = kiln::config::handled(k);
+        let class = keys::class_of(k);
+        assert!(
+            handled ^ class.is_some(),
+            "`{k}`: handled {handled}, class {class:?} (exactly one)"
+        );
+    }
+    for k in axolotl_keys::DATASET {
+        let handled = kiln::config::DATASET_KEYS_HANDLED.contains(k);
+        let class = keys::dataset_class_of(k);
+        assert!(
+            handled ^ class.is_some(),
+            "dataset key `{k}`: handled {handled}, class {class:?} (exactly one)"
+        );
+    }
+    // The table lists no key twice.
+    let mut seen = std::collections::BTreeSet::new();
+    for (k, _) in keys::TOP_LEVEL.iter().chain(keys::LEGACY) {
+        assert!(seen.insert(*k), "`{k}` listed twice");
+        assert!(!kiln::config::handled(k), "`{k}` is handled and listed");
+    }
+}
+
+#[test]
+fn real_config_keys_get_the_right_answer() {
+    // Liger and CCE are what kiln's fused ops do: accepted with a note, not an error.
+    let (e, w) = problems("plugins:\n  - axolotl.integrations.liger.LigerPlugin\n  - axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin\nliger_rope: true\nliger_rms_norm: true\nliger_glu_activation: true\nliger_fused_linear_cross_entropy: true\ncut_cross_entropy: true\nattention: flash\ndeepspeed: deepspeed_configs/zero2.json\nbf16: true\ngradient_checkpointing: true\nswanlab_project: x\n");
+    assert!(e.is_empty(), "{e:?}");
+    let all = w.join("\n");
+    for want in [
+        "`plugins[0]`: has no effect in kiln: kiln's own fused RMSNorm, SwiGLU, RoPE and cross-entropy ops do this job",
+        "`plugins[1]`: has no effect in kiln: kiln's fused cross-entropy op",
+        "`attention`: has no effect in kiln: a PyTorch kernel choice",
+        "`deepspeed`: has no effect in kiln: kiln trains on this machine's CPU cores",
+        "`gradient_checkpointing`: not supported yet: gradient_checkpointing (trading compute for memory",
+        "`swanlab_project`: has no effect in kiln: kiln logs metrics",
+    ] {
+        assert!(all.contains(want), "wanted {want:?} in\n{all}");
+    }
+    assert!(!all.contains("unknown"), "{all}");
+    // One note for the plugin, not one per key.
+    assert_eq!(all.matches("kiln's own fused RMSNorm").count(), 1, "{all}");
+    let (_, w) = problems("liger_rope: true\nliger_rms_norm: true\n");
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].contains("`liger_rope`: has no effect in kiln"),
+        "{w:?}"
+    );
+
+    // Keys that would train something else are refused, naming the key, with no did-you-mean.
+    for (yaml, key) in [
+        ("rl: dpo\n", "rl"),
+        ("reward_model: true\n", "reward_model"),
+        ("gptq: true\n", "gptq"),
+        (
+            "unfrozen_parameters: ['^lm_head.weight$']\n",
+            "unfrozen_parameters",
+        ),
+        (
+            "pretraining_dataset:\n  - path: allenai/c4\n",
+            "pretraining_dataset",
+        ),
+        ("kd_alpha: 0.5\n", "kd_alpha"),
+        ("model_config:\n  rope_theta: 1000000\n", "model_config"),
+        (
+            "plugins:\n  - axolotl.integrations.spectrum.SpectrumPlugin\n",
+            "plugins[0]",
+        ),
+    ] {
+        let (e, _) = problems(yaml);
+        let all = e.join("\n");
+        assert!(
+            all.contains(&format!("`{key}`: not supported yet:"))
+                && all.contains("kiln would train something else without it"),
+            "{yaml}: {all}"
+        );
+        assert!(
+            !all.contains("unknown") && !all.contains("did you mean"),
+            "{all}"
+        );
+    }
+    let (e, _) = problems("pretraining_dataset:\n  - path: allenai/c4\n");
+    assert!(!e.join("\n").contains("`datasets`"), "{e:?}");
+
+    // An unknown plugin is not supported yet (a warning), never "unknown key".
+    let (e, w) = problems("plugins:\n  - my_company.plugins.Custom\n");
+    assert!(e.is_empty(), "{e:?}");
+    assert!(
+        w.join("\n")
+            .contains("`plugins[0]`: not supported yet: plugin `my_company.plugins.Custom`"),
+        "{w:?}"
+    );
+    // Dataset keys of the schema's other dataset kinds are known.
+    let (e, _) = problems(
+        "test_datasets:\n  - path: d.jsonl\n    type: alpaca\n    step_separator: \"\\n\"\n",
+    );
+    assert!(
+        e.join("\n").contains("`test_datasets[0].step_separator`: not supported yet: step_separator (stepwise supervised"),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn the_key_table_in_docs_is_the_generated_one() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/config.md");
+    let doc = std::fs::read_to_string(&path).unwrap();
+    let (begin, end) = ("<!-- keys:begin -->\n", "<!-- keys:end -->");
+    let b = doc
+        .find(begin)
+        .expect("docs/config.md has a keys:begin marker")
+        + begin.len();
+    let e = doc.find(end).expect("docs/config.md has a keys:end marker");
+    let want = keys::reference_markdown();
+    if std::env::var_os("KILN_UPDATE_DOCS").is_some() {
+        let new = format!("{}{want}{}", &doc[..b], &doc[e..]);
+        std::fs::write(&path, new).unwrap();
+        return;
+    }
+    assert!(
+        doc[b..e] == want,
+        "docs/config.md's key table is out of date: run `KILN_UPDATE_DOCS=1 cargo test --test config_keys`"
+    );
+    // Every class appears in it.
+    for c in [
+        "no effect",
+        "not supported yet (warning)",
+        "not supported yet (error)",
+    ] {
+        assert!(want.contains(c));
+    }
+    let _ = Class::NoEffect("");
+}
+
+#[test]
+fn batch_size_and_trainer_keys_are_read_and_checked() {
+    let (e, _) = problems("micro_batch_size: 2\nbatch_size: 7\n");
+    assert!(
+        e.join("\n")
+            .contains("`batch_size`: 7 is not a multiple of micro_batch_size 2"),
+        "{e:?}"
+    );
+    let (e, _) = problems("micro_batch_size: 2\ngradient_accumulation_steps: 2\nbatch_size: 8\n");
+    assert!(
+        e.join("\n")
+            .contains("disagrees with micro_batch_size 2 × gradient_accumulation_steps 2 = 4"),
+        "{e:?}"
+    );
+    let (e, _) = problems("adam_beta2: 1.5\nadam_epsilon: 0\n");
+    let all = e.join("\n");
+    assert!(
+        all.contains("`adam_beta2`: 1.5 is outside [0, 1)")
+            && all.contains("`adam_epsilon`: 0 must be positive"),
+        "{all}"
+    );
+    let (e, _) = problems("lr_scheduler: linear\ncosine_min_lr_ratio: 0.1\n");
+    assert!(
+        e.join("\n").contains(
+            "`cosine_min_lr_ratio`: shapes the cosine schedule, and lr_scheduler is `linear`"
+        ),
+        "{e:?}"
+    );
+    let (e, _) = problems("cosine_constant_lr_ratio: 0.8\n");
+    assert!(e.join("\n").contains("needs cosine_min_lr_ratio"), "{e:?}");
+    let (e, _) = problems("neftune_noise_alpha: 5\nnoisy_embedding_alpha: 5\n");
+    assert!(
+        e.join("\n")
+            .contains("the older name of neftune_noise_alpha"),
+        "{e:?}"
+    );
+
+    // batch_size sets gradient_accumulation_steps.
+    let p = Project::new("micro_batch_size: 2\nbatch_size: 6\n");
+    let text = std::fs::read_to_string(&p.config)
+        .unwrap()
+        .replace("micro_batch_size: 2\ncache_dir", "cache_dir");
+    std::fs::write(&p.config, text).unwrap();
+    let s = kiln::config::load(&p.config, &[]).unwrap().settings;
+    assert_eq!(s.train.steps.gradient_accumulation_steps, 3);
+}
+
+/// The learning rates a train run logged, one per optimizer step.
+fn lrs(p: &Project, sets: &[&str]) -> Vec<f64> {
+    one_thread();
+    let (_, events) = p.run(sets);
+    metric_values(&events, "lr")
+}
+
+#[test]
+fn schedule_keys_shape_the_learning_rate_as_axolotl_defines_them() {
+    let p = Project::new("adapter: lora\nlora_r: 2\nlora_target_linear: true\nmax_steps: 10\nwarmup_steps: 2\nseed: 1\nlogging_steps: 1\n");
+    write_tiny_model_dir(&p.path("model"), 3);
+    let lr = 2e-4;
+    let plain = lrs(&p, &[]);
+    assert_eq!(plain.len(), 10);
+    let min = lrs(&p, &["cosine_min_lr_ratio=0.5"]);
+    // Cosine from lr to lr/2 over steps 2..10: (1 - 0.5) · ½(1 + cos(π·p)) + 0.5.
+    for (s, got) in min.iter().enumerate().skip(2) {
+        let prog = (s - 2) as f64 / 8.0;
+        let want = lr * (0.5 * 0.5 * (1.0 + (std::f64::consts::PI * prog).cos()) + 0.5);
+        assert!((got - want).abs() < 1e-12, "step {s}: {got} vs {want}");
+    }
+    assert!(min[9] > plain[9] * 2.0, "{min:?} vs {plain:?}");
+    // Warmup-decay-constant: the minimum from step ⌊10 × 0.6⌋ = 6 on.
+    let constant = lrs(
+        &p,
+        &["cosine_min_lr_ratio=0.1", "cosine_constant_lr_ratio=0.6"],
+    );
+    for got in &constant[6..] {
+        assert!((got - lr * 0.1).abs() < 1e-12, "{constant:?}");
+    }
+    assert!(constant[3] > lr * 0.1 * 1.5, "{constant:?}");
+    // Quadratic warmup: (1/2)² then (2/2)².
+    let quad = lrs(&p, &["lr_quadratic_warmup=true"]);
+    assert!(
+        (quad[0] - lr * 0.25).abs() < 1e-12 && (plain[0] - lr * 0.5).abs() < 1e-12,
+        "{quad:?}"
+    );
+    assert_eq!(quad[2..], plain[2..]);
+}
+
+#[test]
+fn adam_betas_change_training_and_the_train_key() {
+    let p = Project::new("adapter: lora\nlora_r: 2\nlora_target_linear: true\nmax_steps: 3\nseed: 1\nlearning_rate: 5e-3\n");
+    write_tiny_model_dir(&p.path("model"), 3);
+    let key = |sets: &[&str]| {
+        p.plan(sets)
+            .into_iter()
+            .find(|s| s.name == "train")
+            .unwrap()
+            .key
+            .unwrap()
+    };
+    let adapter = |sets: &[&str]| {
+        one_thread();
+        p.run(sets);
+        std::fs::read(
+            p.ws(sets)
+                .entry_of("train")
+                .unwrap()
+                .join("adapter_model.safetensors"),
+        )
+        .unwrap()
+    };
+    let a = adapter(&[]);
+    let base = key(&[]);
+    // The defaults spelled out are the same training and the same key.
+    assert_eq!(key(&["adam_beta1=0.9", "adam_epsilon=1e-8"]), base);
+    assert_ne!(key(&["adam_beta2=0.95"]), base);
+    let b = adapter(&["adam_beta2=0.95"]);
+    let c = adapter(&["adam_epsilon=1e-3"]);
+    assert_ne!(a, b, "adam_beta2 changes the trained weights");
+    assert_ne!(a, c, "adam_epsilon changes the trained weights");
+}

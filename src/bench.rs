@@ -690,12 +690,20 @@ pub fn noop(config: &Path, kiln_exe: &Path) -> Result<Vec<Figure>, KilnError> {
 /// `variants` pipelines, which a tiny model builds in seconds. Returns the config's path.
 pub fn tiny_sweep(work: &Path, model: &Path, variants: usize) -> Result<PathBuf, KilnError> {
     let io = |e: std::io::Error| KilnError::Bench(e.to_string());
+    // Files are rewritten only when their bytes change: a fresh mtime would make the next runs
+    // re-hash them ("racily clean" for two seconds) and the no-op figure would measure that.
+    let write = |path: &Path, bytes: &[u8]| -> Result<(), KilnError> {
+        if std::fs::read(path).ok().as_deref() != Some(bytes) {
+            std::fs::write(path, bytes).map_err(io)?;
+        }
+        Ok(())
+    };
     let tmp = work.join("tiny-model-src");
     let src = model_dir(model, &tmp)?;
     let dir = work.join("tiny-model");
     std::fs::create_dir_all(&dir).map_err(io)?;
     for f in ["tokenizer.json", "tokenizer_config.json"] {
-        std::fs::copy(src.join(f), dir.join(f)).map_err(io)?;
+        write(&dir.join(f), &std::fs::read(src.join(f)).map_err(io)?)?;
     }
     let tok: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("tokenizer.json")).map_err(io)?)
@@ -764,20 +772,28 @@ pub fn tiny_sweep(work: &Path, model: &Path, variants: usize) -> Result<PathBuf,
         add(format!("{p}.input_layernorm.weight"), &[h], true)?;
         add(format!("{p}.post_attention_layernorm.weight"), &[h], true)?;
     }
-    candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))
+    let fresh = dir.join("model.safetensors.new");
+    candle_core::safetensors::save(&tensors, &fresh)
         .map_err(|e| KilnError::Bench(e.to_string()))?;
-    crate::stages::write_json(&dir.join("config.json"), &cfg.to_hf())?;
-    std::fs::write(work.join("rows40.jsonl"), alpaca_rows(40, 7)).map_err(io)?;
+    write(
+        &dir.join("model.safetensors"),
+        &std::fs::read(&fresh).map_err(io)?,
+    )?;
+    std::fs::remove_file(&fresh).map_err(io)?;
+    let cfg_json =
+        serde_json::to_vec_pretty(&cfg.to_hf()).map_err(|e| KilnError::Bench(e.to_string()))?;
+    write(&dir.join("config.json"), &cfg_json)?;
+    write(&work.join("rows40.jsonl"), alpaca_rows(40, 7).as_bytes())?;
     let seeds: Vec<String> = (0..variants).map(|v| v.to_string()).collect();
     let config = work.join(format!("sweep{variants}.yml"));
-    std::fs::write(
+    write(
         &config,
         format!(
             "base_model: tiny-model\ndatasets:\n  - path: rows40.jsonl\n    type: alpaca\nsequence_len: 256\nsample_packing: true\nval_set_size: 0.1\nadapter: lora\nlora_r: 4\nlora_target_linear: true\nmax_steps: 2\nmerge_lora: true\ncache_dir: cache-sweep{variants}\noutput_dir: out-sweep{variants}\nsweep:\n  seed: [{}]\n",
             seeds.join(", ")
-        ),
-    )
-    .map_err(io)?;
+        )
+        .as_bytes(),
+    )?;
     Ok(config)
 }
 

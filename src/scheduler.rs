@@ -231,18 +231,20 @@ impl Scheduler<'_> {
         })
     }
 
-    /// The dep-specific digest of stage `j`'s entry, from its manifest.
-    fn selected_digest(
-        &self,
-        key: &str,
-        dep: &crate::plan::Dep,
-    ) -> Result<Option<String>, CacheError> {
-        Ok(self.cache.manifest(key)?.map(|m| dep_digest(&m, dep)))
-    }
-
     /// Fresh/stale and the reason for every stage, without building anything.
     pub fn assess(&self) -> Result<Vec<StageStatus>, SchedError> {
         let n = self.plan.stages.len();
+        // Each entry's manifest read once per assessment (a sweep's shared stages are upstream
+        // of every variant).
+        let mut manifests: std::collections::HashMap<String, Option<Manifest>> = Default::default();
+        let mut manifest = |k: &str| -> Result<Option<Manifest>, CacheError> {
+            if let Some(m) = manifests.get(k) {
+                return Ok(m.clone());
+            }
+            let m = self.cache.manifest(k)?;
+            manifests.insert(k.to_string(), m.clone());
+            Ok(m)
+        };
         let mut keys: Vec<Option<String>> = vec![None; n];
         let mut out: Vec<Option<StageStatus>> = vec![None; n];
         for &i in &self.plan.order {
@@ -258,7 +260,7 @@ impl Scheduler<'_> {
             for d in &s.deps {
                 match &keys[d.stage] {
                     Some(k) if out[d.stage].as_ref().map(|x| x.state) == Some(State::Fresh) => {
-                        match self.selected_digest(k, d)? {
+                        match manifest(k)?.map(|m| dep_digest(&m, d)) {
                             Some(dig) => {
                                 upstream.push((self.plan.stages[d.stage].name.clone(), dig))
                             }
@@ -282,7 +284,7 @@ impl Scheduler<'_> {
                 }
             } else {
                 let key = stage_key(s, &upstream)?;
-                let fresh = self.cache.manifest(&key)?.is_some();
+                let fresh = manifest(&key)?.is_some();
                 let record = self.record(i, &key, &upstream)?;
                 let reason = if fresh {
                     None

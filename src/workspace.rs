@@ -274,6 +274,16 @@ impl Workspace {
     /// A fresh stage's entry directory and manifest, verified.
     fn fresh_entry(&self, name: &str) -> Result<(PathBuf, crate::cache::Manifest), KilnError> {
         let st = self.scheduler().assess()?;
+        self.fresh_entry_in(&st, name)
+    }
+
+    /// As [`Workspace::fresh_entry`], with the plan already assessed (publishing a sweep's
+    /// outputs assesses once, not once per stage published).
+    fn fresh_entry_in(
+        &self,
+        st: &[crate::scheduler::StageStatus],
+        name: &str,
+    ) -> Result<(PathBuf, crate::cache::Manifest), KilnError> {
         let s = st
             .iter()
             .find(|s| s.name == name)
@@ -372,6 +382,7 @@ impl Workspace {
     pub fn publish_outputs(&self) -> Result<(Option<PathBuf>, PublishStats), KilnError> {
         let mut stats = PublishStats::default();
         let mut first = None;
+        let st = self.scheduler().assess()?;
         for v in &self.variants {
             let out = resolve_output_dir(&v.settings);
             let mut views: Vec<(String, String)> = Vec::new();
@@ -393,7 +404,7 @@ impl Workspace {
                 } else {
                     out.join(sub)
                 };
-                if self.publish_entry(&stage, &dest, &mut stats)? {
+                if self.publish_entry_in(&st, &stage, &dest, &mut stats)? {
                     first.get_or_insert(out.clone());
                 }
             }
@@ -412,7 +423,18 @@ impl Workspace {
         dest: &Path,
         stats: &mut PublishStats,
     ) -> Result<bool, KilnError> {
-        let (src, m) = match self.fresh_entry(stage) {
+        let st = self.scheduler().assess()?;
+        self.publish_entry_in(&st, stage, dest, stats)
+    }
+
+    fn publish_entry_in(
+        &self,
+        st: &[crate::scheduler::StageStatus],
+        stage: &str,
+        dest: &Path,
+        stats: &mut PublishStats,
+    ) -> Result<bool, KilnError> {
+        let (src, m) = match self.fresh_entry_in(st, stage) {
             Ok(x) => x,
             Err(KilnError::NotBuilt { .. }) => return Ok(false),
             Err(e) => return Err(e),

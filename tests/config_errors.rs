@@ -145,7 +145,6 @@ fn a_messy_axolotl_example_config_validates_with_warnings() {
     assert_eq!(
         warned,
         vec![
-            "debug: unknown key",
             "eval_max_new_tokens: not supported yet: eval_max_new_tokens",
             "flash_attention: has no effect in kiln: a PyTorch kernel choice; kiln uses its own kernels",
             "gradient_checkpointing: not supported yet: gradient_checkpointing",

@@ -281,3 +281,53 @@ fn adam_betas_change_training_and_the_train_key() {
     assert_ne!(a, b, "adam_beta2 changes the trained weights");
     assert_ne!(a, c, "adam_epsilon changes the trained weights");
 }
+
+#[test]
+fn template_names_dataset_types_and_fractional_warmup() {
+    // A model family's template name renders with the model's own template, with a note.
+    let (e, w) = problems("chat_template: qwen3\n");
+    assert!(e.is_empty(), "{e:?}");
+    assert!(
+        w.join("\n").contains(
+            "`chat_template`: kiln renders `qwen3` with the base model's own chat template"
+        ),
+        "{w:?}"
+    );
+    // Other Axolotl names are refused, always (another template would train on other text).
+    for strict in ["", "strict: true\n"] {
+        let (e, _) = problems(&format!("{strict}chat_template: metharme\n"));
+        assert!(
+            e.join("\n")
+                .contains("`chat_template`: not supported yet: chat_template `metharme`"),
+            "{e:?}"
+        );
+    }
+    // Dataset types kiln does not implement are refused, not trained as another format.
+    for ty in ["oasst", "chatml.intel", "my_module.transform"] {
+        let (e, _) = problems(&format!(
+            "test_datasets:\n  - path: d.jsonl\n    type: {ty}\n"
+        ));
+        assert!(
+            e.join("\n").contains(&format!(
+                "`test_datasets[0].type`: not supported yet: dataset type `{ty}`"
+            )),
+            "{ty}: {e:?}"
+        );
+    }
+    // warmup_steps below 1 is a fraction of the run (Transformers' TrainingArguments).
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("d.jsonl"), alpaca_rows(3)).unwrap();
+    let path = dir.path().join("c.yml");
+    std::fs::write(&path, "base_model: org/model\ndatasets:\n  - path: d.jsonl\n    type: alpaca\nwarmup_steps: 0.1\n").unwrap();
+    let s = kiln::config::load(&path, &[]).unwrap().settings;
+    assert_eq!(
+        (s.train.optim.warmup_steps, s.train.optim.warmup_ratio),
+        (None, Some(0.1))
+    );
+    let (e, _) = problems("warmup_steps: 2.5\n");
+    assert!(
+        e.join("\n")
+            .contains("`warmup_steps`: 2.5 is neither a whole number of steps nor a fraction"),
+        "{e:?}"
+    );
+}

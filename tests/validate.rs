@@ -210,3 +210,34 @@ fn a_stage_error_names_the_users_file_not_the_cache_copy() {
         "a cache path in:\n{err}"
     );
 }
+
+#[test]
+fn validate_checks_every_variant_of_a_sweep_or_the_one_picked() {
+    let p = Project::new("sweep:\n  learning_rate: [1e-4, 2e-4]\n  lora_r: [4, 8]\n");
+    let (code, out, err) = p.kiln(&["validate", "kiln.yml"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("kiln.yml: ok (4 variants, 2 datasets,"),
+        "{out}"
+    );
+    // One bad value fails validation naming its variant.
+    let p = Project::new("sweep:\n  learning_rate: [1e-4, fast]\n");
+    let (code, _, err) = p.kiln(&["validate", "kiln.yml"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("`learning_rate`: expected a number") && err.contains("(sweep variant"),
+        "{err}"
+    );
+    // --variant validates just that one (the sweep narrowed to it).
+    let p = Project::new("sweep:\n  learning_rate: [1e-4, 3e-4]\n");
+    let (_, out, _) = p.kiln(&["plan", "kiln.yml"]);
+    let id = out
+        .lines()
+        .find(|l| l.contains("learning_rate=0.0003") || l.contains("learning_rate=3e-4"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("{out}"))
+        .to_string();
+    let (code, out, err) = p.kiln(&["validate", "kiln.yml", "--variant", &id]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("kiln.yml: ok (2 datasets"), "{out}");
+}

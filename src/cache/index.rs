@@ -231,7 +231,16 @@ impl Index {
     pub fn record_seen(&self, config: &str, rec: &StageRecord) -> Result<(), CacheError> {
         self.conn
             .execute(
-                "INSERT OR REPLACE INTO seen VALUES(?1,?2,?3,?4,?5,?6,?7,?8,?9)",
+                // A no-op run sees what the last one saw: leave the row alone (no page is
+                // written) unless something changed, or its time is a day old.
+                "INSERT INTO seen VALUES(?1,?2,?3,?4,?5,?6,?7,?8,?9)
+                 ON CONFLICT(config, name) DO UPDATE SET key=excluded.key, kind=excluded.kind,
+                   version=excluded.version, params=excluded.params, inputs=excluded.inputs,
+                   upstream=excluded.upstream, at=excluded.at
+                 WHERE seen.key IS NOT excluded.key OR seen.kind IS NOT excluded.kind
+                   OR seen.version IS NOT excluded.version OR seen.params IS NOT excluded.params
+                   OR seen.inputs IS NOT excluded.inputs OR seen.upstream IS NOT excluded.upstream
+                   OR excluded.at - seen.at > 86400",
                 params![
                     config,
                     rec.name,

@@ -64,27 +64,58 @@ pub struct WhyArgs {
 }
 
 pub fn validate(c: Common) -> Result<()> {
-    let loaded = kiln::config::load(&c.config, &c.set)?;
-    // Against the base model too, when it is local.
-    let (mut errors, mut model_warnings) = kiln::plan::checks::model_problems(&loaded.settings);
-    let s = &loaded.settings;
-    errors.extend(kiln::plan::checks::template_problems(s));
-    let (e, w) = kiln::plan::checks::data_problems(s.datasets.iter().chain(&s.test_datasets));
-    errors.extend(e);
-    model_warnings.extend(w);
+    // A sweep is validated variant by variant (or the one --variant picks); problems shared by
+    // the variants (the same data, the same template) are reported once.
+    let mut sets = c.set.clone();
+    if let Some(id) = &c.variant {
+        sets.extend(super::common::variant_sets(&c, id)?);
+    }
+    let variants = kiln::config::load_variants(&c.config, &sets)?;
+    let mut errors: Vec<kiln::config::Problem> = Vec::new();
+    let mut warnings: Vec<kiln::config::Problem> = Vec::new();
+    let add = |to: &mut Vec<kiln::config::Problem>, p: kiln::config::Problem| {
+        if !to.contains(&p) {
+            to.push(p);
+        }
+    };
+    let mut datasets = Vec::new();
+    for (_, loaded) in &variants {
+        let s = &loaded.settings;
+        for w in &loaded.warnings {
+            add(&mut warnings, w.clone());
+        }
+        // Against the base model too, when it is local.
+        let (e, w) = kiln::plan::checks::model_problems(s);
+        e.into_iter().for_each(|p| add(&mut errors, p));
+        w.into_iter().for_each(|p| add(&mut warnings, p));
+        kiln::plan::checks::template_problems(s)
+            .into_iter()
+            .for_each(|p| add(&mut errors, p));
+        for d in s.datasets.iter().chain(&s.test_datasets) {
+            if !datasets.contains(&d) {
+                datasets.push(d);
+            }
+        }
+    }
+    let (e, w) = kiln::plan::checks::data_problems(datasets.iter().copied());
+    e.into_iter().for_each(|p| add(&mut errors, p));
+    w.into_iter().for_each(|p| add(&mut warnings, p));
     if !errors.is_empty() {
-        let mut warnings = loaded.warnings.clone();
-        warnings.extend(model_warnings);
         return Err(kiln::config::ConfigError::Invalid(errors, warnings).into());
     }
-    for w in loaded.warnings.iter().chain(&model_warnings) {
+    for w in &warnings {
         eprintln!("warning: {}", w.to_string().replace('\n', "\n  "));
     }
+    let sweep = if variants.len() > 1 || variants[0].0.is_some() {
+        format!("{} variants, ", variants.len())
+    } else {
+        String::new()
+    };
     println!(
-        "{}: ok ({} datasets, {} warnings)",
+        "{}: ok ({sweep}{} datasets, {} warnings)",
         c.config.display(),
-        loaded.settings.datasets.len(),
-        loaded.warnings.len() + model_warnings.len()
+        datasets.len(),
+        warnings.len()
     );
     Ok(())
 }

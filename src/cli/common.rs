@@ -42,7 +42,7 @@ pub fn init_threads(ws: Option<&Workspace>) {
 /// The `--set` overrides that turn sweep variant `id` into a plain config: its values, its
 /// output_dir, no sweep. Its stages have the same keys as in the sweep, so everything built
 /// there is reused.
-fn variant_sets(c: &Common, id: &str) -> Result<Vec<String>> {
+pub fn variant_sets(c: &Common, id: &str) -> Result<Vec<String>> {
     let all = kiln::config::load_variants(&c.config, &c.set)?;
     let hits: Vec<_> = all
         .iter()

@@ -30,6 +30,7 @@ const PREFERENCE: &str = "preference and RL training (DPO, IPO, ORPO, KTO, SimPO
 const QUANTIZED: &str =
     "quantized or quantization-aware training (kiln trains LoRA on the model as loaded)";
 const LOW_BIT_BASE: &str = "loading the base weights in 8 or 4 bits; kiln trains the LoRA on the base weights as stored (more memory, no quantization error; `adapter: qlora` is refused)";
+const CLOUD: &str = "an `axolotl cloud` launcher setting; kiln runs on this machine";
 const OPTIMIZER: &str = "an optimizer or schedule variant kiln does not implement; kiln's AdamW would train with other settings";
 const PARTIAL: &str = "training a chosen subset of parameters or layers; kiln trains every LoRA target (or every weight)";
 const EMBEDDINGS: &str = "changing the vocabulary or the embedding matrix";
@@ -393,6 +394,47 @@ pub const LEGACY: &[(&str, Class)] = &[
     ("attention", Class::NoEffect(KERNELS)),
     ("model_config", Class::Refused(ARCH)),
     ("model_kwargs", Class::Refused(ARCH)),
+    ("torch_dtype", Class::NoEffect(PRECISION)),
+    (
+        "base_model_ignore_patterns",
+        Class::NoEffect("kiln fetches the files a model needs (config, tokenizer, weights)"),
+    ),
+    ("gptq_disable_exllama", Class::Refused(QUANTIZED)),
+    // Keys of newer plugins (expert parallelism, kernels, diffusion) seen in Axolotl's examples.
+    ("expert_parallel_size", Class::NoEffect(DISTRIBUTED)),
+    (
+        "expert_parallel_token_capacity",
+        Class::NoEffect(DISTRIBUTED),
+    ),
+    (
+        "expert_parallel_num_nvl_bytes",
+        Class::NoEffect(DISTRIBUTED),
+    ),
+    ("ple_cpu_offload", Class::NoEffect(DISTRIBUTED)),
+    ("use_dsv4_kernels", Class::Later(MOE)),
+    ("use_glm_dsa_kernels", Class::Later(MOE)),
+    ("dsv4_fp4_grouped_mode", Class::Refused(QUANTIZED)),
+    ("nvfp4_merge_aware", Class::Refused(QUANTIZED)),
+    (
+        "diffusion",
+        Class::Refused("diffusion language-model training (a different objective)"),
+    ),
+    ("eta_min", Class::Refused(OPTIMIZER)),
+    // `axolotl cloud` launcher files (Modal, Baseten) share the examples directory.
+    (
+        "debug",
+        Class::NoEffect("printed tokenized samples: see `kiln preprocess --debug`"),
+    ),
+    ("timeout", Class::NoEffect(CLOUD)),
+    ("timeout_preprocess", Class::NoEffect(CLOUD)),
+    ("memory_preprocess", Class::NoEffect(CLOUD)),
+    ("provider", Class::NoEffect(CLOUD)),
+    ("gpu", Class::NoEffect(CLOUD)),
+    ("gpu_count", Class::NoEffect(CLOUD)),
+    ("node_count", Class::NoEffect(CLOUD)),
+    ("memory", Class::NoEffect(CLOUD)),
+    ("secrets", Class::NoEffect(CLOUD)),
+    ("volumes", Class::NoEffect(CLOUD)),
 ];
 
 /// One of Axolotl's plugins: its class names under `plugins:`, its key prefixes, and what

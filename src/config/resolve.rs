@@ -670,7 +670,12 @@ pub(super) fn resolve(ctx: &mut Ctx<'_>, map: &Mapping) -> Settings {
     // 5. Datasets.
     let datasets = read_datasets(r.ctx, map, "datasets", &chat_template);
     let test_datasets = read_datasets(r.ctx, map, "test_datasets", &chat_template);
-    if datasets.is_empty() && !r.ctx.errors.iter().any(|e| e.key.starts_with("datasets")) {
+    // A config that trains on `pretraining_dataset` is refused naming that key, not this one.
+    let pretraining = map.get("pretraining_dataset").is_some_and(|v| !is_unset(v));
+    if datasets.is_empty()
+        && !pretraining
+        && !r.ctx.errors.iter().any(|e| e.key.starts_with("datasets"))
+    {
         r.ctx.error(
             &[key("datasets")],
             "missing: at least one dataset is needed",
@@ -904,6 +909,31 @@ fn read_train(r: &mut Reader<'_, '_, '_>, merge_lora: bool) -> TrainSettings {
     let cosine_min_lr_ratio = unit(r, "cosine_min_lr_ratio", true);
     let cosine_constant_lr_ratio = unit(r, "cosine_constant_lr_ratio", true);
     let lr_quadratic_warmup = r.bool("lr_quadratic_warmup").unwrap_or(false);
+    // `warmup_steps` below 1 is a fraction of the run, as in Transformers' TrainingArguments.
+    let mut warmup_ratio = r.f64("warmup_ratio");
+    let warmup_steps = match r.f64("warmup_steps") {
+        None => None,
+        Some(w) if (0.0..1.0).contains(&w) && w.fract() != 0.0 => {
+            if warmup_ratio.is_some() {
+                r.ctx.error(
+                    &r.path("warmup_steps"),
+                    format!("{w} is a fraction of the run (as warmup_ratio), and warmup_ratio is set too"),
+                    Some("keep one of them".into()),
+                );
+            }
+            warmup_ratio = Some(w);
+            None
+        }
+        Some(w) if w >= 0.0 && w.fract() == 0.0 => Some(w as u64),
+        Some(w) => {
+            r.ctx.error(
+                &r.path("warmup_steps"),
+                format!("{w} is neither a whole number of steps nor a fraction in [0, 1)"),
+                Some("use e.g. 100 (steps) or 0.05 (5% of the steps)".into()),
+            );
+            None
+        }
+    };
     let train = TrainSettings {
         adapter: r.string("adapter"),
         lora: LoraSettings {
@@ -919,8 +949,8 @@ fn read_train(r: &mut Reader<'_, '_, '_>, merge_lora: bool) -> TrainSettings {
         optim: OptimSettings {
             learning_rate: r.f64("learning_rate").unwrap_or(2e-4),
             lr_scheduler: r.string("lr_scheduler").unwrap_or_else(|| "cosine".into()),
-            warmup_steps: r.u64("warmup_steps"),
-            warmup_ratio: r.f64("warmup_ratio"),
+            warmup_steps,
+            warmup_ratio,
             weight_decay: r.f64("weight_decay").unwrap_or(0.0),
             max_grad_norm: r.f64("max_grad_norm").unwrap_or(1.0),
             adam_beta1,
@@ -1298,6 +1328,14 @@ fn template_choice(
 ) -> TemplateChoice {
     match name {
         "tokenizer_default" => TemplateChoice::TokenizerDefault,
+        n if MODEL_TEMPLATES.contains(&n) => {
+            ctx.warn(
+                path,
+                format!("kiln renders `{n}` with the base model's own chat template (its tokenizer_config.json or GGUF), the template Axolotl's `{n}` is a copy of"),
+                Some("set `chat_template: jinja` with `chat_template_jinja:` to render with another".into()),
+            );
+            TemplateChoice::TokenizerDefault
+        }
         "jinja" => match jinja {
             Some(j) => TemplateChoice::Jinja(j),
             None => {
@@ -1327,8 +1365,13 @@ fn template_choice(
             let fix = did_you_mean(other, all.iter().copied())
                 .map(|s| format!("did you mean `{s}`?"))
                 .unwrap_or_else(|| format!("use one of: {}", all.join(", ")));
+            // Rendering with another template would train on other text: always an error.
             if axolotl_template_names().contains(&other) {
-                ctx.unsupported(path, &format!("chat_template `{other}`"));
+                ctx.error(
+                    path,
+                    format!("not supported yet: chat_template `{other}` (kiln has no built-in copy of it)"),
+                    Some("use `chat_template: tokenizer_default` (the model's own template), or give the template with `chat_template: jinja` + `chat_template_jinja:`".into()),
+                );
             } else {
                 ctx.error(path, format!("unknown chat template `{other}`"), Some(fix));
             }
@@ -1336,6 +1379,44 @@ fn template_choice(
         }
     }
 }
+
+/// Axolotl's template names that are copies of one model family's own chat template: kiln renders
+/// them with the base model's template.
+const MODEL_TEMPLATES: &[&str] = &[
+    "mistral_v2v3",
+    "mistral_v3_tekken",
+    "mistral_v7_tekken",
+    "cohere",
+    "llama3_2_vision",
+    "llama4",
+    "phi_35",
+    "deepseek_v2",
+    "deepseek_v3",
+    "jamba",
+    "qwen_25",
+    "qwen3",
+    "qwen3_5",
+    "falcon_h1",
+    "exaone",
+    "pixtral",
+    "llava",
+    "qwen2_vl",
+    "qwen3_vl",
+    "gemma3",
+    "gemma3n",
+    "gemma4",
+    "gemma4_unified",
+    "command_a",
+    "aya",
+    "lfm2",
+    "lfm2_vl",
+    "granite",
+    "smolvlm",
+    "ernie",
+    "glm4",
+    "gpt_oss",
+    "seed_oss",
+];
 
 fn axolotl_template_names() -> &'static [&'static str] {
     &[
@@ -1362,6 +1443,21 @@ fn axolotl_template_names() -> &'static [&'static str] {
         "llava",
         "command_a",
         "aya",
+        "qwen3_5",
+        "gemma3n",
+        "gemma4",
+        "gemma4_unified",
+        "qwen2_vl",
+        "qwen3_vl",
+        "lfm2",
+        "lfm2_vl",
+        "granite",
+        "smolvlm",
+        "ernie",
+        "glm4",
+        "gpt_oss",
+        "seed_oss",
+        "inst",
     ]
 }
 
@@ -1825,8 +1921,21 @@ fn read_format(r: &mut Reader<'_, '_, '_>, default_template: &TemplateChoice) ->
                 "pretrain",
                 "bradley_terry",
             ];
-            if known_axolotl.contains(&base_ty.as_str()) {
-                r.ctx.unsupported(&p, &format!("dataset type `{ty}`"));
+            // Training on these with another format would train something else: refused.
+            if known_axolotl.contains(&base_ty.as_str()) || ty.contains('.') {
+                let what = if ty.contains('.') && !known_axolotl.contains(&base_ty.as_str()) {
+                    "a type defined by a Python module: preference-data types such as `chatml.intel` or a custom transform; kiln runs no Python"
+                } else {
+                    "an Axolotl prompt strategy kiln does not implement"
+                };
+                r.ctx.error(
+                    &p,
+                    format!("not supported yet: dataset type `{ty}` ({what})"),
+                    Some(format!(
+                        "convert the records to one of: {}",
+                        DATASET_TYPES.join(", ")
+                    )),
+                );
             } else {
                 let fix = did_you_mean(&base_ty, DATASET_TYPES.iter().copied())
                     .map(|s| format!("did you mean `{s}`?"))

@@ -8,6 +8,8 @@
 #   axolotl 0.19.0 sdist (Apache-2.0) -> axolotl-examples/ (its examples/**/*.yml) and
 #                                        axolotl-examples.pyyaml.json (PyYAML 6's reading of each)
 #   openai 3.57.0 (Apache-2.0)        -> openai-venv/ (the real client `kiln serve` is tested with)
+#   trl 1.16.0 wheel (Apache-2.0)     -> trl-chat-templates/*.jinja (real models' chat templates)
+#   Jinja2 3.1.6 (BSD-3-Clause)       -> jinja-venv/ (Python's renderer, the templates' reference)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 dest="${KILN_TESTDATA:-$HOME/.cache/kiln-testdata}"
@@ -46,6 +48,24 @@ if [ ! -x "$dest/openai-venv/bin/python" ] || ! "$dest/openai-venv/bin/python" -
   rm -rf "$dest/openai-venv"
   python3 -m venv "$dest/openai-venv" >&2
   "$dest/openai-venv/bin/python" -m pip install --quiet --disable-pip-version-check openai==3.57.0 >&2
+fi
+if [ ! -f "$dest/trl-chat-templates/llama3.jinja" ]; then
+  python3 -m pip download --quiet --no-deps trl==1.16.0 -d "$tmp" >&2
+  check c4726e139dd40e1a41661511c639c8a68416782b2e3e8c0befebd77bb7ba0396 "$tmp"/trl-1.16.0-py3-none-any.whl || { echo "trl sha256 mismatch" >&2; exit 1; }
+  rm -rf "$dest/trl-chat-templates" && mkdir -p "$tmp/trl-templates"
+  python3 -c "
+import sys, zipfile, pathlib
+z = zipfile.ZipFile(sys.argv[1])
+for n in z.namelist():
+    if n.startswith('trl/chat_templates/') and n.endswith('.jinja'):
+        (pathlib.Path(sys.argv[2]) / pathlib.Path(n).name).write_bytes(z.read(n))
+" "$tmp"/trl-1.16.0-py3-none-any.whl "$tmp/trl-templates"
+  mv "$tmp/trl-templates" "$dest/trl-chat-templates"
+fi
+if [ ! -x "$dest/jinja-venv/bin/python" ] || ! "$dest/jinja-venv/bin/python" -c "import jinja2" 2>/dev/null; then
+  rm -rf "$dest/jinja-venv"
+  python3 -m venv "$dest/jinja-venv" >&2
+  "$dest/jinja-venv/bin/python" -m pip install --quiet --disable-pip-version-check jinja2==3.1.6 >&2
 fi
 KILN_MODELS="$dest" "$root/scripts/fetch-smollm2.sh" >/dev/null
 echo "$dest"

@@ -466,3 +466,39 @@ fn special_tokens_override_the_appended_eos() {
         "{err}"
     );
 }
+
+/// Templates that refuse a partial conversation ("No user query found") or fold the system
+/// message into the first user turn: masks come from the one render of the whole conversation.
+#[test]
+fn masks_come_from_the_whole_render_when_prefixes_cannot_be_rendered() {
+    use kiln::text::template::ChatTemplate;
+    let rec = json!({"messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": "And Italy?"},
+        {"role": "assistant", "content": "Rome."}
+    ]});
+    let refuses_partial = "{% if messages[-1]['role'] != 'assistant' %}{{ raise_exception('No user query found in messages.') }}{% endif %}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>{% endfor %}";
+    let folds_system = "{% set sys = messages[0]['content'] if messages[0]['role'] == 'system' else '' %}{% for m in messages if m['role'] != 'system' %}{% if m['role'] == 'user' %}[INST] {% if loop.first and sys %}{{ sys }}\n\n{% endif %}{{ m['content'] }} [/INST]{% else %} {{ m['content'] }}</s>{% endif %}{% endfor %}";
+    for (source, want) in [
+        (refuses_partial, vec!["Paris.", "Rome."]),
+        (folds_system, vec!["Paris.</s>", "Rome.</s>"]),
+    ] {
+        let t = ChatTemplate::new(source, None, Some("</s>")).unwrap();
+        let ctx = FormatCtx {
+            template: Some(&t),
+            eos_token: Some("</s>"),
+            eot_tokens: &[],
+            default_system_message: None,
+        };
+        let f = format_record(
+            &chat_format(&["assistant"], TrainOnEos::Turn, false),
+            &rec,
+            &ctx,
+        )
+        .unwrap();
+        let spans: Vec<&str> = f.trained.iter().map(|&(a, b)| &f.text[a..b]).collect();
+        assert_eq!(spans, want, "{source}");
+    }
+}

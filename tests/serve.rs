@@ -301,6 +301,9 @@ fn hostile_http_cannot_exhaust_the_server() {
     let a = srv.addr.as_str();
     let pid = srv.child.id();
     assert_eq!(http(a, "GET", "/health", "").0, 200);
+    // That connection's thread ends after its lingering close (up to 100 ms): until then it
+    // holds one of the 12 slots, and the 12th idle connection below would be the one refused.
+    std::thread::sleep(Duration::from_millis(400));
     let rss0 = proc_status(pid, "VmRSS");
     let threads0 = proc_status(pid, "Threads");
 

@@ -725,3 +725,172 @@ fn axolotl_examples_are_refused_only_by_keys_kiln_does_not_support_yet() {
     assert!(files.len() > 250, "{} files", files.len());
     assert!(bad.is_empty(), "{}", bad.join("\n"));
 }
+
+/// TRL's bundled chat templates (trl 1.16.0's trl/chat_templates/*.jinja, real models'
+/// templates and their `_training` variants with `{% generation %}` blocks) render
+/// byte-identically to Python's Jinja2 set up as Hugging Face sets it up
+/// (scripts/jinja-reference.py, run here), and the trained spans the tokenize stage takes from
+/// `{% generation %}` blocks are Jinja2's. Goal: at least 95% of the templates identical.
+#[test]
+fn trl_chat_templates_render_as_python_jinja2() {
+    use kiln::config::{DataFormat, TrainOnEos};
+    use kiln::data::format::{format_record, FormatCtx};
+    use kiln::text::template::{ChatTemplate, Message};
+    let td = testdata();
+    let dir = td.join("trl-chat-templates");
+    let convs = serde_json::json!({
+        "one_turn": [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How can I help?"}],
+        "system_two_turns": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And of Italy?"}, {"role": "assistant", "content": "Rome."}],
+        "unicode_lines": [{"role": "user", "content": "  Ünïcödé — spaces  "}, {"role": "assistant", "content": "Line one\nLine two"}],
+    });
+    let tmp = tempfile::tempdir().unwrap();
+    // TRL's templates, and two of kiln's own that put whitespace control and indentation
+    // around the generation tags (TRL's have none).
+    let dir = {
+        let all = tmp.path().join("templates");
+        std::fs::create_dir_all(&all).unwrap();
+        for e in std::fs::read_dir(&dir).unwrap().flatten() {
+            std::fs::copy(e.path(), all.join(e.file_name())).unwrap();
+        }
+        std::fs::write(
+            all.join("kiln_dashes.jinja"),
+            "{%- for m in messages %}\n<|{{ m.role }}|>\n  {%- if m.role == 'assistant' %}\n    {%- generation -%}\n  {{ m.content }}</s>\n    {%- endgeneration -%}\n  {%- else %}\n{{ m.content }}\n  {%- endif %}\n{%- endfor %}\n",
+        )
+        .unwrap();
+        std::fs::write(
+            all.join("kiln_indented.jinja"),
+            "{% for m in messages %}\n  {% if m.role == 'assistant' %}\n  {% generation %}\n[{{ m.content }}]\n  {% endgeneration %}\n  {% else %}\n({{ m.content }})\n  {% endif %}\n{% endfor %}",
+        )
+        .unwrap();
+        all
+    };
+    let conv_file = tmp.path().join("convs.json");
+    std::fs::write(&conv_file, convs.to_string()).unwrap();
+    let out = std::process::Command::new(td.join("jinja-venv/bin/python"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/jinja-reference.py"
+        ))
+        .arg(&dir)
+        .arg(&conv_file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reference: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let fmt = DataFormat::ChatTemplate {
+        field_messages: "messages".into(),
+        role_field: "role".into(),
+        content_field: "content".into(),
+        roles: ["system", "user", "assistant"]
+            .iter()
+            .map(|r| (r.to_string(), r.to_string()))
+            .collect(),
+        roles_to_train: vec!["assistant".into()],
+        train_on_eos: TrainOnEos::Turn,
+        drop_system_message: false,
+        template: None,
+    };
+    let (mut same, mut compared, mut with_generation) = (0, 0, 0);
+    let mut diffs = Vec::new();
+    for (name, per_conv) in reference.as_object().unwrap() {
+        let source = std::fs::read_to_string(dir.join(name)).unwrap();
+        let t = match ChatTemplate::new(&source, Some("<s>"), Some("</s>")) {
+            Ok(t) => t,
+            Err(e) => {
+                compared += 1;
+                diffs.push(format!("{name}: does not compile in kiln: {e}"));
+                continue;
+            }
+        };
+        let mut ok = true;
+        let mut any = false;
+        for (conv, want) in per_conv.as_object().unwrap() {
+            if want.get("error").is_some() {
+                continue;
+            }
+            any = true;
+            let msgs: Vec<Message> = convs[conv]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| Message {
+                    role: m["role"].as_str().unwrap().into(),
+                    content: m["content"].as_str().unwrap().into(),
+                })
+                .collect();
+            let want_text = want["text"].as_str().unwrap();
+            let want_spans: Vec<(usize, usize)> = want["spans"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| {
+                    (
+                        s[0].as_u64().unwrap() as usize,
+                        s[1].as_u64().unwrap() as usize,
+                    )
+                })
+                .collect();
+            match t.render_spans(&msgs, false) {
+                Ok((text, spans)) if text == want_text && spans == want_spans => {}
+                Ok((text, spans)) => {
+                    ok = false;
+                    let at = text
+                        .bytes()
+                        .zip(want_text.bytes())
+                        .position(|(a, b)| a != b)
+                        .unwrap_or(text.len().min(want_text.len()));
+                    diffs.push(format!(
+                        "{name} / {conv}: differs at byte {at}: kiln {:?} vs Jinja2 {:?}; spans {spans:?} vs {want_spans:?}",
+                        &text[at.min(text.len())..(at + 40).min(text.len())],
+                        &want_text[at.min(want_text.len())..(at + 40).min(want_text.len())]
+                    ));
+                }
+                Err(e) => {
+                    ok = false;
+                    diffs.push(format!("{name} / {conv}: kiln failed: {e}"));
+                }
+            }
+            // The tokenize stage's trained spans are the generation blocks' spans.
+            if t.has_generation_blocks() && ok {
+                let rec = serde_json::json!({ "messages": convs[conv] });
+                let ctx = FormatCtx {
+                    template: Some(&t),
+                    eos_token: Some("</s>"),
+                    eot_tokens: &[],
+                    default_system_message: None,
+                };
+                let f = format_record(&fmt, &rec, &ctx).unwrap();
+                assert_eq!(f.text, want_text, "{name} / {conv}");
+                assert_eq!(f.trained, want_spans, "{name} / {conv}: trained spans");
+            }
+        }
+        if any {
+            compared += 1;
+            if ok {
+                same += 1;
+                if t.has_generation_blocks() {
+                    with_generation += 1;
+                }
+            }
+        }
+    }
+    println!(
+        "{same} of {compared} TRL chat templates render as Jinja2 does ({with_generation} with generation blocks); differences:\n{}",
+        diffs.join("\n")
+    );
+    assert!(compared >= 60, "{compared} templates compared");
+    assert!(
+        !diffs.iter().any(|d| d.starts_with("kiln_")),
+        "{}",
+        diffs.join("\n")
+    );
+    assert!(
+        same * 100 >= compared * 95,
+        "{same} of {compared} identical:\n{}",
+        diffs.join("\n")
+    );
+}

@@ -272,9 +272,11 @@ fn json_kind(v: &Value) -> &'static str {
     }
 }
 
-/// Renders the conversation and finds each message's span: turn by turn (render the first i+1
+/// Renders the conversation and finds each message's span: from the template's own
+/// `{% generation %}` blocks when it has them; else turn by turn (render the first i+1
 /// messages; the growth over the first i is turn i), falling back to an in-order search of the
-/// full render for templates whose prefixes are not stable.
+/// full render for templates whose prefixes are not stable or that refuse a partial
+/// conversation.
 fn render_chat(
     template: &ChatTemplate,
     messages: &[Message],
@@ -282,9 +284,18 @@ fn render_chat(
     train_on_eos: TrainOnEos,
     ctx: &FormatCtx<'_>,
 ) -> Result<Formatted, String> {
-    let full = template
-        .render(messages, false)
+    let (full, generation) = template
+        .render_spans(messages, false)
         .map_err(|e| e.to_string())?;
+    // A template with `{% generation %}` blocks says itself which text is trained.
+    if template.has_generation_blocks() {
+        return Ok(Formatted {
+            text: full,
+            trained: generation,
+            add_special_tokens: false,
+            append_eos: None,
+        });
+    }
     let mut trained = Vec::new();
     let mut cursor = 0usize;
     let mut prev_len = 0usize;
@@ -293,15 +304,17 @@ fn render_chat(
         .rposition(|m| roles_to_train.contains(&m.role));
     for (i, m) in messages.iter().enumerate() {
         // Where this turn starts: after the previous turn when the template is prefix-stable.
-        let prefix = template
-            .render(&messages[..=i], false)
-            .map_err(|e| e.to_string())?;
-        let turn_start = if full.starts_with(&prefix) && prefix.len() >= prev_len {
-            let s = prev_len.max(cursor);
-            prev_len = prefix.len();
-            s
-        } else {
-            cursor
+        // A template may refuse a partial conversation ("No user query found") or fold the
+        // system message into the first user turn: then only the whole render counts, and the
+        // message is searched for in order.
+        let prefix = template.render(&messages[..=i], false).ok();
+        let turn_start = match prefix {
+            Some(p) if full.starts_with(&p) && p.len() >= prev_len => {
+                let s = prev_len.max(cursor);
+                prev_len = p.len();
+                s
+            }
+            _ => cursor,
         };
         if m.content.is_empty() {
             continue;

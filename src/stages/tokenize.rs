@@ -132,7 +132,8 @@ impl Stage for Tokenize {
     const KIND: StageKind = StageKind::Tokenize;
     // v2: the key is the canonical encoding of the typed inputs (kiln.stage/2); output unchanged.
     // v3: records the format cannot use are dropped and counted in stats.json (they failed the
-    // stage before); stats.json gains `dropped_unusable` and `unusable`.
+    // stage before); stats.json gains `dropped_unusable` and `unusable`; `{% generation %}`
+    // blocks give the trained spans; strftime_now honours its format.
     const VERSION: u32 = 3;
 
     type Neutral = TokenizeNeutral;

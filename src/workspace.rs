@@ -653,6 +653,7 @@ impl Workspace {
                     .iter()
                     .map(|&id| tok.tokenizer.decode(&[id], false).unwrap_or_default())
                     .collect();
+                let pieces = join_partial_characters(&tok, ids, pieces);
                 out.push(DebugExample {
                     dataset: t.neutral.label.clone(),
                     index: set.sources[i].1 as usize,
@@ -671,6 +672,38 @@ impl Workspace {
     }
 }
 
+/// Byte-level tokens that each hold part of one character decode alone to U+FFFD: a run of
+/// them is decoded together, its text put on the run's first token and the rest left empty
+/// (the debug view prints such a run as one piece with all its ids).
+fn join_partial_characters(
+    tok: &crate::text::TextTokenizer,
+    ids: &[u32],
+    mut pieces: Vec<String>,
+) -> Vec<String> {
+    let mut i = 0;
+    while i < pieces.len() {
+        if !pieces[i].contains('\u{FFFD}') {
+            i += 1;
+            continue;
+        }
+        let whole = (i + 2..=(i + 8).min(ids.len())).find_map(|j| {
+            let t = tok.tokenizer.decode(&ids[i..j], false).ok()?;
+            (!t.contains('\u{FFFD}')).then_some((j, t))
+        });
+        match whole {
+            Some((j, t)) => {
+                pieces[i] = t;
+                for p in &mut pieces[i + 1..j] {
+                    p.clear();
+                }
+                i = j;
+            }
+            None => i += 1,
+        }
+    }
+    pieces
+}
+
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DebugExample {
     pub dataset: String,
@@ -678,6 +711,8 @@ pub struct DebugExample {
     pub text: String,
     pub input_ids: Vec<u32>,
     pub labels: Vec<i64>,
+    /// Each token's text; a character split over several byte tokens is on the first of them,
+    /// the others empty.
     #[serde(skip)]
     pub pieces: Vec<String>,
 }

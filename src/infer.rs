@@ -47,6 +47,16 @@ pub struct Reply {
 }
 
 impl ChatSession {
+    /// Renders with the config's `chat_template_kwargs` too, as training did.
+    pub fn set_template_kwargs(
+        &mut self,
+        kwargs: &std::collections::BTreeMap<String, serde_json::Value>,
+    ) {
+        if let Some(t) = self.template.take() {
+            self.template = Some(t.with_kwargs(kwargs));
+        }
+    }
+
     /// `template`: Jinja source; None = the tokenizer's own; `raw` = no template at all.
     pub fn new(
         model: Engine,

@@ -347,3 +347,45 @@ fn the_bundled_examples_missing_model_says_how_to_fetch_it() {
         "{e:?}"
     );
 }
+
+#[test]
+fn chat_template_kwargs_reach_the_template_and_the_tokenize_key() {
+    let tmpl = "chat_template: jinja\nchat_template_jinja: \"{% for m in messages %}<|im_start|>{{ m.role }}\\n{% if m.role == 'assistant' and enable_thinking %}<think>{{ effort }}</think>{% endif %}{{ m.content }}<|im_end|>\\n{% endfor %}\"\n";
+    let p = Project::new(tmpl);
+    let key = |sets: &[&str]| {
+        p.plan(sets)
+            .into_iter()
+            .find(|s| s.name == "tokenize[1]")
+            .unwrap()
+            .key
+            .unwrap()
+    };
+    one_thread();
+    p.run(&[]);
+    let plain = key(&[]);
+    let thinking = key(&["chat_template_kwargs={enable_thinking: true, effort: high}"]);
+    assert_ne!(plain, thinking, "the kwargs are part of the tokenize key");
+    // Tokenized with it: the assistant turns carry the think block the kwargs asked for.
+    p.run(&["chat_template_kwargs={enable_thinking: true, effort: high}"]);
+    let ex = p
+        .ws(&["chat_template_kwargs={enable_thinking: true, effort: high}"])
+        .debug_examples(1)
+        .unwrap();
+    let chat = ex.iter().find(|e| e.dataset == "datasets[1]").unwrap();
+    assert!(
+        chat.text.contains("<think>high</think>It is"),
+        "{}",
+        chat.text
+    );
+    p.run(&[]);
+    let ex = p.ws(&[]).debug_examples(1).unwrap();
+    let chat = ex.iter().find(|e| e.dataset == "datasets[1]").unwrap();
+    assert!(!chat.text.contains("<think>"), "{}", chat.text);
+    // kiln's own variables cannot be overridden.
+    let (e, _) = problems("chat_template_kwargs:\n  bos_token: x\n");
+    assert!(
+        e.join("\n")
+            .contains("`chat_template_kwargs.bos_token`: `bos_token` is set by kiln"),
+        "{e:?}"
+    );
+}

@@ -182,6 +182,7 @@ pub fn inference(mut a: InferenceArgs) -> Result<()> {
     let template = kiln::plan::configured_template(&ws.settings.chat_template);
     let mut chat = kiln::infer::ChatSession::new(model, tok, template, a.raw, a.gen.settings())
         .map_err(anyhow::Error::from)?;
+    chat.set_template_kwargs(&ws.settings.chat_template_kwargs);
     chat.system = a
         .system
         .or_else(|| ws.settings.default_system_message.clone());
@@ -203,6 +204,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     let template = kiln::plan::configured_template(&ws.settings.chat_template);
     let mut chat = kiln::infer::ChatSession::new(model, tok, template, false, defaults.clone())
         .map_err(anyhow::Error::from)?;
+    chat.set_template_kwargs(&ws.settings.chat_template_kwargs);
     chat.system = ws.settings.default_system_message.clone();
     let model_name = ws
         .output_dir()

@@ -330,7 +330,6 @@ pub const TOP_LEVEL: &[(&str, Class)] = &[
     ("dataset_shard_num", Class::Refused(DATA_SUBSET)),
     ("pretraining_dataset", Class::Refused(PRETRAINING)),
     ("tokenizer_config", Class::Refused("a tokenizer other than the base model's (put its files in the model directory instead)")),
-    ("chat_template_kwargs", Class::Refused("extra variables for the chat template (they change the rendered text)")),
     ("early_stopping_patience", Class::Refused(STOPS_EARLY)),
     ("load_best_model_at_end", Class::Refused(STOPS_EARLY)),
     ("image_resize_algorithm", Class::Refused(VISION)),

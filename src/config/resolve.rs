@@ -261,6 +261,8 @@ pub struct Settings {
     pub min_sample_len: u64,
     pub chat_template: TemplateChoice,
     pub default_system_message: Option<String>,
+    /// Axolotl's `chat_template_kwargs`: extra variables every chat template sees.
+    pub chat_template_kwargs: std::collections::BTreeMap<String, serde_json::Value>,
     pub eot_tokens: Vec<String>,
     pub shuffle_merged_datasets: bool,
     pub group_by_length: bool,
@@ -383,6 +385,7 @@ pub fn handled(key: &str) -> bool {
             | "lr_quadratic_warmup"
             | "noisy_embedding_alpha"
             | "plugins"
+            | "chat_template_kwargs"
     )
 }
 
@@ -610,6 +613,7 @@ pub(super) fn resolve(ctx: &mut Ctx<'_>, map: &Mapping) -> Settings {
         }
     };
     let default_system_message = r.string("default_system_message");
+    let chat_template_kwargs = read_template_kwargs(&mut r);
     let eot_tokens = r.str_list("eot_tokens").unwrap_or_default();
     let shuffle_merged_datasets = r.bool("shuffle_merged_datasets").unwrap_or(true);
     let group_by_length = r.bool("group_by_length").unwrap_or(false);
@@ -720,6 +724,7 @@ pub(super) fn resolve(ctx: &mut Ctx<'_>, map: &Mapping) -> Settings {
         min_sample_len,
         chat_template,
         default_system_message,
+        chat_template_kwargs,
         eot_tokens,
         shuffle_merged_datasets,
         group_by_length,
@@ -1495,6 +1500,53 @@ fn looks_like_hub_id(s: &str) -> bool {
 
 /// Resolves a path written in the config: relative to the config's directory first, then to the
 /// working directory.
+/// `chat_template_kwargs`: a mapping of extra template variables (`enable_thinking: false`). The
+/// variables kiln sets itself (`messages`, `bos_token`, …) cannot be overridden.
+fn read_template_kwargs(
+    r: &mut Reader<'_, '_, '_>,
+) -> std::collections::BTreeMap<String, serde_json::Value> {
+    const RESERVED: &[&str] = &[
+        "messages",
+        "add_generation_prompt",
+        "bos_token",
+        "eos_token",
+    ];
+    let mut out = std::collections::BTreeMap::new();
+    let Some(v) = r.get("chat_template_kwargs").cloned() else {
+        return out;
+    };
+    let Some(m) = v.as_mapping() else {
+        r.type_error(
+            "chat_template_kwargs",
+            "a mapping of template variables",
+            &v,
+        );
+        return out;
+    };
+    for (k, val) in m.iter() {
+        let Some(k) = k.as_str() else { continue };
+        let mut p = r.path("chat_template_kwargs");
+        p.push(key(k));
+        if RESERVED.contains(&k) {
+            r.ctx.error(
+                &p,
+                format!("`{k}` is set by kiln for every template"),
+                Some("remove it from chat_template_kwargs".into()),
+            );
+            continue;
+        }
+        match serde_json::to_value(val) {
+            Ok(j) => {
+                out.insert(k.to_string(), j);
+            }
+            Err(e) => r
+                .ctx
+                .error(&p, format!("cannot be a template variable: {e}"), None),
+        }
+    }
+    out
+}
+
 /// `chat_template_jinja`: the template's text, or (as Axolotl also accepts) the path of a file
 /// holding it, read relative to the config. Records where the text was written.
 fn jinja_text(r: &mut Reader<'_, '_, '_>, k: &str) -> Option<String> {

@@ -231,6 +231,7 @@ fn data_stages(
                             chat_template,
                             default_system_message: s.default_system_message.clone(),
                             eot_tokens: s.eot_tokens.clone(),
+                            chat_template_kwargs: s.chat_template_kwargs.clone(),
                         }),
                     },
                     TokenizeNeutral {
@@ -458,6 +459,7 @@ fn evaluate_stage(
                     has_prompts: e.prompts.is_some(),
                     max_new_tokens: e.max_new_tokens,
                     chat_template: configured_template(&s.chat_template),
+                    chat_template_kwargs: s.chat_template_kwargs.clone(),
                 },
                 (),
             ))),

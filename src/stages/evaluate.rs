@@ -71,6 +71,9 @@ pub struct Evaluate {
     pub max_new_tokens: u64,
     /// Jinja source when the config chose the template (the tokenizer's own otherwise).
     pub chat_template: Option<String>,
+    /// `chat_template_kwargs`, as training rendered with (absent from the key when empty).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub chat_template_kwargs: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 /// One prompt: plain text (a single user turn) or a message list.
@@ -214,6 +217,7 @@ impl Stage for Evaluate {
                 },
             )
             .map_err(|e| StageError::Invalid(e.to_string()))?;
+            chat.set_template_kwargs(&self.chat_template_kwargs);
             let gp = cx.out.join("generations.jsonl");
             let mut f = std::io::BufWriter::new(std::fs::File::create(&gp).map_err(io_err(&gp))?);
             let (mut tokens, mut secs) = (0usize, 0f64);

@@ -53,6 +53,9 @@ pub struct ChatInputs {
     pub chat_template: TemplateSource,
     pub default_system_message: Option<String>,
     pub eot_tokens: Vec<String>,
+    /// `chat_template_kwargs`: extra template variables (absent from the key when empty).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub chat_template_kwargs: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 /// What the tokenize stage reads only for messages (never part of its key: renaming a dataset
@@ -97,11 +100,16 @@ impl Tokenize {
                 _ => {}
             }
         }
+        let kwargs = self
+            .chat
+            .as_ref()
+            .map(|c| c.chat_template_kwargs.clone())
+            .unwrap_or_default();
         let template = match self.chat.as_ref().map(|c| &c.chat_template) {
             None => None,
-            Some(TemplateSource::Text(t)) => Some(ChatTemplate::new(t, tok.bos_token.as_deref(), tok.eos_token.as_deref())?),
+            Some(TemplateSource::Text(t)) => Some(ChatTemplate::new(t, tok.bos_token.as_deref(), tok.eos_token.as_deref())?.with_kwargs(&kwargs)),
             Some(TemplateSource::FromTokenizer) => match &tok.chat_template {
-                Some(t) => Some(ChatTemplate::new(t, tok.bos_token.as_deref(), tok.eos_token.as_deref())?),
+                Some(t) => Some(ChatTemplate::new(t, tok.bos_token.as_deref(), tok.eos_token.as_deref())?.with_kwargs(&kwargs)),
                 None => {
                     return Err(StageError::Text(TextError::Template(format!(
                         "dataset {} uses chat_template but the tokenizer has no chat template; set `chat_template: chatml` (or another) in the config",

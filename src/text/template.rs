@@ -31,7 +31,18 @@ pub struct ChatTemplate {
     eos_token: String,
     /// The template marks trained spans with `{% generation %}` blocks.
     generation: bool,
+    /// Extra variables the template sees (Axolotl's `chat_template_kwargs`, e.g.
+    /// `enable_thinking`).
+    kwargs: minijinja::Value,
 }
+
+/// Variables kiln itself gives every template: `chat_template_kwargs` may not set them.
+pub const RESERVED_VARIABLES: &[&str] = &[
+    "messages",
+    "add_generation_prompt",
+    "bos_token",
+    "eos_token",
+];
 
 /// What a `{% generation %}` block's start and end render as, removed after rendering (Unicode
 /// private-use characters; a conversation that contains them is refused).
@@ -146,7 +157,24 @@ impl ChatTemplate {
             bos_token: bos_token.unwrap_or("").to_string(),
             eos_token: eos_token.unwrap_or("").to_string(),
             generation,
+            kwargs: minijinja::Value::from(
+                std::collections::BTreeMap::<String, minijinja::Value>::new(),
+            ),
         })
+    }
+
+    /// The template with extra variables (`chat_template_kwargs`); names in
+    /// [`RESERVED_VARIABLES`] are ignored (the config refuses them).
+    pub fn with_kwargs(
+        mut self,
+        kwargs: &std::collections::BTreeMap<String, serde_json::Value>,
+    ) -> Self {
+        let kept: std::collections::BTreeMap<&String, &serde_json::Value> = kwargs
+            .iter()
+            .filter(|(k, _)| !RESERVED_VARIABLES.contains(&k.as_str()))
+            .collect();
+        self.kwargs = minijinja::Value::from_serialize(&kept);
+        self
     }
 
     /// Whether the template marks trained spans with `{% generation %}` blocks.
@@ -189,6 +217,7 @@ impl ChatTemplate {
                 eos_token => self.eos_token,
                 __kiln_generation_start => GEN_START.to_string(),
                 __kiln_generation_end => GEN_END.to_string(),
+                ..self.kwargs.clone()
             })
             .map_err(|e| TextError::Template(format!("failed to render: {e:#}")))?;
         if !self.generation {

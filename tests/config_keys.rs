@@ -389,3 +389,41 @@ fn chat_template_kwargs_reach_the_template_and_the_tokenize_key() {
         "{e:?}"
     );
 }
+
+#[test]
+fn loraplus_scales_the_b_matrices_learning_rate() {
+    let p = Project::new("adapter: lora\nlora_r: 2\nlora_target_linear: true\nmax_steps: 1\nwarmup_steps: 0\nlr_scheduler: constant\nlearning_rate: 1e-3\nseed: 1\n");
+    write_tiny_model_dir(&p.path("model"), 3);
+    let b_max = |sets: &[&str]| {
+        one_thread();
+        p.run(sets);
+        let dir = p.ws(sets).entry_of("train").unwrap();
+        let t = candle_core::safetensors::load(
+            dir.join("adapter_model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let mut max = 0f32;
+        for (name, v) in &t {
+            if name.contains("lora_B") {
+                let m = v
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                max = max.max(m);
+            }
+        }
+        max
+    };
+    // B starts at zero; Adam's first step moves each entry by about lr·sign(g).
+    let plain = b_max(&[]);
+    let plus = b_max(&["loraplus_lr_ratio=8"]);
+    assert!(plain > 0.0);
+    let ratio = plus / plain;
+    assert!((ratio - 8.0).abs() < 0.1, "B moved {ratio}× as far");
+    let (e, _) = problems("loraplus_lr_ratio: 16\n");
+    assert!(e.join("\n").contains("LoRA+ needs a LoRA adapter"), "{e:?}");
+}

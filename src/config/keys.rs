@@ -260,8 +260,10 @@ pub const TOP_LEVEL: &[(&str, Class)] = &[
     ("jagged_restart_anneal_steps", Class::Refused(OPTIMIZER)),
     ("jagged_restart_steps", Class::Refused(OPTIMIZER)),
     ("jagged_restart_warmup_steps", Class::Refused(OPTIMIZER)),
-    ("loraplus_lr_embedding", Class::Refused(OPTIMIZER)),
-    ("loraplus_lr_ratio", Class::Refused(OPTIMIZER)),
+    (
+        "loraplus_lr_embedding",
+        Class::NoEffect("LoRA+'s rate for embedding LoRA layers: kiln's LoRA adapts linear layers only"),
+    ),
     ("lr_div_factor", Class::Refused(OPTIMIZER)),
     ("lr_groups", Class::Refused(OPTIMIZER)),
     ("lr_scheduler_kwargs", Class::Refused(OPTIMIZER)),

@@ -154,6 +154,10 @@ pub struct OptimSettings {
     /// Warmup rises as the square of its progress (`lr_quadratic_warmup`).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub lr_quadratic_warmup: bool,
+    /// LoRA+: the B matrices (and 1-d trained vectors) learn at this multiple of learning_rate
+    /// (`loraplus_lr_ratio`, as PEFT's `create_loraplus_optimizer`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loraplus_lr_ratio: Option<f64>,
 }
 
 impl OptimSettings {
@@ -386,6 +390,7 @@ pub fn handled(key: &str) -> bool {
             | "noisy_embedding_alpha"
             | "plugins"
             | "chat_template_kwargs"
+            | "loraplus_lr_ratio"
     )
 }
 
@@ -914,6 +919,22 @@ fn read_train(r: &mut Reader<'_, '_, '_>, merge_lora: bool) -> TrainSettings {
     let cosine_min_lr_ratio = unit(r, "cosine_min_lr_ratio", true);
     let cosine_constant_lr_ratio = unit(r, "cosine_constant_lr_ratio", true);
     let lr_quadratic_warmup = r.bool("lr_quadratic_warmup").unwrap_or(false);
+    let loraplus_lr_ratio = r.f64("loraplus_lr_ratio");
+    if let Some(x) = loraplus_lr_ratio {
+        if x <= 0.0 {
+            r.ctx.error(
+                &r.path("loraplus_lr_ratio"),
+                format!("{x} must be positive"),
+                Some("LoRA+ papers use 2 to 16, e.g. 16".into()),
+            );
+        } else if r.get("adapter").is_none() {
+            r.ctx.error(
+                &r.path("loraplus_lr_ratio"),
+                "LoRA+ needs a LoRA adapter, and this config fully fine-tunes",
+                Some("set `adapter: lora`, or remove loraplus_lr_ratio".into()),
+            );
+        }
+    }
     // `warmup_steps` below 1 is a fraction of the run, as in Transformers' TrainingArguments.
     let mut warmup_ratio = r.f64("warmup_ratio");
     let warmup_steps = match r.f64("warmup_steps") {
@@ -964,6 +985,7 @@ fn read_train(r: &mut Reader<'_, '_, '_>, merge_lora: bool) -> TrainSettings {
             cosine_min_lr_ratio,
             cosine_constant_lr_ratio,
             lr_quadratic_warmup,
+            loraplus_lr_ratio: loraplus_lr_ratio.filter(|x| *x != 1.0),
         },
         steps: StepSettings {
             num_epochs: r.f64("num_epochs").unwrap_or(1.0),

@@ -341,6 +341,18 @@ impl Train {
         Ok(())
     }
 
+    /// Each trained variable's learning-rate multiplier: LoRA+ (`loraplus_lr_ratio`) gives the
+    /// B matrices and 1-d vectors (DoRA magnitudes, norms trained whole) the ratio, as PEFT's
+    /// `create_loraplus_optimizer` groups them; 1 otherwise.
+    fn lr_scales(&self, vars: &[(String, candle_core::Var)]) -> Vec<f64> {
+        vars.iter()
+            .map(|(name, v)| match self.optim.loraplus_lr_ratio {
+                Some(r) if name.contains("lora_B") || v.as_tensor().rank() == 1 => r,
+                _ => 1.0,
+            })
+            .collect()
+    }
+
     /// Learning rate at optimizer step `step` (0-based) of `total`: linear warmup, then the
     /// schedule (cosine to 0, linear to 0, or constant).
     pub fn lr_at(&self, step: u64, total: u64) -> f64 {
@@ -408,6 +420,7 @@ impl Stage for Train {
             self.optim.weight_decay,
         )?;
         (opt.beta1, opt.beta2, opt.eps) = self.optim.betas();
+        opt.lr_scale = self.lr_scales(&vars);
         let data = PackedSplit::read(&pack_up.dir.join("train"))?;
         let n_bins = data.header.bins as usize;
         let mbs = self.steps.micro_batch_size.max(1) as usize;
@@ -698,6 +711,7 @@ impl Train {
             self.optim.weight_decay,
         )?;
         (opt.beta1, opt.beta2, opt.eps) = self.optim.betas();
+        opt.lr_scale = self.lr_scales(&vars);
         let data = PackedSplit::read(&pack_dir.join("train"))?;
         let n = data.header.bins as usize;
         let mbs = self.steps.micro_batch_size.max(1) as usize;

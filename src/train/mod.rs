@@ -287,6 +287,8 @@ pub struct AdamW {
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
+    /// Each variable's learning-rate multiplier (1 for all but LoRA+'s B matrices).
+    pub lr_scale: Vec<f64>,
     /// In-place update passes on f32 CPU tensors (see adamw_ops.rs); off = composed candle ops
     /// (the reference the tests compare with).
     pub fused: bool,
@@ -294,6 +296,7 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn new(vars: Vec<Var>, weight_decay: f64) -> Result<Self, ModelError> {
+        let n_vars = vars.len();
         let m = vars
             .iter()
             .map(|v| v.as_tensor().zeros_like())
@@ -312,6 +315,7 @@ impl AdamW {
             beta2: 0.999,
             eps: 1e-8,
             weight_decay,
+            lr_scale: vec![1.0; n_vars],
             fused: true,
         })
     }
@@ -377,7 +381,7 @@ impl AdamW {
                     &self.m[i],
                     &self.v[i],
                     &adamw_ops::Apply {
-                        lr: lr as f32,
+                        lr: (lr * self.lr_scale[i]) as f32,
                         weight_decay: self.weight_decay as f32,
                         bc1: bc1 as f32,
                         bc2: bc2 as f32,
@@ -393,6 +397,7 @@ impl AdamW {
             self.v[i] = ((&self.v[i] * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
             let denom = ((&self.v[i] / bc2)?.sqrt()? + self.eps)?;
             let upd = ((&self.m[i] / bc1)? / denom)?;
+            let lr = lr * self.lr_scale[i];
             let theta = (var.as_tensor() * (1.0 - lr * self.weight_decay))?;
             var.set(&(theta - (upd * lr)?)?)?;
         }

@@ -427,3 +427,49 @@ fn loraplus_scales_the_b_matrices_learning_rate() {
     let (e, _) = problems("loraplus_lr_ratio: 16\n");
     assert!(e.join("\n").contains("LoRA+ needs a LoRA adapter"), "{e:?}");
 }
+
+/// kiln's own corpus in the style of Axolotl's examples, one per family (Llama 3, Mistral,
+/// Qwen2, Qwen3, Gemma, Phi), with plugins and trainer keys: each validates, nothing is
+/// "unknown", and the keys kiln reads took effect.
+#[test]
+fn a_corpus_of_real_style_configs_validates_and_reads_its_keys() {
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/axolotl-corpus");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap().flatten() {
+        let path = e.path();
+        let loaded = match kiln::config::load(&path, &[]) {
+            Ok(l) => l,
+            Err(e) => panic!("{}: {e}", path.display()),
+        };
+        for w in &loaded.warnings {
+            assert!(!w.message.contains("unknown"), "{}: {w}", path.display());
+        }
+        let s = &loaded.settings;
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        match name.as_str() {
+            "mistral-lora-alpaca.yml" => {
+                assert_eq!(s.train.steps.gradient_accumulation_steps, 4);
+                assert_eq!(s.train.optim.loraplus_lr_ratio, Some(16.0));
+            }
+            "qwen3-chat-kwargs.yml" => {
+                assert_eq!(s.chat_template_kwargs["enable_thinking"], false);
+                assert_eq!(s.train.optim.warmup_ratio, Some(0.03));
+                assert_eq!(s.train.optim.cosine_constant_lr_ratio, Some(0.9));
+            }
+            "gemma-lora.yml" => assert_eq!(s.train.neftune_noise_alpha, Some(5.0)),
+            "phi3-lora.yml" => assert_eq!(s.train.optim.adam_beta2, Some(0.95)),
+            "llama3-lora-liger.yml" => {
+                assert_eq!(s.train.optim.cosine_min_lr_ratio, Some(0.1));
+                assert_eq!(s.train.optim.adam_epsilon, Some(1e-6));
+            }
+            "qwen2-full-ft.yml" => {
+                assert!(s.train.adapter.is_none());
+                assert!(s.train.optim.lr_quadratic_warmup);
+            }
+            other => panic!("{other}: add its checks here"),
+        }
+        n += 1;
+    }
+    assert_eq!(n, 6);
+}

@@ -82,10 +82,7 @@ fn real_config_keys_get_the_right_answer() {
         ("rl: dpo\n", "rl"),
         ("reward_model: true\n", "reward_model"),
         ("gptq: true\n", "gptq"),
-        (
-            "unfrozen_parameters: ['^lm_head.weight$']\n",
-            "unfrozen_parameters",
-        ),
+        ("early_stopping_patience: 3\n", "early_stopping_patience"),
         (
             "pretraining_dataset:\n  - path: allenai/c4\n",
             "pretraining_dataset",
@@ -472,4 +469,48 @@ fn a_corpus_of_real_style_configs_validates_and_reads_its_keys() {
         n += 1;
     }
     assert_eq!(n, 6);
+}
+
+#[test]
+fn unfrozen_parameters_train_only_the_matching_weights() {
+    let p = Project::new("max_steps: 2\nlearning_rate: 1e-2\nwarmup_steps: 0\nseed: 2\nunfrozen_parameters:\n  - model\\.layers\\.1\\.\n  - ^model.norm\n");
+    write_tiny_model_dir(&p.path("model"), 4);
+    one_thread();
+    p.run(&[]);
+    let load = |path: std::path::PathBuf| {
+        candle_core::safetensors::load(path, &candle_core::Device::Cpu).unwrap()
+    };
+    let base = load(p.path("model/model.safetensors"));
+    let out = load(
+        p.ws(&[])
+            .entry_of("train")
+            .unwrap()
+            .join("model.safetensors"),
+    );
+    let same = |n: &str| {
+        let a: Vec<f32> = base[n].flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = out[n].flatten_all().unwrap().to_vec1().unwrap();
+        a == b
+    };
+    assert!(
+        same("model.layers.0.self_attn.q_proj.weight"),
+        "layer 0 is frozen"
+    );
+    assert!(same("model.embed_tokens.weight"), "embeddings are frozen");
+    assert!(
+        !same("model.layers.1.mlp.down_proj.weight"),
+        "layer 1 trains"
+    );
+    assert!(!same("model.norm.weight"), "the final norm trains");
+    // Patterns that match nothing, or with LoRA, are refused.
+    let (e, _) = problems("adapter: lora\nunfrozen_parameters: [lm_head]\n");
+    assert!(
+        e.join("\n").contains("this config trains a LoRA adapter"),
+        "{e:?}"
+    );
+    let (e, _) = problems("unfrozen_parameters: ['^lm_head.weight[:1000]']\n");
+    assert!(
+        e.join("\n").contains("not supported yet: a row range"),
+        "{e:?}"
+    );
 }

@@ -289,7 +289,6 @@ pub const TOP_LEVEL: &[(&str, Class)] = &[
     ("lisa_layers_attribute", Class::Refused(PARTIAL)),
     ("lisa_n_layers", Class::Refused(PARTIAL)),
     ("lisa_step_interval", Class::Refused(PARTIAL)),
-    ("unfrozen_parameters", Class::Refused(PARTIAL)),
     // Vocabulary and embeddings.
     ("added_tokens_overrides", Class::Refused(EMBEDDINGS)),
     ("fix_untrained_tokens", Class::Refused(EMBEDDINGS)),

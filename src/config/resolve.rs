@@ -205,6 +205,9 @@ pub struct TrainSettings {
     pub optimizer: String,
     pub logging_steps: Option<u64>,
     pub neftune_noise_alpha: Option<f64>,
+    /// `unfrozen_parameters`: with full fine-tuning, only the weights whose names match one of
+    /// these regexes (anchored at the start, as Python's re.match) train.
+    pub unfrozen_parameters: Vec<String>,
     /// `resume_from_checkpoint`: a kiln `checkpoint-N/` directory the train stage starts from
     /// (its files are fetched inputs of the stage).
     pub resume_from_checkpoint: Option<PathBuf>,
@@ -391,6 +394,7 @@ pub fn handled(key: &str) -> bool {
             | "plugins"
             | "chat_template_kwargs"
             | "loraplus_lr_ratio"
+            | "unfrozen_parameters"
     )
 }
 
@@ -1006,6 +1010,7 @@ fn read_train(r: &mut Reader<'_, '_, '_>, merge_lora: bool) -> TrainSettings {
             .unwrap_or_else(|| "adamw_torch".into()),
         logging_steps: r.u64("logging_steps"),
         neftune_noise_alpha: neftune.filter(|a| *a > 0.0),
+        unfrozen_parameters: read_unfrozen(r),
         resume_from_checkpoint: r
             .string("resume_from_checkpoint")
             .map(|d| r.ctx.dir.join(d)),
@@ -1522,6 +1527,36 @@ fn looks_like_hub_id(s: &str) -> bool {
 
 /// Resolves a path written in the config: relative to the config's directory first, then to the
 /// working directory.
+/// `unfrozen_parameters`: regexes of the weights that train (full fine-tuning only). Axolotl's
+/// `name[start:end]` row ranges are not supported yet.
+fn read_unfrozen(r: &mut Reader<'_, '_, '_>) -> Vec<String> {
+    let Some(list) = r.str_list("unfrozen_parameters") else {
+        return Vec::new();
+    };
+    if r.get("adapter").is_some() {
+        r.ctx.error(
+            &r.path("unfrozen_parameters"),
+            "chooses the weights a full fine-tune trains, and this config trains a LoRA adapter",
+            Some("remove `adapter` to fine-tune only these weights, or use lora_modules_to_save to train modules whole beside the LoRA".into()),
+        );
+    }
+    for (i, pat) in list.iter().enumerate() {
+        let mut p = r.path("unfrozen_parameters");
+        p.push(Seg::Index(i));
+        if pat.trim_end().ends_with(']') && pat.contains('[') && pat.contains(':') {
+            r.ctx.error(
+                &p,
+                format!("not supported yet: a row range (`{pat}`)"),
+                Some("unfreeze whole weights".into()),
+            );
+        } else if let Err(e) = regex::Regex::new(&format!("^(?:{pat})")) {
+            r.ctx
+                .error(&p, format!("not a regular expression: {e}"), None);
+        }
+    }
+    list
+}
+
 /// `chat_template_kwargs`: a mapping of extra template variables (`enable_thinking: false`). The
 /// variables kiln sets itself (`messages`, `bos_token`, …) cannot be overridden.
 fn read_template_kwargs(

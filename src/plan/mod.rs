@@ -360,6 +360,7 @@ fn train_stages(
                     cadence: t.cadence.clone(),
                     seed: s.seed,
                     neftune_noise_alpha: t.neftune_noise_alpha,
+                    unfrozen_parameters: t.unfrozen_parameters.clone(),
                     from_checkpoint: t.resume_from_checkpoint.is_some(),
                 },
                 TrainNeutral {

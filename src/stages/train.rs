@@ -32,6 +32,10 @@ pub struct Train {
     pub cadence: CadenceSettings,
     pub seed: u64,
     pub neftune_noise_alpha: Option<f64>,
+    /// `unfrozen_parameters` (full fine-tuning): the weights that train; all when empty (and
+    /// then absent from the key).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unfrozen_parameters: Vec<String>,
     /// `resume_from_checkpoint`: a third upstream holds the checkpoint to start from.
     #[serde(rename = "resume_from_checkpoint")]
     pub from_checkpoint: bool,
@@ -244,7 +248,25 @@ impl Train {
         device: &Device,
     ) -> Result<Vec<(String, candle_core::Var)>, StageError> {
         Ok(match &self.method {
-            TrainMethod::Full => crate::train::attach_full(model)?,
+            TrainMethod::Full => {
+                let pats = self
+                    .unfrozen_parameters
+                    .iter()
+                    .map(|p| {
+                        regex::Regex::new(&format!("^(?:{p})")).map_err(|e| {
+                            StageError::Invalid(format!("unfrozen_parameters `{p}`: {e}"))
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                let vars = crate::train::attach_full_matching(model, &pats)?;
+                if vars.is_empty() {
+                    return Err(StageError::Invalid(format!(
+                        "unfrozen_parameters {:?} match no weight of the model (names look like model.layers.0.mlp.down_proj.weight, lm_head.weight)",
+                        self.unfrozen_parameters
+                    )));
+                }
+                vars
+            }
             TrainMethod::Lora(l) => {
                 let mut vars = attach_lora(model, &Self::lora_spec(l), self.seed, device)?;
                 crate::train::enable_lora_dropout(model, l.lora_dropout);

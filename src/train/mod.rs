@@ -165,8 +165,25 @@ pub fn attach_modules_to_save(
 /// Full fine-tuning: every weight becomes a trainable variable (its storage shared with the
 /// model, so optimizer updates are seen by the next forward). Returns them with their HF names.
 pub fn attach_full(model: &mut Llama) -> Result<Vec<(String, Var)>, ModelError> {
+    attach_full_matching(model, &[])
+}
+
+/// As [`attach_full`], training only the weights whose names match one of `patterns` (all of
+/// them when `patterns` is empty; Axolotl's `unfrozen_parameters`). The others stay frozen
+/// tensors: no gradient, no optimizer state.
+pub fn attach_full_matching(
+    model: &mut Llama,
+    patterns: &[regex::Regex],
+) -> Result<Vec<(String, Var)>, ModelError> {
     let mut vars = Vec::new();
     for (name, t) in model.tensors_mut() {
+        if !patterns.is_empty() && !patterns.iter().any(|p| p.is_match(&name)) {
+            // Frozen, in the dtype the trained weights compute in.
+            if t.dtype() != DType::F32 {
+                *t = t.to_dtype(DType::F32)?;
+            }
+            continue;
+        }
         let v = Var::from_tensor(&t.to_dtype(DType::F32)?)?;
         *t = v.as_tensor().clone();
         vars.push((name, v));

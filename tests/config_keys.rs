@@ -502,10 +502,12 @@ fn unfrozen_parameters_train_only_the_matching_weights() {
         "layer 1 trains"
     );
     assert!(!same("model.norm.weight"), "the final norm trains");
-    // Patterns that match nothing, or with LoRA, are refused.
+    // With LoRA, or with row ranges: not supported yet.
     let (e, _) = problems("adapter: lora\nunfrozen_parameters: [lm_head]\n");
     assert!(
-        e.join("\n").contains("this config trains a LoRA adapter"),
+        e.join("\n").contains(
+            "`unfrozen_parameters`: not supported yet: unfrozen_parameters with an adapter"
+        ),
         "{e:?}"
     );
     let (e, _) = problems("unfrozen_parameters: ['^lm_head.weight[:1000]']\n");

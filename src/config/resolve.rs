@@ -1536,7 +1536,7 @@ fn read_unfrozen(r: &mut Reader<'_, '_, '_>) -> Vec<String> {
     if r.get("adapter").is_some() {
         r.ctx.error(
             &r.path("unfrozen_parameters"),
-            "chooses the weights a full fine-tune trains, and this config trains a LoRA adapter",
+            "not supported yet: unfrozen_parameters with an adapter (kiln applies it to full fine-tuning, choosing the weights that train)",
             Some("remove `adapter` to fine-tune only these weights, or use lora_modules_to_save to train modules whole beside the LoRA".into()),
         );
     }

@@ -30,6 +30,17 @@ const PREFERENCE: &str = "preference and RL training (DPO, IPO, ORPO, KTO, SimPO
 const QUANTIZED: &str =
     "quantized or quantization-aware training (kiln trains LoRA on the model as loaded)";
 const LOW_BIT_BASE: &str = "loading the base weights in 8 or 4 bits; kiln trains the LoRA on the base weights as stored (more memory, no quantization error; `adapter: qlora` is refused)";
+const SYNTHETIC: &str = "synthetic datasets";
+const THINKING: &str = "reasoning traces in a separate field (put them in the content)";
+const PER_MESSAGE: &str = "per-message training flags";
+const DISTILL: &str = "knowledge distillation from a teacher's logits";
+const STEPWISE: &str = "stepwise supervised (process reward) datasets";
+const USER_FORMAT: &str = "user-defined prompt formats";
+const FASTCHAT: &str = "fastchat conversation templates (use `chat_template`)";
+const PACKING: &str = "packing heuristics (kiln packs to sequence_len)";
+const ORDER: &str = "sample order heuristics (kiln shuffles with `seed`)";
+const CHECKPOINT_POLICY: &str = "checkpoint policies beyond save_steps / save_total_limit";
+const WATCHDOG: &str = "stopping a run whose loss diverges";
 const CLOUD: &str = "an `axolotl cloud` launcher setting; kiln runs on this machine";
 const OPTIMIZER: &str = "an optimizer or schedule variant kiln does not implement; kiln's AdamW would train with other settings";
 const PARTIAL: &str = "training a chosen subset of parameters or layers; kiln trains every LoRA target (or every weight)";
@@ -364,25 +375,25 @@ pub const TOP_LEVEL: &[(&str, Class)] = &[
     ("greater_is_better", Class::Later(EVAL_EXTRA)),
     ("metric_for_best_model", Class::Later(EVAL_EXTRA)),
     ("num_generation_samples", Class::Later(EVAL_EXTRA)),
-    ("loss_watchdog_patience", Class::Later("stopping a run whose loss diverges")),
-    ("loss_watchdog_threshold", Class::Later("stopping a run whose loss diverges")),
-    ("curriculum_sampling", Class::Later("sample order heuristics (kiln shuffles with `seed`)")),
-    ("dataloader_drop_last", Class::Later("sample order heuristics (kiln shuffles with `seed`)")),
-    ("max_packed_sequence_len", Class::Later("packing heuristics (kiln packs to sequence_len)")),
-    ("multipack_real_batches", Class::Later("packing heuristics (kiln packs to sequence_len)")),
-    ("sample_packing_bin_size", Class::Later("packing heuristics (kiln packs to sequence_len)")),
-    ("sample_packing_group_size", Class::Later("packing heuristics (kiln packs to sequence_len)")),
-    ("sample_packing_sequentially", Class::Later("packing heuristics (kiln packs to sequence_len)")),
-    ("shuffle_before_merging_datasets", Class::Later("sample order heuristics (kiln shuffles with `seed`)")),
+    ("loss_watchdog_patience", Class::Later(WATCHDOG)),
+    ("loss_watchdog_threshold", Class::Later(WATCHDOG)),
+    ("curriculum_sampling", Class::Later(ORDER)),
+    ("dataloader_drop_last", Class::Later(ORDER)),
+    ("max_packed_sequence_len", Class::Later(PACKING)),
+    ("multipack_real_batches", Class::Later(PACKING)),
+    ("sample_packing_bin_size", Class::Later(PACKING)),
+    ("sample_packing_group_size", Class::Later(PACKING)),
+    ("sample_packing_sequentially", Class::Later(PACKING)),
+    ("shuffle_before_merging_datasets", Class::Later(ORDER)),
     ("pretrain_multipack_attn", Class::Later(PRETRAINING)),
     ("pretrain_multipack_buffer_size", Class::Later(PRETRAINING)),
     ("pretraining_sample_concatenation", Class::Later(PRETRAINING)),
     ("streaming", Class::Later(PRETRAINING)),
     ("streaming_multipack_buffer_size", Class::Later(PRETRAINING)),
-    ("dynamic_checkpoint", Class::Later("checkpoint policies beyond save_steps / save_total_limit")),
-    ("save_first_step", Class::Later("checkpoint policies beyond save_steps / save_total_limit")),
-    ("save_only_model", Class::Later("checkpoint policies beyond save_steps / save_total_limit")),
-    ("save_strategy", Class::Later("checkpoint policies beyond save_steps / save_total_limit")),
+    ("dynamic_checkpoint", Class::Later(CHECKPOINT_POLICY)),
+    ("save_first_step", Class::Later(CHECKPOINT_POLICY)),
+    ("save_only_model", Class::Later(CHECKPOINT_POLICY)),
+    ("save_strategy", Class::Later(CHECKPOINT_POLICY)),
     ("llama4_linearized_experts", Class::Later(MOE)),
     ("role_boundaries", Class::Refused("custom role boundaries for the loss mask (kiln finds each turn by rendering the template)")),
     ("tokenizer_use_mistral_common", Class::Later("mistral-common tokenization (kiln reads tokenizer.json)")),
@@ -489,7 +500,7 @@ pub const PLUGINS: &[Plugin] = &[
         name: "knowledge distillation",
         class: "axolotl.integrations.kd.KDPlugin",
         keys: &["kd_"],
-        class_of_keys: Class::Refused("knowledge distillation from a teacher's logits"),
+        class_of_keys: Class::Refused(DISTILL),
     },
     Plugin {
         name: "Grokfast",
@@ -546,55 +557,25 @@ pub const DATASET: &[(&str, Class)] = &[
     ("field_rejected", Class::Refused(PREFERENCE)),
     ("prompt_format", Class::Refused(PREFERENCE)),
     ("rejected_format", Class::Refused(PREFERENCE)),
-    (
-        "max_completion_length",
-        Class::Refused("stepwise supervised (process reward) datasets"),
-    ),
-    (
-        "step_separator",
-        Class::Refused("stepwise supervised (process reward) datasets"),
-    ),
-    (
-        "train_on_last_step_only",
-        Class::Refused("stepwise supervised (process reward) datasets"),
-    ),
-    ("length", Class::Refused("synthetic datasets")),
-    ("max_input_id", Class::Refused("synthetic datasets")),
-    ("min_input_id", Class::Refused("synthetic datasets")),
-    ("sequence_length", Class::Refused("synthetic datasets")),
-    ("seed", Class::Refused("synthetic datasets")),
-    (
-        "logprobs_field",
-        Class::Refused("knowledge distillation from a teacher's logits"),
-    ),
-    (
-        "temperature",
-        Class::Refused("knowledge distillation from a teacher's logits"),
-    ),
-    (
-        "field_thinking",
-        Class::Refused("reasoning traces in a separate field (put them in the content)"),
-    ),
-    (
-        "split_thinking",
-        Class::Refused("reasoning traces in a separate field (put them in the content)"),
-    ),
-    (
-        "template_thinking_key",
-        Class::Refused("reasoning traces in a separate field (put them in the content)"),
-    ),
+    ("max_completion_length", Class::Refused(STEPWISE)),
+    ("step_separator", Class::Refused(STEPWISE)),
+    ("train_on_last_step_only", Class::Refused(STEPWISE)),
+    ("length", Class::Refused(SYNTHETIC)),
+    ("max_input_id", Class::Refused(SYNTHETIC)),
+    ("min_input_id", Class::Refused(SYNTHETIC)),
+    ("sequence_length", Class::Refused(SYNTHETIC)),
+    ("seed", Class::Refused(SYNTHETIC)),
+    ("logprobs_field", Class::Refused(DISTILL)),
+    ("temperature", Class::Refused(DISTILL)),
+    ("field_thinking", Class::Refused(THINKING)),
+    ("split_thinking", Class::Refused(THINKING)),
+    ("template_thinking_key", Class::Refused(THINKING)),
     (
         "field_tools",
         Class::Refused("tool definitions passed to the chat template"),
     ),
-    (
-        "message_field_training",
-        Class::Refused("per-message training flags"),
-    ),
-    (
-        "message_field_training_detail",
-        Class::Refused("per-message training flags"),
-    ),
+    ("message_field_training", Class::Refused(PER_MESSAGE)),
+    ("message_field_training_detail", Class::Refused(PER_MESSAGE)),
     (
         "input_transform",
         Class::Refused("custom Python transforms of the records"),
@@ -609,35 +590,14 @@ pub const DATASET: &[(&str, Class)] = &[
     ("pad_token", Class::Refused(EMBEDDINGS)),
     ("unk_token", Class::Refused(EMBEDDINGS)),
     ("text_column", Class::Refused(PRETRAINING)),
-    (
-        "conversation",
-        Class::Refused("fastchat conversation templates (use `chat_template`)"),
-    ),
-    (
-        "field_human",
-        Class::Refused("fastchat conversation templates (use `chat_template`)"),
-    ),
-    (
-        "field_model",
-        Class::Refused("fastchat conversation templates (use `chat_template`)"),
-    ),
-    ("format", Class::Refused("user-defined prompt formats")),
-    (
-        "no_input_format",
-        Class::Refused("user-defined prompt formats"),
-    ),
-    (
-        "system_format",
-        Class::Refused("user-defined prompt formats"),
-    ),
-    (
-        "system_prompt",
-        Class::Refused("user-defined prompt formats"),
-    ),
-    (
-        "input_format",
-        Class::Refused("user-defined prompt formats"),
-    ),
+    ("conversation", Class::Refused(FASTCHAT)),
+    ("field_human", Class::Refused(FASTCHAT)),
+    ("field_model", Class::Refused(FASTCHAT)),
+    ("format", Class::Refused(USER_FORMAT)),
+    ("no_input_format", Class::Refused(USER_FORMAT)),
+    ("system_format", Class::Refused(USER_FORMAT)),
+    ("system_prompt", Class::Refused(USER_FORMAT)),
+    ("input_format", Class::Refused(USER_FORMAT)),
     (
         "train_on_eot",
         Class::Later(

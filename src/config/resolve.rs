@@ -1398,7 +1398,7 @@ fn template_choice(
                 .map(|s| format!("did you mean `{s}`?"))
                 .unwrap_or_else(|| format!("use one of: {}", all.join(", ")));
             // Rendering with another template would train on other text: always an error.
-            if axolotl_template_names().contains(&other) {
+            if OTHER_AXOLOTL_TEMPLATES.contains(&other) {
                 ctx.error(
                     path,
                     format!("not supported yet: chat_template `{other}` (kiln has no built-in copy of it)"),
@@ -1450,48 +1450,14 @@ const MODEL_TEMPLATES: &[&str] = &[
     "seed_oss",
 ];
 
-fn axolotl_template_names() -> &'static [&'static str] {
-    &[
-        "alpaca",
-        "mistral_v2v3",
-        "mistral_v3_tekken",
-        "mistral_v7_tekken",
-        "gemma3",
-        "cohere",
-        "llama3_2_vision",
-        "llama4",
-        "phi_35",
-        "deepseek_v2",
-        "deepseek_v3",
-        "jamba",
-        "jinja",
-        "qwen_25",
-        "qwen3",
-        "falcon_h1",
-        "tokenizer_default_fallback_chatml",
-        "exaone",
-        "metharme",
-        "pixtral",
-        "llava",
-        "command_a",
-        "aya",
-        "qwen3_5",
-        "gemma3n",
-        "gemma4",
-        "gemma4_unified",
-        "qwen2_vl",
-        "qwen3_vl",
-        "lfm2",
-        "lfm2_vl",
-        "granite",
-        "smolvlm",
-        "ernie",
-        "glm4",
-        "gpt_oss",
-        "seed_oss",
-        "inst",
-    ]
-}
+/// Axolotl's other template names (kiln has no copy of them): refused, never "unknown". The
+/// model-family names are [`MODEL_TEMPLATES`], matched first.
+const OTHER_AXOLOTL_TEMPLATES: &[&str] = &[
+    "alpaca",
+    "tokenizer_default_fallback_chatml",
+    "metharme",
+    "inst",
+];
 
 fn looks_like_hub_id(s: &str) -> bool {
     // `data/train.jsonl`, `models/x.gguf`: a file name, so a missing local file, not a repo.

@@ -967,6 +967,7 @@ pub fn train(
         // also the head, so it counts once.
         let params: usize = m
             .to_weights()
+            .map_err(crate::stages::StageError::from)?
             .values()
             .map(|t| t.elem_count())
             .sum::<usize>()

@@ -92,7 +92,9 @@ fn frozen_linear_matches_matmul_forward_and_input_gradient() {
     let plain = x.as_tensor().broadcast_matmul(&w.t().unwrap()).unwrap();
     let ours = x
         .as_tensor()
-        .apply_op1(kiln::model::frozen::FrozenLinear { weight: w.clone() })
+        .apply_op1(kiln::model::frozen::FrozenLinear {
+            weight: w.clone().into(),
+        })
         .unwrap();
     let d = (&plain - &ours)
         .unwrap()

@@ -46,6 +46,8 @@ fn lora_training_lowers_loss_and_leaves_base_weights_untouched() {
         .attn
         .q_proj
         .weight
+        .to_f32()
+        .unwrap()
         .flatten_all()
         .unwrap()
         .to_vec1::<f32>()
@@ -76,6 +78,8 @@ fn lora_training_lowers_loss_and_leaves_base_weights_untouched() {
         .attn
         .q_proj
         .weight
+        .to_f32()
+        .unwrap()
         .flatten_all()
         .unwrap()
         .to_vec1::<f32>()

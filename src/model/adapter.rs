@@ -303,12 +303,14 @@ impl PeftAdapter {
         for (path, lin) in model.linears_mut() {
             if let Some(d) = self.modules.get(&path) {
                 let delta = (d.b.matmul(&d.a)? * d.scale)?;
-                let mut w = (lin.weight.to_dtype(DType::F32)? + delta)?;
+                // A packed (QLoRA) base is widened first: the merge is into the dequantised
+                // weights, as PEFT merges into a bitsandbytes layer.
+                let mut w = (lin.weight.to_f32()? + delta)?;
                 if let Some(m) = &d.magnitude {
                     let norm = w.sqr()?.sum_keepdim(1)?.sqrt()?;
                     w = w.broadcast_mul(&m.unsqueeze(1)?.div(&norm)?)?;
                 }
-                lin.weight = w;
+                lin.weight = w.into();
                 lin.lora = None;
             }
         }

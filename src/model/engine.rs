@@ -318,7 +318,7 @@ impl Mat {
     }
 
     /// Keeps the GGUF's quantized blocks when kiln has a kernel for them, else widens to f32.
-    fn from_qtensor(q: &QTensor) -> Result<Self, ModelError> {
+    pub(crate) fn from_qtensor(q: &QTensor) -> Result<Self, ModelError> {
         let (n, k) = match q.shape().dims() {
             [n, k] => (*n, *k),
             d => {
@@ -385,6 +385,15 @@ impl Mat {
             Rows::Q5K(_) => "q5_k",
             Rows::Q6K(_) => "q6_k",
         }
+    }
+
+    /// Rows `r0..r1` as f32, row-major into `out` ((r1 − r0) × k values).
+    pub(crate) fn widen_rows(&self, r0: usize, r1: usize, out: &mut [f32]) {
+        let k = self.k;
+        with_rows!(&self.rows, v => {
+            let kb = k / block_size_of(v);
+            Blocks::widen(&v[r0 * kb..r1 * kb], out)
+        }, f => out.copy_from_slice(&f[r0 * k..r1 * k]))
     }
 
     /// Row `i` as f32 (an embedding lookup).
@@ -676,7 +685,7 @@ impl Engine {
                     "the inference engine needs LoRA deltas merged into the weights first".into(),
                 ));
             }
-            mat(&l.weight)
+            mat(&l.weight.to_f32()?)
         };
         let mut blocks = Vec::with_capacity(m.layers.len());
         for l in &m.layers {

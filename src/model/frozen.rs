@@ -92,8 +92,8 @@ pub(crate) fn matmul_into(x: &[f32], w: &[f32], m: usize, n: usize, k: usize, ou
 }
 
 pub struct FrozenLinear {
-    /// (out, in), contiguous f32 on the CPU.
-    pub weight: Tensor,
+    /// (out, in): contiguous f32 on the CPU, or packed (see model/packed.rs).
+    pub weight: super::packed::BaseWeight,
 }
 
 fn err(m: &str) -> candle_core::Error {
@@ -119,18 +119,13 @@ impl CustomOp1 for FrozenLinear {
         let x = &x[a..b];
         let dims = layout.shape().dims();
         let k = *dims.last().ok_or_else(|| err("scalar input"))?;
-        let (ws, wl) = self.weight.storage_and_layout();
-        let Storage::Cpu(wc) = &*ws else {
-            return Err(err("CPU weight only"));
-        };
-        let w = super::ops::cpu_f32("frozen-linear", wc, wl, "the weight")?;
-        let n = wl.dims()[0];
-        if wl.dims().get(1) != Some(&k) {
+        let (n, wk) = self.weight.dims2()?;
+        if wk != k {
             return Err(err("weight and input disagree on the inner dimension"));
         }
         let m = x.len() / k.max(1);
         let mut dst = vec![0f32; m * n];
-        matmul_into(x, w, m, n, k, &mut dst);
+        self.weight.matmul(x, m, &mut dst)?;
         let mut out = dims.to_vec();
         if let Some(last) = out.last_mut() {
             *last = n;
@@ -151,27 +146,14 @@ impl CustomOp1 for FrozenLinear {
             return Err(err("CPU gradient only"));
         };
         let g = super::ops::cpu_f32("frozen-linear", gc, gl, "the gradient")?;
-        let (ws, wl) = self.weight.storage_and_layout();
-        let Storage::Cpu(wc) = &*ws else {
-            return Err(err("CPU weight only"));
-        };
-        let w = super::ops::cpu_f32("frozen-linear", wc, wl, "the weight")?;
-        let (n, k) = (wl.dims()[0], w.len() / wl.dims()[0].max(1));
+        let (n, k) = self.weight.dims2()?;
         let dims = grad_res.dims();
         if dims.last() != Some(&n) {
             return Err(err("gradient and weight disagree on the output dimension"));
         }
         let m = g.len() / n.max(1);
         let mut dx = vec![0f32; m * k];
-        use super::sgemm::{gemm, Mat, MatMut};
-        gemm(
-            1.0,
-            Mat::rows(g, m, n),
-            Mat::rows(w, n, k),
-            MatMut::rows(&mut dx, m, k),
-            false,
-            true,
-        );
+        self.weight.matmul_t(g, m, &mut dx)?;
         let mut shape = dims.to_vec();
         if let Some(last) = shape.last_mut() {
             *last = k;

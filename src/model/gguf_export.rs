@@ -354,7 +354,7 @@ pub fn write_gguf(
         md.push(("tokenizer.chat_template".into(), Value::String(t)));
     }
 
-    let w = model.to_weights();
+    let w = model.to_weights()?;
     let has_output = w.contains_key("lm_head.weight");
     let mut names: Vec<(String, String)> = w
         .keys()

@@ -2,6 +2,7 @@
 //! backward): RMSNorm, rotate-half RoPE with per-token position ids, grouped-query attention with
 //! an additive mask (causal, or block-diagonal causal for packed rows), SwiGLU MLP.
 
+use super::packed::BaseWeight;
 use super::weights::Weights;
 use super::{LlamaConfig, ModelError};
 use candle_core::{DType, Device, Tensor, D};
@@ -69,36 +70,42 @@ impl LoraDropout {
 
 impl LoraDelta {
     /// ‖W + s·B·A‖ per output row, without gradient.
-    pub fn dora_norm(&self, weight: &Tensor) -> Result<Tensor, ModelError> {
+    pub fn dora_norm(&self, weight: &BaseWeight) -> Result<Tensor, ModelError> {
         let delta = (self
             .b
             .as_tensor()
             .detach()
             .matmul(&self.a.as_tensor().detach())?
             * self.scale)?;
-        let w = (weight.detach().to_dtype(DType::F32)? + delta)?;
+        let w = (weight.to_f32()?.detach() + delta)?;
         Ok(w.sqr()?.sum_keepdim(1)?.sqrt()?.squeeze(1)?)
     }
 }
 
-/// A linear layer `y = x Wᵀ (+ b)`, the base weight frozen, optionally with a LoRA delta.
+/// A linear layer `y = x Wᵀ (+ b)`, the base weight frozen (dense, or packed: QLoRA and
+/// low-precision bases), optionally with a LoRA delta.
 pub struct Linear {
-    pub weight: Tensor,
+    pub weight: BaseWeight,
     pub bias: Option<Tensor>,
     pub lora: Option<LoraDelta>,
 }
 
 impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
-        let cpu_f32 =
-            x.device().is_cpu() && x.dtype() == DType::F32 && self.weight.dtype() == DType::F32;
+        let (weight_f32, trained) = match &self.weight {
+            BaseWeight::Dense(t) => (t.dtype() == DType::F32, t.is_variable()),
+            BaseWeight::Packed(_) => (true, false),
+        };
+        let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32 && weight_f32;
+        let contiguous = || -> Result<BaseWeight, ModelError> {
+            Ok(match &self.weight {
+                BaseWeight::Dense(t) => BaseWeight::Dense(t.contiguous()?),
+                p => p.clone(),
+            })
+        };
         let mut y = match &self.lora {
             // The whole LoRA layer as one op on kiln's sgemm (see model/lora_op.rs).
-            Some(l)
-                if cpu_f32
-                    && !self.weight.is_variable()
-                    && l.a.as_tensor().dtype() == DType::F32 =>
-            {
+            Some(l) if cpu_f32 && !trained && l.a.as_tensor().dtype() == DType::F32 => {
                 let mask = match &l.dropout {
                     Some((d, salt)) => d.mask(*salt, x)?,
                     None => None,
@@ -107,14 +114,14 @@ impl Linear {
                     l.a.as_tensor(),
                     l.b.as_tensor(),
                     super::lora_op::LoraLinear {
-                        weight: self.weight.contiguous()?,
+                        weight: contiguous()?,
                         scale: l.scale as f32,
                         mask,
                     },
                 )?
             }
             Some(l) => {
-                let base = x.broadcast_matmul(&self.weight.t()?)?;
+                let base = x.broadcast_matmul(&self.weight.to_f32()?.t()?)?;
                 let dropped = match &l.dropout {
                     Some((d, salt)) => d.mask(*salt, x)?.map(|m| x.mul(&m)).transpose()?,
                     None => None,
@@ -127,14 +134,17 @@ impl Linear {
                 (base + (d * l.scale)?)?
             }
             // A trained weight (full fine-tuning): both gradients from one op.
-            None if cpu_f32 && self.weight.is_variable() => x
-                .contiguous()?
-                .apply_op2(&self.weight, super::lora_op::TrainedLinear)?,
+            None if cpu_f32 && trained => match &self.weight {
+                BaseWeight::Dense(w) => x
+                    .contiguous()?
+                    .apply_op2(w, super::lora_op::TrainedLinear)?,
+                BaseWeight::Packed(_) => unreachable!("a packed weight is never trained"),
+            },
             // A frozen weight: only the input's gradient (see model/frozen.rs).
             None if cpu_f32 => x.contiguous()?.apply_op1(super::frozen::FrozenLinear {
-                weight: self.weight.contiguous()?,
+                weight: contiguous()?,
             })?,
-            None => x.broadcast_matmul(&self.weight.t()?)?,
+            None => x.broadcast_matmul(&self.weight.to_f32()?.t()?)?,
         };
         if let Some(l) = &self.lora {
             if let Some(m) = &l.magnitude {
@@ -325,7 +335,10 @@ impl Llama {
                 ("mlp.up_proj", &mut l.mlp.up_proj),
                 ("mlp.down_proj", &mut l.mlp.down_proj),
             ] {
-                out.push((format!("{p}.{n}.weight"), &mut lin.weight));
+                // A packed base weight is frozen for good (never trained in full).
+                if let BaseWeight::Dense(w) = &mut lin.weight {
+                    out.push((format!("{p}.{n}.weight"), w));
+                }
                 if let Some(b) = &mut lin.bias {
                     out.push((format!("{p}.{n}.bias"), b));
                 }
@@ -338,9 +351,9 @@ impl Llama {
         out
     }
 
-    /// The weights under their HF names (the inverse of [`Llama::from_weights`]); LoRA deltas
-    /// are not included (merge them first).
-    pub fn to_weights(&self) -> Weights {
+    /// The weights under their HF names (the inverse of [`Llama::from_weights`]), packed ones
+    /// widened to f32; LoRA deltas are not included (merge them first).
+    pub fn to_weights(&self) -> Result<Weights, ModelError> {
         let mut w = Weights::new();
         w.insert(
             "model.embed_tokens.weight".into(),
@@ -369,13 +382,17 @@ impl Llama {
                 ("mlp.up_proj", &l.mlp.up_proj),
                 ("mlp.down_proj", &l.mlp.down_proj),
             ] {
-                w.insert(format!("{p}.{n}.weight"), lin.weight.clone());
+                let t = match &lin.weight {
+                    BaseWeight::Dense(t) => t.clone(),
+                    BaseWeight::Packed(p) => p.to_tensor()?,
+                };
+                w.insert(format!("{p}.{n}.weight"), t);
                 if let Some(b) = &lin.bias {
                     w.insert(format!("{p}.{n}.bias"), b.clone());
                 }
             }
         }
-        w
+        Ok(w)
     }
 
     pub fn from_weights(
@@ -399,7 +416,7 @@ impl Llama {
             let p = format!("model.layers.{i}");
             let mut lin = |n: &str, bias: bool| -> Result<Linear, ModelError> {
                 Ok(Linear {
-                    weight: take(&format!("{p}.{n}.weight"))?,
+                    weight: take(&format!("{p}.{n}.weight"))?.into(),
                     bias: if bias {
                         Some(take(&format!("{p}.{n}.bias"))?)
                     } else {
@@ -563,7 +580,7 @@ impl Llama {
         // The head is frozen (LoRA trains deltas only): the largest matmul of the model, so the
         // skipped weight gradient matters most here.
         Linear {
-            weight: head.clone(),
+            weight: head.clone().into(),
             bias: None,
             lora: None,
         }

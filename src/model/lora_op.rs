@@ -53,7 +53,7 @@ fn out_shape(x_dims: &[usize], last: usize) -> Shape {
 
 /// `y = x·Wᵀ + scale·((x ⊙ mask)·Aᵀ)·Bᵀ`: inputs x (…, k), A (r, k), B (n, r); W (n, k) frozen.
 pub struct LoraLinear {
-    pub weight: Tensor,
+    pub weight: super::packed::BaseWeight,
     pub scale: f32,
     /// LoRA dropout's mask on A's input (0 or 1/(1−p)), shaped like x.
     pub mask: Option<Tensor>,
@@ -93,7 +93,8 @@ impl CustomOp3 for LoraLinear {
         let x = super::ops::cpu_f32("linear", xs, xl, "input")?;
         let a = super::ops::cpu_f32("linear", as_, al, "lora_A")?;
         let b = super::ops::cpu_f32("linear", bs, bl, "lora_B")?;
-        let (m, n, k) = geometry(xl.dims(), self.weight.dims())?;
+        let (wn, wk) = self.weight.dims2()?;
+        let (m, n, k) = geometry(xl.dims(), &[wn, wk])?;
         let r = al.dims().first().copied().unwrap_or(0);
         if al.dims() != [r, k] || bl.dims() != [n, r] {
             return Err(err(format!(
@@ -103,10 +104,7 @@ impl CustomOp3 for LoraLinear {
             )));
         }
         let mut y = vec![0f32; m * n];
-        with_f32(&self.weight, "weight", |w| {
-            super::frozen::matmul_into(x, w, m, n, k, &mut y);
-            Ok(())
-        })?;
+        self.weight.matmul(x, m, &mut y)?;
         let mut buf = Vec::new();
         let xm = self.masked(x, &mut buf)?;
         let mut h = vec![0f32; m * r];
@@ -137,7 +135,8 @@ impl CustomOp3 for LoraLinear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (m, n, k) = geometry(x.dims(), self.weight.dims())?;
+        let (wn, wk) = self.weight.dims2()?;
+        let (m, n, k) = geometry(x.dims(), &[wn, wk])?;
         let r = a.dim(0)?;
         let dev = x.device();
         let (mut dx, mut da, mut db) = (vec![0f32; m * k], vec![0f32; r * k], vec![0f32; n * r]);
@@ -186,17 +185,7 @@ impl CustomOp3 for LoraLinear {
                             true,
                         );
                         // dx = dy·W + (g·A) ⊙ mask.
-                        with_f32(&self.weight, "weight", |w| {
-                            gemm(
-                                1.0,
-                                Mat::rows(dy, m, n),
-                                Mat::rows(w, n, k),
-                                MatMut::rows(&mut dx, m, k),
-                                false,
-                                true,
-                            );
-                            Ok(())
-                        })?;
+                        self.weight.matmul_t(dy, m, &mut dx)?;
                         match &self.mask {
                             None => gemm(
                                 1.0,
@@ -362,7 +351,7 @@ mod tests {
                     a.as_tensor(),
                     b.as_tensor(),
                     LoraLinear {
-                        weight: w.clone(),
+                        weight: w.clone().into(),
                         scale: 1.5,
                         mask: mask.clone(),
                     },

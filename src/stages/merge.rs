@@ -88,7 +88,7 @@ pub fn write_hf_model(
     dtype: DType,
     chat_template: Option<&str>,
 ) -> Result<(), StageError> {
-    weights::save_sharded(&model.to_weights(), out, max_shard_size, dtype)?;
+    weights::save_sharded(&model.to_weights()?, out, max_shard_size, dtype)?;
     let mut cfg = model.cfg.to_hf();
     cfg["torch_dtype"] = json!(match dtype {
         DType::F16 => "float16",

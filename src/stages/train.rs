@@ -658,7 +658,7 @@ impl Stage for Train {
         if self.is_full() {
             // HF layout: the whole model.
             crate::model::weights::save_sharded(
-                &model.to_weights(),
+                &model.to_weights()?,
                 cx.out,
                 super::merge::DEFAULT_MAX_SHARD,
                 candle_core::DType::F32,

@@ -75,7 +75,7 @@ pub fn attach_lora(
             // m starts at ‖W‖ per row, so the adapted layer starts equal to the base one.
             let m = lin
                 .weight
-                .to_dtype(DType::F32)?
+                .to_f32()?
                 .sqr()?
                 .sum_keepdim(1)?
                 .sqrt()?

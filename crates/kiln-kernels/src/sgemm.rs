@@ -25,6 +25,13 @@ const MIN_PART_TILES: usize = 4;
 /// Below this many multiply-adds one thread does the product (splitting costs more).
 const PAR_MIN: usize = 1 << 18;
 
+/// The depth block `gemm` sums an inner dimension of `k` in: equal blocks of at most 320 (576 →
+/// 2 × 288). A product split along its inner dimension at these bounds, the parts accumulated in
+/// order, has the same result bits as the whole product.
+pub fn k_block(k: usize) -> usize {
+    k.div_ceil(k.div_ceil(KC).max(1)).max(1)
+}
+
 /// A read-only strided matrix: element (i, j) is `data[i * rs + j * cs]`.
 #[derive(Clone, Copy)]
 pub struct Mat<'a> {
@@ -255,7 +262,7 @@ unsafe fn serial(
             let nc = NC.min(c1 - jc);
             // Equal k-blocks of at most KC (576 → 2 × 288, not 256 + 256 + 64): a short last
             // block would pay a full pass over C for little work.
-            let kb = k.div_ceil(k.div_ceil(KC));
+            let kb = k_block(k);
             for pc in (0..k).step_by(kb) {
                 let kc = kb.min(k - pc);
                 pack_b(b, pc, kc, jc, nc, bbuf);

@@ -1,0 +1,327 @@
+//! kiln's compact base weights against bitsandbytes: the expected values in
+//! tests/fixtures/bnb/reference.json were computed by bitsandbytes 0.50.2 itself
+//! (scripts/bnb-reference.py) on the same integer-formula inputs.
+
+use kiln::model::packed::{
+    quantize_4bit, quantize_blockwise, Absmax, FourBit, PackFormat, Packed, Store, DYNAMIC_SIGNED,
+    DYNAMIC_SIGNED_4BIT, DYNAMIC_UNSIGNED, NF4,
+};
+use serde_json::Value;
+
+fn reference() -> Value {
+    let p = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/bnb/reference.json"
+    );
+    serde_json::from_slice(&std::fs::read(p).expect("fixture")).expect("json")
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_f64().expect("number") as f32)
+        .collect()
+}
+
+/// Fails naming how many values differ and the first one (not printing thousands of values).
+fn same<T: PartialEq + std::fmt::Debug>(got: &[T], want: &[T], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    let differ: Vec<usize> = (0..got.len()).filter(|&i| got[i] != want[i]).collect();
+    if let Some(&i) = differ.first() {
+        panic!(
+            "{what}: {} of {} values differ; first at {i}: kiln {:?}, bitsandbytes {:?}",
+            differ.len(),
+            got.len(),
+            got[i],
+            want[i]
+        );
+    }
+}
+
+fn hex(v: &Value) -> Vec<u8> {
+    let s = v.as_str().expect("hex");
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex digit"))
+        .collect()
+}
+
+/// The script's inputs: ((i·7919 + 13) mod 2001 − 1000) / 1000 · (1 + ⌊i/64⌋ mod 5), block 3 zero.
+fn weights(n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| {
+            if (192..256).contains(&i) {
+                return 0.0;
+            }
+            let v = (((i * 7919 + 13) % 2001) as f32 - 1000.0) / 1000.0;
+            v * (1 + (i / 64) % 5) as f32
+        })
+        .collect()
+}
+
+#[test]
+fn dynamic_maps_match_bitsandbytes() {
+    let r = reference();
+    same(&DYNAMIC_SIGNED, &floats(&r["dynamic_signed"]), "signed map");
+    same(
+        &DYNAMIC_UNSIGNED,
+        &floats(&r["dynamic_unsigned"]),
+        "unsigned map",
+    );
+    same(
+        &DYNAMIC_SIGNED_4BIT,
+        &floats(&r["dynamic_signed_4bit"]),
+        "signed 4-bit map",
+    );
+}
+
+#[test]
+fn nf4_table_is_the_published_code() {
+    // QLoRA's NF4: 16 values, -1 … 1, exactly one zero (index 7).
+    assert_eq!(NF4[0], -1.0);
+    assert_eq!(NF4[7], 0.0);
+    assert_eq!(NF4[15], 1.0);
+    assert!(NF4.windows(2).all(|w| w[0] < w[1]));
+    // Each value gets the nearest code: 1.0 → 1 (15), 0.5 → 0.4407 (12, the midpoint with
+    // 0.5626 is 0.5017), -1 → 0, 0.05 → 0.0796 (8, past the midpoint 0.0398), 0 → 7.
+    let mut x = vec![0f32; 64];
+    x[0] = 2.0;
+    x[1] = 1.0;
+    x[2] = -2.0;
+    x[3] = 0.1;
+    let (codes, absmax) = quantize_4bit(&x, FourBit::Nf4);
+    assert_eq!(absmax, vec![2.0]);
+    assert_eq!(codes[0], (15 << 4) | 12);
+    assert_eq!(codes[1], 8);
+    assert_eq!(codes[2], 7 << 4 | 7);
+}
+
+#[test]
+fn four_bit_quantisation_matches_bitsandbytes() {
+    let r = reference();
+    let x = weights(64 * 260);
+    for (kind, name) in [(FourBit::Nf4, "nf4"), (FourBit::Fp4, "fp4")] {
+        let (codes, absmax) = quantize_4bit(&x, kind);
+        let plain = &r[name];
+        same(&codes, &hex(&plain["codes"]), &format!("{name} codes"));
+        same(
+            &absmax,
+            &floats(&plain["absmax"]),
+            &format!("{name} absmax"),
+        );
+        for (dq, key) in [(false, name.to_string()), (true, format!("{name}_dq"))] {
+            let rec = &r[&key];
+            let p = Packed::pack(
+                &x,
+                130,
+                128,
+                PackFormat::FourBit {
+                    kind,
+                    double_quant: dq,
+                },
+            )
+            .unwrap();
+            if let Store::FourBit {
+                absmax: Absmax::Double { q, absmax2, offset },
+                ..
+            } = &p.store
+            {
+                same(
+                    q,
+                    &hex(&rec["absmax_q"]),
+                    &format!("{key} quantised scales"),
+                );
+                same(
+                    absmax2,
+                    &floats(&rec["absmax2"]),
+                    &format!("{key} second scales"),
+                );
+                assert_eq!(
+                    *offset,
+                    rec["offset"].as_f64().unwrap() as f32,
+                    "{key} offset"
+                );
+            }
+            let mut head = vec![0f32; 1024];
+            p.widen_rows(0, 8, &mut head).unwrap();
+            same(
+                &head,
+                &floats(&rec["dequant_head"]),
+                &format!("{key} dequantised"),
+            );
+        }
+    }
+}
+
+#[test]
+fn int8_rows_match_bitsandbytes() {
+    let r = reference();
+    let x = weights(64 * 260);
+    let p = Packed::pack(&x, 130, 128, PackFormat::Int8).unwrap();
+    let Store::Int8 { q, row_absmax } = &p.store else {
+        panic!("int8 store");
+    };
+    let qb: Vec<u8> = q.iter().map(|v| *v as u8).collect();
+    same(&qb, &hex(&r["int8"]["q"]), "int8 codes");
+    same(
+        row_absmax,
+        &floats(&r["int8"]["row_absmax"]),
+        "int8 row scales",
+    );
+}
+
+#[test]
+fn blockwise_8bit_matches_bitsandbytes() {
+    let r = reference();
+    let x = weights(64 * 260);
+    for (signed, key) in [(true, "blockwise_signed"), (false, "blockwise_unsigned")] {
+        let v: Vec<f32> = if signed {
+            x.clone()
+        } else {
+            x.iter().map(|a| a.abs()).collect()
+        };
+        let code = if signed {
+            DYNAMIC_SIGNED
+        } else {
+            DYNAMIC_UNSIGNED
+        };
+        let mut q = vec![0u8; v.len()];
+        let mut absmax = vec![0f32; v.len().div_ceil(256)];
+        quantize_blockwise(&code, &v, 256, &mut q, &mut absmax);
+        same(
+            &absmax,
+            &floats(&r[key]["absmax"]),
+            &format!("{key} absmax"),
+        );
+        // kiln takes the nearest code; bitsandbytes' CPU search (a direct-lookup binary search)
+        // sometimes returns a farther neighbour. Where they differ, kiln's must be the closer,
+        // and they must agree almost everywhere.
+        let want = hex(&r[key]["q"]);
+        let mut differ = 0;
+        for (i, (a, b)) in q.iter().zip(&want).enumerate() {
+            if a == b || absmax[i / 256] == 0.0 {
+                continue;
+            }
+            differ += 1;
+            let x = v[i] / absmax[i / 256];
+            let (da, db) = ((x - code[*a as usize]).abs(), (x - code[*b as usize]).abs());
+            assert!(
+                da <= db,
+                "{key} value {i}: kiln's code {a} is farther than bitsandbytes' {b}"
+            );
+        }
+        assert!(
+            differ * 100 < q.len(),
+            "{key}: {differ} of {} codes differ",
+            q.len()
+        );
+    }
+}
+
+/// Deterministic values in [-1, 1) from an index (no RNG crate needed).
+fn wave(n: usize, salt: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| ((((i + salt) * 2_654_435_761usize) % 10_007) as f32 / 10_007.0) * 2.0 - 1.0)
+        .collect()
+}
+
+#[test]
+fn packed_linear_matches_the_f32_op_on_its_widened_weights() {
+    use candle_core::{quantized::GgmlDType, quantized::QTensor, Device, Tensor, Var};
+    use kiln::model::frozen::FrozenLinear;
+    use kiln::model::lora_op::LoraLinear;
+    use kiln::model::packed::BaseWeight;
+    use std::sync::Arc;
+    // Shapes that take several forward panels (n·k > 2^20) and several backward depth blocks.
+    let (n, k) = (2100, 512);
+    let w = wave(n * k, 1);
+    let dev = Device::Cpu;
+    let mut packed: Vec<Packed> = [
+        PackFormat::Bf16,
+        PackFormat::F16,
+        PackFormat::Int8,
+        PackFormat::FourBit {
+            kind: FourBit::Nf4,
+            double_quant: true,
+        },
+        PackFormat::FourBit {
+            kind: FourBit::Fp4,
+            double_quant: false,
+        },
+    ]
+    .into_iter()
+    .map(|f| Packed::pack(&w, n, k, f).unwrap())
+    .collect();
+    let wt = Tensor::from_vec(w.clone(), (n, k), &dev).unwrap();
+    for g in [GgmlDType::Q4K, GgmlDType::Q8_0] {
+        packed.push(Packed::from_ggml(&QTensor::quantize(&wt, g).unwrap()).unwrap());
+    }
+    let bits = |t: &Tensor| -> Vec<u32> {
+        t.flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect()
+    };
+    for p in packed {
+        let fmt = p.format();
+        let dense = BaseWeight::Dense(p.to_tensor().unwrap());
+        let p = BaseWeight::Packed(Arc::new(p));
+        for m in [3, 40] {
+            let x =
+                Var::from_tensor(&Tensor::from_vec(wave(m * k, 7), (m, k), &dev).unwrap()).unwrap();
+            let c = Tensor::from_vec(wave(m * n, 9), (m, n), &dev).unwrap();
+            let run = |wb: &BaseWeight| {
+                let y = x
+                    .as_tensor()
+                    .apply_op1(FrozenLinear { weight: wb.clone() })
+                    .unwrap();
+                let g = (&y * &c).unwrap().sum_all().unwrap().backward().unwrap();
+                (bits(&y), bits(g.get(x.as_tensor()).unwrap()))
+            };
+            let (yp, gp) = run(&p);
+            let (yd, gd) = run(&dense);
+            assert!(
+                yp == yd,
+                "{fmt}, {m} rows: forward differs from the widened f32 op"
+            );
+            assert!(
+                gp == gd,
+                "{fmt}, {m} rows: input gradient differs from the widened f32 op"
+            );
+            // The LoRA layer on a packed base: output and all three gradients.
+            let a =
+                Var::from_tensor(&Tensor::from_vec(wave(4 * k, 3), (4, k), &dev).unwrap()).unwrap();
+            let b =
+                Var::from_tensor(&Tensor::from_vec(wave(n * 4, 5), (n, 4), &dev).unwrap()).unwrap();
+            let lora = |wb: &BaseWeight| {
+                let y = x
+                    .as_tensor()
+                    .apply_op3(
+                        a.as_tensor(),
+                        b.as_tensor(),
+                        LoraLinear {
+                            weight: wb.clone(),
+                            scale: 2.0,
+                            mask: None,
+                        },
+                    )
+                    .unwrap();
+                let g = (&y * &c).unwrap().sum_all().unwrap().backward().unwrap();
+                [
+                    bits(&y),
+                    bits(g.get(x.as_tensor()).unwrap()),
+                    bits(g.get(a.as_tensor()).unwrap()),
+                    bits(g.get(b.as_tensor()).unwrap()),
+                ]
+            };
+            assert!(
+                lora(&p) == lora(&dense),
+                "{fmt}, {m} rows: LoRA layer differs"
+            );
+        }
+    }
+}

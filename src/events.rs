@@ -44,6 +44,8 @@ pub enum Event {
     },
     /// Something the user should know that does not stop the run.
     Warning { message: String },
+    /// What a stage decided that the user should see once (a train stage's weight storage).
+    Note { message: String },
     /// A training step's log line (every `logging_steps`): shown as a progress bar in a
     /// terminal, a plain line otherwise. Its figures are also sent as `Metric`s.
     TrainLog(TrainLog),

@@ -108,14 +108,18 @@ pub fn merge_lora(a: MergeArgs) -> Result<()> {
                 &tmp,
                 ws.settings.max_shard_size,
                 kiln::plan::configured_template(&ws.settings.chat_template).as_deref(),
+                ws.settings.train.base_weights,
             );
             if merged.is_err() {
                 // No half-written model left behind, hidden or not.
                 let _ = std::fs::remove_dir_all(&tmp);
             }
-            merged
+            let note = merged
                 .map_err(KilnError::from)
                 .with_context(|| format!("merging {}", adapter.display()))?;
+            if let Some(n) = note {
+                println!("{n}");
+            }
             if dest.exists() {
                 std::fs::remove_dir_all(&dest)
                     .with_context(|| format!("replacing {}", dest.display()))?;

@@ -44,6 +44,7 @@ pub fn print_event(e: &Event, tty: bool) {
             )
         }
         Event::Warning { message } => eprintln!("warning: {message}"),
+        Event::Note { message } => println!("         {message}"),
         // A train log's own figures are printed by its TrainLog line.
         Event::Metric { name, .. } if TRAIN_LOG_METRICS.contains(&name.as_str()) => {}
         Event::Metric {

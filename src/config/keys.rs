@@ -29,7 +29,6 @@ const TOKENIZER_LOAD: &str = "kiln reads the model's tokenizer.json (the fast to
 const PREFERENCE: &str = "preference and RL training (DPO, IPO, ORPO, KTO, SimPO, GRPO, reward models): kiln trains with the supervised loss only";
 const QUANTIZED: &str =
     "quantized or quantization-aware training (kiln trains LoRA on the model as loaded)";
-const LOW_BIT_BASE: &str = "loading the base weights in 8 or 4 bits; kiln trains the LoRA on the base weights as stored (more memory, no quantization error; `adapter: qlora` is refused)";
 const SYNTHETIC: &str = "synthetic datasets";
 const THINKING: &str = "reasoning traces in a separate field (put them in the content)";
 const PER_MESSAGE: &str = "per-message training flags";
@@ -132,12 +131,8 @@ pub const TOP_LEVEL: &[(&str, Class)] = &[
     ("use_ray", Class::NoEffect(DISTRIBUTED)),
     ("world_size", Class::NoEffect(DISTRIBUTED)),
     // Precision.
-    ("bf16", Class::NoEffect(PRECISION)),
-    ("bfloat16", Class::NoEffect(PRECISION)),
     ("embeddings_skip_upcast", Class::NoEffect(PRECISION)),
-    ("float16", Class::NoEffect(PRECISION)),
     ("float32", Class::NoEffect(PRECISION)),
-    ("fp16", Class::NoEffect(PRECISION)),
     ("fp32_norm_classes", Class::NoEffect(PRECISION)),
     ("fp32_norms", Class::NoEffect(PRECISION)),
     ("peft_autocast_adapter_dtype", Class::NoEffect(PRECISION)),
@@ -248,11 +243,8 @@ pub const TOP_LEVEL: &[(&str, Class)] = &[
     ("trl", Class::Refused(PREFERENCE)),
     ("vllm", Class::Refused(PREFERENCE)),
     // Quantized training.
-    ("bnb_config_kwargs", Class::Refused(QUANTIZED)),
     ("fp8", Class::Refused(QUANTIZED)),
     ("gptq", Class::Refused(QUANTIZED)),
-    ("load_in_4bit", Class::Later(LOW_BIT_BASE)),
-    ("load_in_8bit", Class::Later(LOW_BIT_BASE)),
     ("model_quantization_config", Class::Refused(QUANTIZED)),
     ("model_quantization_config_kwargs", Class::Refused(QUANTIZED)),
     ("qat", Class::Refused(QUANTIZED)),

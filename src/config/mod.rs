@@ -8,6 +8,7 @@
 pub mod axolotl_keys;
 mod export;
 pub mod keys;
+pub mod precision;
 mod resolve;
 pub mod sweep;
 pub mod yaml;

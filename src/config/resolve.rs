@@ -203,6 +203,11 @@ pub struct TrainSettings {
     pub cadence: CadenceSettings,
     pub eval_batch_size: Option<u64>,
     pub optimizer: String,
+    /// How the frozen base weights are stored (`adapter: qlora` + `load_in_4bit`,
+    /// `load_in_8bit`, `bf16` / `fp16`); see config/precision.rs.
+    pub base_weights: super::precision::BaseWeights,
+    /// AdamW's moment storage (the 8- and 4-bit optimizer names).
+    pub optimizer_states: super::precision::OptimStates,
     pub logging_steps: Option<u64>,
     pub neftune_noise_alpha: Option<f64>,
     /// `unfrozen_parameters`: with full fine-tuning, only the weights whose names match one of
@@ -338,6 +343,13 @@ pub fn handled(key: &str) -> bool {
             | "cache_dir"
             | "num_threads"
             | "adapter"
+            | "load_in_4bit"
+            | "load_in_8bit"
+            | "bnb_config_kwargs"
+            | "bf16"
+            | "fp16"
+            | "bfloat16"
+            | "float16"
             | "lora_r"
             | "lora_alpha"
             | "lora_dropout"
@@ -1008,6 +1020,8 @@ fn read_train(r: &mut Reader<'_, '_, '_>, merge_lora: bool) -> TrainSettings {
         optimizer: r
             .string("optimizer")
             .unwrap_or_else(|| "adamw_torch".into()),
+        base_weights: Default::default(),
+        optimizer_states: Default::default(),
         logging_steps: r.u64("logging_steps"),
         neftune_noise_alpha: neftune.filter(|a| *a > 0.0),
         unfrozen_parameters: read_unfrozen(r),
@@ -1043,23 +1057,20 @@ fn read_train(r: &mut Reader<'_, '_, '_>, merge_lora: bool) -> TrainSettings {
             Some("add `cosine_min_lr_ratio:` (e.g. 0.1)".into()),
         );
     }
+    let mut train = train;
+    train.base_weights = read_base_weights(r, train.adapter.as_deref());
     match train.adapter.as_deref() {
         None if merge_lora => r.ctx.warn(
             &[key("merge_lora")],
             "has no effect with full fine-tuning (no `adapter`): the trained model is already complete",
             Some("remove `merge_lora`, or set `adapter: lora`".into()),
         ),
-        Some("qlora") => r.ctx.error(
-            &[key("adapter")],
-            "not supported yet: adapter `qlora` (4-bit base weights)",
-            Some("use `adapter: lora` (kiln keeps base weights in f32)".into()),
-        ),
-        Some("lora") if !(0.0..1.0).contains(&train.lora.lora_dropout) => r.ctx.error(
+        Some("lora" | "qlora") if !(0.0..1.0).contains(&train.lora.lora_dropout) => r.ctx.error(
             &[key("lora_dropout")],
             format!("{} is not a dropout probability", train.lora.lora_dropout),
             Some("use a value in [0, 1), e.g. 0.05".into()),
         ),
-        Some("lora") if train.lora.lora_dropout > 0.0 && train.lora.peft_use_dora => r.ctx.unsupported(
+        Some("lora" | "qlora") if train.lora.lora_dropout > 0.0 && train.lora.peft_use_dora => r.ctx.unsupported(
             &[key("lora_dropout")],
             "lora_dropout > 0 together with peft_use_dora (DoRA trains without dropout for now)",
         ),
@@ -1074,13 +1085,24 @@ fn read_train(r: &mut Reader<'_, '_, '_>, merge_lora: bool) -> TrainSettings {
             );
         }
     }
-    const OPTIMIZERS: &[&str] = &["adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw"];
-    if !OPTIMIZERS.contains(&train.optimizer.as_str()) {
-        let what = format!(
-            "optimizer `{}` (kiln trains with adamw_torch)",
-            train.optimizer
-        );
-        r.ctx.unsupported(&[key("optimizer")], &what);
+    match super::precision::optimizer_states(&train.optimizer) {
+        Some((states, note)) => {
+            train.optimizer_states = states;
+            if let Some(n) = note {
+                r.ctx.warn(
+                    &[key("optimizer")],
+                    format!("`{}`: {n}", train.optimizer),
+                    None,
+                );
+            }
+        }
+        None => {
+            let what = format!(
+                "optimizer `{}` (kiln trains with adamw_torch; it has adamw_torch_fused, adamw_bnb_8bit, adamw_8bit, paged_adamw_8bit, paged_adamw_32bit, adamw_torch_8bit and adamw_torch_4bit)",
+                train.optimizer
+            );
+            r.ctx.unsupported(&[key("optimizer")], &what);
+        }
     }
     const SCHEDULERS: &[&str] = &["cosine", "linear", "constant", "constant_with_warmup"];
     if !SCHEDULERS.contains(&train.optim.lr_scheduler.as_str()) {
@@ -1117,10 +1139,115 @@ fn read_train(r: &mut Reader<'_, '_, '_>, merge_lora: bool) -> TrainSettings {
     train
 }
 
+/// The base weights' storage from `load_in_4bit` / `load_in_8bit` (with `bnb_config_kwargs`)
+/// and `bf16` / `fp16`, with Axolotl's rules: `adapter: qlora` needs `load_in_4bit`, 8 bits
+/// are for `adapter: lora`, and full fine-tuning trains (so stores) every weight at f32.
+fn read_base_weights(
+    r: &mut Reader<'_, '_, '_>,
+    adapter: Option<&str>,
+) -> super::precision::BaseWeights {
+    use super::precision::BaseWeights as B;
+    let l4 = r.bool("load_in_4bit").unwrap_or(false);
+    let l8 = r.bool("load_in_8bit").unwrap_or(false);
+    // `bf16: auto` (Axolotl: bf16 where the hardware has it) is bf16 storage here.
+    let flag = |r: &mut Reader<'_, '_, '_>, k: &str| -> bool {
+        match r.get(k) {
+            Some(Value::String(s)) if s.eq_ignore_ascii_case("auto") => true,
+            Some(_) => r.bool(k).unwrap_or(false),
+            None => false,
+        }
+    };
+    let bf16 = flag(r, "bf16") | flag(r, "bfloat16");
+    let fp16 = flag(r, "fp16") | flag(r, "float16");
+    let (mut quant_type, mut double_quant) = ("nf4".to_string(), true);
+    if let Some(v) = r.get("bnb_config_kwargs").cloned() {
+        match v {
+            Value::Mapping(m) => {
+                for (k, val) in m.iter() {
+                    let Some(k) = k.as_str() else { continue };
+                    let p = {
+                        let mut p = r.path("bnb_config_kwargs");
+                        p.push(key(k));
+                        p
+                    };
+                    match (k, val) {
+                        ("bnb_4bit_quant_type", Value::String(s)) if s == "nf4" || s == "fp4" => {
+                            quant_type = s.clone()
+                        }
+                        ("bnb_4bit_quant_type", other) => r.ctx.error(
+                            &p,
+                            format!("`{}` is not a bitsandbytes 4-bit type", other.inline()),
+                            Some("use nf4 (the default) or fp4".into()),
+                        ),
+                        ("bnb_4bit_use_double_quant", Value::Bool(b)) => double_quant = *b,
+                        ("bnb_4bit_compute_dtype" | "bnb_4bit_quant_storage" | "llm_int8_threshold" | "llm_int8_has_fp16_weight", _) => r.ctx.warn(
+                            &p,
+                            "has no effect in kiln: the product is computed in f32 against the widened weights (activations are never quantised, so there are no int8 outlier columns either)",
+                            None,
+                        ),
+                        _ => r.ctx.unsupported(&p, &format!("bnb_config_kwargs.{k}")),
+                    }
+                }
+            }
+            other => r.type_error("bnb_config_kwargs", "a mapping", &other),
+        }
+    }
+    let four = match (quant_type.as_str(), double_quant) {
+        ("fp4", true) => B::Fp4DoubleQuant,
+        ("fp4", false) => B::Fp4,
+        (_, true) => B::Nf4DoubleQuant,
+        (_, false) => B::Nf4,
+    };
+    match (adapter, l4, l8) {
+        (_, true, true) => {
+            r.ctx.error(
+                &r.path("load_in_8bit"),
+                "load_in_4bit and load_in_8bit are both set",
+                Some("keep one: load_in_4bit with `adapter: qlora`, or load_in_8bit with `adapter: lora`".into()),
+            );
+            B::F32
+        }
+        (Some("qlora"), false, true) => {
+            r.ctx.error(
+                &r.path("load_in_8bit"),
+                "adapter `qlora` is LoRA on a 4-bit base; it cannot load in 8 bits",
+                Some(
+                    "set `load_in_4bit: true` instead, or `adapter: lora` for an 8-bit base".into(),
+                ),
+            );
+            B::F32
+        }
+        (Some("qlora"), false, false) => {
+            r.ctx.error(
+                &r.path("adapter"),
+                "adapter `qlora` needs `load_in_4bit: true` (as in Axolotl)",
+                Some(
+                    "add `load_in_4bit: true`, or use `adapter: lora` for a 16/32-bit base".into(),
+                ),
+            );
+            B::F32
+        }
+        (Some(_), true, false) => four,
+        (Some(_), false, true) => B::Int8,
+        (None, true, _) | (None, _, true) => {
+            let k = if l4 { "load_in_4bit" } else { "load_in_8bit" };
+            r.ctx.error(
+                &r.path(k),
+                "full fine-tuning (no `adapter`) trains every weight, which kiln keeps in f32; low-bit loading is for adapters",
+                Some(format!("set `adapter: {}`, or remove `{k}`", if l4 { "qlora" } else { "lora" })),
+            );
+            B::F32
+        }
+        (Some(_), false, false) if bf16 => B::Bf16,
+        (Some(_), false, false) if fp16 => B::F16,
+        _ => B::F32,
+    }
+}
+
 /// Values that would train nothing or make no sense, refused before any work: `lora_r: 0`,
 /// `num_epochs: 0` (without `max_steps`), negative save/eval cadences, warmup longer than the run.
 fn check_run_length(r: &mut Reader<'_, '_, '_>, t: &TrainSettings) {
-    if t.adapter.as_deref() == Some("lora") && t.lora.lora_r == 0 {
+    if matches!(t.adapter.as_deref(), Some("lora" | "qlora")) && t.lora.lora_r == 0 {
         r.ctx.error(
             &[key("lora_r")],
             "must be at least 1 (a rank-0 adapter trains nothing)",

@@ -426,7 +426,7 @@ impl Mat {
     }
 
     /// Reorders the rows: row `i` of the result is row `perm[i]` of `self`.
-    fn permute_rows(&mut self, perm: &[usize]) {
+    pub(crate) fn permute_rows(&mut self, perm: &[usize]) {
         fn go<T: Clone>(v: &mut Vec<T>, per_row: usize, perm: &[usize]) {
             let mut out = Vec::with_capacity(v.len());
             for &p in perm {

@@ -395,9 +395,15 @@ impl Llama {
         Ok(w)
     }
 
-    pub fn from_weights(
+    pub fn from_weights(cfg: LlamaConfig, w: Weights, device: &Device) -> Result<Self, ModelError> {
+        Self::from_weights_packed(cfg, w, Default::default(), device)
+    }
+
+    /// [`Llama::from_weights`] with some linear weights already packed (see model/load.rs).
+    pub fn from_weights_packed(
         cfg: LlamaConfig,
         mut w: Weights,
+        mut packed: std::collections::HashMap<String, std::sync::Arc<super::packed::Packed>>,
         device: &Device,
     ) -> Result<Self, ModelError> {
         let mut take = |k: &str| {
@@ -415,8 +421,13 @@ impl Llama {
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let mut lin = |n: &str, bias: bool| -> Result<Linear, ModelError> {
+                let name = format!("{p}.{n}.weight");
+                let weight = match packed.remove(&name) {
+                    Some(pw) => BaseWeight::Packed(pw),
+                    None => take(&name)?.into(),
+                };
                 Ok(Linear {
-                    weight: take(&format!("{p}.{n}.weight"))?.into(),
+                    weight,
                     bias: if bias {
                         Some(take(&format!("{p}.{n}.bias"))?)
                     } else {

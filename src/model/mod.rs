@@ -10,6 +10,7 @@ pub mod frozen;
 pub mod generate;
 pub mod gguf_export;
 pub mod llama;
+pub mod load;
 pub mod lora_op;
 pub mod norm;
 pub(crate) mod ops;

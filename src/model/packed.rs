@@ -279,6 +279,13 @@ impl Packed {
         })
     }
 
+    /// Reorders the rows of a GGUF weight: row `i` becomes row `perm[i]` of the file's.
+    pub fn permute_rows(&mut self, perm: &[usize]) {
+        if let Store::Ggml(m) = &mut self.store {
+            m.permute_rows(perm);
+        }
+    }
+
     /// Bytes the weight occupies.
     pub fn bytes(&self) -> usize {
         match &self.store {

@@ -38,7 +38,7 @@ pub fn load_safetensors_dir(dir: &Path, device: &Device) -> Result<Weights, Mode
     Ok(out)
 }
 
-fn hf_name(gguf: &str) -> Option<String> {
+pub(crate) fn hf_name(gguf: &str) -> Option<String> {
     Some(match gguf {
         "token_embd.weight" => "model.embed_tokens.weight".into(),
         "output_norm.weight" => "model.norm.weight".into(),
@@ -68,7 +68,7 @@ fn hf_name(gguf: &str) -> Option<String> {
 
 /// Inverse of llama.cpp's Q/K permutation: GGUF rows are ordered (head, pair, 2); HF's are
 /// (head, 2, pair). Works for weights (rows × in) and biases (rows).
-fn unpermute(t: &Tensor, n_head: usize) -> Result<Tensor, ModelError> {
+pub(crate) fn unpermute(t: &Tensor, n_head: usize) -> Result<Tensor, ModelError> {
     let dims = t.dims().to_vec();
     let rows = dims[0];
     let hd = rows / n_head;
@@ -77,6 +77,19 @@ fn unpermute(t: &Tensor, n_head: usize) -> Result<Tensor, ModelError> {
     shape.extend(&rest);
     let x = t.reshape(shape)?.transpose(1, 2)?.contiguous()?;
     Ok(x.reshape(dims)?)
+}
+
+/// The same un-permutation as a row order: HF row `i` is GGUF row `order[i]`.
+pub(crate) fn unpermute_order(rows: usize, n_head: usize) -> Vec<usize> {
+    let hd = rows / n_head.max(1);
+    let half = hd / 2;
+    (0..rows)
+        .map(|i| {
+            let (h, r) = (i / hd, i % hd);
+            let (s, p) = (r / half.max(1), r % half.max(1));
+            h * hd + p * 2 + s
+        })
+        .collect()
 }
 
 /// Reads a GGUF model: config from metadata, tensors dequantized under HF names.

@@ -317,7 +317,7 @@ fn train_stages(
     );
     // No adapter = full fine-tuning (Axolotl's meaning).
     let full = t.adapter.is_none();
-    if t.adapter.as_deref() == Some("lora") || full {
+    if matches!(t.adapter.as_deref(), Some("lora" | "qlora")) || full {
         let mut train_deps = vec![
             Dep {
                 stage: 0,
@@ -361,6 +361,8 @@ fn train_stages(
                     seed: s.seed,
                     neftune_noise_alpha: t.neftune_noise_alpha,
                     unfrozen_parameters: t.unfrozen_parameters.clone(),
+                    base_weights: t.base_weights,
+                    optimizer_states: t.optimizer_states,
                     from_checkpoint: t.resume_from_checkpoint.is_some(),
                 },
                 TrainNeutral {
@@ -396,6 +398,7 @@ fn train_stages(
                     Merge {
                         max_shard_size: s.max_shard_size,
                         chat_template: configured_template(&s.chat_template),
+                        base_weights: s.train.base_weights,
                     },
                     (),
                 ))),
@@ -456,6 +459,11 @@ fn evaluate_stage(
             stage: AnyStage::Evaluate(Box::new(Staged::new(
                 Evaluate {
                     model: model_deps.0,
+                    base_weights: if model_deps.0 == EvalModel::BaseWithAdapter {
+                        t.base_weights
+                    } else {
+                        Default::default()
+                    },
                     batch_size: t.eval_batch_size.unwrap_or(t.steps.micro_batch_size).max(1),
                     has_prompts: e.prompts.is_some(),
                     max_new_tokens: e.max_new_tokens,

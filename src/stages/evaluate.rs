@@ -64,6 +64,10 @@ impl EvalModel {
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Evaluate {
     pub model: EvalModel,
+    /// With `base+adapter`: the base the adapter was trained against (packed bases are
+    /// widened before the deltas are added; f32, the default, is left out of the key).
+    #[serde(skip_serializing_if = "crate::config::precision::BaseWeights::is_f32")]
+    pub base_weights: crate::config::precision::BaseWeights,
     pub batch_size: u64,
     /// A prompts file upstream (its content is that upstream's digest).
     #[serde(rename = "prompts")]
@@ -164,7 +168,7 @@ impl Stage for Evaluate {
                 let [m, a, rest @ ..] = ups else {
                     return Err(StageError::Invalid("evaluate: no model upstream".into()));
                 };
-                let mut model = load_model(&m.dir, &device)?;
+                let (mut model, _) = super::train::load_model_as(&m.dir, self.base_weights)?;
                 PeftAdapter::load(&a.dir, &device)?.merge_into(&mut model)?;
                 (model, TextTokenizer::load_dir(&a.dir)?, rest)
             }

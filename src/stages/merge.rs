@@ -4,7 +4,6 @@
 //! `tokenizer_config.json` carrying the chat template the model was trained with.
 //! Reads: every file of `fetch.model` and the train stage's adapter and tokenizer files.
 
-use super::train::load_model;
 use super::{io_err, write_json, RunCx, Stage, StageError, StageKind};
 use crate::model::adapter::PeftAdapter;
 use crate::model::weights;
@@ -22,6 +21,11 @@ pub struct Merge {
     /// The chat template to store in tokenizer_config.json when the config chose one (the
     /// tokenizer's own otherwise).
     pub chat_template: Option<String>,
+    /// The base the adapter was trained against: a packed (QLoRA, int8, 16-bit) base is
+    /// widened and the deltas merged into that, as PEFT merges into a bitsandbytes layer
+    /// (f32, the default, is left out of the key).
+    #[serde(skip_serializing_if = "crate::config::precision::BaseWeights::is_f32")]
+    pub base_weights: crate::config::precision::BaseWeights,
 }
 
 impl Stage for Merge {
@@ -38,27 +42,43 @@ impl Stage for Merge {
                 "merge needs the model and train upstream".into(),
             ));
         };
-        merge_dirs(
+        let note = merge_dirs(
             &model_up.dir,
             &train_up.dir,
             cx.out,
             self.max_shard_size,
             self.chat_template.as_deref(),
-        )
+            self.base_weights,
+        )?;
+        if let Some(message) = note {
+            (cx.emit)(crate::events::Event::Note {
+                message: format!("{}: {message}", cx.name),
+            });
+        }
+        Ok(())
     }
 }
 
-/// Merges the PEFT adapter in `adapter_dir` into the model in `model_dir` and writes the merged
-/// model into `out` (which must exist and be empty; callers publish it atomically).
+/// Merges the PEFT adapter in `adapter_dir` into the model in `model_dir` (its linear weights
+/// stored as `base` says, then widened) and writes the merged model into `out` (which must exist
+/// and be empty; callers publish it atomically). Returns a line saying what it merged into when
+/// the base was packed.
 pub fn merge_dirs(
     model_dir: &Path,
     adapter_dir: &Path,
     out: &Path,
     max_shard_size: u64,
     chat_template: Option<&str>,
-) -> Result<(), StageError> {
+    base: crate::config::precision::BaseWeights,
+) -> Result<Option<String>, StageError> {
     let device = Device::Cpu;
-    let mut model = load_model(model_dir, &device)?;
+    let (mut model, stored) = super::train::load_model_as(model_dir, base)?;
+    let note = stored.map(|_| {
+        format!(
+            "merged the adapter into the base as it was trained against ({}), widened to f32, as PEFT merges a QLoRA adapter; the merged weights carry that storage's rounding",
+            base.describe()
+        )
+    });
     let adapter = PeftAdapter::load(adapter_dir, &device)?;
     adapter.merge_into(&mut model)?;
     // Tokenizer files: the adapter directory's (what training saw), else the base model's.
@@ -74,7 +94,8 @@ pub fn merge_dirs(
         max_shard_size,
         DType::F32,
         chat_template,
-    )
+    )?;
+    Ok(note)
 }
 
 /// Writes `model` as a standalone HF-layout model directory: weights in `dtype` (sharded above

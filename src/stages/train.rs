@@ -36,6 +36,12 @@ pub struct Train {
     /// then absent from the key).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub unfrozen_parameters: Vec<String>,
+    /// How the frozen base weights are stored (f32, the default, is left out of the key).
+    #[serde(skip_serializing_if = "crate::config::precision::BaseWeights::is_f32")]
+    pub base_weights: crate::config::precision::BaseWeights,
+    /// AdamW's moment storage (f32, the default, is left out of the key).
+    #[serde(skip_serializing_if = "crate::config::precision::OptimStates::is_f32")]
+    pub optimizer_states: crate::config::precision::OptimStates,
     /// `resume_from_checkpoint`: a third upstream holds the checkpoint to start from.
     #[serde(rename = "resume_from_checkpoint")]
     pub from_checkpoint: bool,
@@ -207,6 +213,32 @@ impl From<ModelError> for StageError {
     }
 }
 
+/// Loads the model to train, its frozen block linear weights packed as `base` says (one tensor
+/// at a time, see model/load.rs), with a line saying what was stored.
+pub fn load_model_as(
+    dir: &Path,
+    base: crate::config::precision::BaseWeights,
+) -> Result<(Llama, Option<String>), StageError> {
+    let Some(fmt) = base.pack_format() else {
+        return Ok((load_model(dir, &Device::Cpu)?, None));
+    };
+    let cfg = if dir.join("model.gguf").exists() {
+        None
+    } else {
+        let p = dir.join("config.json");
+        let v: Value = serde_json::from_slice(&std::fs::read(&p).map_err(io_err(&p))?)
+            .map_err(|e| StageError::Invalid(format!("{}: {e}", p.display())))?;
+        Some(LlamaConfig::from_hf(&v)?)
+    };
+    let (model, summary) = crate::model::load::load_packed(dir, cfg, fmt)?;
+    let line = format!(
+        "base weights: {} asked; the block linear weights are stored {} (embeddings, norms and the LoRA matrices, gradients and optimizer state in f32; products computed in f32)",
+        base.describe(),
+        summary.describe()
+    );
+    Ok((model, Some(line)))
+}
+
 /// Loads the model from a fetched model directory (a GGUF, or config.json + safetensors).
 pub fn load_model(dir: &Path, device: &Device) -> Result<Llama, StageError> {
     let gguf = dir.join("model.gguf");
@@ -303,7 +335,7 @@ impl Train {
             spec.target_modules.clone()
         };
         targets.sort();
-        json!({
+        let mut cfg = json!({
             "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": null,
             "r": spec.r, "lora_alpha": spec.alpha, "lora_dropout": l.lora_dropout,
             "target_modules": targets, "bias": "none", "fan_in_fan_out": false,
@@ -311,7 +343,13 @@ impl Train {
             "use_dora": spec.dora,
             "modules_to_save": if l.lora_modules_to_save.is_empty() { Value::Null } else { json!(l.lora_modules_to_save) },
             "revision": null
-        })
+        });
+        // Which storage of the base the adapter was trained against (QLoRA: merge into the
+        // same, widened). Absent for an f32 base, so those adapters are as before.
+        if !self.base_weights.is_f32() {
+            cfg["kiln_base_weights"] = json!(self.base_weights);
+        }
+        cfg
     }
 
     /// `checkpoint-N/`: adapter, optimizer moments, step and log history; written beside and
@@ -335,8 +373,23 @@ impl Train {
         save_tensors(&a, &tmp.join(self.weights_file()))?;
         let mut o = std::collections::HashMap::new();
         for i in 0..opt.vars.len() {
-            o.insert(format!("m.{i}"), opt.m[i].clone());
-            o.insert(format!("v.{i}"), opt.v[i].clone());
+            match &opt.quantised[i] {
+                // Quantised moments: codes (u8) and block scales.
+                Some(q) => {
+                    let dev = &Device::Cpu;
+                    let u8s = |v: &Vec<u8>| candle_core::Tensor::from_vec(v.clone(), v.len(), dev);
+                    let f32s =
+                        |v: &Vec<f32>| candle_core::Tensor::from_vec(v.clone(), v.len(), dev);
+                    o.insert(format!("m.{i}.codes"), u8s(&q.m)?);
+                    o.insert(format!("v.{i}.codes"), u8s(&q.v)?);
+                    o.insert(format!("m.{i}.absmax"), f32s(&q.m_absmax)?);
+                    o.insert(format!("v.{i}.absmax"), f32s(&q.v_absmax)?);
+                }
+                None => {
+                    o.insert(format!("m.{i}"), opt.m[i].clone());
+                    o.insert(format!("v.{i}"), opt.v[i].clone());
+                }
+            }
         }
         save_tensors(&o, &tmp.join("optimizer.safetensors"))?;
         if !self.is_full() {
@@ -435,14 +488,32 @@ impl Stage for Train {
                 )),
             };
         let device = Device::Cpu;
-        let mut model = load_model(&model_up.dir, &device)?;
+        let (mut model, stored) = load_model_as(&model_up.dir, self.base_weights)?;
+        if let Some(message) = stored {
+            (cx.emit)(Event::Note {
+                message: format!("{}: {message}", cx.name),
+            });
+        }
         let vars = self.trainable(&mut model, &device)?;
         let mut opt = AdamW::new(
             vars.iter().map(|(_, v)| v.clone()).collect(),
             self.optim.weight_decay,
-        )?;
+        )?
+        .with_states(self.optimizer_states)?;
         (opt.beta1, opt.beta2, opt.eps) = self.optim.betas();
         opt.lr_scale = self.lr_scales(&vars);
+        if !self.optimizer_states.is_f32() {
+            let f32_bytes: usize = vars.iter().map(|(_, v)| v.elem_count() * 8).sum();
+            (cx.emit)(Event::Note {
+                message: format!(
+                    "{}: optimizer moments stored {:?}: {:.1} MB (f32 moments would take {:.1} MB)",
+                    cx.name,
+                    self.optimizer_states,
+                    opt.state_bytes() as f64 / 1e6,
+                    f32_bytes as f64 / 1e6
+                ),
+            });
+        }
         let data = PackedSplit::read(&pack_up.dir.join("train"))?;
         let n_bins = data.header.bins as usize;
         let mbs = self.steps.micro_batch_size.max(1) as usize;
@@ -549,8 +620,30 @@ impl Stage for Train {
                         .cloned()
                         .ok_or_else(|| StageError::Invalid(format!("{}: no {k}", ck.display())))
                 };
-                opt.m[i] = get(format!("m.{i}"))?;
-                opt.v[i] = get(format!("v.{i}"))?;
+                match &mut opt.quantised[i] {
+                    Some(q) => {
+                        let (mc, vc) = (get(format!("m.{i}.codes"))?, get(format!("v.{i}.codes"))?);
+                        let (ma, va) =
+                            (get(format!("m.{i}.absmax"))?, get(format!("v.{i}.absmax"))?);
+                        let (mc, vc) = (mc.to_vec1::<u8>()?, vc.to_vec1::<u8>()?);
+                        let (ma, va) = (ma.to_vec1::<f32>()?, va.to_vec1::<f32>()?);
+                        if mc.len() != q.m.len()
+                            || vc.len() != q.v.len()
+                            || ma.len() != q.m_absmax.len()
+                            || va.len() != q.v_absmax.len()
+                        {
+                            return Err(StageError::Invalid(format!(
+                                "{}: quantised optimizer state {i} does not fit this run's",
+                                ck.display()
+                            )));
+                        }
+                        (q.m, q.v, q.m_absmax, q.v_absmax) = (mc, vc, ma, va);
+                    }
+                    None => {
+                        opt.m[i] = get(format!("m.{i}"))?;
+                        opt.v[i] = get(format!("v.{i}"))?;
+                    }
+                }
             }
             opt.step = n as usize;
             let sp = ck.join("trainer_state.json");

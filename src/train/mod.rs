@@ -4,6 +4,7 @@
 
 mod adamw_ops;
 pub mod ce;
+pub mod qadam;
 
 use crate::model::llama::{packed_causal_mask, LoraDelta, LoraDropout};
 use crate::model::{Llama, ModelError};
@@ -309,6 +310,9 @@ pub struct AdamW {
     /// In-place update passes on f32 CPU tensors (see adamw_ops.rs); off = composed candle ops
     /// (the reference the tests compare with).
     pub fused: bool,
+    /// Per variable: its moments quantised (8- and 4-bit optimizers, see qadam.rs), in which
+    /// case `m` and `v` hold empty placeholders.
+    pub quantised: Vec<Option<qadam::QMoments>>,
 }
 
 impl AdamW {
@@ -334,7 +338,35 @@ impl AdamW {
             weight_decay,
             lr_scale: vec![1.0; n_vars],
             fused: true,
+            quantised: vec![None; n_vars],
         })
+    }
+
+    /// Stores the moments of every variable of at least [`qadam::MIN_QUANTISED`] values as
+    /// `kind` says (f32: unchanged). Call before the first step.
+    pub fn with_states(
+        mut self,
+        kind: crate::config::precision::OptimStates,
+    ) -> Result<Self, ModelError> {
+        for (i, var) in self.vars.iter().enumerate() {
+            if let Some(q) = qadam::QMoments::new(kind, var.as_tensor().elem_count()) {
+                self.quantised[i] = Some(q);
+                let empty = Tensor::zeros(0, candle_core::DType::F32, var.device())?;
+                self.m[i] = empty.clone();
+                self.v[i] = Tensor::zeros(0, candle_core::DType::F32, var.device())?;
+            }
+        }
+        Ok(self)
+    }
+
+    /// Bytes the optimizer's moments occupy.
+    pub fn state_bytes(&self) -> usize {
+        (0..self.vars.len())
+            .map(|i| match &self.quantised[i] {
+                Some(q) => q.bytes(),
+                None => (self.m[i].elem_count() + self.v[i].elem_count()) * 4,
+            })
+            .sum()
     }
 
     /// One update with the given gradients (already divided by the token count), clipped to
@@ -374,9 +406,30 @@ impl AdamW {
         self.step += 1;
         let bc1 = 1.0 - self.beta1.powi(self.step as i32);
         let bc2 = 1.0 - self.beta2.powi(self.step as i32);
+        // Quantised moments: one blockwise pass per variable (see qadam.rs).
+        for (i, var) in self.vars.iter().enumerate() {
+            if let Some(q) = &mut self.quantised[i] {
+                var.as_tensor().inplace_op2(
+                    &grads[i].contiguous()?,
+                    &qadam::QuantisedStep {
+                        state: std::sync::Mutex::new(q),
+                        lr: lr * self.lr_scale[i],
+                        weight_decay: self.weight_decay,
+                        beta1: self.beta1,
+                        beta2: self.beta2,
+                        eps: self.eps,
+                        step: self.step as u64,
+                        clip: clip as f32,
+                    },
+                )?;
+            }
+        }
         if fused {
             // In place, no temporaries (see adamw_ops.rs).
             for (i, var) in self.vars.iter().enumerate() {
+                if self.quantised[i].is_some() {
+                    continue;
+                }
                 let g = &grads[i];
                 self.m[i].inplace_op2(
                     g,
@@ -409,6 +462,9 @@ impl AdamW {
             return Ok(norm);
         }
         for (i, var) in self.vars.iter().enumerate() {
+            if self.quantised[i].is_some() {
+                continue;
+            }
             let g = (&grads[i] * clip)?;
             self.m[i] = ((&self.m[i] * self.beta1)? + (&g * (1.0 - self.beta1))?)?;
             self.v[i] = ((&self.v[i] * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;

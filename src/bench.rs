@@ -103,18 +103,63 @@ pub enum TrainCase {
     Lora512,
     #[value(name = "full-256")]
     Full256,
+    /// LoRA on an NF4 base (double-quantised scales): QLoRA as Axolotl's examples configure it.
+    #[value(name = "qlora-256")]
+    Qlora256,
+    #[value(name = "qlora-512")]
+    Qlora512,
+    /// LoRA on a bf16 base.
+    #[value(name = "lora-bf16-512")]
+    LoraBf16_512,
+    /// Full fine-tuning with bitsandbytes' 8-bit AdamW moments.
+    #[value(name = "full-8bit-256")]
+    Full8bit256,
+}
+
+/// A training case's settings.
+pub struct CaseShape {
+    pub full: bool,
+    pub seq: usize,
+    pub base: crate::config::precision::BaseWeights,
+    pub states: crate::config::precision::OptimStates,
 }
 
 impl TrainCase {
-    pub const ALL: [TrainCase; 3] = [TrainCase::Lora256, TrainCase::Lora512, TrainCase::Full256];
+    pub const ALL: [TrainCase; 7] = [
+        TrainCase::Lora256,
+        TrainCase::Lora512,
+        TrainCase::Full256,
+        TrainCase::Qlora256,
+        TrainCase::Qlora512,
+        TrainCase::LoraBf16_512,
+        TrainCase::Full8bit256,
+    ];
 
-    /// (full fine-tuning, tokens per row).
-    fn shape(self) -> (bool, usize) {
-        match self {
-            TrainCase::Lora256 => (false, 256),
-            TrainCase::Lora512 => (false, 512),
-            TrainCase::Full256 => (true, 256),
+    pub fn shape(self) -> CaseShape {
+        use crate::config::precision::{BaseWeights as B, OptimStates as O};
+        let (full, seq, base, states) = match self {
+            TrainCase::Lora256 => (false, 256, B::F32, O::F32),
+            TrainCase::Lora512 => (false, 512, B::F32, O::F32),
+            TrainCase::Full256 => (true, 256, B::F32, O::F32),
+            TrainCase::Qlora256 => (false, 256, B::Nf4DoubleQuant, O::F32),
+            TrainCase::Qlora512 => (false, 512, B::Nf4DoubleQuant, O::F32),
+            TrainCase::LoraBf16_512 => (false, 512, B::Bf16, O::F32),
+            TrainCase::Full8bit256 => (true, 256, B::F32, O::Bnb8bit),
+        };
+        CaseShape {
+            full,
+            seq,
+            base,
+            states,
         }
+    }
+
+    /// The name `--case` takes.
+    pub fn name(self) -> String {
+        use clap::ValueEnum;
+        self.to_possible_value()
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_default()
     }
 }
 
@@ -867,6 +912,7 @@ pub fn train(
     model: &Path,
     cases: &[TrainCase],
     peer: Option<&Peer>,
+    with_reference: bool,
 ) -> Result<Vec<Figure>, KilnError> {
     if let Some(p) = peer {
         if p.kind != PeerKind::Torch {
@@ -884,7 +930,189 @@ pub fn train(
     // Rows of pseudo-random ids (every token trained), one sample per step.
     let mut rng = SplitMix64::new(11);
     let mut figs = Vec::new();
-    // The machine's f32 matmul rate, as the reference for the steps' achieved rate.
+    let (peak, reference) = matmul_reference()?;
+    if with_reference {
+        figs.extend(reference);
+    }
+    // PyTorch reads an HF directory: the model's own, or the same weights written once as
+    // safetensors.
+    let hf_dir = match peer {
+        Some(_) if dir.join("config.json").exists() => Some(dir.clone()),
+        Some(_) => {
+            let m = crate::stages::train::load_model(&dir, &device)?;
+            let out = tmp.join("hf");
+            std::fs::create_dir_all(&out).map_err(|e| KilnError::Bench(e.to_string()))?;
+            crate::stages::merge::write_hf_model(
+                &m,
+                &dir,
+                &out,
+                crate::config::DEFAULT_MAX_SHARD,
+                candle_core::DType::F32,
+                None,
+            )?;
+            Some(out)
+        }
+        None => None,
+    };
+    for case in TrainCase::ALL {
+        if !cases.is_empty() && !cases.contains(&case) {
+            continue;
+        }
+        let CaseShape {
+            full,
+            seq,
+            base,
+            states,
+        } = case.shape();
+        let (mut m, stored) = crate::stages::train::load_model_as(&dir, base)?;
+        let vocab = m.cfg.vocab_size as u64;
+        // Weights that multiply: all but an untied embedding (a lookup); a tied embedding is
+        // also the head, so it counts once.
+        let params: usize = m
+            .to_weights()
+            .map_err(crate::stages::StageError::from)?
+            .values()
+            .map(|t| t.elem_count())
+            .sum::<usize>()
+            - if m.lm_head.is_some() {
+                m.embed_tokens.elem_count()
+            } else {
+                0
+            };
+        let ids: Vec<u32> = (0..seq).map(|_| rng.below(vocab) as u32).collect();
+        let rows = vec![(ids, vec![1u8; seq], (0..seq as u32).collect::<Vec<u32>>())];
+        let vars = if full {
+            attach_full(&mut m).map_err(StageError::from)?
+        } else {
+            let spec = LoraSpec {
+                r: 16,
+                alpha: 32.0,
+                target_modules: vec![],
+                target_linear: true,
+                rslora: false,
+                dora: false,
+            };
+            attach_lora(&mut m, &spec, 1, &device).map_err(StageError::from)?
+        };
+        let mut opt = AdamW::new(vars.iter().map(|(_, v)| v.clone()).collect(), 0.0)
+            .and_then(|o| o.with_states(states))
+            .map_err(StageError::from)?;
+        let mut secs = 0.0;
+        let steps = 3;
+        let (mut faults, mut cpu) = (0, 0.0);
+        for step in 0..=steps {
+            let batch = Batch::new(&rows, &device).map_err(StageError::from)?;
+            let (t, u0) = (Instant::now(), usage());
+            train_step(&m, &mut opt, &[batch], 1e-5, 1.0).map_err(StageError::from)?;
+            if step > 0 {
+                secs += t.elapsed().as_secs_f64();
+                let u1 = usage();
+                faults += u1.0 - u0.0;
+                cpu += u1.1 - u0.1;
+            }
+        }
+        let per_step = secs / steps as f64;
+        let label = match (full, stored.is_some(), states.is_f32()) {
+            (true, _, true) => "full fine-tuning".to_string(),
+            (true, _, false) => format!("full fine-tuning, {states:?} moments"),
+            (false, false, _) => "LoRA r16, all linear layers".to_string(),
+            (false, true, _) => format!("LoRA r16 on a {base:?} base"),
+        };
+        figs.push(fig(
+            &format!("train step, {label}, 1×{seq} tokens"),
+            seq as f64 / per_step,
+            "tokens/s",
+            "",
+        ));
+        figs.push(fig("  seconds per step", per_step, "s", ""));
+        figs.push(fig(
+            "  base linear weights",
+            m.layers
+                .iter()
+                .flat_map(|l| {
+                    [
+                        &l.attn.q_proj,
+                        &l.attn.k_proj,
+                        &l.attn.v_proj,
+                        &l.attn.o_proj,
+                        &l.mlp.gate_proj,
+                        &l.mlp.up_proj,
+                        &l.mlp.down_proj,
+                    ]
+                })
+                .map(|lin| match &lin.weight {
+                    crate::model::packed::BaseWeight::Packed(p) => p.bytes(),
+                    crate::model::packed::BaseWeight::Dense(t) => {
+                        t.elem_count() * t.dtype().size_in_bytes()
+                    }
+                })
+                .sum::<usize>() as f64
+                / 1e6,
+            "MB",
+            &format!("{base:?}"),
+        ));
+        figs.push(fig(
+            "  optimizer moments",
+            opt.state_bytes() as f64 / 1e6,
+            "MB",
+            &format!("{states:?}"),
+        ));
+        // Forward 2·P·T; backward 2·P·T for input gradients, + 2·P·T for weight gradients
+        // when every weight trains (attention's t² terms left out).
+        let flops = if full { 6.0 } else { 4.0 } * params as f64 * seq as f64;
+        figs.push(fig(
+            "  achieved rate",
+            flops / per_step / 1e9,
+            "GFLOP/s",
+            &format!(
+                "{:.0}% of the matmul rate",
+                100.0 * flops / per_step / 1e9 / peak
+            ),
+        ));
+        figs.push(fig(
+            "  cores busy",
+            cpu / secs,
+            "",
+            &format!("of {} threads", rayon::current_num_threads()),
+        ));
+        figs.push(fig(
+            "  page faults per step",
+            (faults / steps as u64) as f64,
+            "",
+            "fresh pages the kernel zeroes (a 2 MiB huge page counts once)",
+        ));
+        figs.push(fig(
+            "  peak RSS (this process)",
+            crate::stages::train::peak_rss_bytes().unwrap_or(0) as f64 / (1024.0 * 1024.0 * 1024.0),
+            "GiB",
+            "",
+        ));
+        // The peer trains an f32 base in full precision: its row stands beside each case.
+        if let (Some(p), Some(hf)) = (peer, &hf_dir) {
+            let out = p.run(&[
+                hf.display().to_string(),
+                seq.to_string(),
+                if full { "full" } else { "lora" }.to_string(),
+            ])?;
+            let rate = number_before(&out, "tokens/s").ok_or_else(|| {
+                KilnError::Bench(format!("cannot read PyTorch's figures from: {out}"))
+            })?;
+            figs.push(fig("  PyTorch, same step", rate, "tokens/s", &p.version));
+            if let Some(gib) = number_before(out.rsplit("peak").next().unwrap_or(""), "GiB") {
+                figs.push(fig("  PyTorch peak RSS (its own process)", gib, "GiB", ""));
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+    Ok(figs)
+}
+
+/// The machine's f32 matmul rate (the reference for a step's achieved rate), and figures for
+/// it and for kiln's sgemm on 1024³ and on a LoRA step's shapes.
+pub fn matmul_reference() -> Result<(f64, Vec<Figure>), KilnError> {
+    use crate::stages::StageError;
+    let device = candle_core::Device::Cpu;
+    let mut figs = Vec::new();
     let peak = {
         let n = 1024;
         let a = candle_core::Tensor::ones((n, n), candle_core::DType::F32, &device)
@@ -938,135 +1166,133 @@ pub fn train(
         let rate = reps as f64 * 2.0 * (m * k * n) as f64 / t.elapsed().as_secs_f64() / 1e9;
         figs.push(fig(&format!("  kiln sgemm {label}"), rate, "GFLOP/s", ""));
     }
-    // PyTorch reads an HF directory: the same weights written once as safetensors.
-    let hf_dir = match peer {
-        Some(_) => {
-            let m = crate::stages::train::load_model(&dir, &device)?;
-            let out = tmp.join("hf");
-            std::fs::create_dir_all(&out).map_err(|e| KilnError::Bench(e.to_string()))?;
-            crate::stages::merge::write_hf_model(
-                &m,
-                &dir,
-                &out,
-                crate::config::DEFAULT_MAX_SHARD,
-                candle_core::DType::F32,
-                None,
-            )?;
-            Some(out)
-        }
-        None => None,
-    };
-    for case in TrainCase::ALL {
-        if !cases.is_empty() && !cases.contains(&case) {
-            continue;
-        }
-        let (full, seq) = case.shape();
-        let mut m = crate::stages::train::load_model(&dir, &device)?;
-        let vocab = m.cfg.vocab_size as u64;
-        // Weights that multiply: all but an untied embedding (a lookup); a tied embedding is
-        // also the head, so it counts once.
-        let params: usize = m
-            .to_weights()
-            .map_err(crate::stages::StageError::from)?
-            .values()
-            .map(|t| t.elem_count())
-            .sum::<usize>()
-            - if m.lm_head.is_some() {
-                m.embed_tokens.elem_count()
-            } else {
-                0
-            };
-        let ids: Vec<u32> = (0..seq).map(|_| rng.below(vocab) as u32).collect();
-        let rows = vec![(ids, vec![1u8; seq], (0..seq as u32).collect::<Vec<u32>>())];
-        let vars = if full {
-            attach_full(&mut m).map_err(StageError::from)?
-        } else {
-            let spec = LoraSpec {
-                r: 16,
-                alpha: 32.0,
-                target_modules: vec![],
-                target_linear: true,
-                rslora: false,
-                dora: false,
-            };
-            attach_lora(&mut m, &spec, 1, &device).map_err(StageError::from)?
-        };
-        let mut opt = AdamW::new(vars.iter().map(|(_, v)| v.clone()).collect(), 0.0)
-            .map_err(StageError::from)?;
-        let mut secs = 0.0;
-        let steps = 3;
-        let (mut faults, mut cpu) = (0, 0.0);
-        for step in 0..=steps {
-            let batch = Batch::new(&rows, &device).map_err(StageError::from)?;
-            let (t, u0) = (Instant::now(), usage());
-            train_step(&m, &mut opt, &[batch], 1e-5, 1.0).map_err(StageError::from)?;
-            if step > 0 {
-                secs += t.elapsed().as_secs_f64();
-                let u1 = usage();
-                faults += u1.0 - u0.0;
-                cpu += u1.1 - u0.1;
-            }
-        }
-        let per_step = secs / steps as f64;
-        let label = if full {
-            "full fine-tuning"
-        } else {
-            "LoRA r16, all linear layers"
-        };
-        figs.push(fig(
-            &format!("train step, {label}, 1×{seq} tokens"),
-            seq as f64 / per_step,
-            "tokens/s",
-            "",
-        ));
-        figs.push(fig("  seconds per step", per_step, "s", ""));
-        // Forward 2·P·T; backward 2·P·T for input gradients, + 2·P·T for weight gradients
-        // when every weight trains (attention's t² terms left out).
-        let flops = if full { 6.0 } else { 4.0 } * params as f64 * seq as f64;
-        figs.push(fig(
-            "  achieved rate",
-            flops / per_step / 1e9,
-            "GFLOP/s",
-            &format!(
-                "{:.0}% of the matmul rate",
-                100.0 * flops / per_step / 1e9 / peak
-            ),
-        ));
-        figs.push(fig(
-            "  cores busy",
-            cpu / secs,
-            "",
-            &format!("of {} threads", rayon::current_num_threads()),
-        ));
-        figs.push(fig(
-            "  page faults per step",
-            (faults / steps as u64) as f64,
-            "",
-            "fresh pages the kernel zeroes (a 2 MiB huge page counts once)",
-        ));
-        figs.push(fig(
-            "  peak RSS so far",
-            crate::stages::train::peak_rss_bytes().unwrap_or(0) as f64 / (1024.0 * 1024.0 * 1024.0),
-            "GiB",
-            "",
-        ));
-        if let (Some(p), Some(hf)) = (peer, &hf_dir) {
-            let out = p.run(&[
-                hf.display().to_string(),
-                seq.to_string(),
-                if full { "full" } else { "lora" }.to_string(),
-            ])?;
-            let rate = number_before(&out, "tokens/s").ok_or_else(|| {
-                KilnError::Bench(format!("cannot read PyTorch's figures from: {out}"))
-            })?;
-            figs.push(fig("  PyTorch, same step", rate, "tokens/s", &p.version));
-            if let Some(gib) = number_before(out.rsplit("peak").next().unwrap_or(""), "GiB") {
-                figs.push(fig("  PyTorch peak RSS (its own process)", gib, "GiB", ""));
-            }
+    Ok((peak, figs))
+}
+
+/// Model shapes `kiln bench train --shape` builds with random weights (written once under the
+/// bench's scratch directory).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModelShape {
+    /// SmolLM2-135M's config (30 layers, hidden 576, MLP 1536, 9 heads / 3 KV heads, vocab
+    /// 49152, tied): 135M parameters.
+    #[value(name = "smollm2-135m")]
+    Smollm2_135m,
+    /// SmolLM2-1.7B's config (Llama: 24 layers, hidden 2048, MLP 8192, 32 heads, vocab 49152,
+    /// tied embeddings): 1.71B parameters.
+    #[value(name = "smollm2-1.7b")]
+    Smollm2_1_7b,
+}
+
+impl ModelShape {
+    fn config(self) -> crate::model::LlamaConfig {
+        match self {
+            ModelShape::Smollm2_135m => crate::model::LlamaConfig {
+                architecture: "llama".into(),
+                vocab_size: 49152,
+                hidden_size: 576,
+                intermediate_size: 1536,
+                num_hidden_layers: 30,
+                num_attention_heads: 9,
+                num_key_value_heads: 3,
+                rms_norm_eps: 1e-5,
+                rope_theta: 100000.0,
+                max_position_embeddings: 8192,
+                tie_word_embeddings: true,
+                attention_bias: false,
+                sliding_window: None,
+            },
+            ModelShape::Smollm2_1_7b => crate::model::LlamaConfig {
+                architecture: "llama".into(),
+                vocab_size: 49152,
+                hidden_size: 2048,
+                intermediate_size: 8192,
+                num_hidden_layers: 24,
+                num_attention_heads: 32,
+                num_key_value_heads: 32,
+                rms_norm_eps: 1e-5,
+                rope_theta: 130000.0,
+                max_position_embeddings: 8192,
+                tie_word_embeddings: true,
+                attention_bias: false,
+                sliding_window: None,
+            },
         }
     }
-    let _ = std::fs::remove_dir_all(&tmp);
-    Ok(figs)
+}
+
+/// An HF-layout model directory with `shape`'s config and random bf16 weights (N(0, 0.02)-like,
+/// norms 1), under `work`; reused when it is already there.
+pub fn random_model(work: &Path, shape: ModelShape) -> Result<std::path::PathBuf, KilnError> {
+    use crate::stages::StageError;
+    use clap::ValueEnum;
+    let name = shape
+        .to_possible_value()
+        .map(|v| v.get_name().to_string())
+        .unwrap_or_default();
+    let dir = work.join(format!("{name}-random"));
+    let done = dir.join(".complete");
+    if done.exists() {
+        return Ok(dir);
+    }
+    let io = |e: std::io::Error| KilnError::Bench(e.to_string());
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(io)?;
+    let cfg = shape.config();
+    let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+    let kv = cfg.num_key_value_heads * cfg.head_dim();
+    let mut shapes: Vec<(String, Vec<usize>)> = vec![
+        ("model.embed_tokens.weight".into(), vec![v, h]),
+        ("model.norm.weight".into(), vec![h]),
+    ];
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        for (n, s) in [
+            ("input_layernorm.weight", vec![h]),
+            ("post_attention_layernorm.weight", vec![h]),
+            ("self_attn.q_proj.weight", vec![h, h]),
+            ("self_attn.k_proj.weight", vec![kv, h]),
+            ("self_attn.v_proj.weight", vec![kv, h]),
+            ("self_attn.o_proj.weight", vec![h, h]),
+            ("mlp.gate_proj.weight", vec![i, h]),
+            ("mlp.up_proj.weight", vec![i, h]),
+            ("mlp.down_proj.weight", vec![h, i]),
+        ] {
+            shapes.push((format!("{p}.{n}"), s));
+        }
+    }
+    let mut w = crate::model::weights::Weights::new();
+    for (k, (name, s)) in shapes.into_iter().enumerate() {
+        let n: usize = s.iter().product();
+        let vals: Vec<half::bf16> = if s.len() == 1 {
+            vec![half::bf16::ONE; n]
+        } else {
+            use rayon::prelude::*;
+            (0..n)
+                .into_par_iter()
+                .map(|j| {
+                    // Sum of two uniforms: a triangle around 0 with std ≈ 0.02.
+                    let mut r = SplitMix64::new((k as u64) << 40 ^ j as u64);
+                    let u = (r.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+                        + (r.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+                        - 1.0;
+                    half::bf16::from_f32(u * 0.049)
+                })
+                .collect()
+        };
+        let t = candle_core::Tensor::from_vec(vals, s, &candle_core::Device::Cpu)
+            .map_err(StageError::from)?;
+        w.insert(name, t);
+    }
+    crate::model::weights::save_sharded(
+        &w,
+        &dir,
+        crate::config::DEFAULT_MAX_SHARD,
+        candle_core::DType::BF16,
+    )
+    .map_err(StageError::from)?;
+    crate::stages::write_json(&dir.join("config.json"), &cfg.to_hf())?;
+    std::fs::write(&done, b"").map_err(io)?;
+    Ok(dir)
 }
 
 /// The process's minor page faults and CPU seconds (user + system) so far; zeros where

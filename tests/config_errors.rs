@@ -148,11 +148,18 @@ fn a_messy_axolotl_example_config_validates_with_warnings() {
             "eval_max_new_tokens: not supported yet: eval_max_new_tokens",
             "flash_attention: has no effect in kiln: a PyTorch kernel choice; kiln uses its own kernels",
             "gradient_checkpointing: not supported yet: gradient_checkpointing",
-            "load_in_8bit: not supported yet: load_in_8bit",
             "loss_watchdog_patience: not supported yet: loss_watchdog_patience",
             "loss_watchdog_threshold: not supported yet: loss_watchdog_threshold",
-            "optimizer: not supported yet: optimizer `adamw_8bit`",
         ]
+    );
+    // Its 8-bit LoRA recipe is read: an int8 base and bitsandbytes' 8-bit AdamW.
+    assert_eq!(
+        s.train.base_weights,
+        kiln::config::precision::BaseWeights::Int8
+    );
+    assert_eq!(
+        s.train.optimizer_states,
+        kiln::config::precision::OptimStates::Bnb8bit
     );
 }
 

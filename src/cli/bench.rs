@@ -60,7 +60,8 @@ enum BenchCmd {
         #[arg(long, value_enum)]
         against: Option<PeerKind>,
     },
-    /// Training steps as the train stage runs them: tokens/s, achieved rate, memory.
+    /// Training steps as the train stage runs them: tokens/s, achieved rate, memory. With more
+    /// than one case, each runs in its own process, so each peak RSS is that case's.
     Train {
         /// Run just these cases (repeatable; default: all).
         #[arg(long = "case", value_enum)]
@@ -68,6 +69,13 @@ enum BenchCmd {
         /// Also measure PyTorch (+ PEFT) on the same steps, alternating with kiln.
         #[arg(long, value_enum)]
         against: Option<PeerKind>,
+        /// Instead of --model, a model of this shape with random weights, written once under
+        /// --work (bf16 safetensors).
+        #[arg(long, value_enum)]
+        shape: Option<kiln::bench::ModelShape>,
+        /// Leave out the matmul reference rows (the per-case child processes).
+        #[arg(long, hide = true)]
+        no_reference: bool,
     },
 }
 
@@ -87,6 +95,46 @@ fn peer(kind: Option<PeerKind>, s: &Shared) -> Result<Option<Peer>> {
     kind.map(|k| Peer::find(k, &s.python, &s.scripts))
         .transpose()
         .map_err(Into::into)
+}
+
+/// One train case as `kiln bench train --case C` in a child process (its own peak RSS), its
+/// figures passed through.
+fn train_case_in_child(
+    exe: &Path,
+    model: &Path,
+    case: TrainCase,
+    against: Option<PeerKind>,
+    s: &Shared,
+) -> Result<()> {
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args([
+        "bench",
+        "train",
+        "--no-reference",
+        "--case",
+        &case.name(),
+        "--model",
+    ])
+    .arg(model)
+    .arg("--work")
+    .arg(&s.work)
+    .arg("--python")
+    .arg(&s.python)
+    .arg("--scripts")
+    .arg(&s.scripts);
+    if against.is_some() {
+        cmd.args(["--against", "torch"]);
+    }
+    let out = cmd.stderr(std::process::Stdio::inherit()).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // Everything but the child's own header line.
+    for line in text.lines().skip(1) {
+        println!("{line}");
+    }
+    if !out.status.success() {
+        anyhow::bail!("bench train --case {} failed", case.name());
+    }
+    Ok(())
 }
 
 fn print_figure(f: &kiln::bench::Figure) {
@@ -122,9 +170,37 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             let p = peer(against, s)?;
             kiln::bench::generate(model, &cases, p.as_ref())?
         }
-        BenchCmd::Train { cases, against } => {
+        BenchCmd::Train {
+            cases,
+            against,
+            shape,
+            no_reference,
+        } => {
+            let model = match shape {
+                Some(sh) => {
+                    std::fs::create_dir_all(&s.work)?;
+                    kiln::bench::random_model(&s.work, sh)?
+                }
+                None => model.to_path_buf(),
+            };
+            let cases = if cases.is_empty() {
+                TrainCase::ALL.to_vec()
+            } else {
+                cases
+            };
+            if cases.len() > 1 {
+                let exe =
+                    exe.ok_or_else(|| anyhow::anyhow!("cannot find kiln's own executable"))?;
+                for f in kiln::bench::matmul_reference()?.1 {
+                    print_figure(&f);
+                }
+                for c in cases {
+                    train_case_in_child(&exe, &model, c, against, s)?;
+                }
+                return Ok(());
+            }
             let p = peer(against, s)?;
-            kiln::bench::train(model, &cases, p.as_ref())?
+            kiln::bench::train(&model, &cases, p.as_ref(), !no_reference)?
         }
         BenchCmd::Plan => kiln::bench::plan(&s.work, model, exe.as_deref())?,
         BenchCmd::Noop { config, sweep } => {

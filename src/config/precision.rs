@@ -3,7 +3,6 @@
 //! (Axolotl's 8- and 4-bit optimizer names). Both are train keys; f32 (the default) is left out
 //! of the key, so configs without these settings keep the keys they had.
 
-use crate::model::packed::{FourBit, PackFormat};
 use serde::Serialize;
 
 /// Storage of the frozen block linear weights while training.
@@ -27,22 +26,6 @@ pub enum BaseWeights {
 impl BaseWeights {
     pub fn is_f32(&self) -> bool {
         *self == BaseWeights::F32
-    }
-
-    /// The packing, or None for f32 (weights as loaded).
-    pub fn pack_format(&self) -> Option<PackFormat> {
-        use BaseWeights::*;
-        let four = |kind, double_quant| PackFormat::FourBit { kind, double_quant };
-        Some(match self {
-            F32 => return None,
-            Bf16 => PackFormat::Bf16,
-            F16 => PackFormat::F16,
-            Int8 => PackFormat::Int8,
-            Nf4 => four(FourBit::Nf4, false),
-            Nf4DoubleQuant => four(FourBit::Nf4, true),
-            Fp4 => four(FourBit::Fp4, false),
-            Fp4DoubleQuant => four(FourBit::Fp4, true),
-        })
     }
 
     /// What the storage costs, for the line training prints.

@@ -216,6 +216,24 @@ pub enum PackFormat {
     FourBit { kind: FourBit, double_quant: bool },
 }
 
+impl PackFormat {
+    /// The packing a config's base-weight storage asks for; None for f32 (weights as loaded).
+    pub fn for_base(b: crate::config::precision::BaseWeights) -> Option<Self> {
+        use crate::config::precision::BaseWeights::*;
+        let four = |kind, double_quant| PackFormat::FourBit { kind, double_quant };
+        Some(match b {
+            F32 => return None,
+            Bf16 => PackFormat::Bf16,
+            F16 => PackFormat::F16,
+            Int8 => PackFormat::Int8,
+            Nf4 => four(FourBit::Nf4, false),
+            Nf4DoubleQuant => four(FourBit::Nf4, true),
+            Fp4 => four(FourBit::Fp4, false),
+            Fp4DoubleQuant => four(FourBit::Fp4, true),
+        })
+    }
+}
+
 impl Packed {
     /// Packs an f32 matrix (n × k, row-major).
     pub fn pack(w: &[f32], n: usize, k: usize, fmt: PackFormat) -> Result<Self, super::ModelError> {

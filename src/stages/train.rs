@@ -219,7 +219,7 @@ pub fn load_model_as(
     dir: &Path,
     base: crate::config::precision::BaseWeights,
 ) -> Result<(Llama, Option<String>), StageError> {
-    let Some(fmt) = base.pack_format() else {
+    let Some(fmt) = crate::model::packed::PackFormat::for_base(base) else {
         return Ok((load_model(dir, &Device::Cpu)?, None));
     };
     let cfg = if dir.join("model.gguf").exists() {

@@ -118,6 +118,45 @@ const PINNED_FULL: &[(&str, &str)] = &[
     ),
 ];
 
+const PINNED_QLORA: &[(&str, &str)] = &[
+    (
+        "fetch.model",
+        "4ee343abc45bb3fd48eaec659feb0ce90dc3cc1c263a8fb61d018b67024c1da4",
+    ),
+    (
+        "fetch.data[0]",
+        "6530a7de10417fc37648230654d349e9b35f2d1d8feb8d9ed33b0342d58cae9c",
+    ),
+    (
+        "tokenize[0]",
+        "4f9ad761e8d99aa1a287a4db480092bd42b3da5c6709e3ba9353bb90d84ba586",
+    ),
+    (
+        "fetch.data[1]",
+        "b3f0d0cfe5d6235da4a3bf1ec55fea43f8bff5eb3055d13958f12c2c1aef2af6",
+    ),
+    (
+        "tokenize[1]",
+        "b330499050964eb651db444b9e6c520626bf72a1763890c001288245209a09a2",
+    ),
+    (
+        "pack",
+        "94899e03e28c4f6d7d77830f5b03de99e794571c92eaca82341ed7ae22fa25de",
+    ),
+    (
+        "quantize",
+        "92d99aa8999b1b2b97185414883ca68252fb510b8f01eeb941d01d34cc0bcfc0",
+    ),
+    (
+        "train",
+        "c9d124af369e9aac18fac39d0f95b2e85150727b36b49685f6efd43942f419c4",
+    ),
+    (
+        "merge",
+        "6c4678b8d94a0ec12b2077e8df51445a94194604678ba9f270a751be80d7198e",
+    ),
+];
+
 fn check(got: &[(String, StageKind, String)], pinned: &[(&str, &str)], table: &str) {
     if std::env::var("KILN_PRINT_KEYS").is_ok() {
         println!("const {table}: &[(&str, &str)] = &[");
@@ -148,8 +187,18 @@ fn stage_keys_are_pinned() {
     check(&lora, PINNED_LORA, "PINNED_LORA");
     let full = keys(&Project::new("max_steps: 2\n"));
     check(&full, PINNED_FULL, "PINNED_FULL");
+    // QLoRA with 8-bit moments: the quantize stage, and the precision settings in train's key.
+    let qlora = keys(&Project::new(
+        "adapter: qlora\nload_in_4bit: true\noptimizer: adamw_bnb_8bit\nlora_r: 4\nmax_steps: 2\nmerge_lora: true\n",
+    ));
+    check(&qlora, PINNED_QLORA, "PINNED_QLORA");
     // Every stage kind has a pinned key: a new kind fails here until a fixture plans it.
-    let covered: BTreeSet<StageKind> = lora.iter().chain(&full).map(|(_, k, _)| *k).collect();
+    let covered: BTreeSet<StageKind> = lora
+        .iter()
+        .chain(&full)
+        .chain(&qlora)
+        .map(|(_, k, _)| *k)
+        .collect();
     for kind in StageKind::ALL {
         assert!(
             covered.contains(kind),

@@ -95,6 +95,42 @@ fn qlora_trains_merges_into_the_widened_base_and_reproduces() {
         .unwrap();
     assert!(d < 1e-4, "merged vs NF4 base + adapter: {d}");
 
+    // The quantize entry train read holds the very weights packing at load gives.
+    let (from_entry, _) = kiln::stages::train::load_quantized(
+        &ws.entry_of("quantize").unwrap(),
+        kiln::config::precision::BaseWeights::Nf4DoubleQuant,
+    )
+    .unwrap();
+    let (packed_now, _) = kiln::stages::train::load_model_as(
+        &base_dir,
+        kiln::config::precision::BaseWeights::Nf4DoubleQuant,
+    )
+    .unwrap();
+    let bits = |m: &kiln::model::Llama| -> Vec<u32> {
+        m.forward_one(&ids, &dev)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect()
+    };
+    assert!(
+        bits(&from_entry) == bits(&packed_now),
+        "quantize entry round trip"
+    );
+
+    // Another LoRA setting reuses the quantized base: only train (and merge) rebuild.
+    let (s2, _) = p.run(&["lora_r=8"]);
+    assert!(
+        !s2.built.contains(&"quantize".to_string()),
+        "{:?}",
+        s2.built
+    );
+    assert!(s2.built.contains(&"train".to_string()), "{:?}", s2.built);
+
     // Same config, fresh cache: the same adapter bytes.
     let q = project(&format!("{QLORA}merge_lora: true\n"));
     q.run(&[]);

@@ -3,8 +3,9 @@
 //! (scripts/bnb-reference.py) on the same integer-formula inputs.
 
 use kiln::model::packed::{
-    quantize_4bit, quantize_blockwise, Absmax, FourBit, PackFormat, Packed, Store, DYNAMIC_SIGNED,
-    DYNAMIC_SIGNED_4BIT, DYNAMIC_UNSIGNED, NF4,
+    nearest, quantize_4bit, quantize_blockwise, Absmax, FourBit, PackFormat, Packed, Store,
+    DYNAMIC_SIGNED, DYNAMIC_SIGNED_4BIT, DYNAMIC_UNSIGNED, NF4, SIGNED_4BIT_BOOK, SIGNED_BOOK,
+    UNSIGNED_BOOK,
 };
 use serde_json::Value;
 
@@ -181,14 +182,14 @@ fn blockwise_8bit_matches_bitsandbytes() {
         } else {
             x.iter().map(|a| a.abs()).collect()
         };
-        let code = if signed {
-            DYNAMIC_SIGNED
+        let (code, book) = if signed {
+            (DYNAMIC_SIGNED, &SIGNED_BOOK)
         } else {
-            DYNAMIC_UNSIGNED
+            (DYNAMIC_UNSIGNED, &UNSIGNED_BOOK)
         };
         let mut q = vec![0u8; v.len()];
         let mut absmax = vec![0f32; v.len().div_ceil(256)];
-        quantize_blockwise(&code, &v, 256, &mut q, &mut absmax);
+        quantize_blockwise(book, &v, 256, &mut q, &mut absmax);
         same(
             &absmax,
             &floats(&r[key]["absmax"]),
@@ -397,4 +398,29 @@ fn adamw_8bit_matches_bitsandbytes() {
     );
     // 8-bit moments: 2 bytes a value plus two f32 scales per 256 (f32 AdamW: 8).
     assert_eq!(opt.state_bytes(), 2 * n + 8 * n.div_ceil(256));
+}
+
+#[test]
+fn code_book_lookup_is_the_nearest_value() {
+    // The table-driven search answers as the plain nearest-value search everywhere on [-1, 1]:
+    // a dense sweep, every code value and midpoint (and their neighbours), every bucket edge.
+    for (book, code) in [
+        (&SIGNED_BOOK, &DYNAMIC_SIGNED[..]),
+        (&UNSIGNED_BOOK, &DYNAMIC_UNSIGNED[..]),
+        (&SIGNED_4BIT_BOOK, &DYNAMIC_SIGNED_4BIT[..]),
+    ] {
+        let mut xs: Vec<f32> = (0..200_001).map(|i| i as f32 / 100_000.0 - 1.0).collect();
+        for w in code.windows(2) {
+            let mid = (w[0] + w[1]) / 2.0;
+            let (up, down) = (mid.next_up(), mid.next_down());
+            xs.extend([w[0], w[1], mid, up, down]);
+        }
+        for b in (0..1u32 << 16).step_by(7) {
+            xs.push(f32::from_bits(b << 16));
+            xs.push(f32::from_bits((b << 16) | 0xFFFF));
+        }
+        for x in xs.into_iter().filter(|x| x.is_finite() && x.abs() <= 1.0) {
+            assert_eq!(book.nearest(x), nearest(code, x), "x = {x:e}");
+        }
+    }
 }

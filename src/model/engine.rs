@@ -387,6 +387,28 @@ impl Mat {
         }
     }
 
+    /// The blocks' bytes as a GGUF file holds them, with their format.
+    pub(crate) fn raw(&self) -> (GgmlDType, Vec<u8>) {
+        fn bytes<T>(v: &[T]) -> Vec<u8> {
+            // SAFETY: the block types are plain #[repr(C)] data; reading them as bytes is valid.
+            unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+                .to_vec()
+        }
+        match &self.rows {
+            Rows::F32(v) => (GgmlDType::F32, bytes(v)),
+            Rows::Q4_0(v) => (GgmlDType::Q4_0, bytes(v)),
+            Rows::Q4_1(v) => (GgmlDType::Q4_1, bytes(v)),
+            Rows::Q5_0(v) => (GgmlDType::Q5_0, bytes(v)),
+            Rows::Q5_1(v) => (GgmlDType::Q5_1, bytes(v)),
+            Rows::Q8_0(v) => (GgmlDType::Q8_0, bytes(v)),
+            Rows::Q2K(v) => (GgmlDType::Q2K, bytes(v)),
+            Rows::Q3K(v) => (GgmlDType::Q3K, bytes(v)),
+            Rows::Q4K(v) => (GgmlDType::Q4K, bytes(v)),
+            Rows::Q5K(v) => (GgmlDType::Q5K, bytes(v)),
+            Rows::Q6K(v) => (GgmlDType::Q6K, bytes(v)),
+        }
+    }
+
     /// Rows `r0..r1` as f32, row-major into `out` ((r1 − r0) × k values).
     pub(crate) fn widen_rows(&self, r0: usize, r1: usize, out: &mut [f32]) {
         let k = self.k;

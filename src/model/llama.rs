@@ -312,6 +312,27 @@ impl Llama {
         out
     }
 
+    /// Every linear layer with its HF module path.
+    pub fn linears(&self) -> Vec<(String, &Linear)> {
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.push((format!("{p}.self_attn.q_proj"), &l.attn.q_proj));
+            out.push((format!("{p}.self_attn.k_proj"), &l.attn.k_proj));
+            out.push((format!("{p}.self_attn.v_proj"), &l.attn.v_proj));
+            out.push((format!("{p}.self_attn.o_proj"), &l.attn.o_proj));
+            out.push((format!("{p}.mlp.gate_proj"), &l.mlp.gate_proj));
+            out.push((format!("{p}.mlp.up_proj"), &l.mlp.up_proj));
+            out.push((format!("{p}.mlp.down_proj"), &l.mlp.down_proj));
+        }
+        out
+    }
+
+    /// The weights that are not packed, under their HF names.
+    pub fn dense_weights(&self) -> Result<Weights, ModelError> {
+        self.weights_where(false)
+    }
+
     /// Every weight tensor under its HF name, mutably (full fine-tuning turns them into Vars).
     pub fn tensors_mut(&mut self) -> Vec<(String, &mut Tensor)> {
         let mut out: Vec<(String, &mut Tensor)> = Vec::new();
@@ -354,6 +375,11 @@ impl Llama {
     /// The weights under their HF names (the inverse of [`Llama::from_weights`]), packed ones
     /// widened to f32; LoRA deltas are not included (merge them first).
     pub fn to_weights(&self) -> Result<Weights, ModelError> {
+        self.weights_where(true)
+    }
+
+    /// The weights, packed ones widened (`widen`) or left out.
+    fn weights_where(&self, widen: bool) -> Result<Weights, ModelError> {
         let mut w = Weights::new();
         w.insert(
             "model.embed_tokens.weight".into(),
@@ -382,11 +408,15 @@ impl Llama {
                 ("mlp.up_proj", &l.mlp.up_proj),
                 ("mlp.down_proj", &l.mlp.down_proj),
             ] {
-                let t = match &lin.weight {
-                    BaseWeight::Dense(t) => t.clone(),
-                    BaseWeight::Packed(p) => p.to_tensor()?,
-                };
-                w.insert(format!("{p}.{n}.weight"), t);
+                match &lin.weight {
+                    BaseWeight::Dense(t) => {
+                        w.insert(format!("{p}.{n}.weight"), t.clone());
+                    }
+                    BaseWeight::Packed(pw) if widen => {
+                        w.insert(format!("{p}.{n}.weight"), pw.to_tensor()?);
+                    }
+                    BaseWeight::Packed(_) => {}
+                }
                 if let Some(b) = &lin.bias {
                     w.insert(format!("{p}.{n}.bias"), b.clone());
                 }

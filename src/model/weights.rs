@@ -19,6 +19,16 @@ fn load_err(path: &Path, e: impl std::fmt::Display) -> ModelError {
 
 /// Every `*.safetensors` file of a directory, as f32.
 pub fn load_safetensors_dir(dir: &Path, device: &Device) -> Result<Weights, ModelError> {
+    let mut out = Weights::new();
+    for_each_safetensor(dir, device, |name, t| {
+        out.insert(name, t);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// The `*.safetensors` files of a directory, in name order.
+pub fn safetensors_files(dir: &Path) -> Result<Vec<std::path::PathBuf>, ModelError> {
     let mut files: Vec<_> = std::fs::read_dir(dir)
         .map_err(|e| load_err(dir, e))?
         .flatten()
@@ -29,13 +39,99 @@ pub fn load_safetensors_dir(dir: &Path, device: &Device) -> Result<Weights, Mode
     if files.is_empty() {
         return Err(load_err(dir, "no .safetensors files"));
     }
-    let mut out = Weights::new();
-    for f in files {
-        for (k, t) in candle_core::safetensors::load(&f, device).map_err(|e| load_err(&f, e))? {
-            out.insert(k, t.to_dtype(DType::F32)?);
+    Ok(files)
+}
+
+/// Calls `f` with every tensor of a directory's safetensors files, widened to f32, one at a
+/// time in name order: each is read from the file by itself (no mapping, no whole-file buffer),
+/// so a caller that packs or drops each one never holds more than it keeps.
+pub fn for_each_safetensor(
+    dir: &Path,
+    device: &Device,
+    mut f: impl FnMut(String, Tensor) -> Result<(), ModelError>,
+) -> Result<(), ModelError> {
+    use std::io::{Read, Seek, SeekFrom};
+    for path in safetensors_files(dir)? {
+        let mut file = std::fs::File::open(&path).map_err(|e| load_err(&path, e))?;
+        let mut len = [0u8; 8];
+        file.read_exact(&mut len).map_err(|e| load_err(&path, e))?;
+        let n = u64::from_le_bytes(len);
+        let size = file.metadata().map_err(|e| load_err(&path, e))?.len();
+        if n > size.saturating_sub(8) || n > 100 << 20 {
+            return Err(load_err(
+                &path,
+                "not a safetensors file (bad header length)",
+            ));
+        }
+        let mut head = vec![0u8; n as usize];
+        file.read_exact(&mut head).map_err(|e| load_err(&path, e))?;
+        let v: serde_json::Value = serde_json::from_slice(&head).map_err(|e| load_err(&path, e))?;
+        let obj = v
+            .as_object()
+            .ok_or_else(|| load_err(&path, "safetensors header is not an object"))?;
+        let mut names: Vec<&String> = obj.keys().filter(|k| *k != "__metadata__").collect();
+        names.sort();
+        for name in names {
+            let info = &obj[name];
+            let bad = |m: &str| load_err(&path, format!("{name}: {m}"));
+            let dtype = match info["dtype"].as_str() {
+                Some("F32") => DType::F32,
+                Some("BF16") => DType::BF16,
+                Some("F16") => DType::F16,
+                Some("F64") => DType::F64,
+                // Integer buffers (position ids, a quantized checkpoint's packed words) are no
+                // weights of kiln's models: a weight that is missing is reported by name later.
+                Some(_) => continue,
+                None => return Err(bad("no dtype")),
+            };
+            let shape: Vec<usize> = info["shape"]
+                .as_array()
+                .ok_or_else(|| bad("no shape"))?
+                .iter()
+                .map(|d| d.as_u64().map(|d| d as usize))
+                .collect::<Option<_>>()
+                .ok_or_else(|| bad("bad shape"))?;
+            let offs: Vec<u64> = info["data_offsets"]
+                .as_array()
+                .and_then(|a| a.iter().map(|o| o.as_u64()).collect())
+                .ok_or_else(|| bad("no data_offsets"))?;
+            let (a, b) = match offs[..] {
+                [a, b] if a <= b && 8 + n + b <= size => (a, b),
+                _ => return Err(bad("data_offsets outside the file")),
+            };
+            let count: usize = shape.iter().product();
+            if (b - a) as usize != count * dtype.size_in_bytes() {
+                return Err(bad("data size does not match its shape"));
+            }
+            let mut bytes = vec![0u8; (b - a) as usize];
+            file.seek(SeekFrom::Start(8 + n + a))
+                .and_then(|_| file.read_exact(&mut bytes))
+                .map_err(|e| load_err(&path, e))?;
+            let vals: Vec<f32> = match dtype {
+                DType::F32 => bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+                DType::BF16 => bytes
+                    .chunks_exact(2)
+                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+                DType::F16 => bytes
+                    .chunks_exact(2)
+                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+                _ => bytes
+                    .chunks_exact(8)
+                    .map(|c| {
+                        f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32
+                    })
+                    .collect(),
+            };
+            drop(bytes);
+            f(name.clone(), Tensor::from_vec(vals, shape, device)?)?;
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 pub(crate) fn hf_name(gguf: &str) -> Option<String> {
@@ -188,6 +284,41 @@ pub fn save_safetensors(
     tensors: &HashMap<String, Tensor>,
     path: &Path,
 ) -> Result<(), safetensors::SafeTensorError> {
-    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    save_safetensors_meta(tensors, path, HashMap::new())
+}
+
+/// [`save_safetensors`] with more header metadata beside `format: pt`.
+pub fn save_safetensors_meta(
+    tensors: &HashMap<String, Tensor>,
+    path: &Path,
+    mut meta: HashMap<String, String>,
+) -> Result<(), safetensors::SafeTensorError> {
+    meta.insert("format".to_string(), "pt".to_string());
     safetensors::serialize_to_file(tensors, Some(meta), path)
+}
+
+/// The `__metadata__` of a safetensors file's header (without reading the tensors).
+pub fn safetensors_metadata(path: &Path) -> Result<HashMap<String, String>, ModelError> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| load_err(path, e))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(|e| load_err(path, e))?;
+    let n = u64::from_le_bytes(len);
+    if n > 100 << 20 {
+        return Err(load_err(
+            path,
+            format!("a {n}-byte header is not a safetensors header"),
+        ));
+    }
+    let mut head = vec![0u8; n as usize];
+    f.read_exact(&mut head).map_err(|e| load_err(path, e))?;
+    let v: serde_json::Value = serde_json::from_slice(&head).map_err(|e| load_err(path, e))?;
+    Ok(v["__metadata__"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default())
 }

@@ -346,6 +346,27 @@ fn train_stages(
                 files: None,
             });
         }
+        // A packed base is its own cached stage, shared by every train stage asking for it.
+        if !t.base_weights.is_f32() {
+            stages.push(PlannedStage {
+                name: "quantize".into(),
+                stage: AnyStage::Quantize(Box::new(Staged::new(
+                    crate::stages::quantize::Quantize {
+                        base_weights: t.base_weights,
+                    },
+                    (),
+                ))),
+                inputs: Inputs::new(),
+                deps: vec![Dep {
+                    stage: 0,
+                    files: None,
+                }],
+            });
+            train_deps.push(Dep {
+                stage: stages.len() - 1,
+                files: None,
+            });
+        }
         stages.push(PlannedStage {
             name: "train".into(),
             stage: AnyStage::Train(Box::new(Staged::new(

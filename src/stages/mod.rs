@@ -8,6 +8,7 @@ pub mod fetch;
 pub mod hub;
 pub mod merge;
 pub mod pack;
+pub mod quantize;
 pub mod tokenize;
 pub mod train;
 
@@ -48,6 +49,7 @@ macro_rules! stage_kinds {
 
 stage_kinds! {
     Fetch => "fetch",
+    Quantize => "quantize",
     Tokenize => "tokenize",
     Pack => "pack",
     Train => "train",
@@ -139,6 +141,7 @@ pub enum AnyStage {
     FetchData(Box<Staged<fetch::FetchData>>),
     Tokenize(Box<Staged<tokenize::Tokenize>>),
     Pack(Box<Staged<pack::Pack>>),
+    Quantize(Box<Staged<quantize::Quantize>>),
     Train(Box<Staged<train::Train>>),
     Merge(Box<Staged<merge::Merge>>),
     Evaluate(Box<Staged<evaluate::Evaluate>>),
@@ -168,6 +171,11 @@ macro_rules! with_stage {
             AnyStage::Pack($s) => {
                 #[allow(dead_code)]
                 type $T = pack::Pack;
+                $body
+            }
+            AnyStage::Quantize($s) => {
+                #[allow(dead_code)]
+                type $T = quantize::Quantize;
                 $body
             }
             AnyStage::Train($s) => {

@@ -231,12 +231,33 @@ pub fn load_model_as(
         Some(LlamaConfig::from_hf(&v)?)
     };
     let (model, summary) = crate::model::load::load_packed(dir, cfg, fmt)?;
-    let line = format!(
+    Ok((model, Some(stored_line(base, &summary))))
+}
+
+/// Loads a quantize stage's entry (see stages/quantize.rs), with the line saying what it holds.
+pub fn load_quantized(
+    dir: &Path,
+    base: crate::config::precision::BaseWeights,
+) -> Result<(Llama, Option<String>), StageError> {
+    let p = dir.join("config.json");
+    let v: Value = serde_json::from_slice(&std::fs::read(&p).map_err(io_err(&p))?)
+        .map_err(|e| StageError::Invalid(format!("{}: {e}", p.display())))?;
+    let (model, summary) = crate::model::load::load_packed_file(
+        &dir.join(crate::model::load::PACKED_FILE),
+        LlamaConfig::from_hf(&v)?,
+    )?;
+    Ok((model, Some(stored_line(base, &summary))))
+}
+
+fn stored_line(
+    base: crate::config::precision::BaseWeights,
+    summary: &crate::model::load::PackedSummary,
+) -> String {
+    format!(
         "base weights: {} asked; the block linear weights are stored {} (embeddings, norms and the LoRA matrices, gradients and optimizer state in f32; products computed in f32)",
         base.describe(),
         summary.describe()
-    );
-    Ok((model, Some(line)))
+    )
 }
 
 /// Loads the model from a fetched model directory (a GGUF, or config.json + safetensors).
@@ -478,17 +499,26 @@ impl Stage for Train {
     type Neutral = TrainNeutral;
 
     fn run(&self, neutral: &TrainNeutral, cx: &mut RunCx<'_>) -> Result<(), StageError> {
-        let (model_up, pack_up, given) =
-            match cx.upstream {
-                [m, p] if !self.from_checkpoint => (m, p, None),
-                [m, p, c] if self.from_checkpoint => (m, p, Some(c)),
-                _ => return Err(StageError::Invalid(
-                    "train needs the model and pack upstream (and the checkpoint to resume from)"
+        // Upstream: the model, the pack, the checkpoint to resume from (if any), the quantize
+        // entry (for a packed base).
+        let packed = !self.base_weights.is_f32();
+        let (model_up, pack_up, given, quant) = match (cx.upstream, self.from_checkpoint, packed) {
+            ([m, p], false, false) => (m, p, None, None),
+            ([m, p, c], true, false) => (m, p, Some(c), None),
+            ([m, p, q], false, true) => (m, p, None, Some(q)),
+            ([m, p, c, q], true, true) => (m, p, Some(c), Some(q)),
+            _ => {
+                return Err(StageError::Invalid(
+                    "train needs the model and pack upstream (and the checkpoint to resume from, and the quantized base)"
                         .into(),
-                )),
-            };
+                ))
+            }
+        };
         let device = Device::Cpu;
-        let (mut model, stored) = load_model_as(&model_up.dir, self.base_weights)?;
+        let (mut model, stored) = match quant {
+            Some(q) => load_quantized(&q.dir, self.base_weights)?,
+            None => load_model_as(&model_up.dir, self.base_weights)?,
+        };
         if let Some(message) = stored {
             (cx.emit)(Event::Note {
                 message: format!("{}: {message}", cx.name),

@@ -7,7 +7,7 @@
 //! depend on the thread count.
 
 use crate::config::precision::OptimStates;
-use crate::model::packed::{nearest, DYNAMIC_SIGNED, DYNAMIC_SIGNED_4BIT, DYNAMIC_UNSIGNED};
+use crate::model::packed::{CodeBook, SIGNED_4BIT_BOOK, SIGNED_BOOK, UNSIGNED_BOOK};
 use candle_core::{CpuStorage, InplaceOp2, Layout};
 use rayon::prelude::*;
 
@@ -16,6 +16,7 @@ use rayon::prelude::*;
 pub const MIN_QUANTISED: usize = 4096;
 
 /// torchao's 4-bit second-moment map: 1/16 … 1 (no zero).
+static LINEAR_4BIT_BOOK: CodeBook = CodeBook::new(&LINEAR_UNSIGNED_4BIT);
 const LINEAR_UNSIGNED_4BIT: [f32; 16] = [
     0.0625, 0.125, 0.1875, 0.25, 0.3125, 0.375, 0.4375, 0.5, 0.5625, 0.625, 0.6875, 0.75, 0.8125,
     0.875, 0.9375, 1.0,
@@ -61,16 +62,17 @@ impl QMoments {
         self.m.len() + self.v.len() + 4 * (self.m_absmax.len() + self.v_absmax.len())
     }
 
-    fn maps(&self) -> (&'static [f32], &'static [f32]) {
+    fn maps(&self) -> (&'static CodeBook, &'static CodeBook) {
         match self.kind {
-            OptimStates::Torchao4bit => (&DYNAMIC_SIGNED_4BIT, &LINEAR_UNSIGNED_4BIT),
-            _ => (&DYNAMIC_SIGNED, &DYNAMIC_UNSIGNED),
+            OptimStates::Torchao4bit => (&SIGNED_4BIT_BOOK, &LINEAR_4BIT_BOOK),
+            _ => (&SIGNED_BOOK, &UNSIGNED_BOOK),
         }
     }
 
     /// The moments widened (for tests and inspection).
     pub fn widen(&self) -> (Vec<f32>, Vec<f32>) {
         let (mm, vm) = self.maps();
+        let (mm, vm) = (mm.values, vm.values);
         let block = block_of(self.kind);
         let four = bits(self.kind) == 4;
         let get = |q: &[u8], i: usize| code_at(q, i, four);
@@ -160,7 +162,8 @@ impl InplaceOp2 for QuantisedStep<'_> {
             return Err(err("weight, gradient and moments differ in size"));
         }
         let kind = st.kind;
-        let (mmap, vmap) = st.maps();
+        let (mbook, vbook) = st.maps();
+        let (mmap, vmap) = (mbook.values, vbook.values);
         let block = block_of(kind);
         let four = bits(kind) == 4;
         let code_bytes = if four { block / 2 } else { block };
@@ -210,27 +213,28 @@ impl InplaceOp2 for QuantisedStep<'_> {
                 }
                 *ma = new_ma;
                 *va = new_va;
-                let q = |x: f32, am: f32, map: &[f32]| -> u8 {
+                let q = |x: f32, am: f32, book: &CodeBook| -> u8 {
                     let normed = if am > 0.0 { x / am } else { 0.0 };
-                    nearest(map, normed.clamp(-1.0, 1.0))
+                    book.nearest(normed.clamp(-1.0, 1.0))
                 };
                 if four {
                     for j in 0..n.div_ceil(2) {
-                        let hi = |arr: &[f32; 256], am, map| q(arr[2 * j], am, map);
-                        let lo = |arr: &[f32; 256], am, map: &[f32]| {
-                            if 2 * j + 1 < n {
-                                q(arr[2 * j + 1], am, map)
+                        let pair = |arr: &[f32; 256], am, book: &CodeBook| {
+                            let hi = q(arr[2 * j], am, book);
+                            let lo = if 2 * j + 1 < n {
+                                q(arr[2 * j + 1], am, book)
                             } else {
                                 0
-                            }
+                            };
+                            (hi << 4) | lo
                         };
-                        mq[j] = (hi(&m, new_ma, mmap) << 4) | lo(&m, new_ma, mmap);
-                        vq[j] = (hi(&v, new_va, vmap) << 4) | lo(&v, new_va, vmap);
+                        mq[j] = pair(&m, new_ma, mbook);
+                        vq[j] = pair(&v, new_va, vbook);
                     }
                 } else {
                     for i in 0..n {
-                        mq[i] = q(m[i], new_ma, mmap);
-                        vq[i] = q(v[i], new_va, vmap);
+                        mq[i] = q(m[i], new_ma, mbook);
+                        vq[i] = q(v[i], new_va, vbook);
                     }
                 }
             });

@@ -913,6 +913,7 @@ pub fn train(
     cases: &[TrainCase],
     peer: Option<&Peer>,
     with_reference: bool,
+    checkpointing: bool,
 ) -> Result<Vec<Figure>, KilnError> {
     if let Some(p) = peer {
         if p.kind != PeerKind::Torch {
@@ -965,6 +966,10 @@ pub fn train(
             states,
         } = case.shape();
         let (mut m, stored) = crate::stages::train::load_model_as(&dir, base)?;
+        let (loaded_rss, loaded_peak) = (
+            crate::stages::train::rss_bytes().unwrap_or(0),
+            crate::stages::train::peak_rss_bytes().unwrap_or(0),
+        );
         let vocab = m.cfg.vocab_size as u64;
         // Weights that multiply: all but an untied embedding (a lookup); a tied embedding is
         // also the head, so it counts once.
@@ -994,6 +999,9 @@ pub fn train(
             };
             attach_lora(&mut m, &spec, 1, &device).map_err(StageError::from)?
         };
+        if checkpointing {
+            m.checkpoint = Some(Default::default());
+        }
         let mut opt = AdamW::new(vars.iter().map(|(_, v)| v.clone()).collect(), 0.0)
             .and_then(|o| o.with_states(states))
             .map_err(StageError::from)?;
@@ -1012,6 +1020,11 @@ pub fn train(
             }
         }
         let per_step = secs / steps as f64;
+        let ckpt = if checkpointing {
+            ", gradient checkpointing"
+        } else {
+            ""
+        };
         let label = match (full, stored.is_some(), states.is_f32()) {
             (true, _, true) => "full fine-tuning".to_string(),
             (true, _, false) => format!("full fine-tuning, {states:?} moments"),
@@ -1019,7 +1032,7 @@ pub fn train(
             (false, true, _) => format!("LoRA r16 on a {base:?} base"),
         };
         figs.push(fig(
-            &format!("train step, {label}, 1×{seq} tokens"),
+            &format!("train step, {label}{ckpt}, 1×{seq} tokens"),
             seq as f64 / per_step,
             "tokens/s",
             "",
@@ -1081,6 +1094,13 @@ pub fn train(
             "",
             "fresh pages the kernel zeroes (a 2 MiB huge page counts once)",
         ));
+        let gib = |b: u64| b as f64 / (1024.0 * 1024.0 * 1024.0);
+        figs.push(fig(
+            "  RSS once loaded",
+            gib(loaded_rss),
+            "GiB",
+            &format!("peak while loading {:.3} GiB", gib(loaded_peak)),
+        ));
         figs.push(fig(
             "  peak RSS (this process)",
             crate::stages::train::peak_rss_bytes().unwrap_or(0) as f64 / (1024.0 * 1024.0 * 1024.0),
@@ -1089,11 +1109,15 @@ pub fn train(
         ));
         // The peer trains an f32 base in full precision: its row stands beside each case.
         if let (Some(p), Some(hf)) = (peer, &hf_dir) {
-            let out = p.run(&[
+            let mut args = vec![
                 hf.display().to_string(),
                 seq.to_string(),
                 if full { "full" } else { "lora" }.to_string(),
-            ])?;
+            ];
+            if checkpointing {
+                args.push("ckpt".into());
+            }
+            let out = p.run(&args)?;
             let rate = number_before(&out, "tokens/s").ok_or_else(|| {
                 KilnError::Bench(format!("cannot read PyTorch's figures from: {out}"))
             })?;

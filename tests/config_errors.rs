@@ -147,12 +147,12 @@ fn a_messy_axolotl_example_config_validates_with_warnings() {
         vec![
             "eval_max_new_tokens: not supported yet: eval_max_new_tokens",
             "flash_attention: has no effect in kiln: a PyTorch kernel choice; kiln uses its own kernels",
-            "gradient_checkpointing: not supported yet: gradient_checkpointing",
             "loss_watchdog_patience: not supported yet: loss_watchdog_patience",
             "loss_watchdog_threshold: not supported yet: loss_watchdog_threshold",
         ]
     );
-    // Its 8-bit LoRA recipe is read: an int8 base and bitsandbytes' 8-bit AdamW.
+    // Its 8-bit LoRA recipe is read: an int8 base, bitsandbytes' 8-bit AdamW, checkpointing.
+    assert!(s.train.gradient_checkpointing);
     assert_eq!(
         s.train.base_weights,
         kiln::config::precision::BaseWeights::Int8

@@ -200,3 +200,23 @@ fn axolotl_precision_rules_are_errors_before_work() {
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(err.contains("paged"), "{err}");
 }
+
+#[test]
+fn gradient_checkpointing_keeps_the_key_and_the_bytes() {
+    one_thread();
+    let extra = format!("{QLORA}optimizer: adamw_bnb_8bit\n");
+    let p = project(&extra);
+    p.run(&[]);
+    let plain = p.ws(&[]).entry_of("train").unwrap();
+    // The same gradients bit for bit, so the same key: nothing rebuilds.
+    let (s, _) = p.run(&["gradient_checkpointing=true"]);
+    assert!(s.built.is_empty(), "{:?}", s.built);
+    // And built from scratch with it on, the same adapter.
+    let q = project(&format!("{extra}gradient_checkpointing: true\n"));
+    q.run(&[]);
+    let ckpt = q.ws(&[]).entry_of("train").unwrap();
+    assert_eq!(
+        std::fs::read(plain.join("adapter_model.safetensors")).unwrap(),
+        std::fs::read(ckpt.join("adapter_model.safetensors")).unwrap()
+    );
+}

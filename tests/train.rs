@@ -186,6 +186,11 @@ fn lora_dropout_masks_only_seeded_training_batches_and_is_reproducible() {
 /// Trains a model wide enough that the products and the fused ops split across threads (LoRA,
 /// then full fine-tuning) in a pool of `threads`, and returns the trained values.
 fn train_on(threads: usize, full: bool) -> Vec<Vec<f32>> {
+    train_with(threads, full, false)
+}
+
+/// [`train_on`], optionally with gradient checkpointing.
+fn train_with(threads: usize, full: bool, checkpoint: bool) -> Vec<Vec<f32>> {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
@@ -204,6 +209,9 @@ fn train_on(threads: usize, full: bool) -> Vec<Vec<f32>> {
         } else {
             attach_lora(&mut m, &spec(), 1, &dev).unwrap()
         };
+        if checkpoint {
+            m.checkpoint = Some(Default::default());
+        }
         let mut opt = AdamW::new(vars.iter().map(|(_, v)| v.clone()).collect(), 0.01).unwrap();
         let ids: Vec<u32> = (0..96u32).map(|i| (i * 37 + 11) % 512).collect();
         let batch = Batch::new(&[row(&ids[..60], 5), row(&ids[60..], 3)], &dev).unwrap();
@@ -227,6 +235,26 @@ fn training_gives_the_same_bits_on_one_and_three_threads() {
         assert!(
             bits(&one) == bits(&three),
             "full={full}: 1 and 3 threads trained different bits"
+        );
+    }
+}
+
+#[test]
+fn gradient_checkpointing_trains_the_same_bits() {
+    // The recomputed layers give the gradients of the full graph exactly: LoRA (only the
+    // adapters train) and full fine-tuning (embeddings, norms, every weight).
+    for full in [false, true] {
+        let plain = train_with(2, full, false);
+        let ckpt = train_with(2, full, true);
+        let bits = |v: &Vec<Vec<f32>>| {
+            v.iter()
+                .map(|t| t.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(plain.len(), ckpt.len());
+        assert!(
+            bits(&plain) == bits(&ckpt),
+            "full={full}: gradient checkpointing changed the trained bits"
         );
     }
 }

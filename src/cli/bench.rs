@@ -73,6 +73,9 @@ enum BenchCmd {
         /// --work (bf16 safetensors).
         #[arg(long, value_enum)]
         shape: Option<kiln::bench::ModelShape>,
+        /// Train with gradient checkpointing (each layer recomputed in backward).
+        #[arg(long)]
+        gradient_checkpointing: bool,
         /// Leave out the matmul reference rows (the per-case child processes).
         #[arg(long, hide = true)]
         no_reference: bool,
@@ -104,6 +107,7 @@ fn train_case_in_child(
     model: &Path,
     case: TrainCase,
     against: Option<PeerKind>,
+    checkpointing: bool,
     s: &Shared,
 ) -> Result<()> {
     let mut cmd = std::process::Command::new(exe);
@@ -124,6 +128,9 @@ fn train_case_in_child(
     .arg(&s.scripts);
     if against.is_some() {
         cmd.args(["--against", "torch"]);
+    }
+    if checkpointing {
+        cmd.arg("--gradient-checkpointing");
     }
     let out = cmd.stderr(std::process::Stdio::inherit()).output()?;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -175,6 +182,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             against,
             shape,
             no_reference,
+            gradient_checkpointing,
         } => {
             let model = match shape {
                 Some(sh) => {
@@ -195,12 +203,18 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                     print_figure(&f);
                 }
                 for c in cases {
-                    train_case_in_child(&exe, &model, c, against, s)?;
+                    train_case_in_child(&exe, &model, c, against, gradient_checkpointing, s)?;
                 }
                 return Ok(());
             }
             let p = peer(against, s)?;
-            kiln::bench::train(&model, &cases, p.as_ref(), !no_reference)?
+            kiln::bench::train(
+                &model,
+                &cases,
+                p.as_ref(),
+                !no_reference,
+                gradient_checkpointing,
+            )?
         }
         BenchCmd::Plan => kiln::bench::plan(&s.work, model, exe.as_deref())?,
         BenchCmd::Noop { config, sweep } => {

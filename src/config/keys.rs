@@ -50,6 +50,7 @@ const DATA_SUBSET: &str =
     "selecting or deduplicating part of the data; kiln would train on all of it";
 const EVAL_EXTRA: &str =
     "an extra evaluation during training (kiln evaluates validation loss and the `evaluate` stage)";
+const CHECKPOINT_KWARGS: &str = "PyTorch's checkpointing options (use_reentrant); kiln's `gradient_checkpointing` recomputes each layer in its own op";
 const CHECKPOINT_MEMORY: &str = "trading compute for memory; the result is the same without it";
 const MOE: &str = "mixture-of-experts kernels (kiln has no MoE models yet)";
 const VISION: &str = "vision and multimodal inputs (kiln trains on text)";
@@ -342,8 +343,7 @@ pub const TOP_LEVEL: &[(&str, Class)] = &[
     ("processor_type", Class::Refused(VISION)),
     // Not supported yet; training is of the same kind without them.
     ("activation_offloading", Class::Later(CHECKPOINT_MEMORY)),
-    ("gradient_checkpointing", Class::Later(CHECKPOINT_MEMORY)),
-    ("gradient_checkpointing_kwargs", Class::Later(CHECKPOINT_MEMORY)),
+    ("gradient_checkpointing_kwargs", Class::NoEffect(CHECKPOINT_KWARGS)),
     ("layer_offloading", Class::Later(CHECKPOINT_MEMORY)),
     ("selective_checkpointing", Class::Later(CHECKPOINT_MEMORY)),
     ("auto_find_batch_size", Class::Later("finding the largest micro batch that fits (set micro_batch_size)")),

@@ -208,6 +208,9 @@ pub struct TrainSettings {
     pub base_weights: super::precision::BaseWeights,
     /// AdamW's moment storage (the 8- and 4-bit optimizer names).
     pub optimizer_states: super::precision::OptimStates,
+    /// `gradient_checkpointing`: recompute each layer in backward instead of keeping its
+    /// activations (the same bits out, so not part of the train key).
+    pub gradient_checkpointing: bool,
     pub logging_steps: Option<u64>,
     pub neftune_noise_alpha: Option<f64>,
     /// `unfrozen_parameters`: with full fine-tuning, only the weights whose names match one of
@@ -344,6 +347,7 @@ pub fn handled(key: &str) -> bool {
             | "num_threads"
             | "adapter"
             | "load_in_4bit"
+            | "gradient_checkpointing"
             | "load_in_8bit"
             | "bnb_config_kwargs"
             | "bf16"
@@ -1022,6 +1026,18 @@ fn read_train(r: &mut Reader<'_, '_, '_>, merge_lora: bool) -> TrainSettings {
             .unwrap_or_else(|| "adamw_torch".into()),
         base_weights: Default::default(),
         optimizer_states: Default::default(),
+        gradient_checkpointing: match r.get("gradient_checkpointing").cloned() {
+            // Axolotl also takes "unsloth" / "offload" (where the activations go on a GPU).
+            Some(Value::String(s)) if s == "unsloth" || s == "offload" => {
+                r.ctx.warn(
+                    &r.path("gradient_checkpointing"),
+                    format!("`{s}`: kiln recomputes layers in memory (offloading is for GPU memory); this is `true`"),
+                    None,
+                );
+                true
+            }
+            _ => r.bool("gradient_checkpointing").unwrap_or(false),
+        },
         logging_steps: r.u64("logging_steps"),
         neftune_noise_alpha: neftune.filter(|a| *a > 0.0),
         unfrozen_parameters: read_unfrozen(r),

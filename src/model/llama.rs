@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 /// A low-rank delta on a frozen linear layer: `scale · x Aᵀ Bᵀ` (PEFT's LoRA; `scale` is
 /// alpha/r, or alpha/√r with rsLoRA).
+#[derive(Clone)]
 pub struct LoraDelta {
     pub a: candle_core::Var,
     pub b: candle_core::Var,
@@ -83,7 +84,8 @@ impl LoraDelta {
 }
 
 /// A linear layer `y = x Wᵀ (+ b)`, the base weight frozen (dense, or packed: QLoRA and
-/// low-precision bases), optionally with a LoRA delta.
+/// low-precision bases), optionally with a LoRA delta. Cloning shares every tensor.
+#[derive(Clone)]
 pub struct Linear {
     pub weight: BaseWeight,
     pub bias: Option<Tensor>,
@@ -171,6 +173,7 @@ pub const LINEAR_LAYERS: &[&str] = &[
     "down_proj",
 ];
 
+#[derive(Clone)]
 pub struct Attention {
     pub q_proj: Linear,
     pub k_proj: Linear,
@@ -178,12 +181,14 @@ pub struct Attention {
     pub o_proj: Linear,
 }
 
+#[derive(Clone)]
 pub struct Mlp {
     pub gate_proj: Linear,
     pub up_proj: Linear,
     pub down_proj: Linear,
 }
 
+#[derive(Clone)]
 pub struct Layer {
     pub input_layernorm: Tensor,
     pub post_attention_layernorm: Tensor,
@@ -200,6 +205,9 @@ pub struct Llama {
     pub lm_head: Option<Tensor>,
     /// Shared by every adapted layer when training with `lora_dropout` > 0.
     pub lora_dropout: Option<std::sync::Arc<LoraDropout>>,
+    /// Gradient checkpointing on: where the layers' recomputed backward leaves the trained
+    /// tensors' gradients (see model/checkpoint.rs).
+    pub checkpoint: Option<std::sync::Arc<super::checkpoint::CheckpointGrads>>,
     pub(crate) cos: Tensor,
     pub(crate) sin: Tensor,
 }
@@ -293,6 +301,89 @@ pub fn sliding_window_mask(
         }
     }
     Ok(Some(Tensor::from_vec(m, (1, 1, t_q, t_k), device)?))
+}
+
+/// What every layer's forward reads besides its own weights.
+#[derive(Clone)]
+pub(crate) struct LayerCtx {
+    pub cos: Tensor,
+    pub sin: Tensor,
+    pub mask: Tensor,
+    pub b: usize,
+    pub t: usize,
+    pub nh: usize,
+    pub nkv: usize,
+    pub hd: usize,
+    pub eps: f64,
+    pub scale: f64,
+}
+
+/// One decoder layer: attention and MLP blocks with their residuals.
+pub(crate) fn layer_forward(l: &Layer, x: &Tensor, c: &LayerCtx) -> Result<Tensor, ModelError> {
+    let LayerCtx {
+        cos,
+        sin,
+        mask,
+        b,
+        t,
+        nh,
+        nkv,
+        hd,
+        eps,
+        scale,
+    } = c;
+    let (b, t, nh, nkv, hd, scale) = (*b, *t, *nh, *nkv, *hd, *scale);
+    let mut x = x.clone();
+    let h = rms_norm(&x, &l.input_layernorm, *eps)?;
+    let q = l
+        .attn
+        .q_proj
+        .forward(&h)?
+        .reshape((b, t, nh, hd))?
+        .transpose(1, 2)?;
+    let k = l
+        .attn
+        .k_proj
+        .forward(&h)?
+        .reshape((b, t, nkv, hd))?
+        .transpose(1, 2)?;
+    let v = l
+        .attn
+        .v_proj
+        .forward(&h)?
+        .reshape((b, t, nkv, hd))?
+        .transpose(1, 2)?;
+    let q = rope(&q.contiguous()?, cos, sin)?;
+    let k = repeat_kv(rope(&k.contiguous()?, cos, sin)?, nh / nkv)?;
+    let v = repeat_kv(v.contiguous()?, nh / nkv)?;
+    let y = if q.device().is_cpu() && q.dtype() == DType::F32 {
+        // One op that keeps no (t × t) scores for backward (see model/attention.rs).
+        q.contiguous()?.apply_op3(
+            &k.contiguous()?,
+            &v.contiguous()?,
+            super::attention::Attention {
+                mask: mask.clone(),
+                scale: scale as f32,
+            },
+        )?
+    } else {
+        let att = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
+        candle_nn::ops::softmax(&att, D::Minus1)?.matmul(&v)?
+    };
+    let y = y.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+    x = (x + l.attn.o_proj.forward(&y)?)?;
+    let h = rms_norm(&x, &l.post_attention_layernorm, *eps)?;
+    let g = l.mlp.gate_proj.forward(&h)?;
+    let u = l.mlp.up_proj.forward(&h)?;
+    let act = if g.device().is_cpu() && g.dtype() == DType::F32 {
+        // One op keeping only its output for backward (see model/swiglu.rs).
+        g.contiguous()?
+            .apply_op2(&u.contiguous()?, super::swiglu::SwiGlu)?
+    } else {
+        (candle_nn::ops::silu(&g)? * u)?
+    };
+    x = (x + l.mlp.down_proj.forward(&act)?)?;
+    Ok(x)
 }
 
 impl Llama {
@@ -497,6 +588,7 @@ impl Llama {
         let freqs = pos.matmul(&inv)?;
         Ok(Self {
             lora_dropout: None,
+            checkpoint: None,
             cos: freqs.cos()?,
             sin: freqs.sin()?,
             cfg,
@@ -552,7 +644,8 @@ impl Llama {
         let mut x = self
             .embed_tokens
             .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, cfg.hidden_size))?;
+            .reshape((b, t, cfg.hidden_size))?
+            .to_dtype(DType::F32)?;
         if let Some(noise) = embed_noise {
             x = (x + noise)?;
         }
@@ -565,63 +658,55 @@ impl Llama {
             None => None,
         };
         let mask = windowed.as_ref().unwrap_or(mask);
-        for l in &self.layers {
-            let h = rms_norm(&x, &l.input_layernorm, cfg.rms_norm_eps)?;
-            let q = l
-                .attn
-                .q_proj
-                .forward(&h)?
-                .reshape((b, t, nh, hd))?
-                .transpose(1, 2)?;
-            let k = l
-                .attn
-                .k_proj
-                .forward(&h)?
-                .reshape((b, t, nkv, hd))?
-                .transpose(1, 2)?;
-            let v = l
-                .attn
-                .v_proj
-                .forward(&h)?
-                .reshape((b, t, nkv, hd))?
-                .transpose(1, 2)?;
-            let q = rope(&q.contiguous()?, &cos, &sin)?;
-            let k = repeat_kv(rope(&k.contiguous()?, &cos, &sin)?, nh / nkv)?;
-            let v = repeat_kv(v.contiguous()?, nh / nkv)?;
-            let y = if q.device().is_cpu() && q.dtype() == DType::F32 {
-                // One op that keeps no (t × t) scores for backward (see model/attention.rs).
-                q.contiguous()?.apply_op3(
-                    &k.contiguous()?,
-                    &v.contiguous()?,
-                    super::attention::Attention {
-                        mask: mask.clone(),
-                        scale: scale as f32,
-                    },
-                )?
-            } else {
-                let att = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
-                candle_nn::ops::softmax(&att, D::Minus1)?.matmul(&v)?
-            };
-            let y = y.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-            x = (x + l.attn.o_proj.forward(&y)?)?;
-            let h = rms_norm(&x, &l.post_attention_layernorm, cfg.rms_norm_eps)?;
-            let g = l.mlp.gate_proj.forward(&h)?;
-            let u = l.mlp.up_proj.forward(&h)?;
-            let act = if g.device().is_cpu() && g.dtype() == DType::F32 {
-                // One op keeping only its output for backward (see model/swiglu.rs).
-                g.contiguous()?
-                    .apply_op2(&u.contiguous()?, super::swiglu::SwiGlu)?
-            } else {
-                (candle_nn::ops::silu(&g)? * u)?
-            };
-            x = (x + l.mlp.down_proj.forward(&act)?)?;
+        let ctx = LayerCtx {
+            cos,
+            sin,
+            mask: mask.clone(),
+            b,
+            t,
+            nh,
+            nkv,
+            hd,
+            eps: cfg.rms_norm_eps,
+            scale,
+        };
+        match &self.checkpoint {
+            // Gradient checkpointing: each layer one op keeping only its input (model/checkpoint.rs).
+            Some(store) if x.device().is_cpu() && x.dtype() == DType::F32 => {
+                // The ops record a graph only downstream of a variable, and the trained
+                // tensors sit inside them: start from a variable copy of the embeddings.
+                if !x.track_op() {
+                    x = candle_core::Var::from_tensor(&x)?.as_tensor().clone();
+                }
+                for l in &self.layers {
+                    x = x
+                        .contiguous()?
+                        .apply_op1(super::checkpoint::CheckpointedLayer {
+                            layer: l.clone(),
+                            ctx: ctx.clone(),
+                            store: store.clone(),
+                        })?;
+                }
+            }
+            _ => {
+                for l in &self.layers {
+                    x = layer_forward(l, &x, &ctx)?;
+                }
+            }
         }
         let x = rms_norm(&x, &self.norm, cfg.rms_norm_eps)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
         // The head is frozen (LoRA trains deltas only): the largest matmul of the model, so the
-        // skipped weight gradient matters most here.
+        // skipped weight gradient matters most here. A 16-bit head (a packed base's) multiplies
+        // through the packed path, widened a panel at a time.
+        let weight = match head.dtype() {
+            DType::BF16 | DType::F16 if !head.is_variable() => BaseWeight::Packed(
+                std::sync::Arc::new(super::packed::Packed::half(head.clone())?),
+            ),
+            _ => head.clone().into(),
+        };
         Linear {
-            weight: head.clone().into(),
+            weight,
             bias: None,
             lora: None,
         }

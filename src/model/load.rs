@@ -63,8 +63,24 @@ impl PackedSummary {
     }
 }
 
+/// The embeddings and the head with a packed base: frozen like the base, so kept at 16 bits
+/// (f16 with an f16 base, bf16 otherwise, as Axolotl's bf16 configs load them); norms stay f32.
+fn embeddings_at_16_bits(dense: &mut Weights, fmt: PackFormat) -> Result<(), ModelError> {
+    let dtype = if fmt == PackFormat::F16 {
+        DType::F16
+    } else {
+        DType::BF16
+    };
+    for name in ["model.embed_tokens.weight", "lm_head.weight"] {
+        if let Some(t) = dense.get_mut(name) {
+            *t = t.to_dtype(dtype)?;
+        }
+    }
+    Ok(())
+}
+
 /// Loads a model directory (config.json + safetensors, or model.gguf) with its block linear
-/// weights packed in `fmt`. Other weights (embeddings, norms, head) load as f32.
+/// weights packed in `fmt`, the embeddings and head at 16 bits, the norms f32.
 pub fn load_packed(
     dir: &Path,
     cfg: Option<LlamaConfig>,
@@ -138,6 +154,7 @@ pub fn load_packed(
         })?;
         cfg
     };
+    embeddings_at_16_bits(&mut dense, fmt)?;
     let model = Llama::from_weights_packed(cfg, dense, packed, &device)?;
     Ok((model, summary))
 }
@@ -315,10 +332,13 @@ pub fn load_packed_file(
         if entries.contains_key(&name) || part {
             continue;
         }
-        let t = st
-            .load(&name, &dev)
-            .map_err(|e| load_err(path, e))?
-            .to_dtype(DType::F32)?;
+        let t = st.load(&name, &dev).map_err(|e| load_err(path, e))?;
+        // Norms (and anything else) as f32; the embeddings and head as written (16-bit).
+        let t = if name == "model.embed_tokens.weight" || name == "lm_head.weight" {
+            t
+        } else {
+            t.to_dtype(DType::F32)?
+        };
         dense.insert(name, t);
     }
     let model = Llama::from_weights_packed(cfg, dense, packed, &dev)?;

@@ -4,6 +4,7 @@
 
 pub mod adapter;
 pub mod attention;
+pub mod checkpoint;
 pub mod config;
 pub mod engine;
 pub mod frozen;

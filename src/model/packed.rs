@@ -93,7 +93,7 @@ pub use super::qmaps::{DYNAMIC_SIGNED, DYNAMIC_SIGNED_4BIT, DYNAMIC_UNSIGNED};
 /// is a table read and a step or two instead of an 8-step binary search.
 pub struct CodeBook {
     pub values: &'static [f32],
-    lut: std::sync::OnceLock<Vec<u16>>,
+    lut: std::sync::OnceLock<Vec<u8>>,
 }
 
 impl CodeBook {
@@ -104,7 +104,7 @@ impl CodeBook {
         }
     }
 
-    fn lut(&self) -> &[u16] {
+    fn lut(&self) -> &[u8] {
         self.lut.get_or_init(|| {
             (0..1u32 << 16)
                 .map(|b| {
@@ -119,7 +119,8 @@ impl CodeBook {
                     if lo.is_nan() {
                         return 0;
                     }
-                    self.values.partition_point(|c| *c < lo) as u16
+                    // At most 255: the search steps on from there.
+                    self.values.partition_point(|c| *c < lo).min(255) as u8
                 })
                 .collect()
         })
@@ -349,6 +350,22 @@ impl Packed {
             }
         };
         Ok(Self { n, k, store })
+    }
+
+    /// A 16-bit (BF16 or F16) candle tensor (n, k) as a packed weight, sharing its storage.
+    pub fn half(t: Tensor) -> Result<Self, super::ModelError> {
+        let (n, k) = t.dims2()?;
+        if !matches!(t.dtype(), DType::BF16 | DType::F16) {
+            return Err(super::ModelError::Config(format!(
+                "a 16-bit weight was expected, found {:?}",
+                t.dtype()
+            )));
+        }
+        Ok(Self {
+            n,
+            k,
+            store: Store::Half(t.contiguous()?),
+        })
     }
 
     /// Keeps a GGUF tensor's blocks (formats kiln has no kernel for are widened to f32).

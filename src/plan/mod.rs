@@ -388,6 +388,7 @@ fn train_stages(
                 },
                 TrainNeutral {
                     logging_steps: t.logging_steps.unwrap_or(1),
+                    gradient_checkpointing: t.gradient_checkpointing,
                 },
             ))),
             inputs: Inputs::new(),

@@ -62,6 +62,9 @@ pub struct TrainNeutral {
     /// How often a `TrainLog` event is emitted; `trainer_state.json` records every step
     /// whatever this is, so the bytes do not depend on it.
     pub logging_steps: u64,
+    /// `gradient_checkpointing`: the same gradients, bit for bit (tests/train.rs), for one
+    /// layer's activations in memory instead of all of them.
+    pub gradient_checkpointing: bool,
 }
 
 /// Mean loss over every trained token of the validation split (no gradients kept).
@@ -525,6 +528,9 @@ impl Stage for Train {
             });
         }
         let vars = self.trainable(&mut model, &device)?;
+        if neutral.gradient_checkpointing {
+            model.checkpoint = Some(Default::default());
+        }
         let mut opt = AdamW::new(
             vars.iter().map(|(_, v)| v.clone()).collect(),
             self.optim.weight_decay,
@@ -838,8 +844,17 @@ pub struct DebugStep {
 
 /// Peak resident set size of this process (Linux `VmHWM`).
 pub fn peak_rss_bytes() -> Option<u64> {
+    status_bytes("VmHWM:")
+}
+
+/// The process's resident memory now.
+pub fn rss_bytes() -> Option<u64> {
+    status_bytes("VmRSS:")
+}
+
+fn status_bytes(field: &str) -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = s.lines().find(|l| l.starts_with(field))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }

@@ -494,11 +494,28 @@ pub fn train_step(
         let loss = (loss_sum(model, b)? / total as f64)?;
         loss_total += loss.to_scalar::<f32>()? as f64;
         let grads = loss.backward()?;
+        // With gradient checkpointing the layers' trained tensors get theirs from the
+        // recomputed backward passes (model/checkpoint.rs).
+        let mut side: std::collections::HashMap<candle_core::TensorId, Tensor> = Default::default();
+        if let Some(store) = &model.checkpoint {
+            for (id, g) in store.take() {
+                let g = match side.remove(&id) {
+                    Some(a) => (a + g)?,
+                    None => g,
+                };
+                side.insert(id, g);
+            }
+        }
         for (i, v) in opt.vars.iter().enumerate() {
-            if let Some(g) = grads.get(v.as_tensor()) {
+            let here = grads.get(v.as_tensor()).cloned();
+            let g = match (here, side.remove(&v.as_tensor().id())) {
+                (Some(a), Some(b)) => Some((a + b)?),
+                (a, b) => a.or(b),
+            };
+            if let Some(g) = g {
                 acc[i] = Some(match acc[i].take() {
                     Some(a) => (a + g)?,
-                    None => g.clone(),
+                    None => g,
                 });
             }
         }

@@ -213,9 +213,11 @@ impl InplaceOp2 for QuantisedStep<'_> {
                 }
                 *ma = new_ma;
                 *va = new_va;
-                let q = |x: f32, am: f32, book: &CodeBook| -> u8 {
-                    let normed = if am > 0.0 { x / am } else { 0.0 };
-                    book.nearest(normed.clamp(-1.0, 1.0))
+                // x · (1/absmax): one division a block instead of one a value.
+                let inv = |am: f32| if am > 0.0 { 1.0 / am } else { 0.0 };
+                let (inv_ma, inv_va) = (inv(new_ma), inv(new_va));
+                let q = |x: f32, inv_am: f32, book: &CodeBook| -> u8 {
+                    book.nearest((x * inv_am).clamp(-1.0, 1.0))
                 };
                 if four {
                     for j in 0..n.div_ceil(2) {
@@ -228,13 +230,13 @@ impl InplaceOp2 for QuantisedStep<'_> {
                             };
                             (hi << 4) | lo
                         };
-                        mq[j] = pair(&m, new_ma, mbook);
-                        vq[j] = pair(&v, new_va, vbook);
+                        mq[j] = pair(&m, inv_ma, mbook);
+                        vq[j] = pair(&v, inv_va, vbook);
                     }
                 } else {
                     for i in 0..n {
-                        mq[i] = q(m[i], new_ma, mbook);
-                        vq[i] = q(v[i], new_va, vbook);
+                        mq[i] = q(m[i], inv_ma, mbook);
+                        vq[i] = q(v[i], inv_va, vbook);
                     }
                 }
             });

@@ -973,12 +973,22 @@ pub fn train(
         let vocab = m.cfg.vocab_size as u64;
         // Weights that multiply: all but an untied embedding (a lookup); a tied embedding is
         // also the head, so it counts once.
+        // Counted from the shapes: widening a packed base to count it would hold it at f32.
+        let packed: usize = m
+            .linears()
+            .iter()
+            .map(|(_, l)| match &l.weight {
+                crate::model::packed::BaseWeight::Packed(p) => p.n * p.k,
+                crate::model::packed::BaseWeight::Dense(_) => 0,
+            })
+            .sum();
         let params: usize = m
-            .to_weights()
+            .dense_weights()
             .map_err(crate::stages::StageError::from)?
             .values()
             .map(|t| t.elem_count())
             .sum::<usize>()
+            + packed
             - if m.lm_head.is_some() {
                 m.embed_tokens.elem_count()
             } else {
@@ -1284,36 +1294,50 @@ pub fn random_model(work: &Path, shape: ModelShape) -> Result<std::path::PathBuf
             shapes.push((format!("{p}.{n}"), s));
         }
     }
-    let mut w = crate::model::weights::Weights::new();
-    for (k, (name, s)) in shapes.into_iter().enumerate() {
+    // Written as safetensors one tensor at a time (the header first), never all in memory.
+    shapes.sort();
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
+    let mut off = 0usize;
+    for (name, s) in &shapes {
+        let bytes = s.iter().product::<usize>() * 2;
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": "BF16", "shape": s, "data_offsets": [off, off + bytes]}),
+        );
+        off += bytes;
+    }
+    let mut head = serde_json::Value::Object(header).to_string().into_bytes();
+    while head.len() % 8 != 0 {
+        head.push(b' ');
+    }
+    use std::io::Write;
+    let path = dir.join("model.safetensors");
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&path).map_err(io)?);
+    f.write_all(&(head.len() as u64).to_le_bytes())
+        .map_err(io)?;
+    f.write_all(&head).map_err(io)?;
+    for (k, (_, s)) in shapes.iter().enumerate() {
         let n: usize = s.iter().product();
-        let vals: Vec<half::bf16> = if s.len() == 1 {
-            vec![half::bf16::ONE; n]
+        let vals: Vec<u8> = if s.len() == 1 {
+            half::bf16::ONE.to_le_bytes().repeat(n)
         } else {
             use rayon::prelude::*;
             (0..n)
                 .into_par_iter()
-                .map(|j| {
+                .flat_map_iter(|j| {
                     // Sum of two uniforms: a triangle around 0 with std ≈ 0.02.
                     let mut r = SplitMix64::new((k as u64) << 40 ^ j as u64);
                     let u = (r.next_u64() >> 40) as f32 / (1u64 << 24) as f32
                         + (r.next_u64() >> 40) as f32 / (1u64 << 24) as f32
                         - 1.0;
-                    half::bf16::from_f32(u * 0.049)
+                    half::bf16::from_f32(u * 0.049).to_le_bytes()
                 })
                 .collect()
         };
-        let t = candle_core::Tensor::from_vec(vals, s, &candle_core::Device::Cpu)
-            .map_err(StageError::from)?;
-        w.insert(name, t);
+        f.write_all(&vals).map_err(io)?;
     }
-    crate::model::weights::save_sharded(
-        &w,
-        &dir,
-        crate::config::DEFAULT_MAX_SHARD,
-        candle_core::DType::BF16,
-    )
-    .map_err(StageError::from)?;
+    f.flush().map_err(io)?;
     crate::stages::write_json(&dir.join("config.json"), &cfg.to_hf())?;
     std::fs::write(&done, b"").map_err(io)?;
     Ok(dir)

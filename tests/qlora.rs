@@ -46,9 +46,17 @@ fn notes(events: &[Event]) -> Vec<String> {
 #[test]
 fn qlora_trains_merges_into_the_widened_base_and_reproduces() {
     one_thread();
-    let p = project(&format!("{QLORA}merge_lora: true\n"));
+    let p = project(&format!(
+        "{QLORA}merge_lora: true\nexport:\n  - {{format: gguf, quant: q8_0}}\n"
+    ));
     let (s, events) = p.run(&[]);
-    assert!(s.built.contains(&"merge".to_string()), "{:?}", s.built);
+    for stage in ["quantize", "train", "merge", "export.gguf.q8_0"] {
+        assert!(
+            s.built.contains(&stage.to_string()),
+            "{stage}: {:?}",
+            s.built
+        );
+    }
     let ws = p.ws(&[]);
     let train = ws.entry_of("train").unwrap();
     let l = losses(&train);

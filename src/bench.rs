@@ -1257,7 +1257,6 @@ impl ModelShape {
 /// An HF-layout model directory with `shape`'s config and random bf16 weights (N(0, 0.02)-like,
 /// norms 1), under `work`; reused when it is already there.
 pub fn random_model(work: &Path, shape: ModelShape) -> Result<std::path::PathBuf, KilnError> {
-    use crate::stages::StageError;
     use clap::ValueEnum;
     let name = shape
         .to_possible_value()
@@ -1308,7 +1307,7 @@ pub fn random_model(work: &Path, shape: ModelShape) -> Result<std::path::PathBuf
         off += bytes;
     }
     let mut head = serde_json::Value::Object(header).to_string().into_bytes();
-    while head.len() % 8 != 0 {
+    while !head.len().is_multiple_of(8) {
         head.push(b' ');
     }
     use std::io::Write;

@@ -283,9 +283,15 @@ fn full_losses(states: kiln::config::precision::OptimStates, steps: usize) -> (V
         .collect();
     let losses = (0..steps)
         .map(|s| {
-            train_step(&m, &mut opt, std::slice::from_ref(&batches[s % 8]), 3e-4, 1.0)
-                .unwrap()
-                .0
+            train_step(
+                &m,
+                &mut opt,
+                std::slice::from_ref(&batches[s % 8]),
+                3e-4,
+                1.0,
+            )
+            .unwrap()
+            .0
         })
         .collect();
     (losses, opt.state_bytes())

@@ -228,3 +228,75 @@ fn gradient_checkpointing_keeps_the_key_and_the_bytes() {
         std::fs::read(ckpt.join("adapter_model.safetensors")).unwrap()
     );
 }
+
+#[test]
+fn qlora_on_a_gguf_base_keeps_its_blocks() {
+    one_thread();
+    use kiln::model::packed::{BaseWeight, Store};
+    // A quantized GGUF of the tiny model (kiln's own export), then QLoRA on it.
+    let p = project(
+        "adapter: lora\nlora_r: 4\nlora_alpha: 8\nmax_steps: 2\nlearning_rate: 1e-2\nmerge_lora: true\nexport:\n  - {format: gguf, quant: q8_0}\n",
+    );
+    p.run(&[]);
+    let gguf = p
+        .ws(&[])
+        .entry_of("export.gguf.q8_0")
+        .unwrap()
+        .join("model-q8_0.gguf");
+    let q = project(&QLORA.replace("bf16: auto\n", ""));
+    let cfg = std::fs::read_to_string(&q.config)
+        .unwrap()
+        .replace("base_model: ./model", "base_model: ./model-q8_0.gguf");
+    std::fs::write(&q.config, cfg).unwrap();
+    std::fs::copy(&gguf, q.path("model-q8_0.gguf")).unwrap();
+    let (s, events) = q.run(&[]);
+    assert!(s.built.contains(&"train".to_string()), "{:?}", s.built);
+    let n = notes(&events);
+    assert!(
+        n.iter().any(|m| m.contains("q8_0")),
+        "stored as the file's blocks: {n:?}"
+    );
+    let l = losses(&q.ws(&[]).entry_of("train").unwrap());
+    assert!(l[l.len() - 1] < l[0], "{l:?}");
+    // The kept blocks widen to exactly what loading the GGUF at f32 gives, Q and K rows back
+    // in HF's order included.
+    let dir = q.ws(&[]).entry_of("fetch.model").unwrap();
+    let dense = kiln::stages::train::load_model(&dir, &Device::Cpu).unwrap();
+    let (packed, _) = kiln::stages::train::load_model_as(
+        &dir,
+        kiln::config::precision::BaseWeights::Nf4DoubleQuant,
+    )
+    .unwrap();
+    let mut kept = Vec::new();
+    for ((name, a), (_, b)) in packed.linears().into_iter().zip(dense.linears()) {
+        let BaseWeight::Packed(pw) = &a.weight else {
+            panic!("{name}: not packed");
+        };
+        if let Store::Ggml(_) = &pw.store {
+            let got = pw
+                .to_tensor()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let want = b
+                .weight
+                .to_f32()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            assert!(
+                got == want,
+                "{name}: widened blocks differ from the f32 load"
+            );
+            kept.push(name);
+        }
+    }
+    assert!(
+        kept.iter().any(|n| n.ends_with("q_proj")) && kept.iter().any(|n| n.ends_with("k_proj")),
+        "{kept:?}"
+    );
+}

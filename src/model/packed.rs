@@ -670,6 +670,18 @@ pub fn matmul_t(dy: &[f32], w: &Packed, m: usize, dx: &mut [f32]) -> candle_core
     Ok(())
 }
 
+/// Runs `f` on a dense f32 CPU weight's values with its (out, in).
+fn with_dense(t: &Tensor, f: impl FnOnce(&[f32], usize, usize)) -> candle_core::Result<()> {
+    let t = t.contiguous()?;
+    let (n, k) = t.dims2()?;
+    let (s, l) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(c) = &*s else {
+        return Err(candle_core::Error::Msg("weight off the CPU".into()));
+    };
+    f(super::ops::cpu_f32("linear", c, l, "the weight")?, n, k);
+    Ok(())
+}
+
 /// A frozen linear layer's base weight: an f32 (or other candle) tensor, or packed.
 #[derive(Clone)]
 pub enum BaseWeight {
@@ -711,17 +723,9 @@ impl BaseWeight {
     pub(crate) fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) -> candle_core::Result<()> {
         match self {
             BaseWeight::Packed(p) => matmul(x, p, m, out),
-            BaseWeight::Dense(t) => {
-                let t = t.contiguous()?;
-                let (n, k) = t.dims2()?;
-                let (s, l) = t.storage_and_layout();
-                let candle_core::Storage::Cpu(c) = &*s else {
-                    return Err(candle_core::Error::Msg("weight off the CPU".into()));
-                };
-                let w = super::ops::cpu_f32("linear", c, l, "the weight")?;
+            BaseWeight::Dense(t) => with_dense(t, |w, n, k| {
                 super::frozen::matmul_into(x, w, m, n, k, out);
-                Ok(())
-            }
+            }),
         }
     }
 
@@ -729,14 +733,7 @@ impl BaseWeight {
     pub(crate) fn matmul_t(&self, dy: &[f32], m: usize, dx: &mut [f32]) -> candle_core::Result<()> {
         match self {
             BaseWeight::Packed(p) => matmul_t(dy, p, m, dx),
-            BaseWeight::Dense(t) => {
-                let t = t.contiguous()?;
-                let (n, k) = t.dims2()?;
-                let (s, l) = t.storage_and_layout();
-                let candle_core::Storage::Cpu(c) = &*s else {
-                    return Err(candle_core::Error::Msg("weight off the CPU".into()));
-                };
-                let w = super::ops::cpu_f32("linear", c, l, "the weight")?;
+            BaseWeight::Dense(t) => with_dense(t, |w, n, k| {
                 gemm(
                     1.0,
                     Mat::rows(dy, m, n),
@@ -745,8 +742,7 @@ impl BaseWeight {
                     false,
                     true,
                 );
-                Ok(())
-            }
+            }),
         }
     }
 }

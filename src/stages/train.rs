@@ -228,13 +228,18 @@ pub fn load_model_as(
     let cfg = if dir.join("model.gguf").exists() {
         None
     } else {
-        let p = dir.join("config.json");
-        let v: Value = serde_json::from_slice(&std::fs::read(&p).map_err(io_err(&p))?)
-            .map_err(|e| StageError::Invalid(format!("{}: {e}", p.display())))?;
-        Some(LlamaConfig::from_hf(&v)?)
+        Some(read_config(dir)?)
     };
     let (model, summary) = crate::model::load::load_packed(dir, cfg, fmt)?;
     Ok((model, Some(stored_line(base, &summary))))
+}
+
+/// A model directory's config.json as kiln's model config.
+fn read_config(dir: &Path) -> Result<LlamaConfig, StageError> {
+    let p = dir.join("config.json");
+    let v: Value = serde_json::from_slice(&std::fs::read(&p).map_err(io_err(&p))?)
+        .map_err(|e| StageError::Invalid(format!("{}: {e}", p.display())))?;
+    Ok(LlamaConfig::from_hf(&v)?)
 }
 
 /// Loads a quantize stage's entry (see stages/quantize.rs), with the line saying what it holds.
@@ -242,12 +247,9 @@ pub fn load_quantized(
     dir: &Path,
     base: crate::config::precision::BaseWeights,
 ) -> Result<(Llama, Option<String>), StageError> {
-    let p = dir.join("config.json");
-    let v: Value = serde_json::from_slice(&std::fs::read(&p).map_err(io_err(&p))?)
-        .map_err(|e| StageError::Invalid(format!("{}: {e}", p.display())))?;
     let (model, summary) = crate::model::load::load_packed_file(
         &dir.join(crate::model::load::PACKED_FILE),
-        LlamaConfig::from_hf(&v)?,
+        read_config(dir)?,
     )?;
     Ok((model, Some(stored_line(base, &summary))))
 }
@@ -269,11 +271,8 @@ pub fn load_model(dir: &Path, device: &Device) -> Result<Llama, StageError> {
     let (cfg, w) = if gguf.exists() {
         weights::load_gguf(&gguf, device)?
     } else {
-        let p = dir.join("config.json");
-        let v: Value = serde_json::from_slice(&std::fs::read(&p).map_err(io_err(&p))?)
-            .map_err(|e| StageError::Invalid(format!("{}: {e}", p.display())))?;
         (
-            LlamaConfig::from_hf(&v)?,
+            read_config(dir)?,
             weights::load_safetensors_dir(dir, device)?,
         )
     };

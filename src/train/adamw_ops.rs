@@ -14,7 +14,11 @@ fn err(m: impl std::fmt::Display) -> candle_core::Error {
     candle_core::Error::Msg(format!("adamw: {m}"))
 }
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+pub(crate) fn slice<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else {
         return Err(err(format!("{what} must be f32")));
     };
@@ -24,7 +28,7 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&
     Ok(&v[a..b])
 }
 
-fn slice_mut<'a>(
+pub(crate) fn slice_mut<'a>(
     s: &'a mut CpuStorage,
     l: &Layout,
     what: &str,

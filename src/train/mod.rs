@@ -310,8 +310,8 @@ pub struct AdamW {
     /// In-place update passes on f32 CPU tensors (see adamw_ops.rs); off = composed candle ops
     /// (the reference the tests compare with).
     pub fused: bool,
-    /// Per variable: its moments quantised (8- and 4-bit optimizers, see qadam.rs), in which
-    /// case `m` and `v` hold empty placeholders.
+    /// Per variable: its moments quantised (8- and 4-bit optimizers, see qadam.rs); such a
+    /// variable's `m` and `v` are zero-length tensors and its moments live here.
     pub quantised: Vec<Option<qadam::QMoments>>,
 }
 

@@ -142,20 +142,8 @@ impl InplaceOp2 for QuantisedStep<'_> {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<()> {
-        let CpuStorage::F32(p) = s1 else {
-            return Err(err("the weight must be f32"));
-        };
-        let (a, b) = l1
-            .contiguous_offsets()
-            .ok_or_else(|| err("the weight must be contiguous"))?;
-        let p = &mut p[a..b];
-        let CpuStorage::F32(g) = s2 else {
-            return Err(err("the gradient must be f32"));
-        };
-        let (ga, gb) = l2
-            .contiguous_offsets()
-            .ok_or_else(|| err("the gradient must be contiguous"))?;
-        let g = &g[ga..gb];
+        let p = super::adamw_ops::slice_mut(s1, l1, "weight")?;
+        let g = super::adamw_ops::slice(s2, l2, "gradient")?;
         let mut guard = self.state.lock().map_err(|_| err("state lock poisoned"))?;
         let st: &mut QMoments = &mut guard;
         if p.len() != st.len || g.len() != st.len {

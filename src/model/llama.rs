@@ -618,6 +618,37 @@ impl Llama {
         mask: &Tensor,
         embed_noise: Option<&Tensor>,
     ) -> Result<Tensor, ModelError> {
+        let x = self.hidden_noised(ids, positions, mask, embed_noise)?;
+        Linear {
+            weight: self.head_weight()?,
+            bias: None,
+            lora: None,
+        }
+        .forward(&x)
+    }
+
+    /// The head's weight as its linear op multiplies with it. The head is frozen (LoRA trains
+    /// deltas only): the largest matmul of the model, so the skipped weight gradient matters
+    /// most here. A 16-bit head (a packed base's) multiplies through the packed path, widened a
+    /// panel at a time.
+    pub fn head_weight(&self) -> Result<BaseWeight, ModelError> {
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        Ok(match head.dtype() {
+            DType::BF16 | DType::F16 if !head.is_variable() => BaseWeight::Packed(
+                std::sync::Arc::new(super::packed::Packed::half(head.clone())?),
+            ),
+            _ => head.clone().into(),
+        })
+    }
+
+    /// The final normed hidden states (batch, t, hidden): the head's input.
+    pub fn hidden_noised(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        mask: &Tensor,
+        embed_noise: Option<&Tensor>,
+    ) -> Result<Tensor, ModelError> {
         let (b, t) = ids.dims2()?;
         let cfg = &self.cfg;
         let (nh, nkv, hd) = (
@@ -694,23 +725,7 @@ impl Llama {
                 }
             }
         }
-        let x = rms_norm(&x, &self.norm, cfg.rms_norm_eps)?;
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        // The head is frozen (LoRA trains deltas only): the largest matmul of the model, so the
-        // skipped weight gradient matters most here. A 16-bit head (a packed base's) multiplies
-        // through the packed path, widened a panel at a time.
-        let weight = match head.dtype() {
-            DType::BF16 | DType::F16 if !head.is_variable() => BaseWeight::Packed(
-                std::sync::Arc::new(super::packed::Packed::half(head.clone())?),
-            ),
-            _ => head.clone().into(),
-        };
-        Linear {
-            weight,
-            bias: None,
-            lora: None,
-        }
-        .forward(&x)
+        Ok(rms_norm(&x, &self.norm, cfg.rms_norm_eps)?)
     }
 
     /// Convenience: logits for one unpacked sequence.

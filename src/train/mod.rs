@@ -4,9 +4,11 @@
 
 mod adamw_ops;
 pub mod ce;
+pub mod pref;
 pub mod qadam;
 
 use crate::model::llama::{packed_causal_mask, LoraDelta, LoraDropout};
+use crate::model::packed::BaseWeight;
 use crate::model::{Llama, ModelError};
 use crate::rng::SplitMix64;
 use candle_core::{DType, Device, Tensor, Var};
@@ -273,10 +275,22 @@ impl Batch {
 /// Sum of token losses over trained positions (divide by the trained-token count of the whole
 /// effective batch for the mean).
 pub fn loss_sum(model: &Llama, batch: &Batch) -> Result<Tensor, ModelError> {
+    Ok(token_losses(model, batch, None)?.sum_all()?)
+}
+
+/// The per-position losses (batch × t, zero where nothing is trained). `grad_hint` is the
+/// gradient each position's loss will receive in the backward pass, when known (a training
+/// step's `1 / trained tokens`): the head's fused op then computes its gradient while each
+/// chunk of logits is at hand instead of recomputing them (see [`ce::HeadCrossEntropy`]).
+pub fn token_losses(
+    model: &Llama,
+    batch: &Batch,
+    grad_hint: Option<ce::GradHint>,
+) -> Result<Tensor, ModelError> {
     if let Some(d) = &model.lora_dropout {
         d.set(batch.dropout_seed);
     }
-    let logits = model.forward_noised(
+    let hidden = model.hidden_noised(
         &batch.ids,
         &batch.positions,
         &batch.mask,
@@ -285,14 +299,38 @@ pub fn loss_sum(model: &Llama, batch: &Batch) -> Result<Tensor, ModelError> {
     if let Some(d) = &model.lora_dropout {
         d.set(None);
     }
-    let logits = logits?;
-    let (b, t, v) = logits.dims3()?;
-    let logits = logits.reshape((b * t, v))?.contiguous()?;
-    let losses = logits.apply_op1(ce::CrossEntropy::new(
-        batch.targets.clone(),
-        batch.loss_weights.clone(),
-    ))?;
-    Ok(losses.sum_all()?)
+    let hidden = hidden?;
+    let (b, t, h) = hidden.dims3()?;
+    let x = hidden.reshape((b * t, h))?.contiguous()?;
+    let (targets, weights) = (batch.targets.clone(), batch.loss_weights.clone());
+    let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32;
+    Ok(match model.head_weight()? {
+        // Full fine-tuning (or unfrozen embeddings): the head's gradient from the same op.
+        BaseWeight::Dense(w) if cpu_f32 && w.dtype() == DType::F32 && w.is_variable() => x
+            .apply_op2(
+                &w,
+                ce::HeadCrossEntropy::trained(targets, weights).with_grad_hint(grad_hint),
+            )?,
+        BaseWeight::Dense(w) if cpu_f32 && w.dtype() == DType::F32 && !w.track_op() => x
+            .apply_op1(
+                ce::HeadCrossEntropy::frozen(w.contiguous()?.into(), targets, weights)
+                    .with_grad_hint(grad_hint),
+            )?,
+        p @ BaseWeight::Packed(_) if cpu_f32 => x.apply_op1(
+            ce::HeadCrossEntropy::frozen(p, targets, weights).with_grad_hint(grad_hint),
+        )?,
+        // Anything else: the logits whole, then the cross-entropy op.
+        weight => {
+            let logits = crate::model::llama::Linear {
+                weight,
+                bias: None,
+                lora: None,
+            }
+            .forward(&x)?
+            .contiguous()?;
+            logits.apply_op1(ce::CrossEntropy::new(targets, weights))?
+        }
+    })
 }
 
 /// AdamW (decoupled weight decay) with bias correction, as PyTorch's `torch.optim.AdamW`.
@@ -491,7 +529,10 @@ pub fn train_step(
     let mut acc: Vec<Option<Tensor>> = vec![None; opt.vars.len()];
     let mut loss_total = 0f64;
     for b in micro {
-        let loss = (loss_sum(model, b)? / total as f64)?;
+        // `x / total` hands each position's loss the gradient `(1 / total) as f32`.
+        let hint = (1.0 / total as f64) as f32;
+        let loss =
+            (token_losses(model, b, Some(ce::GradHint::Uniform(hint)))?.sum_all()? / total as f64)?;
         loss_total += loss.to_scalar::<f32>()? as f64;
         let grads = loss.backward()?;
         // With gradient checkpointing the layers' trained tensors get theirs from the

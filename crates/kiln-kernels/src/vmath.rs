@@ -103,6 +103,21 @@ pub fn sum_exp_shifted(x: &[f32], shift: f32) -> f32 {
     s
 }
 
+/// `x[i] ← scale · e^(x[i] − shift)` in place (the same values as [`scaled_exp_shifted`]).
+pub fn scaled_exp_shifted_inplace(x: &mut [f32], shift: f32, scale: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if simd_ok() {
+        // SAFETY: AVX2 and FMA are present; the kernel reads each value before writing it.
+        unsafe {
+            avx2::exp_shifted(x.as_ptr(), x.as_mut_ptr(), x.len(), shift, scale, true);
+        }
+        return;
+    }
+    for v in x.iter_mut() {
+        *v = scale * exp(*v - shift);
+    }
+}
+
 /// `dst[i] ← scale · e^(src[i] − shift)`.
 pub fn scaled_exp_shifted(src: &[f32], shift: f32, scale: f32, dst: &mut [f32]) {
     assert_eq!(src.len(), dst.len(), "scaled_exp_shifted: lengths differ");

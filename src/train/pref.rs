@@ -1,0 +1,324 @@
+//! Preference losses (DPO and its variants, ORPO, SimPO) on per-sequence log-probabilities, with
+//! their gradients written out, as TRL defines them (`DPOTrainer`, `ORPOTrainer`,
+//! `CPOTrainer` in TRL 1.16): the training step sums each completion's token log-probabilities,
+//! evaluates the pair loss and its derivatives here in f64, and hands each trained position the
+//! derivative of the batch loss with respect to its log-probability (see `train::pref_step`).
+//! tests/fixtures/pref/reference.json holds the losses and gradients PyTorch's autograd computes
+//! for the same formulas (scripts/pref-reference.py, calling TRL's own ORPO and CPO loss code).
+
+use serde::Serialize;
+
+/// The pair loss of a preference method, with its parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(tag = "loss", rename_all = "snake_case")]
+pub enum PrefLoss {
+    /// DPO's sigmoid loss on the reference-relative margin; `label_smoothing` > 0 is
+    /// conservative DPO (cDPO: the labels flipped with that probability).
+    Sigmoid { beta: f64, label_smoothing: f64 },
+    /// IPO: the squared distance of the length-normalised margin from 1/(2β).
+    Ipo { beta: f64 },
+    /// SLiC's hinge on the reference-relative margin.
+    Hinge { beta: f64 },
+    /// ORPO: −β·log σ(log odds ratio) of the length-averaged log-probabilities, no reference;
+    /// the chosen completions' token loss is added (see [`PrefLoss::nll_weight`]).
+    Orpo { beta: f64 },
+    /// SimPO (CPO's `simpo` loss): the sigmoid loss on the length-averaged margin less γ/β, no
+    /// reference; plus `cpo_alpha` times the chosen completions' token loss.
+    Simpo {
+        beta: f64,
+        gamma: f64,
+        label_smoothing: f64,
+        cpo_alpha: f64,
+    },
+}
+
+/// One pair's sequence scores: the summed token log-probabilities of the chosen and rejected
+/// completions under the trained model (`chosen`, `rejected`) and the reference model, and the
+/// completions' token counts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PairScores {
+    pub chosen: f64,
+    pub rejected: f64,
+    pub ref_chosen: f64,
+    pub ref_rejected: f64,
+    pub chosen_tokens: usize,
+    pub rejected_tokens: usize,
+}
+
+/// A pair's loss, its derivatives with respect to the summed log-probabilities, and its
+/// rewards (TRL's `rewards/chosen` and `rewards/rejected`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PairLoss {
+    pub loss: f64,
+    pub d_chosen: f64,
+    pub d_rejected: f64,
+    pub reward_chosen: f64,
+    pub reward_rejected: f64,
+}
+
+/// log σ(x), without overflow for large |x|.
+pub fn log_sigmoid(x: f64) -> f64 {
+    if x >= 0.0 {
+        -(-x).exp().ln_1p()
+    } else {
+        x - x.exp().ln_1p()
+    }
+}
+
+/// σ(x).
+pub fn sigmoid(x: f64) -> f64 {
+    if x >= 0.0 {
+        1.0 / (1.0 + (-x).exp())
+    } else {
+        let e = x.exp();
+        e / (1.0 + e)
+    }
+}
+
+/// log(1 − eˣ) for x < 0, as TRL's `log1mexp` (branching at −ln 2 against cancellation).
+fn log1mexp(x: f64) -> f64 {
+    if x < -std::f64::consts::LN_2 {
+        (-x.exp()).ln_1p()
+    } else {
+        (-x.exp_m1()).ln()
+    }
+}
+
+/// −(1 − ε)·log σ(z) − ε·log σ(−z) and its derivative in z.
+fn smoothed_sigmoid(z: f64, eps: f64) -> (f64, f64) {
+    let loss = -(1.0 - eps) * log_sigmoid(z) - eps * log_sigmoid(-z);
+    let d = -(1.0 - eps) * sigmoid(-z) + eps * sigmoid(z);
+    (loss, d)
+}
+
+impl PrefLoss {
+    pub fn beta(&self) -> f64 {
+        match *self {
+            PrefLoss::Sigmoid { beta, .. }
+            | PrefLoss::Ipo { beta }
+            | PrefLoss::Hinge { beta }
+            | PrefLoss::Orpo { beta }
+            | PrefLoss::Simpo { beta, .. } => beta,
+        }
+    }
+
+    /// Whether the loss compares with a reference model (DPO's family does; ORPO and SimPO
+    /// do not).
+    pub fn needs_reference(&self) -> bool {
+        matches!(
+            self,
+            PrefLoss::Sigmoid { .. } | PrefLoss::Ipo { .. } | PrefLoss::Hinge { .. }
+        )
+    }
+
+    /// The weight of the chosen completions' mean token loss added to the pair losses' mean
+    /// (ORPO's 1, CPO/SimPO's `cpo_alpha`, 0 for the DPO family).
+    pub fn nll_weight(&self) -> f64 {
+        match *self {
+            PrefLoss::Orpo { .. } => 1.0,
+            PrefLoss::Simpo { cpo_alpha, .. } => cpo_alpha,
+            _ => 0.0,
+        }
+    }
+
+    /// One pair's loss and its derivatives.
+    pub fn pair(&self, s: &PairScores) -> PairLoss {
+        let nc = s.chosen_tokens.max(1) as f64;
+        let nr = s.rejected_tokens.max(1) as f64;
+        let (cr, rr) = (s.chosen - s.ref_chosen, s.rejected - s.ref_rejected);
+        match *self {
+            PrefLoss::Sigmoid {
+                beta,
+                label_smoothing,
+            } => {
+                let (loss, dz) = smoothed_sigmoid(beta * (cr - rr), label_smoothing);
+                PairLoss {
+                    loss,
+                    d_chosen: dz * beta,
+                    d_rejected: -dz * beta,
+                    reward_chosen: beta * cr,
+                    reward_rejected: beta * rr,
+                }
+            }
+            PrefLoss::Hinge { beta } => {
+                let z = beta * (cr - rr);
+                let (loss, dz) = if 1.0 - z > 0.0 {
+                    (1.0 - z, -1.0)
+                } else {
+                    (0.0, 0.0)
+                };
+                PairLoss {
+                    loss,
+                    d_chosen: dz * beta,
+                    d_rejected: -dz * beta,
+                    reward_chosen: beta * cr,
+                    reward_rejected: beta * rr,
+                }
+            }
+            PrefLoss::Ipo { beta } => {
+                let h = cr / nc - rr / nr - 1.0 / (2.0 * beta);
+                PairLoss {
+                    loss: h * h,
+                    d_chosen: 2.0 * h / nc,
+                    d_rejected: -2.0 * h / nr,
+                    reward_chosen: beta * cr,
+                    reward_rejected: beta * rr,
+                }
+            }
+            PrefLoss::Orpo { beta } => {
+                let (pc, pr) = (s.chosen / nc, s.rejected / nr);
+                let log_odds = (pc - pr) - (log1mexp(pc) - log1mexp(pr));
+                // d log_odds / d p = 1 / (1 − eᵖ) for the chosen, −1 / (1 − eᵖ) for the
+                // rejected; d(−β log σ(o))/do = −β σ(−o).
+                let d_odds = -beta * sigmoid(-log_odds);
+                PairLoss {
+                    loss: -beta * log_sigmoid(log_odds),
+                    d_chosen: d_odds / (-pc.exp_m1()) / nc,
+                    d_rejected: -d_odds / (-pr.exp_m1()) / nr,
+                    reward_chosen: beta * pc,
+                    reward_rejected: beta * pr,
+                }
+            }
+            PrefLoss::Simpo {
+                beta,
+                gamma,
+                label_smoothing,
+                ..
+            } => {
+                let (pc, pr) = (s.chosen / nc, s.rejected / nr);
+                let z = beta * ((pc - pr) - gamma / beta);
+                let (loss, dz) = smoothed_sigmoid(z, label_smoothing);
+                PairLoss {
+                    loss,
+                    d_chosen: dz * beta / nc,
+                    d_rejected: -dz * beta / nr,
+                    reward_chosen: beta * pc,
+                    reward_rejected: beta * pr,
+                }
+            }
+        }
+    }
+}
+
+/// The metrics TRL logs per step for a batch of pairs (means over the pairs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct PrefMetrics {
+    pub rewards_chosen: f64,
+    pub rewards_rejected: f64,
+    pub rewards_margins: f64,
+    pub rewards_accuracies: f64,
+    pub logps_chosen: f64,
+    pub logps_rejected: f64,
+}
+
+/// The batch's loss (the pair losses' mean), each pair's derivatives of it, and its metrics.
+pub fn batch(loss: &PrefLoss, pairs: &[PairScores]) -> (f64, Vec<(f64, f64)>, PrefMetrics) {
+    let n = pairs.len().max(1) as f64;
+    let mut total = 0.0;
+    let mut grads = Vec::with_capacity(pairs.len());
+    let mut m = PrefMetrics::default();
+    for p in pairs {
+        let l = loss.pair(p);
+        total += l.loss;
+        grads.push((l.d_chosen / n, l.d_rejected / n));
+        m.rewards_chosen += l.reward_chosen / n;
+        m.rewards_rejected += l.reward_rejected / n;
+        m.rewards_margins += (l.reward_chosen - l.reward_rejected) / n;
+        m.rewards_accuracies += f64::from(u8::from(l.reward_chosen > l.reward_rejected)) / n;
+        m.logps_chosen += p.chosen / n;
+        m.logps_rejected += p.rejected / n;
+    }
+    (total / n, grads, m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    /// TRL's ORPO casts the log-probabilities to f32 (`.float()`), so it is compared at f32's
+    /// precision; everything else at f64's.
+    fn close(a: f64, b: f64, what: &str) {
+        let tol = if what.starts_with("Orpo") { 1e-6 } else { 1e-9 };
+        assert!(
+            (a - b).abs() <= tol * b.abs().max(1e-3),
+            "{what}: kiln {a} vs PyTorch/TRL {b}"
+        );
+    }
+
+    fn floats(v: &Value) -> Vec<f64> {
+        v.as_array()
+            .expect("array")
+            .iter()
+            .map(|x| x.as_f64().expect("number"))
+            .collect()
+    }
+
+    #[test]
+    fn losses_and_gradients_match_pytorch_and_trl() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/pref/reference.json"
+        );
+        let r: Value =
+            serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("json");
+        let pairs: Vec<PairScores> = r["pairs"]
+            .as_array()
+            .expect("pairs")
+            .iter()
+            .map(|p| PairScores {
+                chosen: p["chosen"].as_f64().expect("chosen"),
+                rejected: p["rejected"].as_f64().expect("rejected"),
+                ref_chosen: p["ref_chosen"].as_f64().expect("ref"),
+                ref_rejected: p["ref_rejected"].as_f64().expect("ref"),
+                chosen_tokens: p["chosen_tokens"].as_u64().expect("n") as usize,
+                rejected_tokens: p["rejected_tokens"].as_u64().expect("n") as usize,
+            })
+            .collect();
+        let cases = r["cases"].as_array().expect("cases");
+        assert_eq!(cases.len(), 7);
+        for c in cases {
+            let p = &c["params"];
+            let f = |k: &str| p[k].as_f64().expect(k);
+            let loss = match c["loss"].as_str().expect("loss") {
+                "sigmoid" => PrefLoss::Sigmoid {
+                    beta: f("beta"),
+                    label_smoothing: f("label_smoothing"),
+                },
+                "hinge" => PrefLoss::Hinge { beta: f("beta") },
+                "ipo" => PrefLoss::Ipo { beta: f("beta") },
+                "orpo" => PrefLoss::Orpo { beta: f("beta") },
+                "simpo" => PrefLoss::Simpo {
+                    beta: f("beta"),
+                    gamma: f("gamma"),
+                    label_smoothing: f("label_smoothing"),
+                    cpo_alpha: 0.0,
+                },
+                other => panic!("unexpected loss {other}"),
+            };
+            let name = format!("{loss:?}");
+            let (mean, grads, metrics) = batch(&loss, &pairs);
+            close(mean, c["mean"].as_f64().expect("mean"), &name);
+            let per = floats(&c["per_pair"]);
+            let (dc, dr) = (floats(&c["d_chosen"]), floats(&c["d_rejected"]));
+            let (rc, rr) = (floats(&c["reward_chosen"]), floats(&c["reward_rejected"]));
+            for (i, p) in pairs.iter().enumerate() {
+                let l = loss.pair(p);
+                close(l.loss, per[i], &format!("{name} pair {i} loss"));
+                close(grads[i].0, dc[i], &format!("{name} pair {i} d/dchosen"));
+                close(grads[i].1, dr[i], &format!("{name} pair {i} d/drejected"));
+                close(l.reward_chosen, rc[i], &format!("{name} pair {i} reward"));
+                close(l.reward_rejected, rr[i], &format!("{name} pair {i} reward"));
+            }
+            let acc = rc.iter().zip(&rr).filter(|(a, b)| a > b).count() as f64 / rc.len() as f64;
+            close(metrics.rewards_accuracies, acc, &format!("{name} accuracy"));
+        }
+    }
+
+    #[test]
+    fn log_sigmoid_is_stable_far_out() {
+        assert_eq!(log_sigmoid(800.0), 0.0);
+        assert!((log_sigmoid(-800.0) + 800.0).abs() < 1e-9);
+        assert!((sigmoid(-800.0)).abs() < 1e-300);
+    }
+}

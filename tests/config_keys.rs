@@ -80,7 +80,8 @@ fn real_config_keys_get_the_right_answer() {
 
     // Keys that would train something else are refused, naming the key, with no did-you-mean.
     for (yaml, key) in [
-        ("rl: dpo\n", "rl"),
+        ("rl: kto\n", "rl"),
+        ("rl: grpo\n", "rl"),
         ("reward_model: true\n", "reward_model"),
         ("gptq: true\n", "gptq"),
         ("early_stopping_patience: 3\n", "early_stopping_patience"),
@@ -300,8 +301,15 @@ fn template_names_dataset_types_and_fractional_warmup() {
             "{e:?}"
         );
     }
+    // Preference-pair types in a supervised config say so and how to train on them.
+    let (e, _) = problems("test_datasets:\n  - path: d.jsonl\n    type: chatml.intel\n");
+    assert!(
+        e.join("\n").contains("`test_datasets[0].type`: dataset type `chatml.intel` holds preference pairs, and this config does supervised training")
+            && e.join("\n").contains("set `rl: dpo`"),
+        "{e:?}"
+    );
     // Dataset types kiln does not implement are refused, not trained as another format.
-    for ty in ["oasst", "chatml.intel", "my_module.transform"] {
+    for ty in ["oasst", "zephyr.nectar", "my_module.transform"] {
         let (e, _) = problems(&format!(
             "test_datasets:\n  - path: d.jsonl\n    type: {ty}\n"
         ));

@@ -157,6 +157,55 @@ const PINNED_QLORA: &[(&str, &str)] = &[
     ),
 ];
 
+/// A DPO pipeline on preference pairs: the refscore stage and the loss in train's key.
+fn dpo_project() -> Project {
+    let p = Project::new("");
+    std::fs::write(
+        p.path("data/pairs.jsonl"),
+        (0..6)
+            .map(|i| {
+                serde_json::json!({"prompt": format!("Q{i}"), "chosen": format!("yes {i}"), "rejected": "no"})
+                    .to_string()
+                    + "\n"
+            })
+            .collect::<String>(),
+    )
+    .unwrap();
+    std::fs::write(
+        &p.config,
+        "base_model: ./model\ndatasets:\n  - path: data/pairs.jsonl\nrl: dpo\nrl_beta: 0.2\nadapter: lora\nlora_r: 4\nmax_steps: 2\nsequence_len: 128\ncache_dir: cache\n",
+    )
+    .unwrap();
+    p
+}
+
+const PINNED_DPO: &[(&str, &str)] = &[
+    (
+        "fetch.model",
+        "4ee343abc45bb3fd48eaec659feb0ce90dc3cc1c263a8fb61d018b67024c1da4",
+    ),
+    (
+        "fetch.data[0]",
+        "45b23f66eac2010f25696d9f07ac1aa26f8658c25da1e66909395617b23bcc69",
+    ),
+    (
+        "tokenize[0]",
+        "5218a42bcd068a5f7fe247fb6d7d77627dfea273becf384886a6afd9ed41c81d",
+    ),
+    (
+        "pack",
+        "1e29f2c754524efcdd425ce76ae73c6b26c8dcb847362a0e27d3e27ba7918c6f",
+    ),
+    (
+        "refscore",
+        "fbf850f35440a3a22348a87c73e0680e4b5942ae250df1f448214d8429938076",
+    ),
+    (
+        "train",
+        "ae5f4d6cc1cd5da3aacade7d2ee8248e923c332f6a19bb72e9f7596f2f69b88c",
+    ),
+];
+
 fn check(got: &[(String, StageKind, String)], pinned: &[(&str, &str)], table: &str) {
     if std::env::var("KILN_PRINT_KEYS").is_ok() {
         println!("const {table}: &[(&str, &str)] = &[");
@@ -192,11 +241,14 @@ fn stage_keys_are_pinned() {
         "adapter: qlora\nload_in_4bit: true\noptimizer: adamw_bnb_8bit\nlora_r: 4\nmax_steps: 2\nmerge_lora: true\n",
     ));
     check(&qlora, PINNED_QLORA, "PINNED_QLORA");
+    let dpo = keys(&dpo_project());
+    check(&dpo, PINNED_DPO, "PINNED_DPO");
     // Every stage kind has a pinned key: a new kind fails here until a fixture plans it.
     let covered: BTreeSet<StageKind> = lora
         .iter()
         .chain(&full)
         .chain(&qlora)
+        .chain(&dpo)
         .map(|(_, k, _)| *k)
         .collect();
     for kind in StageKind::ALL {

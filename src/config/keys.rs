@@ -26,7 +26,8 @@ const WORKERS: &str = "kiln sizes its own worker pool (`num_threads`)";
 const HUB_PUSH: &str = "kiln does not push to the Hugging Face Hub";
 const COMPUTED: &str = "kiln computes and caches its preprocessing itself";
 const TOKENIZER_LOAD: &str = "kiln reads the model's tokenizer.json (the fast tokenizer) directly";
-const PREFERENCE: &str = "preference and RL training (DPO, IPO, ORPO, KTO, SimPO, GRPO, reward models): kiln trains with the supervised loss only";
+const PREFERENCE: &str =
+    "KTO, GRPO, reward models and other RL methods (kiln trains rl: dpo, ipo, orpo and simpo)";
 const QUANTIZED: &str =
     "quantized or quantization-aware training (kiln trains LoRA on the model as loaded)";
 const SYNTHETIC: &str = "synthetic datasets";
@@ -217,11 +218,7 @@ pub const TOP_LEVEL: &[(&str, Class)] = &[
     ("tokenizer_use_fast", Class::NoEffect(TOKENIZER_LOAD)),
     // Preference and RL training.
     ("center_rewards_coefficient", Class::Refused(PREFERENCE)),
-    ("cpo_alpha", Class::Refused(PREFERENCE)),
-    ("dpo_beta", Class::Refused(PREFERENCE)),
     ("dpo_generate_during_eval", Class::Refused(PREFERENCE)),
-    ("dpo_label_smoothing", Class::Refused(PREFERENCE)),
-    ("dpo_loss_type", Class::Refused(PREFERENCE)),
     ("dpo_loss_weights", Class::Refused(PREFERENCE)),
     ("dpo_norm_loss", Class::Refused(PREFERENCE)),
     ("dpo_padding_free", Class::Refused(PREFERENCE)),
@@ -231,16 +228,12 @@ pub const TOP_LEVEL: &[(&str, Class)] = &[
     ("ebft", Class::Refused(PREFERENCE)),
     ("kto_desirable_weight", Class::Refused(PREFERENCE)),
     ("kto_undesirable_weight", Class::Refused(PREFERENCE)),
-    ("max_prompt_len", Class::Refused(PREFERENCE)),
+    ("max_prompt_len", Class::NoEffect("kiln applies sequence_len to each prompt + completion, as Axolotl does on TRL 1.x (it drops a pair longer than that); there is no separate prompt limit")),
     ("num_labels", Class::Refused(PREFERENCE)),
-    ("orpo_alpha", Class::Refused(PREFERENCE)),
     ("precompute_ref_log_probs", Class::Refused(PREFERENCE)),
     ("process_reward_model", Class::Refused(PREFERENCE)),
     ("reward_model", Class::Refused(PREFERENCE)),
-    ("rl", Class::Refused(PREFERENCE)),
-    ("rl_beta", Class::Refused(PREFERENCE)),
     ("rpo_alpha", Class::Refused(PREFERENCE)),
-    ("simpo_gamma", Class::Refused(PREFERENCE)),
     ("trl", Class::Refused(PREFERENCE)),
     ("vllm", Class::Refused(PREFERENCE)),
     // Quantized training.
@@ -542,11 +535,9 @@ pub fn class_of(key: &str) -> Option<Class> {
 pub const DATASET: &[(&str, Class)] = &[
     ("chosen_format", Class::Refused(PREFERENCE)),
     ("completion_format", Class::Refused(PREFERENCE)),
-    ("field_chosen", Class::Refused(PREFERENCE)),
     ("field_completion", Class::Refused(PREFERENCE)),
     ("field_label", Class::Refused(PREFERENCE)),
     ("field_prompt", Class::Refused(PREFERENCE)),
-    ("field_rejected", Class::Refused(PREFERENCE)),
     ("prompt_format", Class::Refused(PREFERENCE)),
     ("rejected_format", Class::Refused(PREFERENCE)),
     ("max_completion_length", Class::Refused(STEPWISE)),

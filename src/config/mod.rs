@@ -9,6 +9,7 @@ pub mod axolotl_keys;
 mod export;
 pub mod keys;
 pub mod precision;
+pub mod pref;
 mod resolve;
 pub mod sweep;
 pub mod yaml;

@@ -70,6 +70,55 @@ pub enum DataFormat {
     InputOutput {
         field: String,
     },
+    /// Preference pairs (`rl:` configs): each record gives a prompt, a chosen and a rejected
+    /// completion; see data/format.rs `format_pair`.
+    Preference {
+        style: PairStyle,
+    },
+}
+
+impl DataFormat {
+    /// For a format rendered with a chat template: the dataset's own choice (None: the
+    /// config's `chat_template`).
+    pub fn chat_template(&self) -> Option<Option<&TemplateChoice>> {
+        match self {
+            DataFormat::ChatTemplate { template, .. }
+            | DataFormat::Preference {
+                style: PairStyle::ChatTemplate { template, .. },
+            } => Some(template.as_ref()),
+            _ => None,
+        }
+    }
+}
+
+/// Where a preference record's prompt, chosen and rejected text come from (Axolotl's types).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub enum PairStyle {
+    /// `chat_template.default`: the conversation so far in `field_messages` (a list of messages,
+    /// or one string as the user's message), the completions in `field_chosen` and
+    /// `field_rejected` (a string, a message, or a conversation whose last message counts); the
+    /// prompt rendered with the chat template and a generation prompt, each completion as the
+    /// template renders an assistant turn. `chat_template.argilla_chat`: `field_chosen` and
+    /// `field_rejected` are whole conversations whose last message is the completion (the
+    /// prompt is the chosen one's other messages).
+    ChatTemplate {
+        field_messages: String,
+        field_chosen: String,
+        field_rejected: String,
+        role_field: String,
+        content_field: String,
+        roles: Vec<(String, String)>,
+        argilla_chat: bool,
+        template: Option<TemplateChoice>,
+    },
+    /// `chatml.*` and `llama3.*`: fixed markup around named fields.
+    Fixed {
+        markup: super::pref::PairMarkup,
+        fields: super::pref::PairFields,
+    },
+    /// No `type`: the records hold `prompt`, `chosen` and `rejected` strings as they are.
+    Raw,
 }
 
 /// Which chat template to render with.
@@ -219,6 +268,8 @@ pub struct TrainSettings {
     /// `resume_from_checkpoint`: a kiln `checkpoint-N/` directory the train stage starts from
     /// (its files are fetched inputs of the stage).
     pub resume_from_checkpoint: Option<PathBuf>,
+    /// `rl:` preference training and its loss; None = supervised training.
+    pub rl: Option<super::pref::PrefLoss>,
 }
 
 /// The evaluate stage's settings (`evaluate: true` or a mapping).
@@ -411,6 +462,14 @@ pub fn handled(key: &str) -> bool {
             | "chat_template_kwargs"
             | "loraplus_lr_ratio"
             | "unfrozen_parameters"
+            | "rl"
+            | "rl_beta"
+            | "dpo_beta"
+            | "dpo_label_smoothing"
+            | "dpo_loss_type"
+            | "orpo_alpha"
+            | "simpo_gamma"
+            | "cpo_alpha"
     )
 }
 
@@ -697,8 +756,9 @@ pub(super) fn resolve(ctx: &mut Ctx<'_>, map: &Mapping) -> Settings {
     };
 
     // 5. Datasets.
-    let datasets = read_datasets(r.ctx, map, "datasets", &chat_template);
-    let test_datasets = read_datasets(r.ctx, map, "test_datasets", &chat_template);
+    let rl = train.rl.is_some();
+    let datasets = read_datasets(r.ctx, map, "datasets", &chat_template, rl);
+    let test_datasets = read_datasets(r.ctx, map, "test_datasets", &chat_template, rl);
     // A config that trains on `pretraining_dataset` is refused naming that key, not this one.
     let pretraining = map.get("pretraining_dataset").is_some_and(|v| !is_unset(v));
     if datasets.is_empty()
@@ -1044,6 +1104,7 @@ fn read_train(r: &mut Reader<'_, '_, '_>, merge_lora: bool) -> TrainSettings {
         resume_from_checkpoint: r
             .string("resume_from_checkpoint")
             .map(|d| r.ctx.dir.join(d)),
+        rl: read_rl(r),
     };
     let o = &train.optim;
     if o.lr_scheduler != "cosine" {
@@ -1856,6 +1917,8 @@ pub const DATASET_KEYS_HANDLED: &[&str] = &[
     "field_output",
     "field_system",
     "trust_remote_code",
+    "field_chosen",
+    "field_rejected",
 ];
 
 const DATA_EXTS: &[&str] = &["jsonl", "json", "gz", "parquet"];
@@ -1865,6 +1928,7 @@ fn read_datasets(
     map: &Mapping,
     top: &str,
     default_template: &TemplateChoice,
+    rl: bool,
 ) -> Vec<DatasetSpec> {
     let Some(v) = map.get(top) else { return vec![] };
     let items = match v {
@@ -1978,7 +2042,7 @@ fn read_datasets(
                 DataSource::Local(vec![])
             }
         };
-        let format = read_format(&mut r, default_template);
+        let format = read_format(&mut r, default_template, rl);
         out.push(DatasetSpec {
             path,
             source,
@@ -1998,7 +2062,341 @@ pub const DATASET_TYPES: &[&str] = &[
     "input_output",
 ];
 
-fn read_format(r: &mut Reader<'_, '_, '_>, default_template: &TemplateChoice) -> DataFormat {
+/// A chat dataset's message fields and role map: `message_property_mappings` (or the legacy
+/// `message_field_role` / `message_field_content`) and `roles:` over the usual aliases.
+fn read_roles(
+    r: &mut Reader<'_, '_, '_>,
+    sharegpt: bool,
+) -> (String, String, Vec<(String, String)>) {
+    let mut role_field = if sharegpt { "from" } else { "role" }.to_string();
+    let mut content_field = if sharegpt { "value" } else { "content" }.to_string();
+    if let Some(Value::Mapping(mpm)) = r.get("message_property_mappings").cloned() {
+        if let Some(s) = mpm.get("role").and_then(|v| v.as_str()) {
+            role_field = s.to_string();
+        }
+        if let Some(s) = mpm.get("content").and_then(|v| v.as_str()) {
+            content_field = s.to_string();
+        }
+    }
+    if let Some(s) = r.string("message_field_role") {
+        role_field = s;
+    }
+    if let Some(s) = r.string("message_field_content") {
+        content_field = s;
+    }
+    let mut roles: Vec<(String, String)> = vec![
+        ("human".into(), "user".into()),
+        ("user".into(), "user".into()),
+        ("gpt".into(), "assistant".into()),
+        ("assistant".into(), "assistant".into()),
+        ("model".into(), "assistant".into()),
+        ("system".into(), "system".into()),
+        ("tool".into(), "tool".into()),
+    ];
+    if let Some(Value::Mapping(rm)) = r.get("roles").cloned() {
+        // Axolotl: `roles: {user: ["human", "user"], assistant: ["gpt"]}`.
+        for (canon, srcs) in rm {
+            let Some(canon) = canon.as_str() else {
+                continue;
+            };
+            let list: Vec<String> = match srcs {
+                Value::Sequence(s) => s
+                    .iter()
+                    .filter_map(|x| x.as_str().map(String::from))
+                    .collect(),
+                Value::String(s) => vec![s],
+                _ => vec![],
+            };
+            for s in list {
+                roles.retain(|(k, _)| k != &s);
+                roles.push((s, canon.to_string()));
+            }
+        }
+    }
+    (role_field, content_field, roles)
+}
+
+/// A dataset's per-dataset chat template choice (`chat_template`, `chat_template_jinja`).
+fn dataset_template(r: &mut Reader<'_, '_, '_>) -> Option<TemplateChoice> {
+    let jinja = jinja_text(r, "chat_template_jinja");
+    match r.string("chat_template") {
+        Some(name) => {
+            let p = r.path("chat_template");
+            Some(template_choice(r.ctx, &p, &name, jinja))
+        }
+        None => jinja.map(TemplateChoice::Jinja),
+    }
+}
+
+/// `rl:` and the keys of its loss (Axolotl's names and defaults: TRL's β 0.1, SimPO's γ 0.5,
+/// CPO's α 1). Keys of another method, or set without `rl:`, are warned about.
+fn read_rl(r: &mut Reader<'_, '_, '_>) -> Option<super::pref::PrefLoss> {
+    use super::pref::PrefLoss;
+    const METHOD_KEYS: &[&str] = &[
+        "rl_beta",
+        "dpo_beta",
+        "dpo_label_smoothing",
+        "dpo_loss_type",
+        "orpo_alpha",
+        "simpo_gamma",
+        "cpo_alpha",
+    ];
+    let method = match r.get("rl").cloned() {
+        None | Some(Value::Bool(false)) => {
+            for k in METHOD_KEYS {
+                if r.get(k).is_some() {
+                    let p = r.path(k);
+                    r.ctx.warn(
+                        &p,
+                        "has no effect without `rl:` (this config does supervised training)",
+                        Some("set `rl: dpo` (or ipo, orpo, simpo), or remove the key".into()),
+                    );
+                }
+            }
+            return None;
+        }
+        Some(Value::String(s)) => s.to_ascii_lowercase(),
+        Some(other) => {
+            r.type_error("rl", "a method name (dpo, ipo, orpo, simpo)", &other);
+            return None;
+        }
+    };
+    let p = r.path("rl");
+    match method.as_str() {
+        "dpo" | "ipo" | "orpo" | "simpo" => {}
+        "kto" | "grpo" | "gdpo" | "ebft" | "gspo" | "dapo" => {
+            r.ctx.error(
+                &p,
+                format!("not supported yet: rl: {method} (kiln trains rl: dpo, ipo, orpo and simpo; docs/config.md says what the others need)"),
+                Some("kiln would train something else without it: use rl: dpo, ipo, orpo or simpo".into()),
+            );
+            return None;
+        }
+        other => {
+            let fix = did_you_mean(other, ["dpo", "ipo", "orpo", "simpo"])
+                .map(|s| format!("did you mean `{s}`?"))
+                .unwrap_or_else(|| "use one of dpo, ipo, orpo, simpo".into());
+            r.ctx
+                .error(&p, format!("unknown method `{other}`"), Some(fix));
+            return None;
+        }
+    }
+    let rl_beta = r.f64("rl_beta").or_else(|| r.f64("dpo_beta"));
+    let orpo_alpha = r.f64("orpo_alpha");
+    let beta = rl_beta
+        .or(if method == "orpo" { orpo_alpha } else { None })
+        .unwrap_or(0.1);
+    if beta <= 0.0 {
+        let k = if rl_beta.is_some() {
+            "rl_beta"
+        } else {
+            "orpo_alpha"
+        };
+        let p = r.path(k);
+        r.ctx.error(
+            &p,
+            format!("{beta} must be positive"),
+            Some("TRL's default is 0.1".into()),
+        );
+    }
+    let smoothing = r.f64("dpo_label_smoothing").unwrap_or(0.0);
+    if !(0.0..0.5).contains(&smoothing) {
+        let p = r.path("dpo_label_smoothing");
+        r.ctx.error(
+            &p,
+            format!("{smoothing} is not a flip probability below 0.5"),
+            Some("use e.g. 0.1 (conservative DPO), or 0".into()),
+        );
+    }
+    // `dpo_loss_type`: a name or a one-element list (TRL combines several; kiln does not yet).
+    let loss_type = match r.get("dpo_loss_type").cloned() {
+        None => None,
+        Some(Value::String(s)) => Some(s),
+        Some(Value::Sequence(v)) if v.len() == 1 && v[0].as_str().is_some() => {
+            v[0].as_str().map(String::from)
+        }
+        Some(Value::Sequence(v)) => {
+            let p = r.path("dpo_loss_type");
+            r.ctx.error(
+                &p,
+                format!("not supported yet: {} DPO losses combined", v.len()),
+                Some("give one loss type, e.g. [sigmoid]".into()),
+            );
+            None
+        }
+        Some(other) => {
+            r.type_error("dpo_loss_type", "a loss name (sigmoid, ipo, hinge)", &other);
+            None
+        }
+    };
+    let warn_unused = |r: &mut Reader<'_, '_, '_>, keys: &[&str]| {
+        for k in keys {
+            if r.get(k).is_some() {
+                let p = r.path(k);
+                r.ctx
+                    .warn(&p, format!("has no effect with rl: {method}"), None);
+            }
+        }
+    };
+    Some(match method.as_str() {
+        "dpo" | "ipo" => {
+            warn_unused(r, &["orpo_alpha", "simpo_gamma", "cpo_alpha"]);
+            let ty =
+                loss_type.unwrap_or_else(|| if method == "ipo" { "ipo" } else { "sigmoid" }.into());
+            match ty.as_str() {
+                "sigmoid" => PrefLoss::Sigmoid {
+                    beta,
+                    label_smoothing: smoothing,
+                },
+                "ipo" => {
+                    if smoothing != 0.0 {
+                        let p = r.path("dpo_label_smoothing");
+                        r.ctx.warn(
+                            &p,
+                            "has no effect with the IPO loss (Axolotl does not pass it on)",
+                            None,
+                        );
+                    }
+                    PrefLoss::Ipo { beta }
+                }
+                "hinge" => PrefLoss::Hinge { beta },
+                other => {
+                    let p = r.path("dpo_loss_type");
+                    r.ctx.error(&p, format!("not supported yet: DPO loss type `{other}` (kiln has sigmoid, ipo, hinge)"), Some("use sigmoid, ipo or hinge".into()));
+                    PrefLoss::Sigmoid {
+                        beta,
+                        label_smoothing: smoothing,
+                    }
+                }
+            }
+        }
+        "orpo" => {
+            warn_unused(
+                r,
+                &[
+                    "dpo_label_smoothing",
+                    "dpo_loss_type",
+                    "simpo_gamma",
+                    "cpo_alpha",
+                ],
+            );
+            PrefLoss::Orpo { beta }
+        }
+        _ => {
+            warn_unused(r, &["dpo_label_smoothing", "dpo_loss_type", "orpo_alpha"]);
+            PrefLoss::Simpo {
+                beta,
+                gamma: r.f64("simpo_gamma").unwrap_or(0.5),
+                label_smoothing: 0.0,
+                cpo_alpha: r.f64("cpo_alpha").unwrap_or(1.0),
+            }
+        }
+    })
+}
+
+fn is_pair_strategy(name: &str) -> bool {
+    super::pref::PairFields::parse(name).is_some()
+}
+
+/// A preference dataset's format (`rl:` configs), by Axolotl's type names.
+fn read_pair_format(r: &mut Reader<'_, '_, '_>) -> DataFormat {
+    use super::pref::{PairFields, PairMarkup};
+    let ty = match r.get("type").cloned() {
+        None => {
+            return DataFormat::Preference {
+                style: PairStyle::Raw,
+            }
+        }
+        Some(Value::String(s)) => s,
+        Some(Value::Mapping(_)) => {
+            let p = r.path("type");
+            r.ctx.error(
+                &p,
+                "not supported yet: user-defined preference formats (a mapping under `type`)",
+                Some("use chat_template.default, chatml.intel, chatml.prompt_pairs, … or records with prompt/chosen/rejected strings and no `type`".into()),
+            );
+            return DataFormat::Preference {
+                style: PairStyle::Raw,
+            };
+        }
+        Some(other) => {
+            r.type_error("type", "a dataset type name", &other);
+            return DataFormat::Preference {
+                style: PairStyle::Raw,
+            };
+        }
+    };
+    let (base, strategy) = ty.split_once('.').unwrap_or((ty.as_str(), "default"));
+    let style = match base {
+        "chat_template" if strategy == "default" || strategy == "argilla_chat" => {
+            let (role_field, content_field, roles) = read_roles(r, false);
+            PairStyle::ChatTemplate {
+                field_messages: r
+                    .string("field_messages")
+                    .unwrap_or_else(|| "messages".into()),
+                field_chosen: r.string("field_chosen").unwrap_or_else(|| "chosen".into()),
+                field_rejected: r
+                    .string("field_rejected")
+                    .unwrap_or_else(|| "rejected".into()),
+                role_field,
+                content_field,
+                roles,
+                argilla_chat: strategy == "argilla_chat",
+                template: dataset_template(r),
+            }
+        }
+        "chatml" | "llama3" if PairFields::parse(strategy).is_some() => PairStyle::Fixed {
+            markup: if base == "chatml" {
+                PairMarkup::Chatml
+            } else {
+                PairMarkup::Llama3
+            },
+            fields: PairFields::parse(strategy).unwrap_or(PairFields::Argilla),
+        },
+        "passthrough" => PairStyle::Raw,
+        _ if DATASET_TYPES.contains(&base) => {
+            let p = r.path("type");
+            r.ctx.error(
+                &p,
+                format!("dataset type `{ty}` is supervised data, and rl: trains on preference pairs"),
+                Some("give preference data (chat_template.default, chatml.intel, …, or prompt/chosen/rejected records with no `type`), or remove `rl:` for supervised training".into()),
+            );
+            PairStyle::Raw
+        }
+        _ => {
+            let p = r.path("type");
+            r.ctx.error(
+                &p,
+                format!("not supported yet: preference dataset type `{ty}`"),
+                Some(format!(
+                    "use chat_template.default or chat_template.argilla_chat, chatml.* or llama3.* (one of {}), or records with prompt/chosen/rejected strings and no `type`",
+                    PairFields::NAMES.join(", ")
+                )),
+            );
+            PairStyle::Raw
+        }
+    };
+    DataFormat::Preference { style }
+}
+
+fn read_format(
+    r: &mut Reader<'_, '_, '_>,
+    default_template: &TemplateChoice,
+    rl: bool,
+) -> DataFormat {
+    if rl {
+        return read_pair_format(r);
+    }
+    for k in ["field_chosen", "field_rejected"] {
+        if r.get(k).is_some() {
+            let p = r.path(k);
+            r.ctx.error(
+                &p,
+                format!("`{k}` belongs to a preference dataset, and this config does supervised training"),
+                Some("set `rl: dpo` (or ipo, orpo, simpo) to train on preference pairs, or remove the key".into()),
+            );
+        }
+    }
     let ty = match r.get("type").cloned() {
         None => "alpaca".to_string(),
         Some(Value::String(s)) => s,
@@ -2032,22 +2430,7 @@ fn read_format(r: &mut Reader<'_, '_, '_>, default_template: &TemplateChoice) ->
         },
         "chat_template" | "sharegpt" => {
             let sharegpt = base_ty == "sharegpt";
-            let mut role_field = if sharegpt { "from" } else { "role" }.to_string();
-            let mut content_field = if sharegpt { "value" } else { "content" }.to_string();
-            if let Some(Value::Mapping(mpm)) = r.get("message_property_mappings").cloned() {
-                if let Some(s) = mpm.get("role").and_then(|v| v.as_str()) {
-                    role_field = s.to_string();
-                }
-                if let Some(s) = mpm.get("content").and_then(|v| v.as_str()) {
-                    content_field = s.to_string();
-                }
-            }
-            if let Some(s) = r.string("message_field_role") {
-                role_field = s;
-            }
-            if let Some(s) = r.string("message_field_content") {
-                content_field = s;
-            }
+            let (role_field, content_field, roles) = read_roles(r, sharegpt);
             let field_messages = r.string("field_messages").unwrap_or_else(|| {
                 if sharegpt {
                     "conversations"
@@ -2056,35 +2439,6 @@ fn read_format(r: &mut Reader<'_, '_, '_>, default_template: &TemplateChoice) ->
                 }
                 .into()
             });
-            let mut roles: Vec<(String, String)> = vec![
-                ("human".into(), "user".into()),
-                ("user".into(), "user".into()),
-                ("gpt".into(), "assistant".into()),
-                ("assistant".into(), "assistant".into()),
-                ("model".into(), "assistant".into()),
-                ("system".into(), "system".into()),
-                ("tool".into(), "tool".into()),
-            ];
-            if let Some(Value::Mapping(rm)) = r.get("roles").cloned() {
-                // Axolotl: `roles: {user: ["human", "user"], assistant: ["gpt"]}`.
-                for (canon, srcs) in rm {
-                    let Some(canon) = canon.as_str() else {
-                        continue;
-                    };
-                    let list: Vec<String> = match srcs {
-                        Value::Sequence(s) => s
-                            .iter()
-                            .filter_map(|x| x.as_str().map(String::from))
-                            .collect(),
-                        Value::String(s) => vec![s],
-                        _ => vec![],
-                    };
-                    for s in list {
-                        roles.retain(|(k, _)| k != &s);
-                        roles.push((s, canon.to_string()));
-                    }
-                }
-            }
             let roles_to_train = r
                 .str_list("roles_to_train")
                 .unwrap_or_else(|| vec!["assistant".into()]);
@@ -2104,14 +2458,7 @@ fn read_format(r: &mut Reader<'_, '_, '_>, default_template: &TemplateChoice) ->
                 }
             };
             let drop_system_message = r.bool("drop_system_message").unwrap_or(false);
-            let jinja = jinja_text(r, "chat_template_jinja");
-            let template = match r.string("chat_template") {
-                Some(name) => {
-                    let p = r.path("chat_template");
-                    Some(template_choice(r.ctx, &p, &name, jinja))
-                }
-                None => jinja.map(TemplateChoice::Jinja),
-            };
+            let template = dataset_template(r);
             let _ = default_template;
             DataFormat::ChatTemplate {
                 field_messages,
@@ -2146,9 +2493,17 @@ fn read_format(r: &mut Reader<'_, '_, '_>, default_template: &TemplateChoice) ->
                 "bradley_terry",
             ];
             // Training on these with another format would train something else: refused.
-            if known_axolotl.contains(&base_ty.as_str()) || ty.contains('.') {
+            let pair_type = matches!(base_ty.as_str(), "chatml" | "llama3")
+                && ty.split_once('.').is_some_and(|(_, x)| is_pair_strategy(x));
+            if pair_type {
+                r.ctx.error(
+                    &p,
+                    format!("dataset type `{ty}` holds preference pairs, and this config does supervised training"),
+                    Some("set `rl: dpo` (or ipo, orpo, simpo) to train on the pairs".into()),
+                );
+            } else if known_axolotl.contains(&base_ty.as_str()) || ty.contains('.') {
                 let what = if ty.contains('.') && !known_axolotl.contains(&base_ty.as_str()) {
-                    "a type defined by a Python module: preference-data types such as `chatml.intel` or a custom transform; kiln runs no Python"
+                    "a type defined by a Python module (a custom transform or another preference format); kiln runs no Python"
                 } else {
                     "an Axolotl prompt strategy kiln does not implement"
                 };

@@ -24,6 +24,10 @@ pub struct Header {
     pub samples: u64,
     pub tokens: u64,
     pub trained_tokens: u64,
+    /// Preference pairs: samples 2k and 2k+1 are pair k's chosen and rejected sequences (absent
+    /// in, and so unchanged for, every other token set).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paired: bool,
 }
 
 /// Samples held in memory.
@@ -33,6 +37,8 @@ pub struct TokenSet {
     pub trained: Vec<u8>,
     pub offsets: Vec<u64>,
     pub sources: Vec<(u32, u32)>,
+    /// Samples come in (chosen, rejected) pairs (see [`Header::paired`]).
+    pub paired: bool,
 }
 
 impl TokenSet {
@@ -67,6 +73,24 @@ impl TokenSet {
         (self.offsets[i + 1] - self.offsets[i]) as usize
     }
 
+    /// The units that shuffling, splitting and packing keep whole: samples, or pairs of them.
+    pub fn units(&self) -> usize {
+        if self.paired {
+            self.len() / 2
+        } else {
+            self.len()
+        }
+    }
+
+    /// The samples of unit `u`.
+    pub fn unit_samples(&self, u: usize) -> std::ops::Range<usize> {
+        if self.paired {
+            2 * u..2 * u + 2
+        } else {
+            u..u + 1
+        }
+    }
+
     pub fn header(&self) -> Header {
         Header {
             format: FORMAT.into(),
@@ -74,6 +98,7 @@ impl TokenSet {
             samples: self.len() as u64,
             tokens: self.tokens.len() as u64,
             trained_tokens: self.trained.iter().map(|&b| b as u64).sum(),
+            paired: self.paired,
         }
     }
 
@@ -127,7 +152,8 @@ impl TokenSet {
             && offsets.len() as u64 == h.samples + 1
             && sources.len() as u64 == h.samples
             && offsets.last().copied() == Some(h.tokens)
-            && offsets.windows(2).all(|w| w[0] <= w[1]);
+            && offsets.windows(2).all(|w| w[0] <= w[1])
+            && (!h.paired || h.samples.is_multiple_of(2));
         if !ok {
             return Err(corrupt(
                 dir,
@@ -139,6 +165,7 @@ impl TokenSet {
             trained,
             offsets,
             sources,
+            paired: h.paired,
         })
     }
 }

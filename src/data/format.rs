@@ -2,7 +2,8 @@
 //! Masks for chat come from rendering the real template turn by turn and mapping each turn's
 //! content to its span; no regex surgery on templates.
 
-use crate::config::{DataFormat, TrainOnEos};
+use crate::config::pref::{PairFields, PairMarkup};
+use crate::config::{DataFormat, PairStyle, TrainOnEos};
 use crate::text::template::{ChatTemplate, Message};
 use serde_json::Value;
 
@@ -163,6 +164,9 @@ pub fn format_record(
             }
             render_chat(template, &messages, roles_to_train, *train_on_eos, ctx)
         }
+        DataFormat::Preference { .. } => {
+            Err("a preference record is two sequences (see format_pair)".into())
+        }
     }
 }
 
@@ -175,6 +179,7 @@ pub fn check_record(fmt: &DataFormat, rec: &Value) -> Result<(), String> {
     }
     match fmt {
         DataFormat::ChatTemplate { .. } => chat_messages(fmt, rec).map(|_| ()),
+        DataFormat::Preference { style } => pair_texts(style, rec, None).map(|_| ()),
         _ => {
             let ctx = FormatCtx {
                 template: None,
@@ -361,4 +366,283 @@ fn render_chat(
         add_special_tokens: false,
         append_eos: None,
     })
+}
+
+/// A preference record's prompt, chosen and rejected text, as Axolotl's preference types make
+/// them (data passed to TRL as plain strings).
+pub fn pair_texts(
+    style: &PairStyle,
+    rec: &Value,
+    template: Option<&ChatTemplate>,
+) -> Result<(String, String, String), String> {
+    if !rec.is_object() {
+        return Err("expected a JSON object".into());
+    }
+    match style {
+        PairStyle::Raw => Ok((
+            required(rec, "prompt")?,
+            required(rec, "chosen")?,
+            required(rec, "rejected")?,
+        )),
+        PairStyle::Fixed { markup, fields } => fixed_pair(*markup, *fields, rec),
+        PairStyle::ChatTemplate {
+            field_messages,
+            field_chosen,
+            field_rejected,
+            role_field,
+            content_field,
+            roles,
+            argilla_chat,
+            ..
+        } => {
+            let msg = |v: &Value, at: &str, default_role: &str| -> Result<Message, String> {
+                pair_message(v, at, default_role, role_field, content_field, roles)
+            };
+            let last = |field: &str| -> Result<(Vec<Message>, Message), String> {
+                let v = rec
+                    .get(field)
+                    .filter(|v| !v.is_null())
+                    .ok_or_else(|| format!("missing field `{field}`"))?;
+                match v {
+                    Value::Array(a) if !a.is_empty() => {
+                        let all = a
+                            .iter()
+                            .enumerate()
+                            .map(|(i, m)| msg(m, &format!("`{field}[{i}]`"), "assistant"))
+                            .collect::<Result<Vec<_>, _>>()?;
+                        let (end, rest) = all.split_last().ok_or("empty")?;
+                        Ok((rest.to_vec(), end.clone()))
+                    }
+                    Value::Array(_) => Err(format!("`{field}` is an empty list")),
+                    other => Ok((vec![], msg(other, &format!("`{field}`"), "assistant")?)),
+                }
+            };
+            let (history, chosen) = last(field_chosen)?;
+            let (_, rejected) = last(field_rejected)?;
+            let messages = if *argilla_chat {
+                if history.is_empty() {
+                    return Err(format!(
+                        "`{field_chosen}` must be a conversation: the prompt's messages, then the completion"
+                    ));
+                }
+                history
+            } else {
+                match rec.get(field_messages) {
+                    Some(Value::String(s)) => vec![Message {
+                        role: "user".into(),
+                        content: s.clone(),
+                    }],
+                    Some(Value::Array(a)) if !a.is_empty() => a
+                        .iter()
+                        .enumerate()
+                        .map(|(i, m)| msg(m, &format!("`{field_messages}[{i}]`"), "user"))
+                        .collect::<Result<Vec<_>, _>>()?,
+                    Some(Value::Array(_)) => return Err(format!("`{field_messages}` is empty")),
+                    _ => {
+                        return Err(format!(
+                            "missing field `{field_messages}` (the prompt: a list of messages, or a string)"
+                        ))
+                    }
+                }
+            };
+            let Some(template) = template else {
+                // `kiln validate`: the fields parse; rendering needs the tokenizer's template.
+                return Ok((String::new(), chosen.content, rejected.content));
+            };
+            let prompt = template
+                .render(&messages, true)
+                .map_err(|e| e.to_string())?;
+            // Each completion as the template renders an assistant turn after a user turn, from
+            // the completion's own text on, trailing whitespace removed (Axolotl's strip).
+            let completion = |m: &Message| -> Result<String, String> {
+                let dummy = Message {
+                    role: "user".into(),
+                    content: "[[dummy_message]]".into(),
+                };
+                let text = template
+                    .render(&[dummy, m.clone()], false)
+                    .map_err(|e| e.to_string())?;
+                let from = text.find(&m.content).ok_or_else(|| {
+                    "the chat template did not render the completion verbatim".to_string()
+                })?;
+                Ok(text[from..].trim_end().to_string())
+            };
+            Ok((prompt, completion(&chosen)?, completion(&rejected)?))
+        }
+    }
+}
+
+/// A message of a preference record: an object with role and content, or a string (the
+/// `default_role`'s message), roles mapped to canonical names.
+fn pair_message(
+    v: &Value,
+    at: &str,
+    default_role: &str,
+    role_field: &str,
+    content_field: &str,
+    roles: &[(String, String)],
+) -> Result<Message, String> {
+    match v {
+        Value::String(s) => Ok(Message {
+            role: default_role.into(),
+            content: s.clone(),
+        }),
+        Value::Object(o) => {
+            let role_src = match o.get(role_field) {
+                Some(Value::String(s)) => s.as_str(),
+                None => default_role,
+                Some(v) => {
+                    return Err(format!(
+                        "{at}.{role_field} is {}, not a string",
+                        json_kind(v)
+                    ))
+                }
+            };
+            let role = roles
+                .iter()
+                .find(|(k, _)| k == role_src)
+                .map(|(_, v)| v.clone())
+                .ok_or_else(|| format!("{at}: unknown role `{role_src}` (map it with `roles:`)"))?;
+            match o.get(content_field) {
+                Some(Value::String(s)) => Ok(Message {
+                    role,
+                    content: s.clone(),
+                }),
+                Some(v) => Err(format!(
+                    "{at}.{content_field} is {}, not a string",
+                    json_kind(v)
+                )),
+                None => Err(format!("{at} has no `{content_field}`")),
+            }
+        }
+        other => Err(format!("{at} is {}, not a message", json_kind(other))),
+    }
+}
+
+/// Axolotl's `chatml.*` / `llama3.*` preference types: the prompt in the markup's user turn
+/// (after a system turn when `system` is set) and the assistant header; each completion ends
+/// with the markup's end-of-turn.
+fn fixed_pair(
+    markup: PairMarkup,
+    fields: PairFields,
+    rec: &Value,
+) -> Result<(String, String, String), String> {
+    let first = |keys: &[&str]| -> Result<String, String> {
+        let k = keys
+            .iter()
+            .find(|k| rec.get(**k).is_some())
+            .copied()
+            .unwrap_or(keys[keys.len() - 1]);
+        required(rec, k)
+    };
+    // The content of message `i` of a conversation field.
+    let turn = |field: &str, i: usize| -> Result<String, String> {
+        rec.get(field)
+            .and_then(|v| v.as_array())
+            .and_then(|a| a.get(i))
+            .and_then(|m| m.get("content"))
+            .and_then(|c| c.as_str())
+            .map(String::from)
+            .ok_or_else(|| format!("`{field}[{i}].content` is missing (`{field}` must be a [user, assistant] conversation)"))
+    };
+    let (prompt, chosen, rejected, system) = match fields {
+        PairFields::Argilla => (
+            first(&["prompt", "input", "question", "instruction"])?,
+            first(&["chosen", "chosen_response"])?,
+            first(&["rejected", "rejected_response"])?,
+            true,
+        ),
+        PairFields::ArgillaChat => (
+            turn("chosen", 0)?,
+            turn("chosen", 1)?,
+            turn("rejected", 1)?,
+            false,
+        ),
+        PairFields::Icr => (
+            required(rec, "input")?,
+            required(rec, "chosen")?,
+            required(rec, "rejected")?,
+            true,
+        ),
+        PairFields::Intel => (
+            required(rec, "question")?,
+            required(rec, "chosen")?,
+            required(rec, "rejected")?,
+            true,
+        ),
+        PairFields::PromptPairs => (
+            required(rec, "prompt")?,
+            required(rec, "chosen")?,
+            required(rec, "rejected")?,
+            true,
+        ),
+        PairFields::Ultra => (
+            required(rec, "prompt")?,
+            turn("chosen", 1)?,
+            turn("rejected", 1)?,
+            true,
+        ),
+    };
+    let system = if system {
+        field_str(rec, "system")?.filter(|s| !s.is_empty())
+    } else {
+        None
+    };
+    let (sys_open, user_open, turn_end, assistant) = match markup {
+        PairMarkup::Chatml => (
+            "<|im_start|>system\n",
+            "<|im_start|>user\n",
+            "<|im_end|>",
+            "\n<|im_start|>assistant\n",
+        ),
+        PairMarkup::Llama3 => (
+            "<|start_header_id|>system<|end_header_id|>\n\n",
+            "<|start_header_id|>user<|end_header_id|>\n\n",
+            "<|eot_id|>",
+            "<|start_header_id|>assistant<|end_header_id|>\n\n",
+        ),
+    };
+    let mut p = String::new();
+    if let Some(sys) = system {
+        p.push_str(sys_open);
+        p.push_str(&sys);
+        p.push_str(turn_end);
+        if markup == PairMarkup::Chatml {
+            p.push('\n');
+        }
+    }
+    p.push_str(user_open);
+    p.push_str(&prompt);
+    p.push_str(turn_end);
+    p.push_str(assistant);
+    Ok((
+        p,
+        format!("{chosen}{turn_end}"),
+        format!("{rejected}{turn_end}"),
+    ))
+}
+
+/// A preference record as its two training sequences, chosen then rejected: the prompt then the
+/// completion, only the completion trained. As TRL 1.x's DPO/ORPO/CPO trainers do with string
+/// data: the tokenizer's special tokens around the text (its bos), and eos appended (trained)
+/// unless the completion already ends with the eos text.
+pub fn format_pair(
+    style: &PairStyle,
+    rec: &Value,
+    ctx: &FormatCtx<'_>,
+) -> Result<[Formatted; 2], String> {
+    let (prompt, chosen, rejected) = pair_texts(style, rec, ctx.template)?;
+    let seq = |completion: &str| {
+        let text = format!("{prompt}{completion}");
+        let eos_in_text = ctx
+            .eos_token
+            .is_some_and(|e| !e.is_empty() && text.ends_with(e));
+        Formatted {
+            trained: vec![(prompt.len(), text.len())],
+            text,
+            add_special_tokens: true,
+            append_eos: (!eos_in_text).then_some(true),
+        }
+    };
+    Ok([seq(&chosen), seq(&rejected)])
 }

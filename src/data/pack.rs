@@ -25,6 +25,9 @@ pub struct PackHeader {
     pub trained_tokens: u64,
     /// tokens / (bins × sequence_len) when packed; tokens / (samples × max length) otherwise.
     pub efficiency: f64,
+    /// Preference pairs, each kept whole in one bin (see `TokenSet::paired`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paired: bool,
 }
 
 pub struct PackedSplit {
@@ -90,10 +93,11 @@ impl PackedSplit {
     }
 }
 
-/// A sample reference: (set index, sample index).
+/// A unit reference: (set index, unit index) — a sample, or a preference pair of them.
 pub type SampleRef = (usize, usize);
 
-/// Merges the sets, shuffles with `seed` when asked, and splits off a validation part.
+/// Merges the sets, shuffles with `seed` when asked, and splits off a validation part. The
+/// units are samples, or (chosen, rejected) pairs of a paired set, which stay together.
 pub fn merge_and_split(
     sets: &[TokenSet],
     shuffle: bool,
@@ -103,7 +107,7 @@ pub fn merge_and_split(
     let mut all: Vec<SampleRef> = sets
         .iter()
         .enumerate()
-        .flat_map(|(d, s)| (0..s.len()).map(move |i| (d, i)))
+        .flat_map(|(d, s)| (0..s.units()).map(move |i| (d, i)))
         .collect();
     if shuffle {
         SplitMix64::new(seed).shuffle(&mut all);
@@ -169,9 +173,20 @@ pub fn build_split(
     group_by_length: bool,
     seed: u64,
 ) -> PackedSplit {
-    let lens: Vec<usize> = refs.iter().map(|&(d, i)| sets[d].sample_len(i)).collect();
+    let lens: Vec<usize> = refs
+        .iter()
+        .map(|&(d, u)| sets[d].unit_samples(u).map(|i| sets[d].sample_len(i)).sum())
+        .collect();
+    // A pair's two sequences may each be up to sequence_len long: its bins hold twice that (the
+    // same tokens as a batch of the two sequences side by side).
+    let paired = sets.iter().any(|s| s.paired);
+    let capacity = if paired {
+        2 * sequence_len
+    } else {
+        sequence_len
+    };
     let mut bins: Vec<Vec<usize>> = if packed {
-        let mut b = best_fit_decreasing(&lens, sequence_len);
+        let mut b = best_fit_decreasing(&lens, capacity);
         SplitMix64::new(seed ^ 0x6b69_6c6e).shuffle(&mut b);
         b
     } else {
@@ -184,19 +199,22 @@ pub fn build_split(
         }
     }
     let mut set = TokenSet::new();
+    set.paired = paired;
     let mut offsets = vec![0u64];
     for b in &bins {
         for &k in b {
-            let (d, i) = refs[k];
-            let (ids, tr) = sets[d].sample(i);
-            set.push(ids, tr, sets[d].sources[i]);
+            let (d, u) = refs[k];
+            for i in sets[d].unit_samples(u) {
+                let (ids, tr) = sets[d].sample(i);
+                set.push(ids, tr, sets[d].sources[i]);
+            }
         }
         offsets.push(set.len() as u64);
     }
     let h = set.header();
     let max_len = lens.iter().copied().max().unwrap_or(0);
     let denom = if packed {
-        bins.len() * sequence_len
+        bins.len() * capacity
     } else {
         bins.len() * max_len
     };
@@ -215,6 +233,7 @@ pub fn build_split(
             } else {
                 h.tokens as f64 / denom as f64
             },
+            paired: set.paired,
         },
         set,
         bins: offsets,

@@ -65,6 +65,9 @@ pub struct TokenizeStats {
     pub tokens: u64,
     pub trained_tokens: u64,
     pub length: LengthStats,
+    /// Preference data: the pairs' prompt and completion lengths.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pairs: Option<PairStats>,
 }
 
 /// One tokenized sample before the length policy.
@@ -114,6 +117,9 @@ pub fn tokenize_records(
     fctx: &FormatCtx<'_>,
     opts: &TokenizeOpts<'_>,
 ) -> Result<(TokenSet, TokenizeStats), DataError> {
+    if let DataFormat::Preference { style } = fmt {
+        return tokenize_pairs(tok, style, records, fctx, opts);
+    }
     let bad = |record: usize, message: String| DataError::BadRecord {
         dataset: opts.dataset_name.to_string(),
         path: opts.dataset_path.to_string(),
@@ -192,6 +198,151 @@ pub fn tokenize_records(
     stats.trained_tokens = h.trained_tokens;
     stats.length = LengthStats::of(lens);
     Ok((set, stats))
+}
+
+/// What a paired token set's statistics add: the prompt's and completions' lengths.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct PairStats {
+    pub pairs: u64,
+    pub prompt: LengthStats,
+    pub chosen: LengthStats,
+    pub rejected: LengthStats,
+}
+
+/// Encodes one of a pair's sequences; TRL's rule for a prompt that already starts with the bos
+/// text would add it twice, so one is dropped. Returns (ids, trained, prompt length).
+fn encode_seq(
+    tok: &TextTokenizer,
+    f: &Formatted,
+    cache: &mut EncodeCache,
+) -> Result<Encoded, String> {
+    let mut e = encode(tok, f, false, cache)?;
+    let bos = tok.bos_token.as_deref().and_then(|b| tok.token_id(b));
+    if let Some(b) = bos {
+        if e.ids.len() >= 2 && e.ids[0] == b && e.ids[1] == b {
+            e.ids.remove(0);
+            e.trained.remove(0);
+        }
+    }
+    Ok(e)
+}
+
+/// Preference records -> a paired token set: samples 2k, 2k+1 are pair k's prompt + chosen and
+/// prompt + rejected, the completions trained. The length policy applies to the pair: with
+/// `drop` (Axolotl's behaviour for preference data) a pair either of whose sequences is longer
+/// than sequence_len is dropped; `truncate` keeps the start of each (TRL's keep_start), dropping a
+/// pair whose completion would be cut away entirely; `raise` stops.
+fn tokenize_pairs(
+    tok: &TextTokenizer,
+    style: &crate::config::PairStyle,
+    records: &[Record],
+    fctx: &FormatCtx<'_>,
+    opts: &TokenizeOpts<'_>,
+) -> Result<(TokenSet, TokenizeStats), DataError> {
+    let encoded: Vec<Result<[Encoded; 2], String>> = records
+        .par_iter()
+        .map_init(EncodeCache::default, |cache, r| {
+            let [c, rj] = super::format::format_pair(style, &r.value, fctx)?;
+            Ok([encode_seq(tok, &c, cache)?, encode_seq(tok, &rj, cache)?])
+        })
+        .collect();
+    let mut set = TokenSet::new();
+    set.paired = true;
+    let mut stats = TokenizeStats {
+        records: records.len() as u64,
+        ..Default::default()
+    };
+    let mut lens = Vec::new();
+    for (i, e) in encoded.into_iter().enumerate() {
+        let mut pair = match e {
+            Ok(p) => p,
+            Err(m) => {
+                stats.dropped_unusable += 1;
+                if stats.unusable.len() < UNUSABLE_SHOWN {
+                    let at = match records[i].line {
+                        0 => format!("record {}", i + 1),
+                        l => format!("line {l}"),
+                    };
+                    stats.unusable.push(format!("{at}: {m}"));
+                }
+                continue;
+            }
+        };
+        let longest = pair.iter().map(|e| e.ids.len()).max().unwrap_or(0);
+        if longest > opts.sequence_len {
+            match opts.excess {
+                ExcessLength::Drop => {
+                    stats.dropped_too_long += 1;
+                    continue;
+                }
+                ExcessLength::Truncate => {
+                    for e in &mut pair {
+                        e.ids.truncate(opts.sequence_len);
+                        e.trained.truncate(opts.sequence_len);
+                    }
+                    stats.truncated += 1;
+                }
+                ExcessLength::Raise => {
+                    return Err(DataError::BadRecord {
+                        dataset: opts.dataset_name.to_string(),
+                        path: opts.dataset_path.to_string(),
+                        record: i,
+                        message: with_line(
+                            format!(
+                                "a preference pair's sequence is {longest} tokens, longer than sequence_len {} (excess_length_strategy: raise); raise sequence_len or use `drop`/`truncate`",
+                                opts.sequence_len
+                            ),
+                            records[i].line,
+                        ),
+                    });
+                }
+            }
+        }
+        if pair.iter().any(|e| e.ids.len() < opts.min_sample_len) {
+            stats.dropped_too_short += 1;
+            continue;
+        }
+        // A completion with nothing trained (cut away, or empty) carries no preference.
+        if pair.iter().any(|e| !e.trained.contains(&1)) {
+            stats.dropped_untrained += 1;
+            continue;
+        }
+        for e in &pair {
+            lens.push(e.ids.len() as u64);
+            set.push(&e.ids, &e.trained, (opts.dataset_index, i as u32));
+        }
+    }
+    let h = set.header();
+    stats.samples = h.samples;
+    stats.tokens = h.tokens;
+    stats.trained_tokens = h.trained_tokens;
+    stats.length = LengthStats::of(lens);
+    stats.pairs = Some(pair_stats(&set));
+    Ok((set, stats))
+}
+
+/// Prompt and completion lengths of a paired token set (the prompt: the untrained tokens
+/// before the first trained one).
+pub fn pair_stats(set: &TokenSet) -> PairStats {
+    let (mut p, mut c, mut r) = (Vec::new(), Vec::new(), Vec::new());
+    for k in 0..set.units() {
+        for (j, i) in set.unit_samples(k).enumerate() {
+            let (_, tr) = set.sample(i);
+            let prompt = tr.iter().position(|&t| t == 1).unwrap_or(tr.len());
+            if j == 0 {
+                p.push(prompt as u64);
+                c.push((tr.len() - prompt) as u64);
+            } else {
+                r.push((tr.len() - prompt) as u64);
+            }
+        }
+    }
+    PairStats {
+        pairs: set.units() as u64,
+        prompt: LengthStats::of(p),
+        chosen: LengthStats::of(c),
+        rejected: LengthStats::of(r),
+    }
 }
 
 fn with_line(m: String, line: usize) -> String {

@@ -725,7 +725,7 @@ impl Llama {
                 }
             }
         }
-        Ok(rms_norm(&x, &self.norm, cfg.rms_norm_eps)?)
+        rms_norm(&x, &self.norm, cfg.rms_norm_eps)
     }
 
     /// Convenience: logits for one unpacked sequence.

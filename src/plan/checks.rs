@@ -274,11 +274,12 @@ pub fn template_problems(s: &Settings) -> Vec<Problem> {
         }
     }
     let uses_tokenizer_template = s.datasets.iter().chain(&s.test_datasets).any(|d| {
-        matches!(
-            &d.format,
-            crate::config::DataFormat::ChatTemplate { template, .. }
-                if matches!(template.as_ref().unwrap_or(&s.chat_template), crate::config::TemplateChoice::TokenizerDefault)
-        )
+        d.format.chat_template().is_some_and(|t| {
+            matches!(
+                t.unwrap_or(&s.chat_template),
+                crate::config::TemplateChoice::TokenizerDefault
+            )
+        })
     });
     if let (true, ModelSource::LocalDir(dir)) = (uses_tokenizer_template, &s.base_model) {
         out.extend(tokenizer_template_problem(

@@ -7,7 +7,7 @@
 pub mod checks;
 
 use crate::cache::{FileHashCache, Manifest};
-use crate::config::{DataFormat, Settings, TemplateChoice};
+use crate::config::{Settings, TemplateChoice};
 use crate::hash::KeyHasher;
 use crate::stages::evaluate::{EvalModel, Evaluate, VAL_FILES};
 use crate::stages::export::{Export, ExportFormat};
@@ -210,12 +210,10 @@ fn data_stages(
                 deps: vec![],
             });
             let fetch_idx = stages.len() - 1;
-            let template = match &d.format {
-                DataFormat::ChatTemplate { template, .. } => Some(template_source(
-                    template.as_ref().unwrap_or(&s.chat_template),
-                )),
-                _ => None,
-            };
+            let template = d
+                .format
+                .chat_template()
+                .map(|t| template_source(t.unwrap_or(&s.chat_template)));
             let label = format!("{group}[{i}]");
             stages.push(PlannedStage {
                 name: format!("tokenize{suffix}"),
@@ -367,6 +365,39 @@ fn train_stages(
                 files: None,
             });
         }
+        // The reference model's scores: one cached entry per (reference, pack), shared by every
+        // train stage that reads them.
+        if t.rl.is_some_and(|l| l.needs_reference()) {
+            let reference = if t.base_weights.is_f32() {
+                0
+            } else {
+                train_deps[train_deps.len() - 1].stage
+            };
+            stages.push(PlannedStage {
+                name: "refscore".into(),
+                stage: AnyStage::RefScore(Box::new(Staged::new(
+                    crate::stages::refscore::RefScore {
+                        base_weights: t.base_weights,
+                    },
+                    (),
+                ))),
+                inputs: Inputs::new(),
+                deps: vec![
+                    Dep {
+                        stage: reference,
+                        files: None,
+                    },
+                    Dep {
+                        stage: pack_idx,
+                        files: None,
+                    },
+                ],
+            });
+            train_deps.push(Dep {
+                stage: stages.len() - 1,
+                files: None,
+            });
+        }
         stages.push(PlannedStage {
             name: "train".into(),
             stage: AnyStage::Train(Box::new(Staged::new(
@@ -385,6 +416,7 @@ fn train_stages(
                     base_weights: t.base_weights,
                     optimizer_states: t.optimizer_states,
                     from_checkpoint: t.resume_from_checkpoint.is_some(),
+                    rl: t.rl,
                 },
                 TrainNeutral {
                     logging_steps: t.logging_steps.unwrap_or(1),

@@ -9,6 +9,7 @@ pub mod hub;
 pub mod merge;
 pub mod pack;
 pub mod quantize;
+pub mod refscore;
 pub mod tokenize;
 pub mod train;
 
@@ -52,6 +53,7 @@ stage_kinds! {
     Quantize => "quantize",
     Tokenize => "tokenize",
     Pack => "pack",
+    Refscore => "refscore",
     Train => "train",
     Merge => "merge",
     Evaluate => "evaluate",
@@ -142,6 +144,7 @@ pub enum AnyStage {
     Tokenize(Box<Staged<tokenize::Tokenize>>),
     Pack(Box<Staged<pack::Pack>>),
     Quantize(Box<Staged<quantize::Quantize>>),
+    RefScore(Box<Staged<refscore::RefScore>>),
     Train(Box<Staged<train::Train>>),
     Merge(Box<Staged<merge::Merge>>),
     Evaluate(Box<Staged<evaluate::Evaluate>>),
@@ -176,6 +179,11 @@ macro_rules! with_stage {
             AnyStage::Quantize($s) => {
                 #[allow(dead_code)]
                 type $T = quantize::Quantize;
+                $body
+            }
+            AnyStage::RefScore($s) => {
+                #[allow(dead_code)]
+                type $T = refscore::RefScore;
                 $body
             }
             AnyStage::Train($s) => {

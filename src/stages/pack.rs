@@ -90,7 +90,7 @@ impl Stage for Pack {
             val_refs = test_sets
                 .iter()
                 .enumerate()
-                .flat_map(|(d, s)| (0..s.len()).map(move |i| (d, i)))
+                .flat_map(|(d, s)| (0..s.units()).map(move |i| (d, i)))
                 .collect();
             build_split(
                 test_sets,

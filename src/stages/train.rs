@@ -9,6 +9,7 @@ use crate::data::pack::PackedSplit;
 use crate::events::Event;
 use crate::model::{weights, Llama, LlamaConfig, ModelError};
 use crate::rng::SplitMix64;
+use crate::train::pref::{pref_step, PrefMetrics, PrefMicro};
 use crate::train::{attach_lora, train_step, AdamW, Batch, LoraSpec};
 use candle_core::Device;
 use serde::Serialize;
@@ -45,6 +46,10 @@ pub struct Train {
     /// `resume_from_checkpoint`: a third upstream holds the checkpoint to start from.
     #[serde(rename = "resume_from_checkpoint")]
     pub from_checkpoint: bool,
+    /// `rl:` preference training's loss (absent for supervised training); a loss that compares
+    /// with the reference model reads the `refscore` entry as the last upstream.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rl: Option<crate::config::pref::PrefLoss>,
 }
 
 /// What trains: LoRA deltas on the frozen base, or (no `adapter`, Axolotl's meaning) every
@@ -88,6 +93,97 @@ pub(crate) fn evaluate(
             .to_scalar::<f32>()? as f64;
     }
     Ok((count > 0).then(|| sum / count as f64))
+}
+
+/// The reference scores (chosen, rejected) of the pairs of bin `b`, from the refscore entry's
+/// per-sample scores.
+fn bin_refs(data: &PackedSplit, scores: &[f64], b: usize) -> Vec<(f64, f64)> {
+    let (s0, s1) = (data.bins[b] as usize, data.bins[b + 1] as usize);
+    (s0..s1)
+        .step_by(2)
+        .map(|s| (scores[s], scores[s + 1]))
+        .collect()
+}
+
+/// Named metric values.
+type Metrics = Vec<(&'static str, f64)>;
+
+/// TRL's per-step preference metrics, by its names.
+fn pref_metric_list(m: &PrefMetrics, nll: bool, nll_loss: f64) -> Vec<(&'static str, f64)> {
+    let mut v = vec![
+        ("rewards/chosen", m.rewards_chosen),
+        ("rewards/rejected", m.rewards_rejected),
+        ("rewards/margins", m.rewards_margins),
+        ("rewards/accuracies", m.rewards_accuracies),
+        ("logps/chosen", m.logps_chosen),
+        ("logps/rejected", m.logps_rejected),
+    ];
+    if nll {
+        v.push(("nll_loss", nll_loss));
+    }
+    v
+}
+
+/// The preference loss over every pair of the validation split (no gradients kept) and its
+/// metrics with TRL's `eval_` names.
+fn evaluate_pref(
+    model: &Llama,
+    val: &PackedSplit,
+    scores: Option<&[f64]>,
+    loss: &crate::config::pref::PrefLoss,
+    batch: usize,
+    device: &Device,
+) -> Result<Option<(f64, Metrics)>, StageError> {
+    let n = val.header.bins as usize;
+    if n == 0 {
+        return Ok(None);
+    }
+    let mut pairs = Vec::new();
+    for chunk in (0..n).collect::<Vec<_>>().chunks(batch.max(1)) {
+        let rows: Vec<(Vec<u32>, Vec<u8>, Vec<u32>)> = chunk.iter().map(|&b| val.row(b)).collect();
+        let b = Batch::new(&rows, device)?;
+        let refs: Vec<(f64, f64)> = match scores {
+            Some(sc) => chunk
+                .iter()
+                .flat_map(|&bin| bin_refs(val, sc, bin))
+                .collect(),
+            None => Vec::new(),
+        };
+        let losses = crate::train::token_losses(model, &b, None)?
+            .detach()
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let per = crate::train::pref::sample_logps(&losses, &b.loss_weights, &b.samples);
+        for k in 0..per.len() / 2 {
+            let (rc, rr) = refs.get(k).copied().unwrap_or((0.0, 0.0));
+            pairs.push(crate::train::pref::PairScores {
+                chosen: per[2 * k].0,
+                rejected: per[2 * k + 1].0,
+                ref_chosen: rc,
+                ref_rejected: rr,
+                chosen_tokens: per[2 * k].1,
+                rejected_tokens: per[2 * k + 1].1,
+            });
+        }
+    }
+    let (mean, _, m) = crate::train::pref::batch(loss, &pairs);
+    let chosen_tokens: usize = pairs.iter().map(|p| p.chosen_tokens).sum();
+    let nll = -pairs.iter().map(|p| p.chosen).sum::<f64>() / chosen_tokens.max(1) as f64;
+    let total = mean + loss.nll_weight() * nll;
+    let mut v = vec![("eval_loss", total)];
+    for (name, value) in pref_metric_list(&m, loss.nll_weight() > 0.0, nll) {
+        let eval_name: &'static str = match name {
+            "rewards/chosen" => "eval_rewards/chosen",
+            "rewards/rejected" => "eval_rewards/rejected",
+            "rewards/margins" => "eval_rewards/margins",
+            "rewards/accuracies" => "eval_rewards/accuracies",
+            "logps/chosen" => "eval_logps/chosen",
+            "logps/rejected" => "eval_logps/rejected",
+            _ => "eval_nll_loss",
+        };
+        v.push((eval_name, value));
+    }
+    Ok(Some((total, v)))
 }
 
 fn save_tensors(
@@ -504,18 +600,34 @@ impl Stage for Train {
         // Upstream: the model, the pack, the checkpoint to resume from (if any), the quantize
         // entry (for a packed base).
         let packed = !self.base_weights.is_f32();
-        let (model_up, pack_up, given, quant) = match (cx.upstream, self.from_checkpoint, packed) {
-            ([m, p], false, false) => (m, p, None, None),
-            ([m, p, c], true, false) => (m, p, Some(c), None),
-            ([m, p, q], false, true) => (m, p, None, Some(q)),
-            ([m, p, c, q], true, true) => (m, p, Some(c), Some(q)),
-            _ => {
-                return Err(StageError::Invalid(
-                    "train needs the model and pack upstream (and the checkpoint to resume from, and the quantized base)"
-                        .into(),
-                ))
-            }
+        let needs_ref = self.rl.is_some_and(|l| l.needs_reference());
+        let mut ups = cx.upstream.iter();
+        let mut next = |what: &str| {
+            ups.next()
+                .ok_or_else(|| StageError::Invalid(format!("train needs {what} upstream")))
         };
+        let model_up = next("the model")?;
+        let pack_up = next("the pack")?;
+        let given = if self.from_checkpoint {
+            Some(next("the checkpoint to resume from")?)
+        } else {
+            None
+        };
+        let quant = if packed {
+            Some(next("the quantized base")?)
+        } else {
+            None
+        };
+        let refs_up = if needs_ref {
+            Some(next("the reference scores (refscore)")?)
+        } else {
+            None
+        };
+        if ups.next().is_some() {
+            return Err(StageError::Invalid(
+                "train was given more upstream entries than it reads".into(),
+            ));
+        }
         let device = Device::Cpu;
         let (mut model, stored) = match quant {
             Some(q) => load_quantized(&q.dir, self.base_weights)?,
@@ -550,6 +662,22 @@ impl Stage for Train {
             });
         }
         let data = PackedSplit::read(&pack_up.dir.join("train"))?;
+        if self.rl.is_some() != data.header.paired {
+            return Err(StageError::Invalid(if data.header.paired {
+                "the pack holds preference pairs, and this config does supervised training (no `rl:`)".into()
+            } else {
+                "rl: preference training needs preference pairs, and the pack holds single samples"
+                    .into()
+            }));
+        }
+        let ref_scores = match refs_up {
+            Some(r) => Some(super::refscore::read_scores(
+                &r.dir,
+                "train",
+                data.set.len(),
+            )?),
+            None => None,
+        };
         let n_bins = data.header.bins as usize;
         let mbs = self.steps.micro_batch_size.max(1) as usize;
         let gas = self.steps.gradient_accumulation_steps.max(1) as usize;
@@ -570,6 +698,10 @@ impl Stage for Train {
             Some(PackedSplit::read(&pack_up.dir.join("val"))?)
         } else {
             None
+        };
+        let val_scores = match (refs_up, &val) {
+            (Some(r), Some(v)) => Some(super::refscore::read_scores(&r.dir, "val", v.set.len())?),
+            _ => None,
         };
         let save_every = match (self.cadence.save_steps, self.cadence.saves_per_epoch) {
             (Some(x), _) if x >= 1.0 => x as u64,
@@ -699,9 +831,15 @@ impl Stage for Train {
         let mut samples = 0usize;
         for step in start..total {
             let mut micro = Vec::with_capacity(gas);
+            let mut micro_refs: Vec<Vec<(f64, f64)>> = Vec::with_capacity(gas);
             for _ in 0..gas {
+                let bins: Vec<usize> = (0..mbs).map(|_| next_bin(&mut order)).collect();
                 let rows: Vec<(Vec<u32>, Vec<u8>, Vec<u32>)> =
-                    (0..mbs).map(|_| data.row(next_bin(&mut order))).collect();
+                    bins.iter().map(|&b| data.row(b)).collect();
+                micro_refs.push(match &ref_scores {
+                    Some(sc) => bins.iter().flat_map(|&b| bin_refs(&data, sc, b)).collect(),
+                    None => Vec::new(),
+                });
                 tokens += rows.iter().map(|r| r.0.len()).sum::<usize>();
                 // Samples, not packed rows: a packed row holds several (position 0 starts one).
                 samples += rows
@@ -722,7 +860,21 @@ impl Stage for Train {
                 micro.push(batch);
             }
             let lr = self.lr_at(step, total);
-            let (loss, gnorm) = train_step(&model, &mut opt, &micro, lr, self.optim.max_grad_norm)?;
+            let mut pref_metrics = Vec::new();
+            let (loss, gnorm) = match &self.rl {
+                None => train_step(&model, &mut opt, &micro, lr, self.optim.max_grad_norm)?,
+                Some(pl) => {
+                    let micro: Vec<PrefMicro> = micro
+                        .into_iter()
+                        .zip(micro_refs)
+                        .map(|(batch, reference)| PrefMicro { batch, reference })
+                        .collect();
+                    let (g, norm) =
+                        pref_step(&model, &mut opt, &micro, pl, lr, self.optim.max_grad_norm)?;
+                    pref_metrics = pref_metric_list(&g.metrics, pl.nll_weight() > 0.0, g.nll);
+                    (g.loss, norm)
+                }
+            };
             if !loss.is_finite() {
                 return Err(StageError::Invalid(format!(
                     "loss became {loss} at step {}; lower learning_rate or check the data",
@@ -730,7 +882,11 @@ impl Stage for Train {
                 )));
             }
             let s = step + 1;
-            history.push(json!({"step": s, "loss": loss, "lr": lr, "grad_norm": gnorm}));
+            let mut entry = json!({"step": s, "loss": loss, "lr": lr, "grad_norm": gnorm});
+            for (name, value) in &pref_metrics {
+                entry[name] = json!(value);
+            }
+            history.push(entry);
             if s % neutral.logging_steps.max(1) == 0 || s == total {
                 let secs = started.elapsed().as_secs_f64().max(1e-9);
                 let done_here = (s - start) as f64;
@@ -753,7 +909,10 @@ impl Stage for Train {
                     ("grad_norm", gnorm),
                     ("tokens_per_s", log.tokens_per_s),
                     ("samples_per_s", log.samples_per_s),
-                ] {
+                ]
+                .into_iter()
+                .chain(pref_metrics.iter().map(|(n, v)| (*n, *v)))
+                {
                     (cx.emit)(Event::Metric {
                         stage: cx.name.to_string(),
                         step: s,
@@ -764,12 +923,20 @@ impl Stage for Train {
                 (cx.emit)(Event::TrainLog(log));
             }
             if let Some(val) = val.as_ref().filter(|_| s % eval_every == 0 || s == total) {
-                if let Some(eval_loss) = evaluate(&model, val, mbs, &device)? {
-                    history.push(json!({"step": s, "eval_loss": eval_loss}));
-                    for (name, value) in [
-                        ("eval_loss", eval_loss),
-                        ("eval_perplexity", eval_loss.exp()),
-                    ] {
+                let evaluated = match &self.rl {
+                    None => evaluate(&model, val, mbs, &device)?
+                        .map(|l| (l, vec![("eval_loss", l), ("eval_perplexity", l.exp())])),
+                    Some(pl) => {
+                        evaluate_pref(&model, val, val_scores.as_deref(), pl, mbs, &device)?
+                    }
+                };
+                if let Some((eval_loss, metrics)) = evaluated {
+                    let mut entry = json!({"step": s, "eval_loss": eval_loss});
+                    for (name, value) in &metrics {
+                        entry[name] = json!(value);
+                    }
+                    history.push(entry);
+                    for (name, value) in metrics {
                         (cx.emit)(Event::Metric {
                             stage: cx.name.to_string(),
                             step: s,

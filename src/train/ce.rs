@@ -361,13 +361,16 @@ pub enum GradHint {
     PerRow,
 }
 
+/// dX and, for a trained head, dW.
+type SavedGrads = (Vec<f32>, Option<Vec<f32>>);
+
 pub struct HeadCrossEntropy {
     head: Option<BaseWeight>,
     targets: Arc<Vec<u32>>,
     weights: Arc<Vec<f32>>,
     grad_hint: Option<GradHint>,
     /// dX (and dW) computed in the forward pass under `grad_hint`.
-    saved: Mutex<Option<(Vec<f32>, Option<Vec<f32>>)>>,
+    saved: Mutex<Option<SavedGrads>>,
     /// Set when a backward pass returned the forward pass's gradients (tests check the hint).
     reused: Arc<AtomicBool>,
     chunk_values: usize,
@@ -827,7 +830,7 @@ mod tests {
                     .unwrap()
                     .to_vec1::<f32>()
                     .unwrap();
-                let dw = grads.get(w.as_tensor()).map(|d| bits(d));
+                let dw = grads.get(w.as_tensor()).map(bits);
                 (
                     bits(&losses),
                     dx,

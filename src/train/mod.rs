@@ -205,6 +205,9 @@ pub struct Batch {
     /// Per position (b·t): the next token's id (0 where the weight is 0).
     pub targets: Vec<u32>,
     pub trained_tokens: usize,
+    /// Each sample's flat position range (row · t + position; a packed row holds several, each
+    /// starting where the position ids restart at 0). Padding is in none of them.
+    pub samples: Vec<(usize, usize)>,
     /// NEFTune noise for the input embeddings (training only).
     pub embed_noise: Option<Tensor>,
     /// Seed of this micro-batch's LoRA dropout masks (training only).
@@ -244,8 +247,14 @@ impl Batch {
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut all_pos = Vec::new();
         let mut trained_tokens = 0;
-        for (r_ids, r_tr, r_pos) in rows {
+        let mut samples = Vec::new();
+        for (row, (r_ids, r_tr, r_pos)) in rows.iter().enumerate() {
             let n = r_ids.len();
+            let starts: Vec<usize> = (0..n).filter(|&i| i == 0 || r_pos[i] == 0).collect();
+            for (k, &a) in starts.iter().enumerate() {
+                let z = starts.get(k + 1).copied().unwrap_or(n);
+                samples.push((row * t + a, row * t + z));
+            }
             let mut p = r_pos.clone();
             // Padding continues as its own "sample" (position 0 restarts it), so it never mixes in.
             p.extend((0..(t - n) as u32).map(|i| if i == 0 { 0 } else { i }));
@@ -266,6 +275,7 @@ impl Batch {
             loss_weights: lm,
             targets: tg,
             trained_tokens,
+            samples,
             embed_noise: None,
             dropout_seed: None,
         })
@@ -516,6 +526,52 @@ impl AdamW {
     }
 }
 
+/// Adds one backward pass's gradients of `vars` to `acc` (with gradient checkpointing, the
+/// layers' trained tensors get theirs from the recomputed backward passes, model/checkpoint.rs).
+pub(crate) fn accumulate(
+    model: &Llama,
+    vars: &[Var],
+    grads: &candle_core::backprop::GradStore,
+    acc: &mut [Option<Tensor>],
+) -> Result<(), ModelError> {
+    let mut side: std::collections::HashMap<candle_core::TensorId, Tensor> = Default::default();
+    if let Some(store) = &model.checkpoint {
+        for (id, g) in store.take() {
+            let g = match side.remove(&id) {
+                Some(a) => (a + g)?,
+                None => g,
+            };
+            side.insert(id, g);
+        }
+    }
+    for (i, v) in vars.iter().enumerate() {
+        let here = grads.get(v.as_tensor()).cloned();
+        let g = match (here, side.remove(&v.as_tensor().id())) {
+            (Some(a), Some(b)) => Some((a + b)?),
+            (a, b) => a.or(b),
+        };
+        if let Some(g) = g {
+            acc[i] = Some(match acc[i].take() {
+                Some(a) => (a + g)?,
+                None => g,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The accumulated gradients, zeros for a variable no pass reached.
+pub(crate) fn finish_grads(
+    acc: Vec<Option<Tensor>>,
+    vars: &[Var],
+) -> Result<Vec<Tensor>, ModelError> {
+    Ok(acc
+        .into_iter()
+        .zip(vars)
+        .map(|(g, v)| g.map(Ok).unwrap_or_else(|| v.as_tensor().zeros_like()))
+        .collect::<Result<_, candle_core::Error>>()?)
+}
+
 /// One optimizer step over micro-batches (gradient accumulation): the loss is the mean over the
 /// trained tokens of all micro-batches together. Returns (mean loss, grad norm).
 pub fn train_step(
@@ -535,37 +591,9 @@ pub fn train_step(
             (token_losses(model, b, Some(ce::GradHint::Uniform(hint)))?.sum_all()? / total as f64)?;
         loss_total += loss.to_scalar::<f32>()? as f64;
         let grads = loss.backward()?;
-        // With gradient checkpointing the layers' trained tensors get theirs from the
-        // recomputed backward passes (model/checkpoint.rs).
-        let mut side: std::collections::HashMap<candle_core::TensorId, Tensor> = Default::default();
-        if let Some(store) = &model.checkpoint {
-            for (id, g) in store.take() {
-                let g = match side.remove(&id) {
-                    Some(a) => (a + g)?,
-                    None => g,
-                };
-                side.insert(id, g);
-            }
-        }
-        for (i, v) in opt.vars.iter().enumerate() {
-            let here = grads.get(v.as_tensor()).cloned();
-            let g = match (here, side.remove(&v.as_tensor().id())) {
-                (Some(a), Some(b)) => Some((a + b)?),
-                (a, b) => a.or(b),
-            };
-            if let Some(g) = g {
-                acc[i] = Some(match acc[i].take() {
-                    Some(a) => (a + g)?,
-                    None => g,
-                });
-            }
-        }
+        accumulate(model, &opt.vars, &grads, &mut acc)?;
     }
-    let grads: Vec<Tensor> = acc
-        .into_iter()
-        .zip(&opt.vars)
-        .map(|(g, v)| g.map(Ok).unwrap_or_else(|| v.as_tensor().zeros_like()))
-        .collect::<Result<_, candle_core::Error>>()?;
+    let grads = finish_grads(acc, &opt.vars)?;
     let norm = opt.update(&grads, lr, max_grad_norm)?;
     Ok((loss_total, norm))
 }

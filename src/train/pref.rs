@@ -6,31 +6,12 @@
 //! tests/fixtures/pref/reference.json holds the losses and gradients PyTorch's autograd computes
 //! for the same formulas (scripts/pref-reference.py, calling TRL's own ORPO and CPO loss code).
 
+use super::{token_losses, AdamW, Batch};
+use crate::model::{Llama, ModelError};
+use candle_core::{Tensor, Var};
 use serde::Serialize;
 
-/// The pair loss of a preference method, with its parameters.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-#[serde(tag = "loss", rename_all = "snake_case")]
-pub enum PrefLoss {
-    /// DPO's sigmoid loss on the reference-relative margin; `label_smoothing` > 0 is
-    /// conservative DPO (cDPO: the labels flipped with that probability).
-    Sigmoid { beta: f64, label_smoothing: f64 },
-    /// IPO: the squared distance of the length-normalised margin from 1/(2β).
-    Ipo { beta: f64 },
-    /// SLiC's hinge on the reference-relative margin.
-    Hinge { beta: f64 },
-    /// ORPO: −β·log σ(log odds ratio) of the length-averaged log-probabilities, no reference;
-    /// the chosen completions' token loss is added (see [`PrefLoss::nll_weight`]).
-    Orpo { beta: f64 },
-    /// SimPO (CPO's `simpo` loss): the sigmoid loss on the length-averaged margin less γ/β, no
-    /// reference; plus `cpo_alpha` times the chosen completions' token loss.
-    Simpo {
-        beta: f64,
-        gamma: f64,
-        label_smoothing: f64,
-        cpo_alpha: f64,
-    },
-}
+pub use crate::config::pref::PrefLoss;
 
 /// One pair's sequence scores: the summed token log-probabilities of the chosen and rejected
 /// completions under the trained model (`chosen`, `rejected`) and the reference model, and the
@@ -229,6 +210,172 @@ pub fn batch(loss: &PrefLoss, pairs: &[PairScores]) -> (f64, Vec<(f64, f64)>, Pr
         m.logps_rejected += p.rejected / n;
     }
     (total / n, grads, m)
+}
+
+/// Per sample of a batch: the summed log-probability of its trained tokens (the negated sum of
+/// their token losses, in f64) and how many there are.
+pub fn sample_logps(
+    losses: &[f32],
+    weights: &[f32],
+    samples: &[(usize, usize)],
+) -> Vec<(f64, usize)> {
+    samples
+        .iter()
+        .map(|&(a, z)| {
+            let lp = -losses[a..z].iter().map(|&l| f64::from(l)).sum::<f64>();
+            let n = weights[a..z].iter().filter(|&&w| w > 0.0).count();
+            (lp, n)
+        })
+        .collect()
+}
+
+/// A sample's flat position range in a batch.
+type Span = (usize, usize);
+
+/// A batch's samples as pairs: samples 2k and 2k+1 are pair k's chosen and rejected sequence
+/// (the tokenize stage writes them so, and packing keeps a pair in one row).
+fn pairs_of(batch: &Batch) -> Result<Vec<(Span, Span)>, ModelError> {
+    if !batch.samples.len().is_multiple_of(2) {
+        return Err(ModelError::Config(format!(
+            "a preference batch holds whole pairs (chosen, rejected); this one has {} sequences",
+            batch.samples.len()
+        )));
+    }
+    Ok(batch.samples.chunks(2).map(|c| (c[0], c[1])).collect())
+}
+
+/// Per pair of `batch`: the summed log-probabilities of the chosen and rejected completions
+/// under `model` as it is (the reference model's scores, when `model` is the reference), without
+/// gradients.
+pub fn pair_logps(model: &Llama, batch: &Batch) -> Result<Vec<(f64, f64)>, ModelError> {
+    let pairs = pairs_of(batch)?;
+    let losses = token_losses(model, batch, None)?
+        .detach()
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let per = sample_logps(&losses, &batch.loss_weights, &batch.samples);
+    Ok((0..pairs.len())
+        .map(|k| (per[2 * k].0, per[2 * k + 1].0))
+        .collect())
+}
+
+/// One micro-batch of pairs with the reference model's scores of each pair (chosen, rejected);
+/// empty when the loss needs no reference.
+pub struct PrefMicro {
+    pub batch: Batch,
+    pub reference: Vec<(f64, f64)>,
+}
+
+/// A preference step's loss (pair losses' mean, plus the chosen completions' token loss for
+/// ORPO and SimPO), its metrics and the trained variables' gradients.
+pub struct PrefGrads {
+    pub loss: f64,
+    /// The chosen completions' mean token loss (TRL's `nll_loss`).
+    pub nll: f64,
+    pub metrics: PrefMetrics,
+    pub grads: Vec<Tensor>,
+}
+
+/// The gradients of a preference step over micro-batches (gradient accumulation): the loss is
+/// the mean over every pair of all micro-batches, and the token-loss term the mean over all
+/// their chosen tokens, as one batch of them would give. Each micro-batch runs one forward pass
+/// of the trained model for its chosen and rejected sequences together, and one backward pass of
+/// Σ ∂L/∂logp · logp: the pair loss is evaluated here in f64 between the two, so each
+/// position's loss gets its gradient (the head's op recomputes its logits for it,
+/// `GradHint::PerRow`).
+pub fn pref_grads(
+    model: &Llama,
+    vars: &[Var],
+    micro: &[PrefMicro],
+    loss: &PrefLoss,
+) -> Result<PrefGrads, ModelError> {
+    let mut n_pairs = 0usize;
+    let mut chosen_tokens = 0usize;
+    for m in micro {
+        let pairs = pairs_of(&m.batch)?;
+        if loss.needs_reference() && m.reference.len() != pairs.len() {
+            return Err(ModelError::Config(format!(
+                "{} pairs but {} reference scores",
+                pairs.len(),
+                m.reference.len()
+            )));
+        }
+        n_pairs += pairs.len();
+        chosen_tokens += pairs
+            .iter()
+            .map(|&((a, z), _)| {
+                m.batch.loss_weights[a..z]
+                    .iter()
+                    .filter(|&&w| w > 0.0)
+                    .count()
+            })
+            .sum::<usize>();
+    }
+    let n = n_pairs.max(1) as f64;
+    let nll_w = loss.nll_weight();
+    let mut acc: Vec<Option<Tensor>> = vec![None; vars.len()];
+    let (mut total, mut nll) = (0f64, 0f64);
+    let mut metrics = PrefMetrics::default();
+    for m in micro {
+        let b = &m.batch;
+        let pairs = pairs_of(b)?;
+        let losses = token_losses(model, b, Some(super::ce::GradHint::PerRow))?.flatten_all()?;
+        let vals = losses.to_vec1::<f32>()?;
+        let per = sample_logps(&vals, &b.loss_weights, &b.samples);
+        // d(step loss)/d(token loss) per position: −∂L/∂logp of its sequence.
+        let mut w = vec![0f32; vals.len()];
+        for (k, &((ca, cz), (ra, rz))) in pairs.iter().enumerate() {
+            let (rc, rr) = m.reference.get(k).copied().unwrap_or((0.0, 0.0));
+            let s = PairScores {
+                chosen: per[2 * k].0,
+                rejected: per[2 * k + 1].0,
+                ref_chosen: rc,
+                ref_rejected: rr,
+                chosen_tokens: per[2 * k].1,
+                rejected_tokens: per[2 * k + 1].1,
+            };
+            let l = loss.pair(&s);
+            total += l.loss / n;
+            metrics.rewards_chosen += l.reward_chosen / n;
+            metrics.rewards_rejected += l.reward_rejected / n;
+            metrics.rewards_margins += (l.reward_chosen - l.reward_rejected) / n;
+            metrics.rewards_accuracies +=
+                f64::from(u8::from(l.reward_chosen > l.reward_rejected)) / n;
+            metrics.logps_chosen += s.chosen / n;
+            metrics.logps_rejected += s.rejected / n;
+            nll += -s.chosen / chosen_tokens.max(1) as f64;
+            let dc = -l.d_chosen / n + nll_w / chosen_tokens.max(1) as f64;
+            let dr = -l.d_rejected / n;
+            w[ca..cz].iter_mut().for_each(|x| *x = dc as f32);
+            w[ra..rz].iter_mut().for_each(|x| *x = dr as f32);
+        }
+        let w = Tensor::from_vec(w, vals.len(), losses.device())?;
+        let surrogate = (losses * w)?.sum_all()?;
+        let grads = surrogate.backward()?;
+        super::accumulate(model, vars, &grads, &mut acc)?;
+    }
+    Ok(PrefGrads {
+        loss: total + nll_w * nll,
+        nll,
+        metrics,
+        grads: super::finish_grads(acc, vars)?,
+    })
+}
+
+/// One optimizer step of preference training; returns the gradients' outcome (loss, metrics)
+/// and the gradient norm before clipping.
+pub fn pref_step(
+    model: &Llama,
+    opt: &mut AdamW,
+    micro: &[PrefMicro],
+    loss: &PrefLoss,
+    lr: f64,
+    max_grad_norm: f64,
+) -> Result<(PrefGrads, f64), ModelError> {
+    let mut g = pref_grads(model, &opt.vars, micro, loss)?;
+    let grads = std::mem::take(&mut g.grads);
+    let norm = opt.update(&grads, lr, max_grad_norm)?;
+    Ok((g, norm))
 }
 
 #[cfg(test)]

@@ -646,7 +646,11 @@ impl Workspace {
             let dir = self.entry_of(&st.name)?;
             let set =
                 TokenSet::read(&dir.join("tokens")).map_err(crate::stages::StageError::from)?;
-            for i in 0..set.len().min(n) {
+            // Preference data: each record's chosen and rejected sequences.
+            let samples: Vec<usize> = (0..set.units().min(n))
+                .flat_map(|u| set.unit_samples(u))
+                .collect();
+            for i in samples {
                 let (ids, trained) = set.sample(i);
                 let text = tok.tokenizer.decode(ids, false).unwrap_or_default();
                 let pieces = ids
@@ -655,6 +659,9 @@ impl Workspace {
                     .collect();
                 let pieces = join_partial_characters(&tok, ids, pieces);
                 out.push(DebugExample {
+                    part: set
+                        .paired
+                        .then_some(if i % 2 == 0 { "chosen" } else { "rejected" }),
                     dataset: t.neutral.label.clone(),
                     index: set.sources[i].1 as usize,
                     text,
@@ -707,6 +714,9 @@ fn join_partial_characters(
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DebugExample {
     pub dataset: String,
+    /// Preference data: which of the record's sequences (`chosen`, `rejected`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub part: Option<&'static str>,
     pub index: usize,
     pub text: String,
     pub input_ids: Vec<u32>,

@@ -558,3 +558,53 @@ fn preference_configs_are_checked_at_validate() {
         "{err}"
     );
 }
+
+#[test]
+fn the_reference_is_the_quantized_base_for_qlora_and_the_starting_weights_for_full_tuning() {
+    one_thread();
+    for method in [
+        "adapter: qlora\nload_in_4bit: true\nlora_r: 4\nlora_alpha: 8\n",
+        "",
+    ] {
+        let p = pref_project(&format!(
+            "rl: dpo\nrl_beta: 1.0\n{method}learning_rate: 1e-3\nmax_steps: 2\n"
+        ));
+        let ws = p.ws(&[]);
+        let plan = &ws.plan;
+        let i = plan.index_of("refscore").unwrap();
+        let up: Vec<&str> = plan.stages[i]
+            .deps
+            .iter()
+            .map(|d| plan.stages[d.stage].name.as_str())
+            .collect();
+        let want = if method.is_empty() {
+            "fetch.model"
+        } else {
+            "quantize"
+        };
+        assert_eq!(up, vec![want, "pack"], "{method}");
+        let (_, events) = p.run(&[]);
+        // Step 1's policy is the reference itself (a zero adapter on the same stored base, or
+        // the untouched weights): every reward is 0 up to the rounding of batching.
+        let chosen = common::metric_values(&events, "rewards/chosen");
+        let rejected = common::metric_values(&events, "rewards/rejected");
+        assert!(
+            chosen[0].abs() < 1e-3 && rejected[0].abs() < 1e-3,
+            "{method}: {chosen:?} {rejected:?}"
+        );
+        assert!(
+            chosen[1] != 0.0,
+            "{method}: the second step moved the policy"
+        );
+    }
+}
+
+#[test]
+fn preprocess_debug_shows_each_pairs_chosen_and_rejected_sequence() {
+    let p = pref_project("rl: dpo\n");
+    let (code, out, err) = p.kiln(&["preprocess", "kiln.yml", "--debug"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("preference pairs · prompt mean"), "{out}");
+    assert!(out.contains("record 0, chosen ("), "{out}");
+    assert!(out.contains("record 0, rejected ("), "{out}");
+}

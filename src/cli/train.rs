@@ -64,6 +64,18 @@ pub fn print_stats(ws: &Workspace) -> Result<(), KilnError> {
             d.length.p95,
             d.length.max
         );
+        if let Some(p) = &d.pairs {
+            let l = |x: &kiln::data::tokenize::LengthStats| {
+                format!("mean {:.1} / p50 {} / max {}", x.mean, x.p50, x.max)
+            };
+            println!(
+                "  {} preference pairs · prompt {} · chosen {} · rejected {}",
+                p.pairs,
+                l(&p.prompt),
+                l(&p.chosen),
+                l(&p.rejected)
+            );
+        }
     }
     let s = &ws.settings;
     for (name, h) in [("train", &st.train), ("val", &st.val)] {
@@ -102,9 +114,10 @@ pub fn print_debug(ws: &Workspace, n: usize, json: bool) -> Result<(), KilnError
             continue;
         }
         println!(
-            "── {} record {} ({} tokens)",
+            "── {} record {}{} ({} tokens)",
             ex.dataset,
             ex.index,
+            ex.part.map(|p| format!(", {p}")).unwrap_or_default(),
             ex.input_ids.len()
         );
         // A character split over byte tokens is one piece with all its ids.

@@ -1046,13 +1046,34 @@ impl Train {
         let tokens = rows.iter().map(|r| r.0.len()).sum();
         let batch = Batch::new(&rows, &device)?;
         let t = Instant::now();
-        let (loss, grad_norm) = train_step(
-            &model,
-            &mut opt,
-            &[batch],
-            self.lr_at(0, 1),
-            self.optim.max_grad_norm,
-        )?;
+        let (loss, grad_norm) = match &self.rl {
+            None => train_step(
+                &model,
+                &mut opt,
+                &[batch],
+                self.lr_at(0, 1),
+                self.optim.max_grad_norm,
+            )?,
+            Some(pl) => {
+                // The reference is the model as training starts (LoRA's B is zero; full
+                // fine-tuning has not stepped yet), scored here instead of read from refscore.
+                let reference = if pl.needs_reference() {
+                    crate::train::pref::pair_logps(&model, &batch)?
+                } else {
+                    Vec::new()
+                };
+                let micro = [PrefMicro { batch, reference }];
+                let (g, norm) = pref_step(
+                    &model,
+                    &mut opt,
+                    &micro,
+                    pl,
+                    self.lr_at(0, 1),
+                    self.optim.max_grad_norm,
+                )?;
+                (g.loss, norm)
+            }
+        };
         Ok(DebugStep {
             loss,
             grad_norm,

@@ -114,6 +114,12 @@ pub enum TrainCase {
     /// Full fine-tuning with bitsandbytes' 8-bit AdamW moments.
     #[value(name = "full-8bit-256")]
     Full8bit256,
+    /// A DPO step (LoRA r16, β 0.1) on one preference pair: a 128-token prompt with a
+    /// 128-token chosen and a 128-token rejected completion, so two 256-token sequences; the
+    /// reference scores read as the train stage reads them from refscore (their one forward pass
+    /// timed apart). `--against torch` runs TRL's DPOTrainer (scripts/bench-trl-dpo.py).
+    #[value(name = "dpo-256")]
+    Dpo256,
 }
 
 /// A training case's settings.
@@ -122,10 +128,12 @@ pub struct CaseShape {
     pub seq: usize,
     pub base: crate::config::precision::BaseWeights,
     pub states: crate::config::precision::OptimStates,
+    /// A DPO step on one pair of `seq`-token sequences (half prompt, half completion).
+    pub dpo: bool,
 }
 
 impl TrainCase {
-    pub const ALL: [TrainCase; 7] = [
+    pub const ALL: [TrainCase; 8] = [
         TrainCase::Lora256,
         TrainCase::Lora512,
         TrainCase::Full256,
@@ -133,6 +141,7 @@ impl TrainCase {
         TrainCase::Qlora512,
         TrainCase::LoraBf16_512,
         TrainCase::Full8bit256,
+        TrainCase::Dpo256,
     ];
 
     pub fn shape(self) -> CaseShape {
@@ -145,12 +154,14 @@ impl TrainCase {
             TrainCase::Qlora512 => (false, 512, B::Nf4DoubleQuant, O::F32),
             TrainCase::LoraBf16_512 => (false, 512, B::Bf16, O::F32),
             TrainCase::Full8bit256 => (true, 256, B::F32, O::Bnb8bit),
+            TrainCase::Dpo256 => (false, 256, B::F32, O::F32),
         };
         CaseShape {
             full,
             seq,
             base,
             states,
+            dpo: self == TrainCase::Dpo256,
         }
     }
 
@@ -229,6 +240,38 @@ impl Peer {
             kind,
             python: python.to_path_buf(),
             script,
+            version: String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        })
+    }
+
+    /// The same Python with another script of the peer's directory, probed for `modules`.
+    fn with_script(&self, script: &str, modules: &[&str]) -> Result<Self, KilnError> {
+        let path = self.script.with_file_name(script);
+        if !path.is_file() {
+            return Err(KilnError::Bench(format!("{} not found", path.display())));
+        }
+        let probe = format!(
+            "import importlib.metadata as m\nprint(', '.join(n + ' ' + m.version(n) for n in {modules:?}))"
+        );
+        let out = std::process::Command::new(&self.python)
+            .args(["-c", &probe])
+            .output()
+            .map_err(|e| KilnError::Bench(format!("{}: {e}", self.python.display())))?;
+        if !out.status.success() {
+            return Err(KilnError::BadFlag {
+                flag: "--against".into(),
+                message: format!(
+                    "{} cannot import {}: `pip install {}` first",
+                    self.python.display(),
+                    modules.join(", "),
+                    modules.join(" ")
+                ),
+            });
+        }
+        Ok(Peer {
+            kind: self.kind,
+            python: self.python.clone(),
+            script: path,
             version: String::from_utf8_lossy(&out.stdout).trim().to_string(),
         })
     }
@@ -964,6 +1007,7 @@ pub fn train(
             seq,
             base,
             states,
+            dpo,
         } = case.shape();
         let (mut m, stored) = crate::stages::train::load_model_as(&dir, base)?;
         let (loaded_rss, loaded_peak) = (
@@ -995,7 +1039,43 @@ pub fn train(
                 0
             };
         let ids: Vec<u32> = (0..seq).map(|_| rng.below(vocab) as u32).collect();
-        let rows = vec![(ids, vec![1u8; seq], (0..seq as u32).collect::<Vec<u32>>())];
+        let rows = if dpo {
+            // One packed row: prompt + chosen, then prompt + rejected (positions restart), only
+            // the completions trained — as the pack stage lays out a pair.
+            let half = seq / 2;
+            let rejected: Vec<u32> = (0..seq - half).map(|_| rng.below(vocab) as u32).collect();
+            let mut row: (Vec<u32>, Vec<u8>, Vec<u32>) = Default::default();
+            for completion in [&ids[half..], &rejected[..]] {
+                row.0.extend(&ids[..half]);
+                row.0.extend(completion);
+                row.1.extend((0..seq).map(|i| (i >= half) as u8));
+                row.2.extend(0..seq as u32);
+            }
+            vec![row]
+        } else {
+            vec![(ids, vec![1u8; seq], (0..seq as u32).collect::<Vec<u32>>())]
+        };
+        // DPO's reference scores: one forward pass of the base per pair (the refscore stage's
+        // work, done once per pair for every variant and rerun), timed on its own.
+        let reference = if dpo {
+            let batch = Batch::new(&rows, &device).map_err(StageError::from)?;
+            let t = Instant::now();
+            let r = crate::train::pref::pair_logps(&m, &batch).map_err(StageError::from)?;
+            figs.push(fig(
+                "refscore: reference forward, one pair",
+                t.elapsed().as_secs_f64(),
+                "s",
+                "once per pair, cached for every variant and rerun",
+            ));
+            r
+        } else {
+            Vec::new()
+        };
+        let dpo_loss = crate::config::pref::PrefLoss::Sigmoid {
+            beta: 0.1,
+            label_smoothing: 0.0,
+        };
+        let step_tokens = rows[0].0.len();
         let vars = if full {
             attach_full(&mut m).map_err(StageError::from)?
         } else {
@@ -1021,7 +1101,16 @@ pub fn train(
         for step in 0..=steps {
             let batch = Batch::new(&rows, &device).map_err(StageError::from)?;
             let (t, u0) = (Instant::now(), usage());
-            train_step(&m, &mut opt, &[batch], 1e-5, 1.0).map_err(StageError::from)?;
+            if dpo {
+                let micro = [crate::train::pref::PrefMicro {
+                    batch,
+                    reference: reference.clone(),
+                }];
+                crate::train::pref::pref_step(&m, &mut opt, &micro, &dpo_loss, 1e-5, 1.0)
+                    .map_err(StageError::from)?;
+            } else {
+                train_step(&m, &mut opt, &[batch], 1e-5, 1.0).map_err(StageError::from)?;
+            }
             if step > 0 {
                 secs += t.elapsed().as_secs_f64();
                 let u1 = usage();
@@ -1036,14 +1125,20 @@ pub fn train(
             ""
         };
         let label = match (full, stored.is_some(), states.is_f32()) {
+            _ if dpo => "DPO, LoRA r16, all linear layers".to_string(),
             (true, _, true) => "full fine-tuning".to_string(),
             (true, _, false) => format!("full fine-tuning, {states:?} moments"),
             (false, false, _) => "LoRA r16, all linear layers".to_string(),
             (false, true, _) => format!("LoRA r16 on a {base:?} base"),
         };
+        let shape = if dpo {
+            format!("2×{seq} tokens (one pair)")
+        } else {
+            format!("1×{seq} tokens")
+        };
         figs.push(fig(
-            &format!("train step, {label}{ckpt}, 1×{seq} tokens"),
-            seq as f64 / per_step,
+            &format!("train step, {label}{ckpt}, {shape}"),
+            step_tokens as f64 / per_step,
             "tokens/s",
             "",
         ));
@@ -1082,7 +1177,7 @@ pub fn train(
         ));
         // Forward 2·P·T; backward 2·P·T for input gradients, + 2·P·T for weight gradients
         // when every weight trains (attention's t² terms left out).
-        let flops = if full { 6.0 } else { 4.0 } * params as f64 * seq as f64;
+        let flops = if full { 6.0 } else { 4.0 } * params as f64 * step_tokens as f64;
         figs.push(fig(
             "  achieved rate",
             flops / per_step / 1e9,
@@ -1118,7 +1213,27 @@ pub fn train(
             "",
         ));
         // The peer trains an f32 base in full precision: its row stands beside each case.
-        if let (Some(p), Some(hf)) = (peer, &hf_dir) {
+        if let (Some(p), Some(hf), true) = (peer, &hf_dir, dpo) {
+            // TRL's DPOTrainer: its step includes the reference's forward pass (the adapter
+            // disabled), as TRL trains by default.
+            let trl = p.with_script(
+                "bench-trl-dpo.py",
+                &["torch", "transformers", "peft", "trl"],
+            )?;
+            let out = trl.run(&[hf.display().to_string(), seq.to_string()])?;
+            let rate = number_before(&out, "tokens/s").ok_or_else(|| {
+                KilnError::Bench(format!("cannot read TRL's figures from: {out}"))
+            })?;
+            figs.push(fig(
+                "  TRL DPOTrainer, same step",
+                rate,
+                "tokens/s",
+                &trl.version,
+            ));
+            if let Some(gib) = number_before(out.rsplit("peak").next().unwrap_or(""), "GiB") {
+                figs.push(fig("  TRL peak RSS (its own process)", gib, "GiB", ""));
+            }
+        } else if let (Some(p), Some(hf)) = (peer, &hf_dir) {
             let mut args = vec![
                 hf.display().to_string(),
                 seq.to_string(),

@@ -608,3 +608,41 @@ fn preprocess_debug_shows_each_pairs_chosen_and_rejected_sequence() {
     assert!(out.contains("record 0, chosen ("), "{out}");
     assert!(out.contains("record 0, rejected ("), "{out}");
 }
+
+#[test]
+fn orpos_argilla_chat_strategy_renders_system_user_and_assistant_turns() {
+    let tpl =
+        kiln::text::template::ChatTemplate::new(common::CHATML, None, Some("<|im_end|>")).unwrap();
+    let conv =
+        |a: &str| json!([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": a}]);
+    let rec = json!({"prompt": "Hi", "chosen": conv("Yes."), "rejected": conv("No.")});
+    let style = PairStyle::OrpoChat {
+        template: kiln::config::TemplateChoice::Builtin("chatml".into()),
+    };
+    let (p, c, r) = pair_texts(&style, &rec, Some(&tpl)).unwrap();
+    // An empty system turn when the record has none, as Axolotl's ORPO strategy writes it.
+    assert_eq!(
+        p,
+        "<|im_start|>system\n<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    );
+    assert_eq!(c, "Yes.<|im_end|>\n");
+    assert_eq!(r, "No.<|im_end|>\n");
+    // In a config: accepted under rl: orpo; an unsupported rl: is said once, not per dataset.
+    let p = pref_project("rl: orpo\n");
+    std::fs::write(
+        &p.config,
+        std::fs::read_to_string(&p.config)
+            .unwrap()
+            .replace("type: chat_template.default", "type: chat_template.argilla"),
+    )
+    .unwrap();
+    let (code, _, err) = p.kiln(&["validate", "kiln.yml"]);
+    assert_eq!(code, Some(0), "{err}");
+    let p = pref_project("rl: kto\n");
+    let (_, _, err) = p.kiln(&["validate", "kiln.yml"]);
+    assert_eq!(
+        err.matches("error:").count(),
+        2,
+        "one problem, under the header: {err}"
+    );
+}

@@ -894,3 +894,58 @@ fn trl_chat_templates_render_as_python_jinja2() {
         diffs.join("\n")
     );
 }
+
+/// DPO on SmolLM2 (the real GGUF, LoRA) with a small synthetic preference set: the
+/// chosen-minus-rejected margin and the reward accuracy rise over the run (TRL's metrics).
+#[test]
+fn dpo_on_smollm2_raises_the_margin() {
+    let td = testdata();
+    let (d, cfg) = project(&format!(
+        "base_model: {}\ndatasets:\n  - path: pairs.jsonl\n    type: chatml.prompt_pairs\nrl: dpo\nrl_beta: 0.1\nadapter: lora\nlora_r: 8\nlora_alpha: 16\nlora_target_linear: true\nlearning_rate: 2e-3\nlr_scheduler: constant\nmax_steps: 8\nmicro_batch_size: 1\nsequence_len: 96\nseed: 1",
+        td.join("SmolLM2-135M-Instruct.Q4_1.gguf").display()
+    ));
+    let pairs: String = (0..8)
+        .map(|i| {
+            serde_json::json!({
+                "prompt": format!("What is {i} plus {i}?"),
+                "chosen": format!("{i} plus {i} is {}.", 2 * i),
+                "rejected": format!("{i} plus {i} is {}.", 2 * i + 7),
+            })
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(d.path().join("pairs.jsonl"), pairs).unwrap();
+    one_thread();
+    let ws = kiln::workspace::Workspace::open(&cfg, &[]).unwrap();
+    let mut m: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
+    let opts = kiln::scheduler::RunOptions {
+        targets: vec!["train".into()],
+        force: vec![],
+        ..Default::default()
+    };
+    ws.scheduler()
+        .run(&opts, &mut |e| {
+            if let kiln::events::Event::Metric { name, value, .. } = e {
+                m.entry(name).or_default().push(value);
+            }
+        })
+        .unwrap();
+    let margins = &m["rewards/margins"];
+    let loss = &m["loss"];
+    eprintln!(
+        "margins {margins:?}\nloss {loss:?}\naccuracies {:?}",
+        m["rewards/accuracies"]
+    );
+    assert_eq!(margins.len(), 8);
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    assert!(
+        margins[0].abs() < 1e-3,
+        "step 1: policy = reference: {margins:?}"
+    );
+    assert!(
+        mean(&margins[5..]) > mean(&margins[..3]) + 0.05,
+        "{margins:?}"
+    );
+    assert!(mean(&loss[5..]) < mean(&loss[..3]), "{loss:?}");
+}

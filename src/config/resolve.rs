@@ -86,6 +86,9 @@ impl DataFormat {
             | DataFormat::Preference {
                 style: PairStyle::ChatTemplate { template, .. },
             } => Some(template.as_ref()),
+            DataFormat::Preference {
+                style: PairStyle::OrpoChat { template },
+            } => Some(Some(template)),
             _ => None,
         }
     }
@@ -119,6 +122,11 @@ pub enum PairStyle {
     },
     /// No `type`: the records hold `prompt`, `chosen` and `rejected` strings as they are.
     Raw,
+    /// `chat_template.argilla` under `rl: orpo` (Axolotl's ORPO strategy): `prompt`, optional
+    /// `system`, and `chosen`/`rejected` conversations whose second message is the completion;
+    /// rendered as [system (empty when absent), user, assistant] with the dataset's template, or
+    /// ChatML as Axolotl defaults to; no tokenizer special tokens added.
+    OrpoChat { template: TemplateChoice },
 }
 
 /// Which chat template to render with.
@@ -756,7 +764,13 @@ pub(super) fn resolve(ctx: &mut Ctx<'_>, map: &Mapping) -> Settings {
     };
 
     // 5. Datasets.
-    let rl = train.rl.is_some();
+    let rl = match (&train.rl, map.get("rl")) {
+        (Some(l), _) => RlData::Pairs {
+            orpo: matches!(l, super::pref::PrefLoss::Orpo { .. }),
+        },
+        (None, Some(v)) if !is_unset(v) => RlData::Refused,
+        _ => RlData::None,
+    };
     let datasets = read_datasets(r.ctx, map, "datasets", &chat_template, rl);
     let test_datasets = read_datasets(r.ctx, map, "test_datasets", &chat_template, rl);
     // A config that trains on `pretraining_dataset` is refused naming that key, not this one.
@@ -1928,7 +1942,7 @@ fn read_datasets(
     map: &Mapping,
     top: &str,
     default_template: &TemplateChoice,
-    rl: bool,
+    rl: RlData,
 ) -> Vec<DatasetSpec> {
     let Some(v) = map.get(top) else { return vec![] };
     let items = match v {
@@ -2061,6 +2075,17 @@ pub const DATASET_TYPES: &[&str] = &[
     "sharegpt",
     "input_output",
 ];
+
+/// What the datasets hold, by `rl:`.
+#[derive(Clone, Copy)]
+enum RlData {
+    /// Supervised data.
+    None,
+    /// Preference pairs (Axolotl's ORPO has its own chat strategy).
+    Pairs { orpo: bool },
+    /// `rl:` names a method kiln does not train.
+    Refused,
+}
 
 /// A chat dataset's message fields and role map: `message_property_mappings` (or the legacy
 /// `message_field_role` / `message_field_content`) and `roles:` over the usual aliases.
@@ -2299,7 +2324,7 @@ fn is_pair_strategy(name: &str) -> bool {
 }
 
 /// A preference dataset's format (`rl:` configs), by Axolotl's type names.
-fn read_pair_format(r: &mut Reader<'_, '_, '_>) -> DataFormat {
+fn read_pair_format(r: &mut Reader<'_, '_, '_>, orpo: bool) -> DataFormat {
     use super::pref::{PairFields, PairMarkup};
     let ty = match r.get("type").cloned() {
         None => {
@@ -2345,6 +2370,10 @@ fn read_pair_format(r: &mut Reader<'_, '_, '_>) -> DataFormat {
                 template: dataset_template(r),
             }
         }
+        "chat_template" if strategy == "argilla" && orpo => PairStyle::OrpoChat {
+            template: dataset_template(r)
+                .unwrap_or_else(|| TemplateChoice::Builtin("chatml".into())),
+        },
         "chatml" | "llama3" if PairFields::parse(strategy).is_some() => PairStyle::Fixed {
             markup: if base == "chatml" {
                 PairMarkup::Chatml
@@ -2382,10 +2411,17 @@ fn read_pair_format(r: &mut Reader<'_, '_, '_>) -> DataFormat {
 fn read_format(
     r: &mut Reader<'_, '_, '_>,
     default_template: &TemplateChoice,
-    rl: bool,
+    rl: RlData,
 ) -> DataFormat {
-    if rl {
-        return read_pair_format(r);
+    match rl {
+        RlData::Pairs { orpo } => return read_pair_format(r, orpo),
+        // `rl:` names a method kiln refuses (said once, at `rl`): its datasets are not judged.
+        RlData::Refused => {
+            return DataFormat::Preference {
+                style: PairStyle::Raw,
+            }
+        }
+        RlData::None => {}
     }
     for k in ["field_chosen", "field_rejected"] {
         if r.get(k).is_some() {

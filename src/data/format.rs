@@ -385,6 +385,51 @@ pub fn pair_texts(
             required(rec, "rejected")?,
         )),
         PairStyle::Fixed { markup, fields } => fixed_pair(*markup, *fields, rec),
+        PairStyle::OrpoChat { .. } => {
+            let turn = |field: &str| -> Result<String, String> {
+                rec.get(field)
+                    .and_then(|v| v.as_array())
+                    .and_then(|a| a.get(1))
+                    .and_then(|m| m.get("content"))
+                    .and_then(|c| c.as_str())
+                    .map(String::from)
+                    .ok_or_else(|| format!("`{field}[1].content` is missing (`{field}` must be a [user, assistant] conversation)"))
+            };
+            let system = Message {
+                role: "system".into(),
+                content: field_str(rec, "system")?.unwrap_or_default(),
+            };
+            let user = Message {
+                role: "user".into(),
+                content: required(rec, "prompt")?,
+            };
+            let (chosen, rejected) = (turn("chosen")?, turn("rejected")?);
+            let Some(template) = template else {
+                return Ok((String::new(), chosen, rejected));
+            };
+            let prompt = template
+                .render(&[system.clone(), user.clone()], true)
+                .map_err(|e| e.to_string())?;
+            let completion = |content: String| -> Result<String, String> {
+                let all = template
+                    .render(
+                        &[
+                            system.clone(),
+                            user.clone(),
+                            Message {
+                                role: "assistant".into(),
+                                content,
+                            },
+                        ],
+                        false,
+                    )
+                    .map_err(|e| e.to_string())?;
+                all.strip_prefix(prompt.as_str())
+                    .map(String::from)
+                    .ok_or_else(|| "the chat template renders the prompt differently before an answer; kiln cannot tell where the completion starts".to_string())
+            };
+            Ok((prompt.clone(), completion(chosen)?, completion(rejected)?))
+        }
         PairStyle::ChatTemplate {
             field_messages,
             field_chosen,
@@ -625,13 +670,16 @@ fn fixed_pair(
 /// A preference record as its two training sequences, chosen then rejected: the prompt then the
 /// completion, only the completion trained. As TRL 1.x's DPO/ORPO/CPO trainers do with string
 /// data: the tokenizer's special tokens around the text (its bos), and eos appended (trained)
-/// unless the completion already ends with the eos text.
+/// unless the completion already ends with the eos text; Axolotl's ORPO chat strategy
+/// (`chat_template.argilla`) tokenizes the rendered conversation as it is.
 pub fn format_pair(
     style: &PairStyle,
     rec: &Value,
     ctx: &FormatCtx<'_>,
 ) -> Result<[Formatted; 2], String> {
     let (prompt, chosen, rejected) = pair_texts(style, rec, ctx.template)?;
+    // Axolotl's ORPO chat strategy tokenizes the rendered text as it is.
+    let as_rendered = matches!(style, PairStyle::OrpoChat { .. });
     let seq = |completion: &str| {
         let text = format!("{prompt}{completion}");
         let eos_in_text = ctx
@@ -640,8 +688,8 @@ pub fn format_pair(
         Formatted {
             trained: vec![(prompt.len(), text.len())],
             text,
-            add_special_tokens: true,
-            append_eos: (!eos_in_text).then_some(true),
+            add_special_tokens: !as_rendered,
+            append_eos: (!eos_in_text && !as_rendered).then_some(true),
         }
     };
     Ok([seq(&chosen), seq(&rejected)])

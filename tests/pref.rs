@@ -487,6 +487,51 @@ fn a_dpo_config_trains_with_cached_reference_scores_shared_by_a_beta_sweep() {
     };
     assert_eq!(count("refscore"), 1, "{names:?}");
     assert_eq!(count("train"), 4, "{names:?}");
+    // The same in `kiln plan --json`: one refscore entry, each train stage reading it.
+    let (code, out, err) = sweep.kiln(&["plan", "kiln.yml", "--json"]);
+    assert_eq!(code, Some(0), "{err}");
+    let plan: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let stages = plan["stages"].as_array().unwrap();
+    let of = |kind: &str| {
+        stages
+            .iter()
+            .filter(|s| s["kind"] == kind)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(of("refscore").len(), 1, "{out}");
+    assert_eq!(of("train").len(), 4, "{out}");
+    let shared = of("refscore")[0]["name"].clone();
+    for t in of("train") {
+        assert!(t["deps"].as_array().unwrap().contains(&shared), "{t}");
+    }
+}
+
+#[test]
+fn a_dpo_adapter_merges_and_exports_like_any_adapter() {
+    one_thread();
+    let p = pref_project(&format!(
+        "{DPO}merge_lora: true\nexport:\n  - {{format: gguf, quant: q8_0}}\n"
+    ));
+    let (s, _) = p.run(&[]);
+    for stage in ["refscore", "train", "merge", "export.gguf.q8_0"] {
+        assert!(
+            s.built.contains(&stage.to_string()),
+            "{stage}: {:?}",
+            s.built
+        );
+    }
+    let train = ws_entry(&p, "train");
+    assert!(train.join("adapter_model.safetensors").is_file());
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(train.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    let export = ws_entry(&p, "export.gguf.q8_0");
+    let gguf = std::fs::read_dir(&export)
+        .unwrap()
+        .flatten()
+        .find(|e| e.path().extension().is_some_and(|x| x == "gguf"))
+        .expect("a .gguf in the export entry");
+    assert!(gguf.metadata().unwrap().len() > 1000);
 }
 
 fn ws_entry(p: &common::Project, stage: &str) -> std::path::PathBuf {

@@ -5,7 +5,8 @@ to the per-sequence log-probabilities, computed by PyTorch's autograd in float64
 ORPO and SimPO call TRL's own loss functions (ORPOTrainer.odds_ratio_loss, CPOTrainer.cpo_loss)
 on a stand-in `self` carrying the hyperparameters; the DPO family (sigmoid, cDPO label
 smoothing, hinge, IPO) transcribes TRL's DPOTrainer._compute_loss lines (TRL 1.16; they sit in
-the middle of a method that needs a model). kiln's tests (src/train/pref.rs) compare with it.
+the middle of a method that needs a model), and so does KTO's loss (KTOTrainer._compute_loss).
+kiln's tests (src/train/pref.rs) compare with it.
 
 Run once with torch and trl installed:  python3 scripts/pref-reference.py
 """
@@ -107,6 +108,41 @@ for loss, params, fn in cases:
             "d_rejected": r.grad.tolist(),
             "reward_chosen": rc.detach().tolist(),
             "reward_rejected": rr.detach().tolist(),
+        }
+    )
+
+# KTO (TRL 1.16 KTOTrainer._compute_loss, transcribed: it sits in a method that needs a model).
+# One batch of labelled completions with their mismatched KL sequences: kl = mean(KL_logps −
+# ref_KL_logps), detached, clamped at 0; desirable 1 − σ(β(r − kl)), undesirable
+# 1 − σ(β(kl − r)), weighted; the loss is the mean over the batch. Two batches: one whose KL
+# estimate is positive, one where it is clamped.
+U = 7
+labels = torch.tensor([1, 0, 1, 1, 0, 0, 1], dtype=torch.bool)
+k_main = -(torch.rand(U, dtype=torch.float64) * 1.5 + 0.3) * torch.randint(4, 40, (U,)).double()
+k_ref = k_main + torch.randn(U, dtype=torch.float64) * 2.0
+k_ref_kl = -(torch.rand(U, dtype=torch.float64) * 1.5 + 0.3) * torch.randint(4, 40, (U,)).double()
+out["kto"] = []
+for beta, wd, wu, shift in [(0.1, 1.0, 1.0, 1.5), (0.5, 1.33, 0.75, -2.0)]:
+    kl_lp = (k_ref_kl + shift + torch.randn(U, dtype=torch.float64) * 0.5).requires_grad_(True)
+    m = k_main.clone().requires_grad_(True)
+    kl = (kl_lp - k_ref_kl).mean().detach().clamp(min=0)
+    r = m - k_ref
+    per = torch.where(labels, wd * (1 - torch.sigmoid(beta * (r - kl))), wu * (1 - torch.sigmoid(beta * (kl - r))))
+    loss = per.mean()
+    loss.backward()
+    out["kto"].append(
+        {
+            "params": {"beta": beta, "desirable_weight": wd, "undesirable_weight": wu},
+            "labels": labels.tolist(),
+            "logps": m.detach().tolist(),
+            "ref_logps": k_ref.tolist(),
+            "kl_logps": kl_lp.detach().tolist(),
+            "ref_kl_logps": k_ref_kl.tolist(),
+            "kl": kl.item(),
+            "per_unit": per.detach().tolist(),
+            "mean": loss.item(),
+            "d_logps": m.grad.tolist(),
+            "d_kl_logps": [0.0 if g is None else g for g in (kl_lp.grad.tolist() if kl_lp.grad is not None else [0.0] * U)],
         }
     )
 

@@ -1105,6 +1105,7 @@ pub fn train(
                 let micro = [crate::train::pref::PrefMicro {
                     batch,
                     reference: reference.clone(),
+                    labels: Vec::new(),
                 }];
                 crate::train::pref::pref_step(&m, &mut opt, &micro, &dpo_loss, 1e-5, 1.0)
                     .map_err(StageError::from)?;

@@ -659,9 +659,13 @@ impl Workspace {
                     .collect();
                 let pieces = join_partial_characters(&tok, ids, pieces);
                 out.push(DebugExample {
-                    part: set
-                        .paired
-                        .then_some(if i % 2 == 0 { "chosen" } else { "rejected" }),
+                    part: set.paired.then_some(match (set.labels.get(i / 2), i % 2) {
+                        (None, 0) => "chosen",
+                        (None, _) => "rejected",
+                        (Some(1), 0) => "desirable",
+                        (Some(_), 0) => "undesirable",
+                        (Some(_), _) => "KL sequence: its prompt, another record's completion",
+                    }),
                     dataset: t.neutral.label.clone(),
                     index: set.sources[i].1 as usize,
                     text,

@@ -80,7 +80,7 @@ fn real_config_keys_get_the_right_answer() {
 
     // Keys that would train something else are refused, naming the key, with no did-you-mean.
     for (yaml, key) in [
-        ("rl: kto\n", "rl"),
+        ("rl: gdpo\n", "rl"),
         ("rl: grpo\n", "rl"),
         ("reward_model: true\n", "reward_model"),
         ("gptq: true\n", "gptq"),

@@ -60,7 +60,13 @@ fn micro(reference: &kiln::model::Llama, dev: &Device) -> Vec<PrefMicro> {
         .map(|rows| {
             let batch = Batch::new(rows, dev).unwrap();
             let reference = pair_logps(reference, &batch).unwrap();
-            PrefMicro { batch, reference }
+            // KTO reads one label per unit (the pair losses ignore them).
+            let labels = [true, false][..reference.len()].to_vec();
+            PrefMicro {
+                batch,
+                reference,
+                labels,
+            }
         })
         .collect()
 }
@@ -86,6 +92,14 @@ fn preference_gradients_match_finite_differences() {
     let reference = tiny_model(8);
     let m = micro(&reference, &dev);
     let plain: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
+    // KTO, with the reference's KL scores above the policy's so the (detached) KL estimate is
+    // clamped at 0 and the loss is a function of the weights alone.
+    let mut kto_m = micro(&reference, &dev);
+    for m in &mut kto_m {
+        for r in &mut m.reference {
+            r.1 += 1e3;
+        }
+    }
     let losses = [
         PrefLoss::Sigmoid {
             beta: 0.5,
@@ -100,8 +114,14 @@ fn preference_gradients_match_finite_differences() {
             cpo_alpha: 0.7,
         },
     ];
-    for loss in losses {
-        let g = pref_grads(&model, &plain, &m, &loss).unwrap();
+    let kto = PrefLoss::Kto {
+        beta: 0.5,
+        desirable_weight: 1.2,
+        undesirable_weight: 0.8,
+    };
+    for loss in losses.into_iter().chain([kto]) {
+        let m = if loss == kto { &kto_m } else { &m };
+        let g = pref_grads(&model, &plain, m, &loss).unwrap();
         // A LoRA A and B of the first and last layer: the largest few gradient entries of each.
         let mut checked = 0;
         for vi in [0usize, 1, plain.len() - 2, plain.len() - 1] {
@@ -122,7 +142,7 @@ fn preference_gradients_match_finite_differences() {
                     plain[vi]
                         .set(&Tensor::from_vec(v, plain[vi].shape(), &dev).unwrap())
                         .unwrap();
-                    let l = pref_grads(&model, &plain, &m, &loss).unwrap().loss;
+                    let l = pref_grads(&model, &plain, m, &loss).unwrap().loss;
                     plain[vi]
                         .set(&Tensor::from_vec(base.clone(), plain[vi].shape(), &dev).unwrap())
                         .unwrap();
@@ -212,6 +232,7 @@ fn dpo_raises_the_margin_and_reward_accuracy() {
             .map(|(r, reference)| PrefMicro {
                 batch: Batch::new(&[packed(r)], &dev).unwrap(),
                 reference: reference.clone(),
+                labels: vec![],
             })
             .collect();
         let (g, norm) = pref_step(&model, &mut opt, &micro, &loss, 5e-3, 1.0).unwrap();
@@ -571,10 +592,10 @@ fn orpo_and_simpo_train_without_a_reference_stage() {
 
 #[test]
 fn preference_configs_are_checked_at_validate() {
-    let p = pref_project("rl: kto\n");
+    let p = pref_project("rl: grpo\n");
     let (code, _, err) = p.kiln(&["validate", "kiln.yml"]);
     assert_ne!(code, Some(0));
-    assert!(err.contains("`rl`: not supported yet: rl: kto"), "{err}");
+    assert!(err.contains("`rl`: not supported yet: rl: grpo"), "{err}");
     // Supervised types under rl:, and preference types without it, say which is which.
     let p = pref_project("rl: dpo\n");
     std::fs::write(
@@ -683,11 +704,98 @@ fn orpos_argilla_chat_strategy_renders_system_user_and_assistant_turns() {
     .unwrap();
     let (code, _, err) = p.kiln(&["validate", "kiln.yml"]);
     assert_eq!(code, Some(0), "{err}");
-    let p = pref_project("rl: kto\n");
+    let p = pref_project("rl: grpo\n");
     let (_, _, err) = p.kiln(&["validate", "kiln.yml"]);
     assert_eq!(
         err.matches("error:").count(),
         2,
         "one problem, under the header: {err}"
     );
+}
+
+/// A KTO project: labelled completions, unpaired.
+fn kto_project(extra: &str) -> common::Project {
+    let p = pref_project("");
+    let rows: String = (0..16)
+        .map(|i| {
+            let good = i % 3 != 0;
+            json!({
+                "prompt": format!("What is {i} plus one?"),
+                "completion": if good { format!("It is {}.", i + 1) } else { format!("Maybe {}?", i * 7 + 3) },
+                "label": good,
+            })
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(p.path("data/kto.jsonl"), rows).unwrap();
+    std::fs::write(
+        &p.config,
+        format!("base_model: ./model\ndatasets:\n  - path: data/kto.jsonl\n    type: chatml.prompt_pairs\nsequence_len: 96\nsample_packing: true\nval_set_size: 0.2\neval_steps: 3\nmicro_batch_size: 2\ncache_dir: cache\nseed: 3\n{extra}"),
+    )
+    .unwrap();
+    p
+}
+
+#[test]
+fn a_kto_config_trains_on_labelled_completions_with_cached_reference_and_kl_scores() {
+    one_thread();
+    let p = kto_project("rl: kto\nrl_beta: 0.1\nkto_desirable_weight: 1.0\nkto_undesirable_weight: 1.5\nadapter: lora\nlora_r: 4\nlora_alpha: 8\nlearning_rate: 2e-2\nmax_steps: 6\n");
+    let names: Vec<String> = p
+        .ws(&[])
+        .plan
+        .stages
+        .iter()
+        .map(|s| s.name.clone())
+        .collect();
+    assert!(names.contains(&"refscore".to_string()), "{names:?}");
+    let (s, events) = p.run(&[]);
+    assert!(s.built.contains(&"train".to_string()), "{:?}", s.built);
+    let kl = common::metric_values(&events, "kl");
+    assert_eq!(kl.len(), 6, "{kl:?}");
+    assert!(kl.iter().all(|k| *k >= 0.0 && k.is_finite()), "{kl:?}");
+    let margins = common::metric_values(&events, "rewards/margins");
+    // Step 1: policy = reference, so every reward and the KL estimate are 0.
+    assert!(
+        margins[0].abs() < 1e-3 && kl[0].abs() < 1e-3,
+        "{margins:?} {kl:?}"
+    );
+    assert!(
+        margins[5] > margins[0],
+        "desirable completions gained on undesirable: {margins:?}"
+    );
+    assert!(common::metric_values(&events, "rewards/accuracies").is_empty());
+    // The token sets hold the labels and each unit's KL sequence.
+    let stats: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(ws_entry(&p, "tokenize[0]").join("stats.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(stats["pairs"]["pairs"], 16, "{stats}");
+    assert_eq!(stats["pairs"]["desirable"], 10, "{stats}");
+    let (code, out, err) = p.kiln(&["preprocess", "kiln.yml", "--debug"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("16 KTO completions (10 desirable)"), "{out}");
+    assert!(
+        out.contains("record 0, undesirable (") && out.contains("record 0, KL sequence"),
+        "{out}"
+    );
+    // Axolotl's KTO types; a missing label is named.
+    let style = PairStyle::Fixed {
+        markup: PairMarkup::Chatml,
+        fields: PairFields::Ultra,
+    };
+    let (prompt, completion, label) = kiln::data::format::unpaired_texts(
+        &style,
+        &json!({"prompt": "P", "completion": "C", "label": false}),
+    )
+    .unwrap();
+    assert_eq!(
+        prompt,
+        "<|im_start|>user\nP<|im_end|>\n<|im_start|>assistant\n"
+    );
+    assert_eq!((completion.as_str(), label), ("C<|im_end|>", false));
+    let err =
+        kiln::data::format::unpaired_texts(&style, &json!({"prompt": "P", "completion": "C"}))
+            .unwrap_err();
+    assert!(err.contains("missing field `label`"), "{err}");
 }

@@ -68,13 +68,21 @@ pub fn print_stats(ws: &Workspace) -> Result<(), KilnError> {
             let l = |x: &kiln::data::tokenize::LengthStats| {
                 format!("mean {:.1} / p50 {} / max {}", x.mean, x.p50, x.max)
             };
-            println!(
-                "  {} preference pairs · prompt {} · chosen {} · rejected {}",
-                p.pairs,
-                l(&p.prompt),
-                l(&p.chosen),
-                l(&p.rejected)
-            );
+            match p.desirable {
+                Some(d) => println!(
+                    "  {} KTO completions ({d} desirable) · prompt {} · completion {}",
+                    p.pairs,
+                    l(&p.prompt),
+                    l(&p.chosen)
+                ),
+                None => println!(
+                    "  {} preference pairs · prompt {} · chosen {} · rejected {}",
+                    p.pairs,
+                    l(&p.prompt),
+                    l(&p.chosen),
+                    l(&p.rejected)
+                ),
+            }
         }
     }
     let s = &ws.settings;

@@ -27,7 +27,7 @@ const HUB_PUSH: &str = "kiln does not push to the Hugging Face Hub";
 const COMPUTED: &str = "kiln computes and caches its preprocessing itself";
 const TOKENIZER_LOAD: &str = "kiln reads the model's tokenizer.json (the fast tokenizer) directly";
 const PREFERENCE: &str =
-    "KTO, GRPO, reward models and other RL methods (kiln trains rl: dpo, ipo, orpo and simpo)";
+    "GRPO, reward models and other RL methods (kiln trains rl: dpo, ipo, orpo, simpo and kto)";
 const QUANTIZED: &str =
     "quantized or quantization-aware training (kiln trains LoRA on the model as loaded)";
 const SYNTHETIC: &str = "synthetic datasets";
@@ -226,8 +226,6 @@ pub const TOP_LEVEL: &[(&str, Class)] = &[
     ("dpo_use_logits_to_keep", Class::Refused(PREFERENCE)),
     ("dpo_use_weighting", Class::Refused(PREFERENCE)),
     ("ebft", Class::Refused(PREFERENCE)),
-    ("kto_desirable_weight", Class::Refused(PREFERENCE)),
-    ("kto_undesirable_weight", Class::Refused(PREFERENCE)),
     ("max_prompt_len", Class::NoEffect("kiln applies sequence_len to each prompt + completion, as Axolotl does on TRL 1.x (it drops a pair longer than that); there is no separate prompt limit")),
     ("num_labels", Class::Refused(PREFERENCE)),
     ("precompute_ref_log_probs", Class::Refused(PREFERENCE)),

@@ -25,6 +25,14 @@ pub enum PrefLoss {
         label_smoothing: f64,
         cpo_alpha: f64,
     },
+    /// KTO on unpaired data: each completion labelled desirable or not, its reward
+    /// β·(log π − log π_ref) pushed above (or below) the batch's estimate of KL(π ‖ π_ref),
+    /// weighted by `desirable_weight` / `undesirable_weight`.
+    Kto {
+        beta: f64,
+        desirable_weight: f64,
+        undesirable_weight: f64,
+    },
 }
 
 /// How the prompt is marked up by Axolotl's fixed-string preference types (`chatml.*`,

@@ -75,6 +75,11 @@ pub enum DataFormat {
     Preference {
         style: PairStyle,
     },
+    /// KTO's unpaired data (`rl: kto`): each record a prompt, one completion and a `label`
+    /// (true = desirable); `Raw` or `Fixed` styles only.
+    Unpaired {
+        style: PairStyle,
+    },
 }
 
 impl DataFormat {
@@ -478,6 +483,8 @@ pub fn handled(key: &str) -> bool {
             | "orpo_alpha"
             | "simpo_gamma"
             | "cpo_alpha"
+            | "kto_desirable_weight"
+            | "kto_undesirable_weight"
     )
 }
 
@@ -765,6 +772,7 @@ pub(super) fn resolve(ctx: &mut Ctx<'_>, map: &Mapping) -> Settings {
 
     // 5. Datasets.
     let rl = match (&train.rl, map.get("rl")) {
+        (Some(super::pref::PrefLoss::Kto { .. }), _) => RlData::Unpaired,
         (Some(l), _) => RlData::Pairs {
             orpo: matches!(l, super::pref::PrefLoss::Orpo { .. }),
         },
@@ -2083,6 +2091,8 @@ enum RlData {
     None,
     /// Preference pairs (Axolotl's ORPO has its own chat strategy).
     Pairs { orpo: bool },
+    /// KTO's labelled completions.
+    Unpaired,
     /// `rl:` names a method kiln does not train.
     Refused,
 }
@@ -2165,6 +2175,8 @@ fn read_rl(r: &mut Reader<'_, '_, '_>) -> Option<super::pref::PrefLoss> {
         "orpo_alpha",
         "simpo_gamma",
         "cpo_alpha",
+        "kto_desirable_weight",
+        "kto_undesirable_weight",
     ];
     let method = match r.get("rl").cloned() {
         None | Some(Value::Bool(false)) => {
@@ -2188,19 +2200,19 @@ fn read_rl(r: &mut Reader<'_, '_, '_>) -> Option<super::pref::PrefLoss> {
     };
     let p = r.path("rl");
     match method.as_str() {
-        "dpo" | "ipo" | "orpo" | "simpo" => {}
-        "kto" | "grpo" | "gdpo" | "ebft" | "gspo" | "dapo" => {
+        "dpo" | "ipo" | "orpo" | "simpo" | "kto" => {}
+        "grpo" | "gdpo" | "ebft" | "gspo" | "dapo" => {
             r.ctx.error(
                 &p,
-                format!("not supported yet: rl: {method} (kiln trains rl: dpo, ipo, orpo and simpo; docs/config.md says what the others need)"),
-                Some("kiln would train something else without it: use rl: dpo, ipo, orpo or simpo".into()),
+                format!("not supported yet: rl: {method} (kiln trains rl: dpo, ipo, orpo, simpo and kto; docs/config.md says what the others need)"),
+                Some("kiln would train something else without it: use rl: dpo, ipo, orpo, simpo or kto".into()),
             );
             return None;
         }
         other => {
-            let fix = did_you_mean(other, ["dpo", "ipo", "orpo", "simpo"])
+            let fix = did_you_mean(other, ["dpo", "ipo", "orpo", "simpo", "kto"])
                 .map(|s| format!("did you mean `{s}`?"))
-                .unwrap_or_else(|| "use one of dpo, ipo, orpo, simpo".into());
+                .unwrap_or_else(|| "use one of dpo, ipo, orpo, simpo, kto".into());
             r.ctx
                 .error(&p, format!("unknown method `{other}`"), Some(fix));
             return None;
@@ -2307,6 +2319,37 @@ fn read_rl(r: &mut Reader<'_, '_, '_>) -> Option<super::pref::PrefLoss> {
             );
             PrefLoss::Orpo { beta }
         }
+        "kto" => {
+            warn_unused(
+                r,
+                &[
+                    "dpo_label_smoothing",
+                    "dpo_loss_type",
+                    "orpo_alpha",
+                    "simpo_gamma",
+                    "cpo_alpha",
+                ],
+            );
+            // Axolotl passes `kto_*_weight or 1.0`.
+            let mut weight = |k: &str| match r.f64(k) {
+                Some(w) if w > 0.0 => w,
+                None => 1.0,
+                Some(w) => {
+                    let p = r.path(k);
+                    r.ctx.error(
+                        &p,
+                        format!("{w} must be positive"),
+                        Some("TRL's default is 1.0".into()),
+                    );
+                    1.0
+                }
+            };
+            PrefLoss::Kto {
+                beta,
+                desirable_weight: weight("kto_desirable_weight"),
+                undesirable_weight: weight("kto_undesirable_weight"),
+            }
+        }
         _ => {
             warn_unused(r, &["dpo_label_smoothing", "dpo_loss_type", "orpo_alpha"]);
             PrefLoss::Simpo {
@@ -2408,6 +2451,56 @@ fn read_pair_format(r: &mut Reader<'_, '_, '_>, orpo: bool) -> DataFormat {
     DataFormat::Preference { style }
 }
 
+/// A KTO dataset's format (`rl: kto`), by Axolotl's KTO type names.
+fn read_unpaired_format(r: &mut Reader<'_, '_, '_>) -> DataFormat {
+    use super::pref::{PairFields, PairMarkup};
+    let raw = DataFormat::Unpaired {
+        style: PairStyle::Raw,
+    };
+    const FIX: &str = "use chatml.* or llama3.* (argilla, argilla_chat, intel, prompt_pairs, ultra), or records with prompt/completion/label and no `type`";
+    let ty = match r.get("type").cloned() {
+        None => return raw,
+        Some(Value::String(s)) => s,
+        Some(other) => {
+            let p = r.path("type");
+            r.ctx.error(
+                &p,
+                format!("not supported yet: KTO dataset type {}", other.inline()),
+                Some(FIX.into()),
+            );
+            return raw;
+        }
+    };
+    let (base, strategy) = ty.split_once('.').unwrap_or((ty.as_str(), ""));
+    let fields = match strategy {
+        "argilla" => Some(PairFields::Argilla),
+        "argilla_chat" => Some(PairFields::ArgillaChat),
+        "intel" => Some(PairFields::Intel),
+        "prompt_pairs" => Some(PairFields::PromptPairs),
+        "ultra" => Some(PairFields::Ultra),
+        _ => None,
+    };
+    let markup = match base {
+        "chatml" => Some(PairMarkup::Chatml),
+        "llama3" => Some(PairMarkup::Llama3),
+        _ => None,
+    };
+    match (markup, fields) {
+        (Some(markup), Some(fields)) => DataFormat::Unpaired {
+            style: PairStyle::Fixed { markup, fields },
+        },
+        _ => {
+            let p = r.path("type");
+            r.ctx.error(
+                &p,
+                format!("not supported yet: KTO dataset type `{ty}`"),
+                Some(FIX.into()),
+            );
+            raw
+        }
+    }
+}
+
 fn read_format(
     r: &mut Reader<'_, '_, '_>,
     default_template: &TemplateChoice,
@@ -2415,6 +2508,7 @@ fn read_format(
 ) -> DataFormat {
     match rl {
         RlData::Pairs { orpo } => return read_pair_format(r, orpo),
+        RlData::Unpaired => return read_unpaired_format(r),
         // `rl:` names a method kiln refuses (said once, at `rl`): its datasets are not judged.
         RlData::Refused => {
             return DataFormat::Preference {

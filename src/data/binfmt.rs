@@ -28,6 +28,9 @@ pub struct Header {
     /// in, and so unchanged for, every other token set).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub paired: bool,
+    /// KTO: each unit's label (1 desirable, 0 not) in `labels.u8`, one byte per unit.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub labelled: bool,
 }
 
 /// Samples held in memory.
@@ -39,6 +42,8 @@ pub struct TokenSet {
     pub sources: Vec<(u32, u32)>,
     /// Samples come in (chosen, rejected) pairs (see [`Header::paired`]).
     pub paired: bool,
+    /// KTO: one label per unit (1 = desirable); empty otherwise.
+    pub labels: Vec<u8>,
 }
 
 impl TokenSet {
@@ -99,6 +104,7 @@ impl TokenSet {
             tokens: self.tokens.len() as u64,
             trained_tokens: self.trained.iter().map(|&b| b as u64).sum(),
             paired: self.paired,
+            labelled: !self.labels.is_empty(),
         }
     }
 
@@ -109,6 +115,9 @@ impl TokenSet {
             self.tokens.iter().flat_map(|v| v.to_le_bytes()),
         )?;
         write_bytes(&dir.join("trained.u8"), &self.trained)?;
+        if !self.labels.is_empty() {
+            write_bytes(&dir.join("labels.u8"), &self.labels)?;
+        }
         write_le(
             &dir.join("offsets.u64"),
             self.offsets.iter().flat_map(|v| v.to_le_bytes()),
@@ -143,6 +152,11 @@ impl TokenSet {
         let trained = std::fs::read(dir.join("trained.u8")).map_err(io(&dir.join("trained.u8")))?;
         let offsets = read_u64s(&dir.join("offsets.u64"))?;
         let src = read_u32s(&dir.join("sources.u32"))?;
+        let labels = if h.labelled {
+            std::fs::read(dir.join("labels.u8")).map_err(io(&dir.join("labels.u8")))?
+        } else {
+            Vec::new()
+        };
         let sources = src
             .chunks_exact(2)
             .map(|c| (c[0], c[1]))
@@ -153,7 +167,8 @@ impl TokenSet {
             && sources.len() as u64 == h.samples
             && offsets.last().copied() == Some(h.tokens)
             && offsets.windows(2).all(|w| w[0] <= w[1])
-            && (!h.paired || h.samples.is_multiple_of(2));
+            && (!h.paired || h.samples.is_multiple_of(2))
+            && (!h.labelled || (h.paired && labels.len() as u64 * 2 == h.samples));
         if !ok {
             return Err(corrupt(
                 dir,
@@ -166,6 +181,7 @@ impl TokenSet {
             offsets,
             sources,
             paired: h.paired,
+            labels,
         })
     }
 }

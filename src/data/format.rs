@@ -164,7 +164,7 @@ pub fn format_record(
             }
             render_chat(template, &messages, roles_to_train, *train_on_eos, ctx)
         }
-        DataFormat::Preference { .. } => {
+        DataFormat::Preference { .. } | DataFormat::Unpaired { .. } => {
             Err("a preference record is two sequences (see format_pair)".into())
         }
     }
@@ -180,6 +180,7 @@ pub fn check_record(fmt: &DataFormat, rec: &Value) -> Result<(), String> {
     match fmt {
         DataFormat::ChatTemplate { .. } => chat_messages(fmt, rec).map(|_| ()),
         DataFormat::Preference { style } => pair_texts(style, rec, None).map(|_| ()),
+        DataFormat::Unpaired { style } => unpaired_texts(style, rec).map(|_| ()),
         _ => {
             let ctx = FormatCtx {
                 template: None,
@@ -633,38 +634,133 @@ fn fixed_pair(
     } else {
         None
     };
-    let (sys_open, user_open, turn_end, assistant) = match markup {
+    let turn_end = fixed_turn_end(markup);
+    Ok((
+        fixed_prompt(markup, system.as_deref(), &prompt),
+        format!("{chosen}{turn_end}"),
+        format!("{rejected}{turn_end}"),
+    ))
+}
+
+/// The end-of-turn text of Axolotl's fixed preference markup.
+fn fixed_turn_end(markup: PairMarkup) -> &'static str {
+    match markup {
+        PairMarkup::Chatml => "<|im_end|>",
+        PairMarkup::Llama3 => "<|eot_id|>",
+    }
+}
+
+/// Axolotl's fixed preference prompt: a system turn when set, the user turn, the assistant
+/// header.
+fn fixed_prompt(markup: PairMarkup, system: Option<&str>, prompt: &str) -> String {
+    let (sys_open, user_open, assistant) = match markup {
         PairMarkup::Chatml => (
             "<|im_start|>system\n",
             "<|im_start|>user\n",
-            "<|im_end|>",
             "\n<|im_start|>assistant\n",
         ),
         PairMarkup::Llama3 => (
             "<|start_header_id|>system<|end_header_id|>\n\n",
             "<|start_header_id|>user<|end_header_id|>\n\n",
-            "<|eot_id|>",
             "<|start_header_id|>assistant<|end_header_id|>\n\n",
         ),
     };
+    let turn_end = fixed_turn_end(markup);
     let mut p = String::new();
     if let Some(sys) = system {
         p.push_str(sys_open);
-        p.push_str(&sys);
+        p.push_str(sys);
         p.push_str(turn_end);
         if markup == PairMarkup::Chatml {
             p.push('\n');
         }
     }
     p.push_str(user_open);
-    p.push_str(&prompt);
+    p.push_str(prompt);
     p.push_str(turn_end);
     p.push_str(assistant);
-    Ok((
-        p,
-        format!("{chosen}{turn_end}"),
-        format!("{rejected}{turn_end}"),
-    ))
+    p
+}
+
+/// A KTO record's prompt, completion and label (true = desirable), as Axolotl's KTO types
+/// make them: no `type` = `prompt`, `completion`, `label` as they are; `chatml.*` / `llama3.*`
+/// the fixed markup around `instruction` (argilla), `question` (intel) or `prompt`
+/// (prompt_pairs, ultra), or the [user, assistant] conversation in `completion`
+/// (argilla_chat); the label in `label` (a boolean, or 0/1).
+pub fn unpaired_texts(style: &PairStyle, rec: &Value) -> Result<(String, String, bool), String> {
+    if !rec.is_object() {
+        return Err("expected a JSON object".into());
+    }
+    let label = match rec.get("label") {
+        Some(Value::Bool(b)) => *b,
+        Some(Value::Number(n)) if n.as_f64() == Some(1.0) => true,
+        Some(Value::Number(n)) if n.as_f64() == Some(0.0) => false,
+        Some(v) => {
+            return Err(format!(
+                "field `label` is {}, not true or false",
+                json_kind(v)
+            ))
+        }
+        None => return Err(
+            "missing field `label` (true for a desirable completion, false for an undesirable one)"
+                .into(),
+        ),
+    };
+    match style {
+        PairStyle::Fixed { markup, fields } => {
+            let turn = |i: usize| -> Result<String, String> {
+                rec.get("completion")
+                    .and_then(|v| v.as_array())
+                    .and_then(|a| a.get(i))
+                    .and_then(|m| m.get("content"))
+                    .and_then(|c| c.as_str())
+                    .map(String::from)
+                    .ok_or_else(|| format!("`completion[{i}].content` is missing (`completion` must be a [user, assistant] conversation)"))
+            };
+            let (prompt, completion, system) = match fields {
+                PairFields::ArgillaChat => (turn(0)?, turn(1)?, None),
+                other => {
+                    let key = match other {
+                        PairFields::Argilla => "instruction",
+                        PairFields::Intel => "question",
+                        PairFields::Icr => "input",
+                        _ => "prompt",
+                    };
+                    let system = field_str(rec, "system")?.filter(|s| !s.is_empty());
+                    (required(rec, key)?, required(rec, "completion")?, system)
+                }
+            };
+            Ok((
+                fixed_prompt(*markup, system.as_deref(), &prompt),
+                format!("{completion}{}", fixed_turn_end(*markup)),
+                label,
+            ))
+        }
+        _ => Ok((
+            required(rec, "prompt")?,
+            required(rec, "completion")?,
+            label,
+        )),
+    }
+}
+
+/// A prompt + completion sequence of preference data, only the completion trained: the
+/// tokenizer's special tokens around it and eos appended unless the text ends with it (TRL's
+/// rule for string data), or, `as_rendered`, the text as it is.
+pub fn completion_seq(
+    prompt: &str,
+    completion: &str,
+    eos: Option<&str>,
+    as_rendered: bool,
+) -> Formatted {
+    let text = format!("{prompt}{completion}");
+    let eos_in_text = eos.is_some_and(|e| !e.is_empty() && text.ends_with(e));
+    Formatted {
+        trained: vec![(prompt.len(), text.len())],
+        text,
+        add_special_tokens: !as_rendered,
+        append_eos: (!eos_in_text && !as_rendered).then_some(true),
+    }
 }
 
 /// A preference record as its two training sequences, chosen then rejected: the prompt then the
@@ -680,17 +776,8 @@ pub fn format_pair(
     let (prompt, chosen, rejected) = pair_texts(style, rec, ctx.template)?;
     // Axolotl's ORPO chat strategy tokenizes the rendered text as it is.
     let as_rendered = matches!(style, PairStyle::OrpoChat { .. });
-    let seq = |completion: &str| {
-        let text = format!("{prompt}{completion}");
-        let eos_in_text = ctx
-            .eos_token
-            .is_some_and(|e| !e.is_empty() && text.ends_with(e));
-        Formatted {
-            trained: vec![(prompt.len(), text.len())],
-            text,
-            add_special_tokens: !as_rendered,
-            append_eos: (!eos_in_text && !as_rendered).then_some(true),
-        }
-    };
-    Ok([seq(&chosen), seq(&rejected)])
+    Ok([
+        completion_seq(&prompt, &chosen, ctx.eos_token, as_rendered),
+        completion_seq(&prompt, &rejected, ctx.eos_token, as_rendered),
+    ])
 }

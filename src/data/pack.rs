@@ -208,6 +208,9 @@ pub fn build_split(
                 let (ids, tr) = sets[d].sample(i);
                 set.push(ids, tr, sets[d].sources[i]);
             }
+            if let Some(&l) = sets[d].labels.get(u) {
+                set.labels.push(l);
+            }
         }
         offsets.push(set.len() as u64);
     }

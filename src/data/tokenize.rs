@@ -120,6 +120,9 @@ pub fn tokenize_records(
     if let DataFormat::Preference { style } = fmt {
         return tokenize_pairs(tok, style, records, fctx, opts);
     }
+    if let DataFormat::Unpaired { style } = fmt {
+        return tokenize_unpaired(tok, style, records, fctx, opts);
+    }
     let bad = |record: usize, message: String| DataError::BadRecord {
         dataset: opts.dataset_name.to_string(),
         path: opts.dataset_path.to_string(),
@@ -204,6 +207,10 @@ pub fn tokenize_records(
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct PairStats {
     pub pairs: u64,
+    /// KTO: how many completions are desirable (`chosen` are then the completions' lengths,
+    /// `rejected` the KL sequences').
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desirable: Option<u64>,
     pub prompt: LengthStats,
     pub chosen: LengthStats,
     pub rejected: LengthStats,
@@ -225,6 +232,131 @@ fn encode_seq(
         }
     }
     Ok(e)
+}
+
+/// KTO records -> a labelled paired token set: unit k is record k's prompt + completion and,
+/// for the batch's KL estimate, its prompt with the previous usable record's completion (the
+/// first takes the last's) — TRL's rotation of completions by one, over the dataset in order.
+/// The length policy applies to the unit as for pairs.
+fn tokenize_unpaired(
+    tok: &TextTokenizer,
+    style: &crate::config::PairStyle,
+    records: &[Record],
+    fctx: &FormatCtx<'_>,
+    opts: &TokenizeOpts<'_>,
+) -> Result<(TokenSet, TokenizeStats), DataError> {
+    let mut stats = TokenizeStats {
+        records: records.len() as u64,
+        ..Default::default()
+    };
+    let mut texts = Vec::new();
+    for (i, r) in records.iter().enumerate() {
+        match super::format::unpaired_texts(style, &r.value) {
+            Ok(t) => texts.push((i, t)),
+            Err(m) => note_unusable(&mut stats, records, i, m),
+        }
+    }
+    let n = texts.len();
+    let encoded: Vec<Result<[Encoded; 2], String>> = (0..n)
+        .into_par_iter()
+        .map_init(EncodeCache::default, |cache, j| {
+            let (_, (prompt, completion, _)) = &texts[j];
+            let other = &texts[(j + n - 1) % n].1 .1;
+            let main = super::format::completion_seq(prompt, completion, fctx.eos_token, false);
+            let kl = super::format::completion_seq(prompt, other, fctx.eos_token, false);
+            Ok([encode_seq(tok, &main, cache)?, encode_seq(tok, &kl, cache)?])
+        })
+        .collect();
+    let mut set = TokenSet::new();
+    set.paired = true;
+    let mut lens = Vec::new();
+    for (j, e) in encoded.into_iter().enumerate() {
+        let i = texts[j].0;
+        let unit = match e {
+            Ok(u) => u,
+            Err(m) => {
+                note_unusable(&mut stats, records, i, m);
+                continue;
+            }
+        };
+        let Some(unit) = apply_unit_policy(unit, &mut stats, records, i, opts)? else {
+            continue;
+        };
+        for e in &unit {
+            lens.push(e.ids.len() as u64);
+            set.push(&e.ids, &e.trained, (opts.dataset_index, i as u32));
+        }
+        set.labels.push(u8::from(texts[j].1 .2));
+    }
+    let h = set.header();
+    stats.samples = h.samples;
+    stats.tokens = h.tokens;
+    stats.trained_tokens = h.trained_tokens;
+    stats.length = LengthStats::of(lens);
+    stats.pairs = Some(pair_stats(&set));
+    Ok((set, stats))
+}
+
+fn note_unusable(stats: &mut TokenizeStats, records: &[Record], i: usize, m: String) {
+    stats.dropped_unusable += 1;
+    if stats.unusable.len() < UNUSABLE_SHOWN {
+        let at = match records[i].line {
+            0 => format!("record {}", i + 1),
+            l => format!("line {l}"),
+        };
+        stats.unusable.push(format!("{at}: {m}"));
+    }
+}
+
+/// The length policy for a unit of two sequences (a pair, or a KTO completion with its KL
+/// sequence): None when it is dropped (counted).
+fn apply_unit_policy(
+    mut unit: [Encoded; 2],
+    stats: &mut TokenizeStats,
+    records: &[Record],
+    i: usize,
+    opts: &TokenizeOpts<'_>,
+) -> Result<Option<[Encoded; 2]>, DataError> {
+    let longest = unit.iter().map(|e| e.ids.len()).max().unwrap_or(0);
+    if longest > opts.sequence_len {
+        match opts.excess {
+            ExcessLength::Drop => {
+                stats.dropped_too_long += 1;
+                return Ok(None);
+            }
+            ExcessLength::Truncate => {
+                for e in &mut unit {
+                    e.ids.truncate(opts.sequence_len);
+                    e.trained.truncate(opts.sequence_len);
+                }
+                stats.truncated += 1;
+            }
+            ExcessLength::Raise => {
+                return Err(DataError::BadRecord {
+                    dataset: opts.dataset_name.to_string(),
+                    path: opts.dataset_path.to_string(),
+                    record: i,
+                    message: with_line(
+                        format!(
+                            "a preference record's sequence is {longest} tokens, longer than sequence_len {} (excess_length_strategy: raise); raise sequence_len or use `drop`/`truncate`",
+                            opts.sequence_len
+                        ),
+                        records[i].line,
+                    ),
+                });
+            }
+        }
+    }
+    if unit.iter().any(|e| e.ids.len() < opts.min_sample_len) {
+        stats.dropped_too_short += 1;
+        return Ok(None);
+    }
+    // A completion with nothing trained (cut away, or empty) carries no preference.
+    if unit.iter().any(|e| !e.trained.contains(&1)) {
+        stats.dropped_untrained += 1;
+        return Ok(None);
+    }
+    Ok(Some(unit))
 }
 
 /// Preference records -> a paired token set: samples 2k, 2k+1 are pair k's prompt + chosen and
@@ -254,59 +386,16 @@ fn tokenize_pairs(
     };
     let mut lens = Vec::new();
     for (i, e) in encoded.into_iter().enumerate() {
-        let mut pair = match e {
+        let pair = match e {
             Ok(p) => p,
             Err(m) => {
-                stats.dropped_unusable += 1;
-                if stats.unusable.len() < UNUSABLE_SHOWN {
-                    let at = match records[i].line {
-                        0 => format!("record {}", i + 1),
-                        l => format!("line {l}"),
-                    };
-                    stats.unusable.push(format!("{at}: {m}"));
-                }
+                note_unusable(&mut stats, records, i, m);
                 continue;
             }
         };
-        let longest = pair.iter().map(|e| e.ids.len()).max().unwrap_or(0);
-        if longest > opts.sequence_len {
-            match opts.excess {
-                ExcessLength::Drop => {
-                    stats.dropped_too_long += 1;
-                    continue;
-                }
-                ExcessLength::Truncate => {
-                    for e in &mut pair {
-                        e.ids.truncate(opts.sequence_len);
-                        e.trained.truncate(opts.sequence_len);
-                    }
-                    stats.truncated += 1;
-                }
-                ExcessLength::Raise => {
-                    return Err(DataError::BadRecord {
-                        dataset: opts.dataset_name.to_string(),
-                        path: opts.dataset_path.to_string(),
-                        record: i,
-                        message: with_line(
-                            format!(
-                                "a preference pair's sequence is {longest} tokens, longer than sequence_len {} (excess_length_strategy: raise); raise sequence_len or use `drop`/`truncate`",
-                                opts.sequence_len
-                            ),
-                            records[i].line,
-                        ),
-                    });
-                }
-            }
-        }
-        if pair.iter().any(|e| e.ids.len() < opts.min_sample_len) {
-            stats.dropped_too_short += 1;
+        let Some(pair) = apply_unit_policy(pair, &mut stats, records, i, opts)? else {
             continue;
-        }
-        // A completion with nothing trained (cut away, or empty) carries no preference.
-        if pair.iter().any(|e| !e.trained.contains(&1)) {
-            stats.dropped_untrained += 1;
-            continue;
-        }
+        };
         for e in &pair {
             lens.push(e.ids.len() as u64);
             set.push(&e.ids, &e.trained, (opts.dataset_index, i as u32));
@@ -339,6 +428,8 @@ pub fn pair_stats(set: &TokenSet) -> PairStats {
     }
     PairStats {
         pairs: set.units() as u64,
+        desirable: (!set.labels.is_empty())
+            .then(|| set.labels.iter().filter(|&&l| l == 1).count() as u64),
         prompt: LengthStats::of(p),
         chosen: LengthStats::of(c),
         rejected: LengthStats::of(r),

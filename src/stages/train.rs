@@ -108,23 +108,31 @@ fn bin_refs(data: &PackedSplit, scores: &[f64], b: usize) -> Vec<(f64, f64)> {
 /// Named metric values.
 type Metrics = Vec<(&'static str, f64)>;
 
-/// TRL's per-step preference metrics, by its names.
-fn pref_metric_list(m: &PrefMetrics, nll: bool, nll_loss: f64) -> Vec<(&'static str, f64)> {
+/// TRL's per-step preference metrics, by its names (KTO: no accuracy, its KL estimate).
+fn pref_metric_list(
+    m: &PrefMetrics,
+    loss: &crate::config::pref::PrefLoss,
+    nll_loss: f64,
+) -> Metrics {
     let mut v = vec![
         ("rewards/chosen", m.rewards_chosen),
         ("rewards/rejected", m.rewards_rejected),
         ("rewards/margins", m.rewards_margins),
-        ("rewards/accuracies", m.rewards_accuracies),
         ("logps/chosen", m.logps_chosen),
         ("logps/rejected", m.logps_rejected),
     ];
-    if nll {
+    if loss.unpaired() {
+        v.push(("kl", m.kl));
+    } else {
+        v.push(("rewards/accuracies", m.rewards_accuracies));
+    }
+    if loss.nll_weight() > 0.0 {
         v.push(("nll_loss", nll_loss));
     }
     v
 }
 
-/// The preference loss over every pair of the validation split (no gradients kept) and its
+/// The preference loss over every unit of the validation split (no gradients kept) and its
 /// metrics with TRL's `eval_` names.
 fn evaluate_pref(
     model: &Llama,
@@ -138,7 +146,8 @@ fn evaluate_pref(
     if n == 0 {
         return Ok(None);
     }
-    let mut pairs = Vec::new();
+    let mut sums = crate::train::pref::MetricSums::default();
+    let (mut total, mut units, mut nll, mut chosen_tokens) = (0f64, 0usize, 0f64, 0usize);
     for chunk in (0..n).collect::<Vec<_>>().chunks(batch.max(1)) {
         let rows: Vec<(Vec<u32>, Vec<u8>, Vec<u32>)> = chunk.iter().map(|&b| val.row(b)).collect();
         let b = Batch::new(&rows, device)?;
@@ -149,29 +158,26 @@ fn evaluate_pref(
                 .collect(),
             None => Vec::new(),
         };
+        let labels: Vec<bool> = chunk.iter().flat_map(|&bin| bin_labels(val, bin)).collect();
         let losses = crate::train::token_losses(model, &b, None)?
             .detach()
             .flatten_all()?
             .to_vec1::<f32>()?;
         let per = crate::train::pref::sample_logps(&losses, &b.loss_weights, &b.samples);
-        for k in 0..per.len() / 2 {
-            let (rc, rr) = refs.get(k).copied().unwrap_or((0.0, 0.0));
-            pairs.push(crate::train::pref::PairScores {
-                chosen: per[2 * k].0,
-                rejected: per[2 * k + 1].0,
-                ref_chosen: rc,
-                ref_rejected: rr,
-                chosen_tokens: per[2 * k].1,
-                rejected_tokens: per[2 * k + 1].1,
-            });
+        for (k, (l, _, _)) in crate::train::pref::score_units(loss, &per, &refs, &labels, &mut sums)
+            .into_iter()
+            .enumerate()
+        {
+            total += l;
+            units += 1;
+            nll -= per[2 * k].0;
+            chosen_tokens += per[2 * k].1;
         }
     }
-    let (mean, _, m) = crate::train::pref::batch(loss, &pairs);
-    let chosen_tokens: usize = pairs.iter().map(|p| p.chosen_tokens).sum();
-    let nll = -pairs.iter().map(|p| p.chosen).sum::<f64>() / chosen_tokens.max(1) as f64;
-    let total = mean + loss.nll_weight() * nll;
+    let nll = nll / chosen_tokens.max(1) as f64;
+    let total = total / units.max(1) as f64 + loss.nll_weight() * nll;
     let mut v = vec![("eval_loss", total)];
-    for (name, value) in pref_metric_list(&m, loss.nll_weight() > 0.0, nll) {
+    for (name, value) in pref_metric_list(&sums.finish(loss), loss, nll) {
         let eval_name: &'static str = match name {
             "rewards/chosen" => "eval_rewards/chosen",
             "rewards/rejected" => "eval_rewards/rejected",
@@ -179,11 +185,24 @@ fn evaluate_pref(
             "rewards/accuracies" => "eval_rewards/accuracies",
             "logps/chosen" => "eval_logps/chosen",
             "logps/rejected" => "eval_logps/rejected",
+            "kl" => "eval_kl",
             _ => "eval_nll_loss",
         };
         v.push((eval_name, value));
     }
     Ok(Some((total, v)))
+}
+
+/// KTO: whether each unit of bin `b` is desirable (empty for pairs).
+fn bin_labels(data: &PackedSplit, b: usize) -> Vec<bool> {
+    if data.set.labels.is_empty() {
+        return Vec::new();
+    }
+    let (s0, s1) = (data.bins[b] as usize, data.bins[b + 1] as usize);
+    (s0..s1)
+        .step_by(2)
+        .map(|s| data.set.labels.get(s / 2).is_some_and(|&l| l == 1))
+        .collect()
 }
 
 fn save_tensors(
@@ -832,6 +851,7 @@ impl Stage for Train {
         for step in start..total {
             let mut micro = Vec::with_capacity(gas);
             let mut micro_refs: Vec<Vec<(f64, f64)>> = Vec::with_capacity(gas);
+            let mut micro_labels: Vec<Vec<bool>> = Vec::with_capacity(gas);
             for _ in 0..gas {
                 let bins: Vec<usize> = (0..mbs).map(|_| next_bin(&mut order)).collect();
                 let rows: Vec<(Vec<u32>, Vec<u8>, Vec<u32>)> =
@@ -840,6 +860,7 @@ impl Stage for Train {
                     Some(sc) => bins.iter().flat_map(|&b| bin_refs(&data, sc, b)).collect(),
                     None => Vec::new(),
                 });
+                micro_labels.push(bins.iter().flat_map(|&b| bin_labels(&data, b)).collect());
                 tokens += rows.iter().map(|r| r.0.len()).sum::<usize>();
                 // Samples, not packed rows: a packed row holds several (position 0 starts one).
                 samples += rows
@@ -867,11 +888,16 @@ impl Stage for Train {
                     let micro: Vec<PrefMicro> = micro
                         .into_iter()
                         .zip(micro_refs)
-                        .map(|(batch, reference)| PrefMicro { batch, reference })
+                        .zip(micro_labels)
+                        .map(|((batch, reference), labels)| PrefMicro {
+                            batch,
+                            reference,
+                            labels,
+                        })
                         .collect();
                     let (g, norm) =
                         pref_step(&model, &mut opt, &micro, pl, lr, self.optim.max_grad_norm)?;
-                    pref_metrics = pref_metric_list(&g.metrics, pl.nll_weight() > 0.0, g.nll);
+                    pref_metrics = pref_metric_list(&g.metrics, pl, g.nll);
                     (g.loss, norm)
                 }
             };
@@ -1062,7 +1088,12 @@ impl Train {
                 } else {
                     Vec::new()
                 };
-                let micro = [PrefMicro { batch, reference }];
+                let labels = (0..mbs.min(n)).flat_map(|b| bin_labels(&data, b)).collect();
+                let micro = [PrefMicro {
+                    batch,
+                    reference,
+                    labels,
+                }];
                 let (g, norm) = pref_step(
                     &model,
                     &mut opt,

@@ -79,7 +79,8 @@ impl PrefLoss {
             | PrefLoss::Ipo { beta }
             | PrefLoss::Hinge { beta }
             | PrefLoss::Orpo { beta }
-            | PrefLoss::Simpo { beta, .. } => beta,
+            | PrefLoss::Simpo { beta, .. }
+            | PrefLoss::Kto { beta, .. } => beta,
         }
     }
 
@@ -88,7 +89,10 @@ impl PrefLoss {
     pub fn needs_reference(&self) -> bool {
         matches!(
             self,
-            PrefLoss::Sigmoid { .. } | PrefLoss::Ipo { .. } | PrefLoss::Hinge { .. }
+            PrefLoss::Sigmoid { .. }
+                | PrefLoss::Ipo { .. }
+                | PrefLoss::Hinge { .. }
+                | PrefLoss::Kto { .. }
         )
     }
 
@@ -100,6 +104,39 @@ impl PrefLoss {
             PrefLoss::Simpo { cpo_alpha, .. } => cpo_alpha,
             _ => 0.0,
         }
+    }
+
+    /// Whether the units are unpaired completions with labels (KTO) rather than pairs: each
+    /// unit's second sequence is then its prompt with another unit's completion, scored for the
+    /// batch's KL estimate only.
+    pub fn unpaired(&self) -> bool {
+        matches!(self, PrefLoss::Kto { .. })
+    }
+
+    /// KTO's loss for one completion and its derivative in the completion's summed
+    /// log-probability, given the batch's KL estimate `kl` (held constant, as TRL detaches it):
+    /// desirable 1 − σ(β(r − kl)), undesirable 1 − σ(β(kl − r)), r = log π − log π_ref, each
+    /// times its weight. Zero for the other losses.
+    pub fn kto_unit(&self, logp: f64, ref_logp: f64, kl: f64, desirable: bool) -> (f64, f64) {
+        let PrefLoss::Kto {
+            beta,
+            desirable_weight,
+            undesirable_weight,
+        } = *self
+        else {
+            return (0.0, 0.0);
+        };
+        let r = logp - ref_logp;
+        let (z, sign, w) = if desirable {
+            (beta * (r - kl), 1.0, desirable_weight)
+        } else {
+            (beta * (kl - r), -1.0, undesirable_weight)
+        };
+        // d(1 − σ(z))/dr = −σ(z)σ(−z) · dz/dr, dz/dr = ±β.
+        (
+            w * (1.0 - sigmoid(z)),
+            -w * sigmoid(z) * sigmoid(-z) * beta * sign,
+        )
     }
 
     /// One pair's loss and its derivatives.
@@ -160,6 +197,15 @@ impl PrefLoss {
                     reward_rejected: beta * pr,
                 }
             }
+            // KTO scores completions one by one against a batch-level KL estimate (see
+            // `kto_unit` and `score_units`), not pairs.
+            PrefLoss::Kto { .. } => PairLoss {
+                loss: 0.0,
+                d_chosen: 0.0,
+                d_rejected: 0.0,
+                reward_chosen: 0.0,
+                reward_rejected: 0.0,
+            },
             PrefLoss::Simpo {
                 beta,
                 gamma,
@@ -190,6 +236,8 @@ pub struct PrefMetrics {
     pub rewards_accuracies: f64,
     pub logps_chosen: f64,
     pub logps_rejected: f64,
+    /// KTO's KL estimate (NaN for the pair losses); `rewards_accuracies` is NaN for KTO.
+    pub kl: f64,
 }
 
 /// The batch's loss (the pair losses' mean), each pair's derivatives of it, and its metrics.
@@ -264,6 +312,8 @@ pub fn pair_logps(model: &Llama, batch: &Batch) -> Result<Vec<(f64, f64)>, Model
 pub struct PrefMicro {
     pub batch: Batch,
     pub reference: Vec<(f64, f64)>,
+    /// KTO: whether each unit's completion is desirable (empty for pairs).
+    pub labels: Vec<bool>,
 }
 
 /// A preference step's loss (pair losses' mean, plus the chosen completions' token loss for
@@ -289,18 +339,12 @@ pub fn pref_grads(
     micro: &[PrefMicro],
     loss: &PrefLoss,
 ) -> Result<PrefGrads, ModelError> {
-    let mut n_pairs = 0usize;
+    let mut n_units = 0usize;
     let mut chosen_tokens = 0usize;
     for m in micro {
         let pairs = pairs_of(&m.batch)?;
-        if loss.needs_reference() && m.reference.len() != pairs.len() {
-            return Err(ModelError::Config(format!(
-                "{} pairs but {} reference scores",
-                pairs.len(),
-                m.reference.len()
-            )));
-        }
-        n_pairs += pairs.len();
+        check_micro(loss, m, pairs.len())?;
+        n_units += pairs.len();
         chosen_tokens += pairs
             .iter()
             .map(|&((a, z), _)| {
@@ -311,41 +355,26 @@ pub fn pref_grads(
             })
             .sum::<usize>();
     }
-    let n = n_pairs.max(1) as f64;
+    let n = n_units.max(1) as f64;
     let nll_w = loss.nll_weight();
     let mut acc: Vec<Option<Tensor>> = vec![None; vars.len()];
     let (mut total, mut nll) = (0f64, 0f64);
-    let mut metrics = PrefMetrics::default();
+    let mut sums = MetricSums::default();
     for m in micro {
         let b = &m.batch;
         let pairs = pairs_of(b)?;
         let losses = token_losses(model, b, Some(super::ce::GradHint::PerRow))?.flatten_all()?;
         let vals = losses.to_vec1::<f32>()?;
         let per = sample_logps(&vals, &b.loss_weights, &b.samples);
+        let units = score_units(loss, &per, &m.reference, &m.labels, &mut sums);
         // d(step loss)/d(token loss) per position: −∂L/∂logp of its sequence.
         let mut w = vec![0f32; vals.len()];
         for (k, &((ca, cz), (ra, rz))) in pairs.iter().enumerate() {
-            let (rc, rr) = m.reference.get(k).copied().unwrap_or((0.0, 0.0));
-            let s = PairScores {
-                chosen: per[2 * k].0,
-                rejected: per[2 * k + 1].0,
-                ref_chosen: rc,
-                ref_rejected: rr,
-                chosen_tokens: per[2 * k].1,
-                rejected_tokens: per[2 * k + 1].1,
-            };
-            let l = loss.pair(&s);
-            total += l.loss / n;
-            metrics.rewards_chosen += l.reward_chosen / n;
-            metrics.rewards_rejected += l.reward_rejected / n;
-            metrics.rewards_margins += (l.reward_chosen - l.reward_rejected) / n;
-            metrics.rewards_accuracies +=
-                f64::from(u8::from(l.reward_chosen > l.reward_rejected)) / n;
-            metrics.logps_chosen += s.chosen / n;
-            metrics.logps_rejected += s.rejected / n;
-            nll += -s.chosen / chosen_tokens.max(1) as f64;
-            let dc = -l.d_chosen / n + nll_w / chosen_tokens.max(1) as f64;
-            let dr = -l.d_rejected / n;
+            let (l, d_first, d_second) = units[k];
+            total += l / n;
+            nll += -per[2 * k].0 / chosen_tokens.max(1) as f64;
+            let dc = -d_first / n + nll_w / chosen_tokens.max(1) as f64;
+            let dr = -d_second / n;
             w[ca..cz].iter_mut().for_each(|x| *x = dc as f32);
             w[ra..rz].iter_mut().for_each(|x| *x = dr as f32);
         }
@@ -357,9 +386,131 @@ pub fn pref_grads(
     Ok(PrefGrads {
         loss: total + nll_w * nll,
         nll,
-        metrics,
+        metrics: sums.finish(loss),
         grads: super::finish_grads(acc, vars)?,
     })
+}
+
+/// A micro-batch has what its loss reads: reference scores per unit, labels for KTO.
+fn check_micro(loss: &PrefLoss, m: &PrefMicro, units: usize) -> Result<(), ModelError> {
+    if loss.needs_reference() && m.reference.len() != units {
+        return Err(ModelError::Config(format!(
+            "{units} pairs but {} reference scores",
+            m.reference.len()
+        )));
+    }
+    if loss.unpaired() && m.labels.len() != units {
+        return Err(ModelError::Config(format!(
+            "{units} KTO completions but {} labels",
+            m.labels.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Running sums for [`PrefMetrics`] over an effective batch.
+#[derive(Debug, Default, Clone)]
+pub struct MetricSums {
+    chosen: (f64, f64, usize),
+    rejected: (f64, f64, usize),
+    correct: usize,
+    pairs: usize,
+    kl: (f64, usize),
+}
+
+impl MetricSums {
+    /// The means (TRL's: over pairs; for KTO over the desirable and the undesirable
+    /// completions, and the micro-batches' KL estimates).
+    pub fn finish(&self, loss: &PrefLoss) -> PrefMetrics {
+        let mean = |s: f64, n: usize| if n == 0 { 0.0 } else { s / n as f64 };
+        let rc = mean(self.chosen.0, self.chosen.2);
+        let rr = mean(self.rejected.0, self.rejected.2);
+        PrefMetrics {
+            rewards_chosen: rc,
+            rewards_rejected: rr,
+            rewards_margins: rc - rr,
+            rewards_accuracies: if loss.unpaired() {
+                f64::NAN
+            } else {
+                mean(self.correct as f64, self.pairs)
+            },
+            logps_chosen: mean(self.chosen.1, self.chosen.2),
+            logps_rejected: mean(self.rejected.1, self.rejected.2),
+            kl: if loss.unpaired() {
+                mean(self.kl.0, self.kl.1)
+            } else {
+                f64::NAN
+            },
+        }
+    }
+}
+
+/// One micro-batch's units scored from its sequences' summed log-probabilities `per` (2 per
+/// unit): per unit its loss term and the derivatives of that term in the unit's first and second
+/// sequence's log-probability; the metric sums updated. Pairs: the pair loss. KTO: the
+/// micro-batch's KL estimate max(0, mean(log π − log π_ref) of the mismatched second
+/// sequences), then each completion's loss against it (no gradient through the estimate, as TRL).
+pub fn score_units(
+    loss: &PrefLoss,
+    per: &[(f64, usize)],
+    reference: &[(f64, f64)],
+    labels: &[bool],
+    sums: &mut MetricSums,
+) -> Vec<(f64, f64, f64)> {
+    let units = per.len() / 2;
+    let refs = |k: usize| reference.get(k).copied().unwrap_or((0.0, 0.0));
+    if loss.unpaired() {
+        let kl = if units == 0 {
+            0.0
+        } else {
+            ((0..units)
+                .map(|k| per[2 * k + 1].0 - refs(k).1)
+                .sum::<f64>()
+                / units as f64)
+                .max(0.0)
+        };
+        sums.kl.0 += kl;
+        sums.kl.1 += 1;
+        return (0..units)
+            .map(|k| {
+                let desirable = labels.get(k).copied().unwrap_or(true);
+                let (l, d) = loss.kto_unit(per[2 * k].0, refs(k).0, kl, desirable);
+                let reward = loss.beta() * (per[2 * k].0 - refs(k).0);
+                let side = if desirable {
+                    &mut sums.chosen
+                } else {
+                    &mut sums.rejected
+                };
+                side.0 += reward;
+                side.1 += per[2 * k].0;
+                side.2 += 1;
+                (l, d, 0.0)
+            })
+            .collect();
+    }
+    (0..units)
+        .map(|k| {
+            let (rc, rr) = refs(k);
+            let s = PairScores {
+                chosen: per[2 * k].0,
+                rejected: per[2 * k + 1].0,
+                ref_chosen: rc,
+                ref_rejected: rr,
+                chosen_tokens: per[2 * k].1,
+                rejected_tokens: per[2 * k + 1].1,
+            };
+            let l = loss.pair(&s);
+            sums.chosen.0 += l.reward_chosen;
+            sums.chosen.1 += s.chosen;
+            sums.chosen.2 += 1;
+            sums.rejected.0 += l.reward_rejected;
+            sums.rejected.1 += s.rejected;
+            sums.rejected.2 += 1;
+            sums.correct += usize::from(l.reward_chosen > l.reward_rejected);
+            sums.pairs += 1;
+            (l.loss, l.d_chosen, l.d_rejected)
+        })
+        .collect()
 }
 
 /// One optimizer step of preference training; returns the gradients' outcome (loss, metrics)
@@ -459,6 +610,54 @@ mod tests {
             }
             let acc = rc.iter().zip(&rr).filter(|(a, b)| a > b).count() as f64 / rc.len() as f64;
             close(metrics.rewards_accuracies, acc, &format!("{name} accuracy"));
+        }
+    }
+
+    #[test]
+    fn kto_matches_pytorch_with_the_kl_estimate_held_and_clamped() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/pref/reference.json"
+        );
+        let r: Value =
+            serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("json");
+        let cases = r["kto"].as_array().expect("kto cases");
+        assert_eq!(cases.len(), 2);
+        for c in cases {
+            let p = &c["params"];
+            let loss = PrefLoss::Kto {
+                beta: p["beta"].as_f64().expect("beta"),
+                desirable_weight: p["desirable_weight"].as_f64().expect("w"),
+                undesirable_weight: p["undesirable_weight"].as_f64().expect("w"),
+            };
+            let labels: Vec<bool> = c["labels"]
+                .as_array()
+                .expect("labels")
+                .iter()
+                .map(|l| l.as_bool().expect("bool"))
+                .collect();
+            let (lp, rlp) = (floats(&c["logps"]), floats(&c["ref_logps"]));
+            let (klp, rklp) = (floats(&c["kl_logps"]), floats(&c["ref_kl_logps"]));
+            let per: Vec<(f64, usize)> = lp
+                .iter()
+                .zip(&klp)
+                .flat_map(|(&a, &b)| [(a, 10), (b, 10)])
+                .collect();
+            let refs: Vec<(f64, f64)> = rlp.iter().copied().zip(rklp.iter().copied()).collect();
+            let mut sums = MetricSums::default();
+            let units = score_units(&loss, &per, &refs, &labels, &mut sums);
+            let n = units.len() as f64;
+            let mean: f64 = units.iter().map(|u| u.0).sum::<f64>() / n;
+            close(mean, c["mean"].as_f64().expect("mean"), "KTO mean");
+            let (want, d) = (floats(&c["per_unit"]), floats(&c["d_logps"]));
+            for (k, u) in units.iter().enumerate() {
+                close(u.0, want[k], &format!("KTO unit {k} loss"));
+                close(u.1 / n, d[k], &format!("KTO unit {k} d/dlogp"));
+                assert_eq!(u.2, 0.0, "no gradient through the KL sequence");
+            }
+            let m = sums.finish(&loss);
+            close(m.kl, c["kl"].as_f64().expect("kl"), "KTO kl");
+            assert!(m.rewards_accuracies.is_nan());
         }
     }
 

@@ -7,6 +7,7 @@ inside each step (the adapter disabled), as it trains by default.
 
     pip install torch transformers peft trl
     python3 scripts/bench-trl-dpo.py MODEL_DIR 256
+    python3 scripts/bench-trl-dpo.py MODEL_DIR 256 ckpt   # with gradient checkpointing
 
 MODEL_DIR is an HF-layout model with its tokenizer. Figures depend on the machine: run it beside
 `kiln bench train` on the same one.
@@ -18,9 +19,9 @@ from peft import LoraConfig
 from trl import DPOConfig, DPOTrainer
 
 torch.set_num_threads(2)
-if len(sys.argv) != 3:
+if len(sys.argv) not in (3, 4) or sys.argv[3:] not in ([], ["ckpt"]):
     sys.exit(__doc__)
-d, seq = sys.argv[1], int(sys.argv[2])
+d, seq, ckpt = sys.argv[1], int(sys.argv[2]), sys.argv[3:] == ["ckpt"]
 half = seq // 2
 tok = AutoTokenizer.from_pretrained(d)
 if tok.pad_token is None:
@@ -55,7 +56,8 @@ with tempfile.TemporaryDirectory() as out:
         output_dir=out, per_device_train_batch_size=1, max_steps=4, learning_rate=1e-5,
         beta=0.1, max_grad_norm=1.0, logging_steps=1, report_to=[], save_strategy="no",
         use_cpu=True, dataloader_num_workers=0, max_length=None, remove_unused_columns=False,
-        lr_scheduler_type="constant", warmup_steps=0,
+        lr_scheduler_type="constant", warmup_steps=0, gradient_checkpointing=ckpt,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if ckpt else None,
     )
     peft = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])

@@ -1221,7 +1221,11 @@ pub fn train(
                 "bench-trl-dpo.py",
                 &["torch", "transformers", "peft", "trl"],
             )?;
-            let out = trl.run(&[hf.display().to_string(), seq.to_string()])?;
+            let mut args = vec![hf.display().to_string(), seq.to_string()];
+            if checkpointing {
+                args.push("ckpt".into());
+            }
+            let out = trl.run(&args)?;
             let rate = number_before(&out, "tokens/s").ok_or_else(|| {
                 KilnError::Bench(format!("cannot read TRL's figures from: {out}"))
             })?;

@@ -528,25 +528,34 @@ fn a_dpo_config_trains_with_cached_reference_scores_shared_by_a_beta_sweep() {
 }
 
 #[test]
-fn a_dpo_adapter_merges_and_exports_like_any_adapter() {
+fn dpo_orpo_and_kto_adapters_merge_and_export_like_any_adapter() {
     one_thread();
-    let p = pref_project(&format!(
-        "{DPO}merge_lora: true\nexport:\n  - {{format: gguf, quant: q8_0}}\n"
-    ));
+    let tail = "merge_lora: true\nexport:\n  - {format: gguf, quant: q8_0}\n";
+    let lora = "adapter: lora\nlora_r: 4\nlora_alpha: 8\nlearning_rate: 1e-2\nmax_steps: 2\n";
+    for p in [
+        pref_project(&format!("{DPO}{tail}")),
+        pref_project(&format!("rl: orpo\n{lora}{tail}")),
+        kto_project(&format!("rl: kto\n{lora}{tail}")),
+    ] {
+        check_merged_and_exported(&p);
+    }
+}
+
+fn check_merged_and_exported(p: &common::Project) {
     let (s, _) = p.run(&[]);
-    for stage in ["refscore", "train", "merge", "export.gguf.q8_0"] {
+    for stage in ["train", "merge", "export.gguf.q8_0"] {
         assert!(
             s.built.contains(&stage.to_string()),
             "{stage}: {:?}",
             s.built
         );
     }
-    let train = ws_entry(&p, "train");
+    let train = ws_entry(p, "train");
     assert!(train.join("adapter_model.safetensors").is_file());
     let cfg: serde_json::Value =
         serde_json::from_slice(&std::fs::read(train.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(cfg["peft_type"], "LORA");
-    let export = ws_entry(&p, "export.gguf.q8_0");
+    let export = ws_entry(p, "export.gguf.q8_0");
     let gguf = std::fs::read_dir(&export)
         .unwrap()
         .flatten()

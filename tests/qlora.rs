@@ -300,3 +300,24 @@ fn qlora_on_a_gguf_base_keeps_its_blocks() {
         "{kept:?}"
     );
 }
+
+/// `kiln train --debug` steps the model as training stores it: on an NF4 base its first loss
+/// is the packed base's, not the f32 one's.
+#[test]
+fn train_debug_steps_on_the_packed_base() {
+    let loss = |extra: &str| -> f64 {
+        let p = project(extra);
+        let (code, out, err) = p.kiln(&["train", "kiln.yml", "--debug"]);
+        assert_eq!(code, Some(0), "{err}");
+        let at = out.find("debug step: loss ").expect("a debug line") + "debug step: loss ".len();
+        out[at..]
+            .split(',')
+            .next()
+            .and_then(|x| x.trim().parse().ok())
+            .expect("a loss")
+    };
+    let nf4 = loss(QLORA);
+    let f32 = loss(&QLORA.replace("adapter: qlora\nload_in_4bit: true\n", "adapter: lora\n"));
+    assert!(nf4.is_finite() && f32.is_finite());
+    assert_ne!(nf4, f32, "the NF4 base gives its own loss");
+}

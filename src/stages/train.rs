@@ -1055,13 +1055,15 @@ impl Train {
     /// One step (one micro-batch per accumulation slot) without publishing anything.
     pub fn debug_step(&self, model_dir: &Path, pack_dir: &Path) -> Result<DebugStep, StageError> {
         let device = Device::Cpu;
-        let mut model = load_model(model_dir, &device)?;
+        // The base stored as training stores it (QLoRA: packed), with the same optimizer state.
+        let (mut model, _) = load_model_as(model_dir, self.base_weights)?;
         let vars = self.trainable(&mut model, &device)?;
         let trainable_params = vars.iter().map(|(_, v)| v.as_tensor().elem_count()).sum();
         let mut opt = AdamW::new(
             vars.iter().map(|(_, v)| v.clone()).collect(),
             self.optim.weight_decay,
-        )?;
+        )?
+        .with_states(self.optimizer_states)?;
         (opt.beta1, opt.beta2, opt.eps) = self.optim.betas();
         opt.lr_scale = self.lr_scales(&vars);
         let data = PackedSplit::read(&pack_dir.join("train"))?;

@@ -84,7 +84,6 @@ fn real_config_keys_get_the_right_answer() {
         ("rl: grpo\n", "rl"),
         ("reward_model: true\n", "reward_model"),
         ("gptq: true\n", "gptq"),
-        ("early_stopping_patience: 3\n", "early_stopping_patience"),
         (
             "pretraining_dataset:\n  - path: allenai/c4\n",
             "pretraining_dataset",

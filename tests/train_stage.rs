@@ -663,3 +663,110 @@ fn no_adapter_means_full_fine_tuning_with_a_complete_model_out() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("fully fine-tuned model"));
 }
+
+/// Evaluations of a run: (step, eval_loss) from its trainer_state.json.
+fn evals_of(dir: &std::path::Path) -> (u64, Vec<(u64, f64)>, serde_json::Value) {
+    let st: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("trainer_state.json")).unwrap()).unwrap();
+    let evals = st["log_history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|h| Some((h["step"].as_u64()?, h["eval_loss"].as_f64()?)))
+        .collect();
+    (st["global_step"].as_u64().unwrap(), evals, st)
+}
+
+/// early_stopping_patience stops where HF's EarlyStoppingCallback would (the first evaluation
+/// that is the `patience`-th in a row not to improve on the best), with the same bits as the
+/// full run up to there; load_best_model_at_end publishes the best checkpoint's weights.
+#[test]
+fn early_stopping_and_the_best_checkpoint_follow_hf_trainer() {
+    one_thread();
+    // A learning rate high enough that the validation loss turns back up.
+    let sets = [
+        "max_steps=14",
+        "gradient_accumulation_steps=1",
+        "learning_rate=8e-2",
+        "eval_steps=1",
+        "save_steps=1",
+    ];
+    let full = project();
+    full.run(&sets);
+    let full_dir = full.ws(&sets).entry_of("train").unwrap();
+    let (n, evals, _) = evals_of(&full_dir);
+    assert_eq!(n, 14);
+    // Where patience 2 stops, and the best evaluation before it.
+    let (mut best, mut bad, mut stop) = (f64::INFINITY, 0, None);
+    let mut best_step = 0;
+    for &(s, l) in &evals {
+        if l < best {
+            (best, bad, best_step) = (l, 0, s);
+        } else {
+            bad += 1;
+        }
+        if bad >= 2 {
+            stop = Some(s);
+            break;
+        }
+    }
+    let stop =
+        stop.unwrap_or_else(|| panic!("the validation loss never stopped improving: {evals:?}"));
+    assert!(best_step < stop);
+
+    let es = project();
+    let mut with = sets.to_vec();
+    with.push("early_stopping_patience=2");
+    let (_, events) = es.run(&with);
+    let dir = es.ws(&with).entry_of("train").unwrap();
+    let (last, es_evals, _) = evals_of(&dir);
+    assert_eq!(
+        last, stop,
+        "stopped at step {last}; the rule says {stop}: {evals:?}"
+    );
+    assert_eq!(
+        es_evals[..],
+        evals[..es_evals.len()],
+        "the same run up to the stop"
+    );
+    assert!(events.iter().any(|e| matches!(e, kiln::events::Event::Note { message } if message.contains(&format!("early stopping at step {stop}")))));
+    let weights = |d: &std::path::Path| std::fs::read(d.join("adapter_model.safetensors")).unwrap();
+    // Without load_best_model_at_end: the stop step's weights, the full run's checkpoint there.
+    assert_eq!(
+        weights(&dir),
+        weights(&full_dir.join(format!("checkpoint-{stop}")))
+    );
+
+    let lb = project();
+    with.push("load_best_model_at_end=true");
+    with.push("save_total_limit=1");
+    lb.run(&with);
+    let dir = lb.ws(&with).entry_of("train").unwrap();
+    let (_, _, st) = evals_of(&dir);
+    assert_eq!(
+        st["best_model_checkpoint"],
+        format!("checkpoint-{best_step}")
+    );
+    assert_eq!(
+        weights(&dir),
+        weights(&full_dir.join(format!("checkpoint-{best_step}")))
+    );
+    // The best checkpoint outlived save_total_limit: 1.
+    assert!(dir.join(format!("checkpoint-{best_step}")).is_dir());
+
+    // Without evaluations there is nothing to compare: refused before work.
+    let bad_cfg = project();
+    let (code, _, err) = bad_cfg.kiln(&[
+        "validate",
+        "kiln.yml",
+        "--set",
+        "early_stopping_patience=2",
+        "--set",
+        "val_set_size=0",
+    ]);
+    assert_ne!(code, Some(0));
+    assert!(
+        err.contains("`early_stopping_patience`: needs validation losses to compare"),
+        "{err}"
+    );
+}

@@ -57,8 +57,6 @@ const MOE: &str = "mixture-of-experts kernels (kiln has no MoE models yet)";
 const VISION: &str = "vision and multimodal inputs (kiln trains on text)";
 const PRETRAINING: &str =
     "streamed pretraining data (give the text as a `completion` dataset under `datasets:` instead)";
-const STOPS_EARLY: &str =
-    "stopping or choosing a checkpoint by evaluation; kiln trains every step and keeps the last";
 
 /// Every top-level key of Axolotl's schema kiln does not read, with its class. Keys kiln reads
 /// are in `resolve::classify`; a key in both is a bug (tests/config_docs.rs checks).
@@ -326,8 +324,6 @@ pub const TOP_LEVEL: &[(&str, Class)] = &[
     ("dataset_shard_num", Class::Refused(DATA_SUBSET)),
     ("pretraining_dataset", Class::Refused(PRETRAINING)),
     ("tokenizer_config", Class::Refused("a tokenizer other than the base model's (put its files in the model directory instead)")),
-    ("early_stopping_patience", Class::Refused(STOPS_EARLY)),
-    ("load_best_model_at_end", Class::Refused(STOPS_EARLY)),
     ("image_resize_algorithm", Class::Refused(VISION)),
     ("image_size", Class::Refused(VISION)),
     ("processor_kwargs", Class::Refused(VISION)),

@@ -252,6 +252,14 @@ pub struct CadenceSettings {
     /// Validation every N steps (a fraction < 1 is a share of the total); 0 = never.
     pub eval_steps: Option<f64>,
     pub evals_per_epoch: Option<u64>,
+    /// Stop once the validation loss has not improved on its best for this many evaluations in
+    /// a row (HF's EarlyStoppingCallback with threshold 0, Axolotl's `early_stopping_patience`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub early_stopping_patience: Option<u64>,
+    /// Publish the kept checkpoint with the lowest validation loss instead of the last step's
+    /// weights (HF's `load_best_model_at_end`; the metric is `eval_loss`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub load_best_model_at_end: bool,
 }
 
 /// Training settings. Validated now; the train stage reads the groups (`lora`, `optim`,
@@ -485,6 +493,8 @@ pub fn handled(key: &str) -> bool {
             | "cpo_alpha"
             | "kto_desirable_weight"
             | "kto_undesirable_weight"
+            | "early_stopping_patience"
+            | "load_best_model_at_end"
     )
 }
 
@@ -794,6 +804,48 @@ pub(super) fn resolve(ctx: &mut Ctx<'_>, map: &Mapping) -> Settings {
         );
     }
 
+    {
+        // Early stopping and the best checkpoint compare validation losses: an eval cadence, a
+        // validation split and (for the best checkpoint) a checkpoint at evaluations.
+        let c = &train.cadence;
+        let no_val = (matches!(val_set_size, ValSetSize::Fraction(f) if f == 0.0)
+            || val_set_size == ValSetSize::Count(0))
+            && test_datasets.is_empty();
+        let evaluates =
+            c.eval_steps.is_some_and(|x| x > 0.0) || c.evals_per_epoch.is_some_and(|n| n > 0);
+        for (k, set) in [
+            (
+                "early_stopping_patience",
+                c.early_stopping_patience.is_some(),
+            ),
+            ("load_best_model_at_end", c.load_best_model_at_end),
+        ] {
+            if set && (!evaluates || no_val) {
+                r.ctx.error(
+                    &[key(k)],
+                    "needs validation losses to compare, and this config evaluates none",
+                    Some("set `eval_steps` (or `evals_per_epoch`) and a validation split (`val_set_size: 0.05` or `test_datasets:`)".into()),
+                );
+            }
+        }
+        if c.load_best_model_at_end {
+            let saves =
+                c.save_steps.is_some_and(|x| x > 0.0) || c.saves_per_epoch.is_some_and(|n| n > 0);
+            match (c.eval_steps.filter(|x| *x >= 1.0), c.save_steps.filter(|x| *x >= 1.0)) {
+                _ if !saves => r.ctx.error(
+                    &[key("load_best_model_at_end")],
+                    "needs checkpoints to choose from, and this config saves none",
+                    Some("set `save_steps` to a multiple of `eval_steps`".into()),
+                ),
+                (Some(e), Some(sv)) if !(sv as u64).is_multiple_of((e as u64).max(1)) => r.ctx.error(
+                    &[key("save_steps")],
+                    format!("{sv} is not a multiple of eval_steps {e}, and load_best_model_at_end chooses among checkpoints by the evaluation at their step"),
+                    Some(format!("use save_steps: {}", (e as u64) * ((sv as u64) / (e as u64)).max(1))),
+                ),
+                _ => {}
+            }
+        }
+    }
     if let Some(e) = &evaluate {
         let no_val = matches!(val_set_size, ValSetSize::Fraction(f) if f == 0.0)
             || val_set_size == ValSetSize::Count(0);
@@ -1101,6 +1153,8 @@ fn read_train(r: &mut Reader<'_, '_, '_>, merge_lora: bool) -> TrainSettings {
             save_total_limit: r.u64("save_total_limit"),
             eval_steps: r.f64("eval_steps"),
             evals_per_epoch: r.u64("evals_per_epoch"),
+            early_stopping_patience: r.u64("early_stopping_patience").filter(|p| *p > 0),
+            load_best_model_at_end: r.bool("load_best_model_at_end").unwrap_or(false),
         },
         eval_batch_size: r.u64("eval_batch_size"),
         optimizer: r

@@ -491,7 +491,7 @@ impl Train {
     }
 
     /// `checkpoint-N/`: adapter, optimizer moments, step and log history; written beside and
-    /// renamed into place, then older checkpoints beyond `save_total_limit` are removed.
+    /// renamed into place (`rotate_checkpoints` then applies `save_total_limit`).
     fn write_checkpoint(
         &self,
         work: &Path,
@@ -544,14 +544,23 @@ impl Train {
         if let Ok(d) = std::fs::File::open(work) {
             let _ = d.sync_all();
         }
+        Ok(())
+    }
+
+    /// Removes the oldest checkpoints beyond `save_total_limit`, never `keep` (the best one).
+    fn rotate_checkpoints(&self, work: &Path, keep: Option<u64>) {
         if let Some(limit) = self.cadence.save_total_limit.filter(|l| *l > 0) {
-            let all = checkpoints(work);
-            let excess = all.len().saturating_sub(limit as usize);
+            // The best checkpoint (load_best_model_at_end) is kept beyond the limit, as HF keeps it.
+            let all: Vec<_> = checkpoints(work)
+                .into_iter()
+                .filter(|(n, _)| Some(*n) != keep)
+                .collect();
+            let limit = limit as usize - usize::from(keep.is_some() && limit > 1);
+            let excess = all.len().saturating_sub(limit);
             for (_, p) in all.into_iter().take(excess) {
                 let _ = std::fs::remove_dir_all(p);
             }
         }
-        Ok(())
     }
 
     /// Each trained variable's learning-rate multiplier: LoRA+ (`loraplus_lr_ratio`) gives the
@@ -845,6 +854,22 @@ impl Stage for Train {
                 message: format!("{}: resuming from checkpoint-{n}", cx.name),
             });
         }
+        // Early stopping and the best checkpoint (HF's EarlyStoppingCallback with threshold 0 and
+        // load_best_model_at_end on eval_loss): rebuilt from the history when resuming.
+        let patience = self.cadence.early_stopping_patience;
+        let keep_best = self.cadence.load_best_model_at_end;
+        if keep_best && (eval_every == 0 || save_every == 0 || save_every % eval_every != 0) {
+            return Err(StageError::Invalid(format!(
+                "load_best_model_at_end chooses among checkpoints by the evaluation at their step: it needs save steps that are a multiple of the eval steps (this run saves every {save_every} and evaluates every {eval_every} steps)"
+            )));
+        }
+        let mut tracker = BestTracker::default();
+        for h in &history {
+            if let (Some(l), Some(st)) = (h["eval_loss"].as_f64(), h["step"].as_u64()) {
+                tracker.observe(l, st, save_every > 0 && st % save_every == 0 && st < total);
+            }
+        }
+        let mut last = total;
         let started = Instant::now();
         let mut tokens = 0usize;
         let mut samples = 0usize;
@@ -957,6 +982,11 @@ impl Stage for Train {
                     }
                 };
                 if let Some((eval_loss, metrics)) = evaluated {
+                    tracker.observe(
+                        eval_loss,
+                        s,
+                        save_every > 0 && s % save_every == 0 && s < total,
+                    );
                     let mut entry = json!({"step": s, "eval_loss": eval_loss});
                     for (name, value) in &metrics {
                         entry[name] = json!(value);
@@ -974,7 +1004,41 @@ impl Stage for Train {
             }
             if save_every > 0 && s % save_every == 0 && s < total {
                 self.write_checkpoint(cx.work, s, &vars, &opt, &adapter_cfg, &history)?;
+                let keep = tracker.best_checkpoint.filter(|_| keep_best).map(|b| b.1);
+                self.rotate_checkpoints(cx.work, keep);
             }
+            if let Some(p) = patience.filter(|p| tracker.bad_evals >= *p) {
+                (cx.emit)(Event::Note {
+                    message: format!(
+                        "{}: early stopping at step {s} of {total}: eval_loss has not improved on {:.6} for {p} evaluations (early_stopping_patience)",
+                        cx.name,
+                        tracker.best.map_or(f64::NAN, |b| b.0)
+                    ),
+                });
+                last = s;
+                break;
+            }
+        }
+        // load_best_model_at_end: the best checkpoint's weights, unless the last step's are.
+        let best_model = tracker
+            .best_checkpoint
+            .filter(|_| keep_best)
+            .filter(|b| tracker.best.is_some_and(|g| g.1 != last) && b.1 != last);
+        if let Some((loss, b)) = best_model {
+            let ck = cx.work.join(format!("checkpoint-{b}"));
+            let a = candle_core::safetensors::load(ck.join(self.weights_file()), &device)?;
+            for (name, v) in &vars {
+                let t = a
+                    .get(name)
+                    .ok_or_else(|| StageError::Invalid(format!("{}: no {name}", ck.display())))?;
+                v.set(t)?;
+            }
+            (cx.emit)(Event::Note {
+                message: format!(
+                    "{}: publishing checkpoint-{b}'s weights, its eval_loss {loss:.6} the best (load_best_model_at_end)",
+                    cx.name
+                ),
+            });
         }
         if self.is_full() {
             // HF layout: the whole model.
@@ -1016,10 +1080,40 @@ impl Stage for Train {
                 std::fs::copy(&src, cx.out.join(f)).map_err(io_err(&src))?;
             }
         }
-        write_json(
-            &cx.out.join("trainer_state.json"),
-            &json!({"global_step": total, "log_history": history}),
-        )
+        let mut state = json!({"global_step": last, "log_history": history});
+        if patience.is_some() || keep_best {
+            if let Some((l, _)) = tracker.best {
+                state["best_metric"] = json!(l);
+            }
+            if let Some((_, b)) = tracker.best_checkpoint {
+                state["best_model_checkpoint"] = json!(format!("checkpoint-{b}"));
+            }
+        }
+        write_json(&cx.out.join("trainer_state.json"), &state)
+    }
+}
+
+/// The evaluations so far, as HF's Trainer follows them: the best eval_loss and its step, how
+/// many evaluations in a row have not improved on it, and the checkpoint saved at a new best.
+#[derive(Debug, Default)]
+struct BestTracker {
+    best: Option<(f64, u64)>,
+    bad_evals: u64,
+    best_checkpoint: Option<(f64, u64)>,
+}
+
+impl BestTracker {
+    /// One evaluation at step `step` (`saved`: a checkpoint is written at it).
+    fn observe(&mut self, loss: f64, step: u64, saved: bool) {
+        if self.best.is_none_or(|b| loss < b.0) {
+            self.best = Some((loss, step));
+            self.bad_evals = 0;
+            if saved {
+                self.best_checkpoint = Some((loss, step));
+            }
+        } else {
+            self.bad_evals += 1;
+        }
     }
 }
 

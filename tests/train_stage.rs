@@ -754,6 +754,53 @@ fn early_stopping_and_the_best_checkpoint_follow_hf_trainer() {
     // The best checkpoint outlived save_total_limit: 1.
     assert!(dir.join(format!("checkpoint-{best_step}")).is_dir());
 
+    // Another metric: perplexity (lower is better when said so) stops where eval_loss does;
+    // eval_loss with greater_is_better stops where the reversed rule says.
+    let rule = |greater: bool| {
+        let (mut best, mut bad) = (None::<f64>, 0);
+        for &(s, l) in &evals {
+            if best.is_none_or(|b| if greater { l > b } else { l < b }) {
+                (best, bad) = (Some(l), 0);
+            } else {
+                bad += 1;
+            }
+            if bad >= 2 {
+                return s;
+            }
+        }
+        14
+    };
+    for (extra, greater) in [
+        (
+            &[
+                "metric_for_best_model=perplexity",
+                "greater_is_better=false",
+            ][..],
+            false,
+        ),
+        (&["greater_is_better=true"][..], true),
+    ] {
+        let q = project();
+        let mut w = sets.to_vec();
+        w.push("early_stopping_patience=2");
+        w.extend_from_slice(extra);
+        q.run(&w);
+        let (last, _, _) = evals_of(&q.ws(&w).entry_of("train").unwrap());
+        assert_eq!(last, rule(greater), "{extra:?}: {evals:?}");
+    }
+    let (_, _, err) = es.kiln(&[
+        "validate",
+        "kiln.yml",
+        "--set",
+        "metric_for_best_model=accuracy",
+    ]);
+    assert!(
+        err.contains(
+            "`metric_for_best_model`: `accuracy` is not a metric this run's evaluation logs"
+        ),
+        "{err}"
+    );
+
     // Without evaluations there is nothing to compare: refused before work.
     let bad_cfg = project();
     let (code, _, err) = bad_cfg.kiln(&[

@@ -351,8 +351,6 @@ pub const TOP_LEVEL: &[(&str, Class)] = &[
     ("generation_temperature", Class::Later(EVAL_EXTRA)),
     ("generation_top_k", Class::Later(EVAL_EXTRA)),
     ("generation_top_p", Class::Later(EVAL_EXTRA)),
-    ("greater_is_better", Class::Later(EVAL_EXTRA)),
-    ("metric_for_best_model", Class::Later(EVAL_EXTRA)),
     ("num_generation_samples", Class::Later(EVAL_EXTRA)),
     ("loss_watchdog_patience", Class::Later(WATCHDOG)),
     ("loss_watchdog_threshold", Class::Later(WATCHDOG)),

@@ -260,6 +260,26 @@ pub struct CadenceSettings {
     /// weights (HF's `load_best_model_at_end`; the metric is `eval_loss`).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub load_best_model_at_end: bool,
+    /// The evaluation metric both compare (`eval_loss` when unset), by HF's name with or without
+    /// `eval_`, and whether higher is better (HF's default: unless the name ends in `loss`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metric_for_best_model: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub greater_is_better: Option<bool>,
+}
+
+impl CadenceSettings {
+    /// The compared metric's name as the evaluation logs it, and whether higher is better.
+    pub fn best_metric(&self) -> (String, bool) {
+        let m = self.metric_for_best_model.as_deref().unwrap_or("loss");
+        let name = if m.starts_with("eval_") {
+            m.to_string()
+        } else {
+            format!("eval_{m}")
+        };
+        let greater = self.greater_is_better.unwrap_or(!name.ends_with("loss"));
+        (name, greater)
+    }
 }
 
 /// Training settings. Validated now; the train stage reads the groups (`lora`, `optim`,
@@ -495,6 +515,8 @@ pub fn handled(key: &str) -> bool {
             | "kto_undesirable_weight"
             | "early_stopping_patience"
             | "load_best_model_at_end"
+            | "metric_for_best_model"
+            | "greater_is_better"
     )
 }
 
@@ -828,6 +850,38 @@ pub(super) fn resolve(ctx: &mut Ctx<'_>, map: &Mapping) -> Settings {
                 );
             }
         }
+        if let Some(m) = &c.metric_for_best_model {
+            let (name, _) = c.best_metric();
+            let logged: &[&str] = match &train.rl {
+                None => &["eval_loss", "eval_perplexity"],
+                Some(super::pref::PrefLoss::Kto { .. }) => &[
+                    "eval_loss",
+                    "eval_rewards/chosen",
+                    "eval_rewards/rejected",
+                    "eval_rewards/margins",
+                    "eval_logps/chosen",
+                    "eval_logps/rejected",
+                    "eval_kl",
+                ],
+                Some(_) => &[
+                    "eval_loss",
+                    "eval_rewards/chosen",
+                    "eval_rewards/rejected",
+                    "eval_rewards/margins",
+                    "eval_rewards/accuracies",
+                    "eval_logps/chosen",
+                    "eval_logps/rejected",
+                    "eval_nll_loss",
+                ],
+            };
+            if !logged.contains(&name.as_str()) {
+                r.ctx.error(
+                    &[key("metric_for_best_model")],
+                    format!("`{m}` is not a metric this run's evaluation logs"),
+                    Some(format!("use one of: {}", logged.join(", "))),
+                );
+            }
+        }
         if c.load_best_model_at_end {
             let saves =
                 c.save_steps.is_some_and(|x| x > 0.0) || c.saves_per_epoch.is_some_and(|n| n > 0);
@@ -1155,6 +1209,8 @@ fn read_train(r: &mut Reader<'_, '_, '_>, merge_lora: bool) -> TrainSettings {
             evals_per_epoch: r.u64("evals_per_epoch"),
             early_stopping_patience: r.u64("early_stopping_patience").filter(|p| *p > 0),
             load_best_model_at_end: r.bool("load_best_model_at_end").unwrap_or(false),
+            metric_for_best_model: r.string("metric_for_best_model"),
+            greater_is_better: r.bool("greater_is_better"),
         },
         eval_batch_size: r.u64("eval_batch_size"),
         optimizer: r

@@ -864,8 +864,10 @@ impl Stage for Train {
             )));
         }
         let mut tracker = BestTracker::default();
+        let (metric, greater) = self.cadence.best_metric();
+        tracker.greater = greater;
         for h in &history {
-            if let (Some(l), Some(st)) = (h["eval_loss"].as_f64(), h["step"].as_u64()) {
+            if let (Some(l), Some(st)) = (h[metric.as_str()].as_f64(), h["step"].as_u64()) {
                 tracker.observe(l, st, save_every > 0 && st % save_every == 0 && st < total);
             }
         }
@@ -982,11 +984,9 @@ impl Stage for Train {
                     }
                 };
                 if let Some((eval_loss, metrics)) = evaluated {
-                    tracker.observe(
-                        eval_loss,
-                        s,
-                        save_every > 0 && s % save_every == 0 && s < total,
-                    );
+                    if let Some(&(_, v)) = metrics.iter().find(|(n, _)| *n == metric) {
+                        tracker.observe(v, s, save_every > 0 && s % save_every == 0 && s < total);
+                    }
                     let mut entry = json!({"step": s, "eval_loss": eval_loss});
                     for (name, value) in &metrics {
                         entry[name] = json!(value);
@@ -1010,7 +1010,7 @@ impl Stage for Train {
             if let Some(p) = patience.filter(|p| tracker.bad_evals >= *p) {
                 (cx.emit)(Event::Note {
                     message: format!(
-                        "{}: early stopping at step {s} of {total}: eval_loss has not improved on {:.6} for {p} evaluations (early_stopping_patience)",
+                        "{}: early stopping at step {s} of {total}: {metric} has not improved on {:.6} for {p} evaluations (early_stopping_patience)",
                         cx.name,
                         tracker.best.map_or(f64::NAN, |b| b.0)
                     ),
@@ -1035,7 +1035,7 @@ impl Stage for Train {
             }
             (cx.emit)(Event::Note {
                 message: format!(
-                    "{}: publishing checkpoint-{b}'s weights, its eval_loss {loss:.6} the best (load_best_model_at_end)",
+                    "{}: publishing checkpoint-{b}'s weights, its {metric} {loss:.6} the best (load_best_model_at_end)",
                     cx.name
                 ),
             });
@@ -1093,19 +1093,23 @@ impl Stage for Train {
     }
 }
 
-/// The evaluations so far, as HF's Trainer follows them: the best eval_loss and its step, how
-/// many evaluations in a row have not improved on it, and the checkpoint saved at a new best.
+/// The evaluations so far, as HF's Trainer follows them: the best value of the compared metric
+/// (`metric_for_best_model`, eval_loss by default) and its step, how many evaluations in a row
+/// have not improved on it, and the checkpoint saved at a new best.
 #[derive(Debug, Default)]
 struct BestTracker {
     best: Option<(f64, u64)>,
     bad_evals: u64,
     best_checkpoint: Option<(f64, u64)>,
+    /// Higher values are better (`greater_is_better`).
+    greater: bool,
 }
 
 impl BestTracker {
-    /// One evaluation at step `step` (`saved`: a checkpoint is written at it).
+    /// One evaluation's metric `loss` at step `step` (`saved`: a checkpoint is written at it).
     fn observe(&mut self, loss: f64, step: u64, saved: bool) {
-        if self.best.is_none_or(|b| loss < b.0) {
+        let better = |b: f64| if self.greater { loss > b } else { loss < b };
+        if self.best.is_none_or(|b| better(b.0)) {
             self.best = Some((loss, step));
             self.bad_evals = 0;
             if saved {

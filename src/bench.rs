@@ -219,28 +219,12 @@ impl Peer {
                 ),
             });
         }
-        let probe = format!(
-            "import importlib.metadata as m\nprint(', '.join(n + ' ' + m.version(n.replace('_', '-') if n != 'llama_cpp' else 'llama-cpp-python') for n in {modules:?}))"
-        );
-        let out = std::process::Command::new(python)
-            .args(["-c", &probe])
-            .output()
-            .map_err(|e| KilnError::Bench(format!("{}: {e}", python.display())))?;
-        if !out.status.success() {
-            return Err(KilnError::BadFlag {
-                flag: "--against".into(),
-                message: format!(
-                    "{} cannot import {}: `{install}` first",
-                    python.display(),
-                    modules.join(", ")
-                ),
-            });
-        }
+        let version = probe_versions(python, modules, install)?;
         Ok(Peer {
             kind,
             python: python.to_path_buf(),
             script,
-            version: String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            version,
         })
     }
 
@@ -250,29 +234,13 @@ impl Peer {
         if !path.is_file() {
             return Err(KilnError::Bench(format!("{} not found", path.display())));
         }
-        let probe = format!(
-            "import importlib.metadata as m\nprint(', '.join(n + ' ' + m.version(n) for n in {modules:?}))"
-        );
-        let out = std::process::Command::new(&self.python)
-            .args(["-c", &probe])
-            .output()
-            .map_err(|e| KilnError::Bench(format!("{}: {e}", self.python.display())))?;
-        if !out.status.success() {
-            return Err(KilnError::BadFlag {
-                flag: "--against".into(),
-                message: format!(
-                    "{} cannot import {}: `pip install {}` first",
-                    self.python.display(),
-                    modules.join(", "),
-                    modules.join(" ")
-                ),
-            });
-        }
+        let install = format!("pip install {}", modules.join(" "));
+        let version = probe_versions(&self.python, modules, &install)?;
         Ok(Peer {
             kind: self.kind,
             python: self.python.clone(),
             script: path,
-            version: String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            version,
         })
     }
 
@@ -292,6 +260,29 @@ impl Peer {
         }
         Ok(String::from_utf8_lossy(&out.stdout).to_string())
     }
+}
+
+/// The installed versions of `modules` as `python` imports them (`torch 2.15.0, peft 0.21.2`);
+/// an error naming `install` when one is missing.
+fn probe_versions(python: &Path, modules: &[&str], install: &str) -> Result<String, KilnError> {
+    let probe = format!(
+        "import importlib.metadata as m\nprint(', '.join(n + ' ' + m.version(n.replace('_', '-') if n != 'llama_cpp' else 'llama-cpp-python') for n in {modules:?}))"
+    );
+    let out = std::process::Command::new(python)
+        .args(["-c", &probe])
+        .output()
+        .map_err(|e| KilnError::Bench(format!("{}: {e}", python.display())))?;
+    if !out.status.success() {
+        return Err(KilnError::BadFlag {
+            flag: "--against".into(),
+            message: format!(
+                "{} cannot import {}: `{install}` first",
+                python.display(),
+                modules.join(", ")
+            ),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 /// The number written just before the first `unit` in `s` (`... 42.5 tokens/s` → 42.5).
@@ -1213,47 +1204,45 @@ pub fn train(
             "GiB",
             "",
         ));
-        // The peer trains an f32 base in full precision: its row stands beside each case.
-        if let (Some(p), Some(hf), true) = (peer, &hf_dir, dpo) {
-            // TRL's DPOTrainer: its step includes the reference's forward pass (the adapter
-            // disabled), as TRL trains by default.
-            let trl = p.with_script(
-                "bench-trl-dpo.py",
-                &["torch", "transformers", "peft", "trl"],
-            )?;
-            let mut args = vec![hf.display().to_string(), seq.to_string()];
+        // The peer trains an f32 base in full precision: its row stands beside each case. For
+        // DPO it is TRL's DPOTrainer, whose step includes the reference's forward pass (the
+        // adapter disabled), as TRL trains by default.
+        if let (Some(p), Some(hf)) = (peer, &hf_dir) {
+            let (peer, mut args, who) = if dpo {
+                let trl = p.with_script(
+                    "bench-trl-dpo.py",
+                    &["torch", "transformers", "peft", "trl"],
+                )?;
+                (
+                    trl,
+                    vec![hf.display().to_string(), seq.to_string()],
+                    "TRL DPOTrainer",
+                )
+            } else {
+                let mode = if full { "full" } else { "lora" };
+                let args = vec![hf.display().to_string(), seq.to_string(), mode.to_string()];
+                (p.clone(), args, "PyTorch")
+            };
             if checkpointing {
                 args.push("ckpt".into());
             }
-            let out = trl.run(&args)?;
+            let out = peer.run(&args)?;
             let rate = number_before(&out, "tokens/s").ok_or_else(|| {
-                KilnError::Bench(format!("cannot read TRL's figures from: {out}"))
+                KilnError::Bench(format!("cannot read {who}'s figures from: {out}"))
             })?;
             figs.push(fig(
-                "  TRL DPOTrainer, same step",
+                &format!("  {who}, same step"),
                 rate,
                 "tokens/s",
-                &trl.version,
+                &peer.version,
             ));
             if let Some(gib) = number_before(out.rsplit("peak").next().unwrap_or(""), "GiB") {
-                figs.push(fig("  TRL peak RSS (its own process)", gib, "GiB", ""));
-            }
-        } else if let (Some(p), Some(hf)) = (peer, &hf_dir) {
-            let mut args = vec![
-                hf.display().to_string(),
-                seq.to_string(),
-                if full { "full" } else { "lora" }.to_string(),
-            ];
-            if checkpointing {
-                args.push("ckpt".into());
-            }
-            let out = p.run(&args)?;
-            let rate = number_before(&out, "tokens/s").ok_or_else(|| {
-                KilnError::Bench(format!("cannot read PyTorch's figures from: {out}"))
-            })?;
-            figs.push(fig("  PyTorch, same step", rate, "tokens/s", &p.version));
-            if let Some(gib) = number_before(out.rsplit("peak").next().unwrap_or(""), "GiB") {
-                figs.push(fig("  PyTorch peak RSS (its own process)", gib, "GiB", ""));
+                figs.push(fig(
+                    &format!("  {who} peak RSS (its own process)"),
+                    gib,
+                    "GiB",
+                    "",
+                ));
             }
         }
     }

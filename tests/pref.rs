@@ -409,6 +409,12 @@ fn chat_template_default_renders_the_prompt_and_each_completion_as_an_assistant_
     assert!(err.contains("unknown role `bot`"), "{err}");
 }
 
+/// Edits the project's config: `from` becomes `to`.
+fn retype(p: &common::Project, from: &str, to: &str) {
+    let cfg = std::fs::read_to_string(&p.config).unwrap();
+    std::fs::write(&p.config, cfg.replace(from, to)).unwrap();
+}
+
 /// A project training on preference pairs: the tiny model, a chat_template.default dataset and
 /// a chatml.intel one.
 fn pref_project(extra: &str) -> common::Project {
@@ -607,13 +613,7 @@ fn preference_configs_are_checked_at_validate() {
     assert!(err.contains("`rl`: not supported yet: rl: grpo"), "{err}");
     // Supervised types under rl:, and preference types without it, say which is which.
     let p = pref_project("rl: dpo\n");
-    std::fs::write(
-        &p.config,
-        std::fs::read_to_string(&p.config)
-            .unwrap()
-            .replace("type: chatml.intel", "type: alpaca"),
-    )
-    .unwrap();
+    retype(&p, "type: chatml.intel", "type: alpaca");
     let (_, _, err) = p.kiln(&["validate", "kiln.yml"]);
     assert!(
         err.contains("`datasets[1].type`: dataset type `alpaca` is supervised data"),
@@ -704,13 +704,11 @@ fn orpos_argilla_chat_strategy_renders_system_user_and_assistant_turns() {
     assert_eq!(r, "No.<|im_end|>\n");
     // In a config: accepted under rl: orpo; an unsupported rl: is said once, not per dataset.
     let p = pref_project("rl: orpo\n");
-    std::fs::write(
-        &p.config,
-        std::fs::read_to_string(&p.config)
-            .unwrap()
-            .replace("type: chat_template.default", "type: chat_template.argilla"),
-    )
-    .unwrap();
+    retype(
+        &p,
+        "type: chat_template.default",
+        "type: chat_template.argilla",
+    );
     let (code, _, err) = p.kiln(&["validate", "kiln.yml"]);
     assert_eq!(code, Some(0), "{err}");
     let p = pref_project("rl: grpo\n");

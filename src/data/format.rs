@@ -229,11 +229,7 @@ fn chat_messages(fmt: &DataFormat, rec: &Value) -> Result<Vec<Message>, String> 
                 ))
             }
         };
-        let role = roles
-            .iter()
-            .find(|(k, _)| k == role_src)
-            .map(|(_, v)| v.clone())
-            .ok_or_else(|| format!("{at}: unknown role `{role_src}` (map it with `roles:`)"))?;
+        let role = canonical_role(roles, role_src, &at)?;
         let content = match m.get(content_field) {
             Some(Value::String(s)) => s.clone(),
             Some(Value::Array(_)) => {
@@ -265,6 +261,28 @@ fn chat_messages(fmt: &DataFormat, rec: &Value) -> Result<Vec<Message>, String> 
         return Err(format!("`{field_messages}` is empty"));
     }
     Ok(messages)
+}
+
+/// A message's role by the dataset's role map (`roles:` over the usual aliases).
+fn canonical_role(roles: &[(String, String)], role: &str, at: &str) -> Result<String, String> {
+    roles
+        .iter()
+        .find(|(k, _)| k == role)
+        .map(|(_, v)| v.clone())
+        .ok_or_else(|| format!("{at}: unknown role `{role}` (map it with `roles:`)"))
+}
+
+/// The content of message `i` of the conversation in `field` (Axolotl's `chosen[1].content`).
+fn turn_content(rec: &Value, field: &str, i: usize) -> Result<String, String> {
+    rec.get(field)
+        .and_then(|v| v.as_array())
+        .and_then(|a| a.get(i))
+        .and_then(|m| m.get("content"))
+        .and_then(|c| c.as_str())
+        .map(String::from)
+        .ok_or_else(|| {
+            format!("`{field}[{i}].content` is missing (`{field}` must be a [user, assistant] conversation)")
+        })
 }
 
 fn json_kind(v: &Value) -> &'static str {
@@ -387,15 +405,7 @@ pub fn pair_texts(
         )),
         PairStyle::Fixed { markup, fields } => fixed_pair(*markup, *fields, rec),
         PairStyle::OrpoChat { .. } => {
-            let turn = |field: &str| -> Result<String, String> {
-                rec.get(field)
-                    .and_then(|v| v.as_array())
-                    .and_then(|a| a.get(1))
-                    .and_then(|m| m.get("content"))
-                    .and_then(|c| c.as_str())
-                    .map(String::from)
-                    .ok_or_else(|| format!("`{field}[1].content` is missing (`{field}` must be a [user, assistant] conversation)"))
-            };
+            let turn = |field: &str| turn_content(rec, field, 1);
             let system = Message {
                 role: "system".into(),
                 content: field_str(rec, "system")?.unwrap_or_default(),
@@ -544,11 +554,7 @@ fn pair_message(
                     ))
                 }
             };
-            let role = roles
-                .iter()
-                .find(|(k, _)| k == role_src)
-                .map(|(_, v)| v.clone())
-                .ok_or_else(|| format!("{at}: unknown role `{role_src}` (map it with `roles:`)"))?;
+            let role = canonical_role(roles, role_src, at)?;
             match o.get(content_field) {
                 Some(Value::String(s)) => Ok(Message {
                     role,
@@ -581,16 +587,7 @@ fn fixed_pair(
             .unwrap_or(keys[keys.len() - 1]);
         required(rec, k)
     };
-    // The content of message `i` of a conversation field.
-    let turn = |field: &str, i: usize| -> Result<String, String> {
-        rec.get(field)
-            .and_then(|v| v.as_array())
-            .and_then(|a| a.get(i))
-            .and_then(|m| m.get("content"))
-            .and_then(|c| c.as_str())
-            .map(String::from)
-            .ok_or_else(|| format!("`{field}[{i}].content` is missing (`{field}` must be a [user, assistant] conversation)"))
-    };
+    let turn = |field: &str, i: usize| turn_content(rec, field, i);
     let (prompt, chosen, rejected, system) = match fields {
         PairFields::Argilla => (
             first(&["prompt", "input", "question", "instruction"])?,
@@ -708,15 +705,7 @@ pub fn unpaired_texts(style: &PairStyle, rec: &Value) -> Result<(String, String,
     };
     match style {
         PairStyle::Fixed { markup, fields } => {
-            let turn = |i: usize| -> Result<String, String> {
-                rec.get("completion")
-                    .and_then(|v| v.as_array())
-                    .and_then(|a| a.get(i))
-                    .and_then(|m| m.get("content"))
-                    .and_then(|c| c.as_str())
-                    .map(String::from)
-                    .ok_or_else(|| format!("`completion[{i}].content` is missing (`completion` must be a [user, assistant] conversation)"))
-            };
+            let turn = |i: usize| turn_content(rec, "completion", i);
             let (prompt, completion, system) = match fields {
                 PairFields::ArgillaChat => (turn(0)?, turn(1)?, None),
                 other => {

@@ -147,14 +147,7 @@ pub fn tokenize_records(
         let mut e = match e {
             Ok(e) => e,
             Err((i, m)) => {
-                stats.dropped_unusable += 1;
-                if stats.unusable.len() < UNUSABLE_SHOWN {
-                    let at = match records[i].line {
-                        0 => format!("record {}", i + 1),
-                        l => format!("line {l}"),
-                    };
-                    stats.unusable.push(format!("{at}: {m}"));
-                }
+                note_unusable(&mut stats, records, i, m);
                 continue;
             }
         };
@@ -267,11 +260,25 @@ fn tokenize_unpaired(
             Ok([encode_seq(tok, &main, cache)?, encode_seq(tok, &kl, cache)?])
         })
         .collect();
+    let units = encoded
+        .into_iter()
+        .enumerate()
+        .map(|(j, e)| (texts[j].0, e, Some(u8::from(texts[j].1 .2))));
+    unit_set(units, stats, records, opts)
+}
+
+/// The token set of two-sequence units (pairs, or KTO completions with their KL sequences and
+/// labels): each encoded unit of record i through the length policy, then the statistics.
+fn unit_set(
+    units: impl Iterator<Item = (usize, Result<[Encoded; 2], String>, Option<u8>)>,
+    mut stats: TokenizeStats,
+    records: &[Record],
+    opts: &TokenizeOpts<'_>,
+) -> Result<(TokenSet, TokenizeStats), DataError> {
     let mut set = TokenSet::new();
     set.paired = true;
     let mut lens = Vec::new();
-    for (j, e) in encoded.into_iter().enumerate() {
-        let i = texts[j].0;
+    for (i, e, label) in units {
         let unit = match e {
             Ok(u) => u,
             Err(m) => {
@@ -286,7 +293,7 @@ fn tokenize_unpaired(
             lens.push(e.ids.len() as u64);
             set.push(&e.ids, &e.trained, (opts.dataset_index, i as u32));
         }
-        set.labels.push(u8::from(texts[j].1 .2));
+        set.labels.extend(label);
     }
     let h = set.header();
     stats.samples = h.samples;
@@ -297,6 +304,7 @@ fn tokenize_unpaired(
     Ok((set, stats))
 }
 
+/// Counts record `i` as unusable, naming the first few ("line 17: why").
 fn note_unusable(stats: &mut TokenizeStats, records: &[Record], i: usize, m: String) {
     stats.dropped_unusable += 1;
     if stats.unusable.len() < UNUSABLE_SHOWN {
@@ -378,36 +386,12 @@ fn tokenize_pairs(
             Ok([encode_seq(tok, &c, cache)?, encode_seq(tok, &rj, cache)?])
         })
         .collect();
-    let mut set = TokenSet::new();
-    set.paired = true;
-    let mut stats = TokenizeStats {
+    let stats = TokenizeStats {
         records: records.len() as u64,
         ..Default::default()
     };
-    let mut lens = Vec::new();
-    for (i, e) in encoded.into_iter().enumerate() {
-        let pair = match e {
-            Ok(p) => p,
-            Err(m) => {
-                note_unusable(&mut stats, records, i, m);
-                continue;
-            }
-        };
-        let Some(pair) = apply_unit_policy(pair, &mut stats, records, i, opts)? else {
-            continue;
-        };
-        for e in &pair {
-            lens.push(e.ids.len() as u64);
-            set.push(&e.ids, &e.trained, (opts.dataset_index, i as u32));
-        }
-    }
-    let h = set.header();
-    stats.samples = h.samples;
-    stats.tokens = h.tokens;
-    stats.trained_tokens = h.trained_tokens;
-    stats.length = LengthStats::of(lens);
-    stats.pairs = Some(pair_stats(&set));
-    Ok((set, stats))
+    let units = encoded.into_iter().enumerate().map(|(i, e)| (i, e, None));
+    unit_set(units, stats, records, opts)
 }
 
 /// Prompt and completion lengths of a paired token set (the prompt: the untrained tokens

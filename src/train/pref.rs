@@ -240,26 +240,6 @@ pub struct PrefMetrics {
     pub kl: f64,
 }
 
-/// The batch's loss (the pair losses' mean), each pair's derivatives of it, and its metrics.
-pub fn batch(loss: &PrefLoss, pairs: &[PairScores]) -> (f64, Vec<(f64, f64)>, PrefMetrics) {
-    let n = pairs.len().max(1) as f64;
-    let mut total = 0.0;
-    let mut grads = Vec::with_capacity(pairs.len());
-    let mut m = PrefMetrics::default();
-    for p in pairs {
-        let l = loss.pair(p);
-        total += l.loss;
-        grads.push((l.d_chosen / n, l.d_rejected / n));
-        m.rewards_chosen += l.reward_chosen / n;
-        m.rewards_rejected += l.reward_rejected / n;
-        m.rewards_margins += (l.reward_chosen - l.reward_rejected) / n;
-        m.rewards_accuracies += f64::from(u8::from(l.reward_chosen > l.reward_rejected)) / n;
-        m.logps_chosen += p.chosen / n;
-        m.logps_rejected += p.rejected / n;
-    }
-    (total / n, grads, m)
-}
-
 /// Per sample of a batch: the summed log-probability of its trained tokens (the negated sum of
 /// their token losses, in f64) and how many there are.
 pub fn sample_logps(
@@ -595,7 +575,20 @@ mod tests {
                 other => panic!("unexpected loss {other}"),
             };
             let name = format!("{loss:?}");
-            let (mean, grads, metrics) = batch(&loss, &pairs);
+            let per: Vec<(f64, usize)> = pairs
+                .iter()
+                .flat_map(|p| [(p.chosen, p.chosen_tokens), (p.rejected, p.rejected_tokens)])
+                .collect();
+            let refs: Vec<(f64, f64)> = pairs
+                .iter()
+                .map(|p| (p.ref_chosen, p.ref_rejected))
+                .collect();
+            let mut sums = MetricSums::default();
+            let units = score_units(&loss, &per, &refs, &[], &mut sums);
+            let n = units.len() as f64;
+            let mean = units.iter().map(|u| u.0).sum::<f64>() / n;
+            let grads: Vec<(f64, f64)> = units.iter().map(|u| (u.1 / n, u.2 / n)).collect();
+            let metrics = sums.finish(&loss);
             close(mean, c["mean"].as_f64().expect("mean"), &name);
             let per = floats(&c["per_pair"]);
             let (dc, dr) = (floats(&c["d_chosen"]), floats(&c["d_rejected"]));
